@@ -1,0 +1,194 @@
+"""Fused ops for diffusion / flow-matching RL and preference training (formulas: shared/SPEC.md §0-§2).
+
+Importable on its own: no side effects on import, no dependency on the rest of the project.
+
+Every op takes ``x``-like tensors shaped ``[B, ...]`` (rank >= 2) stored in fp32, fp16 or bf16 and
+per-sample scalars as Python floats, 0-dim tensors, ``[B]`` or ``[B, 1, ..., 1]`` tensors.  Math and
+reductions are fp32; losses and log-probs come back fp32 ``[B]`` (or a 0-dim loss).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from ._checks import (
+    check_like,
+    check_noise_xor_prev,
+    check_nonneg_number,
+    check_positive_number,
+    check_range,
+    check_reduce,
+    check_sigma_order,
+    check_tensor,
+    host_values_known,
+    per_sample,
+)
+
+__all__ = [
+    "interpolate",
+    "paired_interpolate",
+    "randn",
+    "euler_step",
+    "sde_step",
+    "cps_step",
+    "ddim_step",
+    "dpm2_step",
+    "gaussian_log_prob",
+    "gaussian_kl",
+    "nft_loss",
+    "reference",
+]
+
+
+def interpolate(x0, noise, t):
+    """SPEC §0: ``x_t = (1 - t) x0 + t noise``; output in ``x0``'s dtype."""
+    check_tensor("x0", x0)
+    check_like("noise", noise, "x0", x0)
+    t = per_sample("t", t, x0.shape[0], x0.device)
+    return reference.interpolate(x0, noise, t)
+
+
+def paired_interpolate(x0_w, x0_l, noise, t):
+    """SPEC §6: ``(x_t_w, x_t_l)`` from the same ``noise`` and ``t`` in one pass."""
+    check_tensor("x0_w", x0_w)
+    check_like("x0_l", x0_l, "x0_w", x0_w)
+    check_like("noise", noise, "x0_w", x0_w)
+    t = per_sample("t", t, x0_w.shape[0], x0_w.device)
+    return reference.paired_interpolate(x0_w, x0_l, noise, t)
+
+
+def randn(shape, seed, offset=0, *, device=None, dtype=torch.float32):
+    """Philox normal noise: element ``i`` (flat index) depends only on ``(seed, offset, i)``."""
+    return reference.randn(shape, seed, offset, device=device, dtype=dtype)
+
+
+def _solver_common(x, v, sigma, sigma_next, v_name="v"):
+    check_tensor("x", x)
+    check_like(v_name, v, "x", x)
+    b = x.shape[0]
+    sigma = per_sample("sigma", sigma, b, x.device)
+    sigma_next = per_sample("sigma_next", sigma_next, b, x.device)
+    check_sigma_order(sigma, sigma_next)
+    check_range("sigma", sigma, 0.0, 1.0, lo_open=True)
+    check_range("sigma_next", sigma_next, 0.0, 1.0)
+    return sigma, sigma_next
+
+
+def euler_step(x, v, sigma, sigma_next):
+    """SPEC §1 Euler ODE step: ``x' = x + (sigma_next - sigma) v``."""
+    sigma, sigma_next = _solver_common(x, v, sigma, sigma_next)
+    return reference.euler_step(x, v, sigma, sigma_next)
+
+
+def sde_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None, prev_sample=None):
+    """SPEC §1 Flow-GRPO SDE step -> ``(prev_sample, log_prob [B] fp32, mean fp32, std [B] fp32)``.
+
+    Rollout passes ``noise``; training passes the stored ``prev_sample`` and gets its log-prob.  The sampled
+    state is rounded to ``x``'s dtype before it is scored, so both give the same log-prob bit for bit.
+    ``sigma_max`` (the schedule's second sigma) is required where ``sigma == 1``.
+    """
+    sigma, sigma_next = _solver_common(x, v, sigma, sigma_next)
+    a = check_nonneg_number("noise_level", noise_level)
+    check_noise_xor_prev(noise, prev_sample, x)
+    if sigma_max is None:
+        if host_values_known(sigma) and bool((sigma == 1.0).any()):
+            raise ValueError("sigma_max: expected a value < 1 because sigma == 1 for some samples, got None")
+        sigma_max_t = torch.zeros_like(sigma)
+    else:
+        sigma_max_t = per_sample("sigma_max", sigma_max, x.shape[0], x.device)
+        check_range("sigma_max", sigma_max_t, 0.0, 1.0, lo_open=True, hi_open=True)
+    return reference.sde_step(x, v, sigma, sigma_next, noise_level=a, sigma_max=sigma_max_t, noise=noise,
+                              prev_sample=prev_sample)
+
+
+def cps_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None, prev_sample=None):
+    """SPEC §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``; true Gaussian log-prob."""
+    sigma, sigma_next = _solver_common(x, v, sigma, sigma_next)
+    a = check_nonneg_number("noise_level", noise_level)
+    check_noise_xor_prev(noise, prev_sample, x)
+    return reference.cps_step(x, v, sigma, sigma_next, noise_level=a, noise=noise, prev_sample=prev_sample)
+
+
+def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample=None):
+    """SPEC §1 DDIM step with ``eta`` for epsilon models -> ``(prev_sample, log_prob, mean, std)``."""
+    check_tensor("x", x)
+    check_like("eps", eps, "x", x)
+    b = x.shape[0]
+    ab = per_sample("alpha_bar", alpha_bar, b, x.device)
+    abp = per_sample("alpha_bar_prev", alpha_bar_prev, b, x.device)
+    check_range("alpha_bar", ab, 0.0, 1.0, lo_open=True, hi_open=True)
+    check_range("alpha_bar_prev", abp, 0.0, 1.0, lo_open=True)
+    if host_values_known(ab, abp) and bool((abp <= ab).any()):
+        raise ValueError("alpha_bar_prev: expected alpha_bar_prev > alpha_bar (a step goes towards the data)")
+    e = check_nonneg_number("eta", eta)
+    check_noise_xor_prev(noise, prev_sample, x)
+    return reference.ddim_step(x, eps, ab, abp, eta=e, noise=noise, prev_sample=prev_sample)
+
+
+def dpm2_step(x, v, sigma, sigma_next, *, x0_prev=None, sigma_prev=None):
+    """SPEC §1 DPM-Solver++(2M) step -> ``(x_next, x0_pred)``.
+
+    ``x0_pred = x - sigma v``: pass it as ``x0_prev`` (and this ``sigma`` as ``sigma_prev``) to the next step.
+    The first step (``x0_prev=None``), a step from ``sigma_prev == 1`` and the last step (``sigma_next == 0``)
+    are first order.
+    """
+    sigma, sigma_next = _solver_common(x, v, sigma, sigma_next)
+    if (x0_prev is None) != (sigma_prev is None):
+        raise ValueError("x0_prev / sigma_prev: expected both (second order) or neither (first order)")
+    if x0_prev is not None:
+        check_like("x0_prev", x0_prev, "x", x)
+        sigma_prev = per_sample("sigma_prev", sigma_prev, x.shape[0], x.device)
+        check_sigma_order(sigma_prev, sigma, names=("sigma_prev", "sigma"))
+    return reference.dpm2_step(x, v, sigma, sigma_next, x0_prev, sigma_prev)
+
+
+def gaussian_log_prob(x, mean, std, reduce="mean"):
+    """SPEC §1 Gaussian log-density of ``x`` under ``N(mean, std^2)`` reduced per row -> fp32 ``[B]``."""
+    check_tensor("x", x)
+    check_like("mean", mean, "x", x)
+    std = per_sample("std", std, x.shape[0], x.device)
+    check_range("std", std, 0.0, math.inf)
+    return reference.gaussian_log_prob(x, mean, std, check_reduce(reduce))
+
+
+def gaussian_kl(mean_p, std_p, mean_q, std_q, reduce="mean"):
+    """SPEC §1 closed-form ``KL(N(mean_p, std_p^2) || N(mean_q, std_q^2))`` reduced per row -> fp32 ``[B]``."""
+    check_tensor("mean_p", mean_p)
+    check_like("mean_q", mean_q, "mean_p", mean_p)
+    b = mean_p.shape[0]
+    std_p = per_sample("std_p", std_p, b, mean_p.device)
+    std_q = per_sample("std_q", std_q, b, mean_p.device)
+    check_range("std_p", std_p, 0.0, math.inf, lo_open=True)
+    check_range("std_q", std_q, 0.0, math.inf, lo_open=True)
+    return reference.gaussian_kl(mean_p, std_p, mean_q, std_q, check_reduce(reduce))
+
+
+def nft_loss(v, v_old, x0, noise, t, r, *, beta, adv_clip_max=5.0, weighting="adaptive", v_ref=None, kl_coef=0.0):
+    """SPEC §2 step 6 DiffusionNFT loss (scalar fp32), differentiable in ``v`` only.
+
+    ``v_pos = beta v + (1 - beta) v_old``, ``v_neg = (1 + beta) v_old - beta v``; adaptive weighting divides
+    each row's squared x0-error by its detached mean absolute error; ``weighting="none"`` is the paper's plain
+    velocity form.  ``loss = mean_b[m (r L_pos + (1 - r) L_neg) / beta] + kl_coef mean (v - v_ref)^2``.
+    """
+    check_tensor("v", v)
+    for name, y in (("v_old", v_old), ("x0", x0), ("noise", noise)):
+        check_like(name, y, "v", v)
+    b = v.shape[0]
+    t = per_sample("t", t, b, v.device)
+    r = per_sample("r", r, b, v.device)
+    check_range("t", t, 0.0, 1.0)
+    check_range("r", r, 0.0, 1.0)
+    beta = check_positive_number("beta", beta)
+    m = check_positive_number("adv_clip_max", adv_clip_max)
+    if weighting not in ("adaptive", "none"):
+        raise ValueError(f"weighting: expected 'adaptive' or 'none', got {weighting!r}")
+    kl_coef = check_nonneg_number("kl_coef", kl_coef)
+    if v_ref is not None:
+        check_like("v_ref", v_ref, "v", v)
+    elif kl_coef > 0:
+        raise ValueError(f"v_ref: expected a tensor because kl_coef={kl_coef} > 0, got None")
+    return reference.nft_loss(v, v_old, x0, noise, t, r, beta=beta, adv_clip_max=m, weighting=weighting,
+                              v_ref=v_ref, kl_coef=kl_coef)

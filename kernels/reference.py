@@ -1,0 +1,302 @@
+"""Plain-PyTorch references for every fused op (the math is ``shared/SPEC.md``; sections cited per op).
+
+These are the ground truth the Triton kernels are tested against and the path CPU tensors take
+outside the Triton interpreter.  Conventions shared by every function here:
+
+* ``x`` is ``[B, ...]`` (rank >= 2).  Per-sample scalars (``t``, ``sigma``, ``r``, ``std`` ...) arrive
+  already normalised by the caller to fp32 tensors of shape ``[B]`` (see ``kernels._checks``).
+* All math is fp32: inputs are upcast after loading; sampled states are rounded to the storage dtype
+  of ``x`` *before* any log-prob is taken of them, so the log-prob of a stored transition is the same
+  number at rollout and at training time.
+* Reductions are per sample row over every non-batch dim, returned as fp32 ``[B]``.
+* A transition whose standard deviation is 0 (``noise_level == 0``, ``eta == 0``, or the last CPS step)
+  is a point mass: it has no density, and its log-prob is reported as 0 by convention.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+__all__ = [
+    "interpolate",
+    "paired_interpolate",
+    "randn",
+    "euler_step",
+    "sde_step",
+    "cps_step",
+    "ddim_step",
+    "dpm2_step",
+    "gaussian_log_prob",
+    "gaussian_kl",
+    "nft_loss",
+    "nft_row_losses",
+]
+
+
+def _col(s: torch.Tensor, ndim: int) -> torch.Tensor:
+    """``[B]`` -> ``[B, 1, ..., 1]`` for broadcasting against a rank-``ndim`` tensor."""
+    return s.reshape(s.shape[0], *([1] * (ndim - 1)))
+
+
+def _reduce_rows(x: torch.Tensor, reduce: str) -> torch.Tensor:
+    flat = x.reshape(x.shape[0], -1)
+    return flat.mean(dim=1) if reduce == "mean" else flat.sum(dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SPEC §0: forward process
+# ----------------------------------------------------------------------------------------------------------
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """SPEC §0: ``x_t = (1 - t) * x0 + t * noise`` (fp32 math, output in ``x0``'s dtype)."""
+    tc = _col(t, x0.ndim)
+    return ((1.0 - tc) * x0.float() + tc * noise.float()).to(x0.dtype)
+
+
+def paired_interpolate(x0_w, x0_l, noise, t):
+    """SPEC §6 paired noise: the same ``noise`` and ``t`` noise the winner and the loser."""
+    return interpolate(x0_w, noise, t), interpolate(x0_l, noise, t)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Philox4x32-10 normal noise, bit-compatible with ``tl.randn(seed, offset)``.
+# ----------------------------------------------------------------------------------------------------------
+_M32 = 0xFFFFFFFF
+_PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
+_PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
+
+
+def _umulhi32(a: int, b: torch.Tensor) -> torch.Tensor:
+    # a < 2^32 and b < 2^32: split b to keep every product inside int64.
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    lo = a * b_lo
+    hi = a * b_hi + (lo >> 16)
+    return (hi >> 16) & _M32
+
+
+def _philox(seed: torch.Tensor, c0: torch.Tensor, c1: torch.Tensor, n_rounds: int = 10):
+    k0 = seed & _M32
+    k1 = (seed >> 32) & _M32
+    c2 = torch.zeros_like(c0)
+    c3 = torch.zeros_like(c0)
+    for _ in range(n_rounds):
+        _c0, _c2 = c0, c2
+        c0 = _umulhi32(_PHILOX_ROUND_B, _c2) ^ c1 ^ k0
+        c2 = _umulhi32(_PHILOX_ROUND_A, _c0) ^ c3 ^ k1
+        c1 = (_PHILOX_ROUND_B * _c2) & _M32
+        c3 = (_PHILOX_ROUND_A * _c0) & _M32
+        k0 = (k0 + _PHILOX_KEY_A) & _M32
+        k1 = (k1 + _PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    # Same map as triton.language.random.uint_to_uniform_float for 32-bit integers.
+    x = torch.where(x >= 2**31, x - 2**32, x)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x)
+    return x.to(torch.float32) * 4.6566127342e-10
+
+
+def randn(shape, seed, offset=0, *, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Standard normal noise; element ``i`` (flat, row-major) is ``tl.randn(seed, offset + i)``.
+
+    Philox4x32-10 keyed by the 64-bit ``seed`` with counter ``offset + i``, then Box-Muller on the first
+    two 32-bit words.  ``seed`` and ``offset`` may be Python ints or int64 tensors (0-dim).
+    """
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    seed_t = torch.as_tensor(seed, dtype=torch.int64, device=device).reshape(())
+    off_t = torch.as_tensor(offset, dtype=torch.int64, device=device).reshape(())
+    idx = torch.arange(n, dtype=torch.int64, device=device) + off_t
+    c0 = idx & _M32
+    c1 = (idx >> 32) & _M32
+    seed_u = seed_t & 0xFFFFFFFFFFFFFFFF
+    i1, i2, _, _ = _philox(seed_u, c0, c1)
+    u1 = torch.clamp_min(_uint32_to_uniform(i1), 1.0e-7)
+    u2 = _uint32_to_uniform(i2)
+    out = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(6.283185307179586 * u2)
+    return out.reshape(shape).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SPEC §1: solver steps.  ``sigma``/``sigma_next`` are [B] fp32; dt = sigma_next - sigma < 0.
+# ----------------------------------------------------------------------------------------------------------
+def euler_step(x, v, sigma, sigma_next):
+    """SPEC §1 Euler ODE: ``x' = x + (sigma_next - sigma) * v``."""
+    dt = _col(sigma_next - sigma, x.ndim)
+    return (x.float() + dt * v.float()).to(x.dtype)
+
+
+def _transition(x, mean, std, noise, prev_sample):
+    """Sample (or take the given) next state, round it to storage, and score it under N(mean, std^2)."""
+    stdc = _col(std, x.ndim)
+    if prev_sample is None:
+        prev = (mean + stdc * noise.float()).to(x.dtype)
+    else:
+        prev = prev_sample
+    log_prob = gaussian_log_prob(prev, mean, std, reduce="mean")
+    return prev, log_prob, mean, std
+
+
+def sde_std(sigma, sigma_next, noise_level, sigma_max):
+    """SPEC §1 Flow-GRPO: ``std_t = a sqrt(sigma / (1 - (sigma == 1 ? sigma_max : sigma)))``."""
+    denom_sigma = torch.where(sigma == 1.0, sigma_max, sigma)
+    return noise_level * torch.sqrt(sigma / (1.0 - denom_sigma))
+
+
+def sde_step(x, v, sigma, sigma_next, *, noise_level, sigma_max, noise=None, prev_sample=None):
+    """SPEC §1 Flow-GRPO SDE step -> ``(prev_sample, log_prob [B], mean (fp32), std [B])``.
+
+    ``std_t = a sqrt(sigma / (1 - sigma'))`` with ``sigma' = sigma_max`` where ``sigma == 1``;
+    ``mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt``;
+    the transition's std is ``std_t sqrt(-dt)``; ``log_prob`` is the Gaussian log-density averaged over dims.
+    """
+    nd = x.ndim
+    dt = sigma_next - sigma
+    std_t = sde_std(sigma, sigma_next, noise_level, sigma_max)
+    s, dtc, stc = _col(sigma, nd), _col(dt, nd), _col(std_t, nd)
+    mean = x.float() * (1.0 + stc**2 / (2.0 * s) * dtc) + v.float() * (1.0 + stc**2 * (1.0 - s) / (2.0 * s)) * dtc
+    std = std_t * torch.sqrt(-dt)
+    return _transition(x, mean, std, noise, prev_sample)
+
+
+def cps_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None, prev_sample=None):
+    """SPEC §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``.
+
+    ``std = sigma_next sin(a pi / 2)``; ``x0_hat = x - sigma v``; ``x1_hat = x + (1 - sigma) v``;
+    ``mean = x0_hat (1 - sigma_next) + x1_hat sqrt(sigma_next^2 - std^2)``.  ``sigma_max`` is unused.
+    """
+    nd = x.ndim
+    std = sigma_next * math.sin(noise_level * math.pi / 2.0)
+    s, sn = _col(sigma, nd), _col(sigma_next, nd)
+    xf, vf = x.float(), v.float()
+    x0_hat = xf - s * vf
+    x1_hat = xf + (1.0 - s) * vf
+    coef = torch.sqrt(torch.clamp_min(sigma_next**2 - std**2, 0.0))
+    mean = x0_hat * (1.0 - sn) + x1_hat * _col(coef, nd)
+    return _transition(x, mean, std, noise, prev_sample)
+
+
+def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample=None):
+    """SPEC §1 DDIM with eta (epsilon models) -> ``(prev_sample, log_prob, mean, std)``.
+
+    ``x0_hat = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t)``; ``var = (1 - ab_prev)/(1 - ab_t) (1 - ab_t/ab_prev)``;
+    ``std = eta sqrt(var)``; ``mean = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - std^2) eps``.
+    """
+    nd = x.ndim
+    ab, abp = alpha_bar, alpha_bar_prev
+    var = (1.0 - abp) / (1.0 - ab) * (1.0 - ab / abp)
+    std = eta * torch.sqrt(torch.clamp_min(var, 0.0))
+    ef = eps.float()
+    x0_hat = (x.float() - _col(torch.sqrt(1.0 - ab), nd) * ef) / _col(torch.sqrt(ab), nd)
+    dir_coef = torch.sqrt(torch.clamp_min(1.0 - abp - std**2, 0.0))
+    mean = _col(torch.sqrt(abp), nd) * x0_hat + _col(dir_coef, nd) * ef
+    return _transition(x, mean, std, noise, prev_sample)
+
+
+def dpm2_coefficients(sigma, sigma_next, sigma_prev):
+    """SPEC §1 DPM-Solver++(2M) on rectified flow, per sample, written without infinities.
+
+    With ``alpha = 1 - sigma``, ``lambda = log(alpha / sigma)``, ``h = lambda_next - lambda``:
+    ``x' = (sigma_next / sigma) x + alpha_next (1 - e^{-h}) D`` with ``e^{-h} = sigma_next alpha / (alpha_next sigma)``,
+    and ``D = (1 + c) D_s - c D_prev`` with ``c = h / (2 h_last)``, ``h_last = lambda - lambda_prev``.
+    ``c = 0`` (first order) on the first step (``sigma_prev`` < 0 marks "none"), where ``sigma_prev == 1``
+    (``h_last`` infinite) and on the last step (``sigma_next == 0``).
+    Returns ``(a, b, c)`` so that ``x' = a x + b ((1 + c) D_s - c D_prev)``.
+    """
+    alpha, alpha_next = 1.0 - sigma, 1.0 - sigma_next
+    a = sigma_next / sigma
+    exp_neg_h = sigma_next * alpha / (alpha_next * sigma)
+    b = alpha_next * (1.0 - exp_neg_h)
+    second = (sigma_prev > 0) & (sigma_prev < 1.0) & (sigma_next > 0)
+    safe_next = torch.where(second, sigma_next, torch.full_like(sigma_next, 0.5))
+    safe_prev = torch.where(second, sigma_prev, torch.full_like(sigma_prev, 0.25))
+    safe_sigma = torch.where(second, sigma, torch.full_like(sigma, 0.375))
+    lam = lambda s: torch.log(1.0 - s) - torch.log(s)
+    h = lam(safe_next) - lam(safe_sigma)
+    h_last = lam(safe_sigma) - lam(safe_prev)
+    c = torch.where(second, h / (2.0 * h_last), torch.zeros_like(sigma))
+    return a, b, c
+
+
+def dpm2_step(x, v, sigma, sigma_next, x0_prev=None, sigma_prev=None):
+    """SPEC §1 DPM-Solver++(2M) step for a velocity model -> ``(x_next, x0_pred)``.
+
+    ``x0_pred = x - sigma v`` is this step's data prediction ``D_s``; pass it back as ``x0_prev`` (with this
+    step's ``sigma`` as ``sigma_prev``) on the next call.  ``sigma_prev`` is ``[B]``; ``x0_prev=None`` means
+    first order.
+    """
+    nd = x.ndim
+    if sigma_prev is None or x0_prev is None:
+        sigma_prev = torch.full_like(sigma, -1.0)
+        x0_prev = x
+    a, b, c = dpm2_coefficients(sigma, sigma_next, sigma_prev)
+    xf = x.float()
+    d_s = xf - _col(sigma, nd) * v.float()
+    cc = _col(c, nd)
+    d = (1.0 + cc) * d_s - cc * x0_prev.float()
+    x_next = _col(a, nd) * xf + _col(b, nd) * d
+    return x_next.to(x.dtype), d_s.to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SPEC §1: Gaussian log-prob and KL
+# ----------------------------------------------------------------------------------------------------------
+def gaussian_log_prob(x, mean, std, reduce="mean"):
+    """SPEC §1: ``log N(x; m, s^2) = -(x - m)^2 / (2 s^2) - log s - log sqrt(2 pi)``, reduced per row.
+
+    ``std`` is ``[B]``.  Rows with ``std == 0`` are point masses: log-prob 0 by convention.
+    """
+    nd = x.ndim
+    point = std == 0
+    s = torch.where(point, torch.ones_like(std), std)
+    sc = _col(s, nd)
+    diff = x.float() - mean.float()
+    elem = -(diff**2) / (2.0 * sc**2) - torch.log(sc) - LOG_SQRT_2PI
+    out = _reduce_rows(elem, reduce)
+    return torch.where(point, torch.zeros_like(out), out)
+
+
+def gaussian_kl(mean_p, std_p, mean_q, std_q, reduce="mean"):
+    """SPEC §1: ``KL(p||q) = log(s_q/s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2`` per element."""
+    nd = mean_p.ndim
+    sp, sq = _col(std_p, nd), _col(std_q, nd)
+    diff = mean_p.float() - mean_q.float()
+    elem = torch.log(sq) - torch.log(sp) + (sp**2 + diff**2) / (2.0 * sq**2) - 0.5
+    return _reduce_rows(elem, reduce)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SPEC §2 step 5-6: DiffusionNFT loss
+# ----------------------------------------------------------------------------------------------------------
+def nft_row_losses(v, v_old, x0, noise, t, *, beta, weighting="adaptive"):
+    """Per-row ``(L_pos, L_neg)`` of SPEC §2 step 6 (gradient flows through ``v`` only).
+
+    ``v_pos = beta v + (1 - beta) v_old``; ``v_neg = (1 + beta) v_old - beta v``; target ``u = noise - x0``.
+    adaptive: ``d = t (u - v_*)``, ``L = mean d^2 / stopgrad(mean |d|).clamp_min(1e-5)``.
+    none: ``L = mean (v_* - u)^2``.
+    """
+    nd = v.ndim
+    vf, vo = v.float(), v_old.float().detach()
+    u = noise.float() - x0.float()
+    v_pos = beta * vf + (1.0 - beta) * vo
+    v_neg = (1.0 + beta) * vo - beta * vf
+    if weighting == "adaptive":
+        tc = _col(t, nd)
+        d_pos, d_neg = tc * (u - v_pos), tc * (u - v_neg)
+        w_pos = _reduce_rows(d_pos.abs(), "mean").detach().clamp_min(1e-5)
+        w_neg = _reduce_rows(d_neg.abs(), "mean").detach().clamp_min(1e-5)
+        return _reduce_rows(d_pos**2, "mean") / w_pos, _reduce_rows(d_neg**2, "mean") / w_neg
+    return _reduce_rows((v_pos - u) ** 2, "mean"), _reduce_rows((v_neg - u) ** 2, "mean")
+
+
+def nft_loss(v, v_old, x0, noise, t, r, *, beta, adv_clip_max=5.0, weighting="adaptive", v_ref=None, kl_coef=0.0):
+    """SPEC §2 step 6: ``mean_b[m (r L_pos + (1 - r) L_neg) / beta] + kl_coef mean_b mean_dims (v - v_ref)^2``."""
+    l_pos, l_neg = nft_row_losses(v, v_old, x0, noise, t, beta=beta, weighting=weighting)
+    loss = (adv_clip_max * (r * l_pos + (1.0 - r) * l_neg) / beta).mean()
+    if v_ref is not None and kl_coef != 0.0:
+        loss = loss + kl_coef * _reduce_rows((v.float() - v_ref.float().detach()) ** 2, "mean").mean()
+    return loss

@@ -1,0 +1,42 @@
+"""Packaging for the diffusion RL / preference post-training engine.
+
+The distribution is named ``nft-engine``; it installs the top-level packages ``kernels``, ``engine``,
+``models``, ``train`` and ``bench``.  The import name ``kernels`` is shared with the Hugging Face Hub's
+kernel loader; the distribution name and version are chosen so that diffusers' and transformers'
+probes for that loader (``importlib.metadata.version("kernels")`` and a ``>= 0.18`` version check)
+do not mistake this project for it (see tests/kernels/test_hub_kernels_coexist.py).
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="nft-engine",
+    version="0.1.0",
+    description="Fused kernels, a rollout engine and training loops for RL and preference "
+    "post-training of diffusion and flow-matching image models.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["kernels", "kernels.*", "engine", "engine.*", "models", "models.*",
+                                    "train", "train.*", "bench", "bench.*"]),
+    package_data={"models": ["embedded/*.safetensors", "embedded/*.json"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0; platform_system == 'Linux'",
+        "diffusers>=0.32",
+        "transformers>=4.45",
+        "peft>=0.13",
+        "safetensors",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "nvtx",
+        "pytest-benchmark",
+    ],
+    extras_require={
+        "gpu": ["flash-attn", "xformers"],
+        "log": ["tensorboard", "wandb"],
+        "dev": ["pytest", "pytest-benchmark", "scipy", "ruff"],
+    },
+)

@@ -1,0 +1,30 @@
+import os
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests skip cleanly without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def interpret_mode(monkeypatch):
+    """Run Triton kernels in the CPU interpreter for the duration of a test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    yield
+
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
