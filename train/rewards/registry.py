@@ -1,0 +1,127 @@
+"""Reward registry and multi-reward aggregation (SPEC §8).
+
+``build_reward(names, ...)`` returns a :class:`CombinedReward`: call it with ``(images, prompts)`` and it returns
+``(reward [B], components {name: [B]})``.  A reward that raises, returns the wrong shape, or returns a
+non-finite value stops the run with a message naming it; it is never replaced by a silent zero.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["REWARD_NAMES", "AGGREGATIONS", "build_reward", "CombinedReward", "RewardError", "aggregate"]
+
+AGGREGATIONS = ("zmean", "min", "mean_minus_std")
+
+
+class RewardError(RuntimeError):
+    """A reward failed (raised, wrong shape or NaN/inf)."""
+
+
+def _geneval_mini(mode: str):
+    def make(_opts):
+        from .geneval_mini import GenEvalMini
+
+        scorer = GenEvalMini()
+
+        def fn(images, prompts):
+            return scorer.score(images, prompts)[mode]
+
+        fn.name = "geneval_mini" if mode == "strict" else "geneval_mini_partial"
+        return fn
+
+    return make
+
+
+def _jpeg(sign):
+    def make(_opts):
+        from .basic import JpegCompressibility
+
+        return JpegCompressibility(sign=sign)
+
+    return make
+
+
+def _clip(opts):
+    from .basic import ClipScore
+
+    return ClipScore(opts.get("clip_path"))
+
+
+_FACTORIES: dict[str, Callable] = {
+    "geneval_mini": _geneval_mini("strict"),
+    "geneval_mini_partial": _geneval_mini("partial"),
+    "jpeg_compressibility": _jpeg(1.0),
+    "jpeg_incompressibility": _jpeg(-1.0),
+    "clip_score": _clip,
+}
+REWARD_NAMES = tuple(_FACTORIES)
+
+
+def aggregate(values: dict[str, torch.Tensor], weights: dict[str, float], how: str, k_std: float = 1.0):
+    """SPEC §8: z-score each reward over the batch, then a weighted mean (``zmean``), the minimum (``min``) or the
+    weighted mean minus ``k_std`` times the spread across rewards (``mean_minus_std``).  One reward: returned as is."""
+    names = list(values)
+    if len(names) == 1:
+        return values[names[0]]
+    z = []
+    for n in names:
+        v = values[n]
+        z.append((v - v.mean()) / (v.std(unbiased=False) + 1e-6))
+    z = torch.stack(z, dim=0)
+    w = torch.tensor([weights[n] for n in names], dtype=z.dtype).view(-1, 1)
+    mean = (w * z).sum(0) / w.sum()
+    if how == "zmean":
+        return mean
+    if how == "min":
+        return z.min(dim=0).values
+    if how == "mean_minus_std":
+        return mean - k_std * z.std(dim=0, unbiased=False)
+    raise ValueError(f"--reward-aggregation: expected one of {', '.join(AGGREGATIONS)}, got {how!r}")
+
+
+class CombinedReward:
+    def __init__(self, fns: dict[str, Callable], weights: dict[str, float], aggregation: str, k_std: float):
+        self.fns, self.weights, self.aggregation, self.k_std = fns, weights, aggregation, k_std
+
+    def __call__(self, images: torch.Tensor, prompts: Sequence) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        b = images.shape[0]
+        comps = {}
+        for name, fn in self.fns.items():
+            try:
+                val = fn(images, prompts)
+            except Exception as e:  # surface it with the reward's name; the loop checkpoints and stops
+                raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
+            val = torch.as_tensor(val, dtype=torch.float32).reshape(-1)
+            if val.shape[0] != b:
+                raise RewardError(f"reward {name!r}: expected {b} values (one per image), got {val.shape[0]}")
+            if not torch.isfinite(val).all():
+                bad = int((~torch.isfinite(val)).sum())
+                raise RewardError(f"reward {name!r} returned {bad} non-finite value(s) (NaN/inf) for {b} images")
+            comps[name] = val
+        return aggregate(comps, self.weights, self.aggregation, self.k_std), comps
+
+
+def build_reward(names: str | Sequence[str], *, weights: Sequence[float] = (), aggregation: str = "zmean",
+                 k_std: float = 1.0, clip_path: str | None = None) -> CombinedReward:
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    names = list(names)
+    if not names:
+        raise ValueError("--reward: expected at least one reward name, got none")
+    for n in names:
+        if n not in _FACTORIES:
+            raise ValueError(f"--reward: expected names from {', '.join(REWARD_NAMES)}, got {n!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"--reward: expected each reward once, got {','.join(names)}")
+    if weights and len(weights) != len(names):
+        raise ValueError(f"--reward-weights: expected {len(names)} weights (one per reward), got {len(weights)}")
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"--reward-aggregation: expected one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+    w = dict(zip(names, weights)) if weights else {n: 1.0 for n in names}
+    if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
+        raise ValueError(f"--reward-weights: expected non-negative weights with a positive sum, got {tuple(weights)}")
+    opts = {"clip_path": clip_path}
+    return CombinedReward({n: _FACTORIES[n](opts) for n in names}, w, aggregation, k_std)
