@@ -1,0 +1,246 @@
+"""GenEval-mini: compositional prompts about coloured shapes and a procedural 32x32 renderer.
+
+The world: up to four flat shapes (circle, square, upward triangle) in four saturated colours on a black
+background, 32x32 RGB, float values in [-1, 1].  Prompts cover GenEval's six task types:
+
+=============  ======================================  ============================================
+task           example                                 requirement (checked by the verifier)
+=============  ======================================  ============================================
+single_object  "a circle"                              exactly one object, a circle
+two_object     "a circle and a square"                 exactly one circle and one square
+counting       "three triangles"                       exactly three triangles, nothing else
+colors         "a green square"                        exactly one object, a green square
+position       "a red circle left of a blue square"    both objects, A's centre left of B's, no more
+color_attr     "a red circle and a blue square"        exactly a red circle and a blue square
+=============  ======================================  ============================================
+
+Unspecified colours are drawn at random per object.  The held-out split: three colour-shape pairs
+(``HELDOUT_PAIRS``, one per shape) never occur inside a two-object prompt (position, color_attr) of the
+train split; every position/color_attr prompt holding one of them is a test prompt, so those two tasks test
+unseen compositions of seen pieces (each held-out pair is still trained as a single-object ``colors``
+prompt).  The four small tasks have so few prompts that train and test share the strings and differ only
+in the seeds.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from models.embedded.vocab import COLORS, NUMBERS, PLURALS, RELATIONS, SHAPES
+
+__all__ = [
+    "TASKS", "SHAPES", "COLORS", "RELATIONS", "PALETTE", "HELDOUT_PAIRS", "IMAGE_SIZE",
+    "ObjectSpec", "Prompt", "all_prompts", "split_prompts", "train_prompts", "test_prompts",
+    "sample_prompts", "parse_prompt", "render", "render_batch",
+]
+
+TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
+IMAGE_SIZE = 32
+# RGB in [0, 1]; far apart so the nearest-palette-colour rule of the verifier is unambiguous.
+PALETTE: dict[str, tuple[float, float, float]] = {
+    "red": (1.0, 0.0, 0.0),
+    "green": (0.0, 1.0, 0.0),
+    "blue": (0.0, 0.0, 1.0),
+    "yellow": (1.0, 1.0, 0.0),
+}
+BACKGROUND = (0.0, 0.0, 0.0)
+HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
+    {("red", "triangle"), ("green", "circle"), ("blue", "square")}
+)
+_MIN_GAP = 2  # px between the bounding boxes of two objects, so they never touch
+_MARGIN = 1  # px between an object and the image border
+
+
+@dataclass(frozen=True)
+class ObjectSpec:
+    """``count`` objects of ``shape``; ``color`` is ``None`` when the prompt leaves it free."""
+
+    shape: str
+    color: str | None = None
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A structured prompt: ``task``, the required ``objects``, and for ``position`` a ``relation``
+    saying where ``objects[0]`` lies with respect to ``objects[1]``."""
+
+    task: str
+    objects: tuple[ObjectSpec, ...]
+    relation: str | None = None
+
+    @property
+    def text(self) -> str:
+        def noun(o: ObjectSpec) -> str:
+            return f"a {o.color} {o.shape}" if o.color else f"a {o.shape}"
+
+        if self.task == "counting":
+            o = self.objects[0]
+            return f"{NUMBERS[o.count - 1]} {o.shape if o.count == 1 else PLURALS[o.shape]}"
+        if self.task == "position":
+            return f"{noun(self.objects[0])} {self.relation} {noun(self.objects[1])}"
+        return " and ".join(noun(o) for o in self.objects)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def all_prompts() -> dict[str, list[Prompt]]:
+    """Every prompt of the benchmark, per task, in a fixed order."""
+    shape_pairs = list(itertools.permutations(SHAPES, 2))
+    color_pairs = list(itertools.permutations(COLORS, 2))
+    return {
+        "single_object": [Prompt("single_object", (ObjectSpec(s),)) for s in SHAPES],
+        "two_object": [Prompt("two_object", (ObjectSpec(a), ObjectSpec(b))) for a, b in shape_pairs],
+        "counting": [Prompt("counting", (ObjectSpec(s, None, n),)) for s in SHAPES for n in range(1, 5)],
+        "colors": [Prompt("colors", (ObjectSpec(s, c),)) for c in COLORS for s in SHAPES],
+        "position": [
+            Prompt("position", (ObjectSpec(a, ca), ObjectSpec(b, cb)), rel)
+            for rel in RELATIONS for a, b in shape_pairs for ca, cb in color_pairs
+        ],
+        "color_attr": [
+            Prompt("color_attr", (ObjectSpec(a, ca), ObjectSpec(b, cb)))
+            for a, b in shape_pairs for ca, cb in color_pairs
+        ],
+    }
+
+
+def _is_heldout(p: Prompt) -> bool:
+    return p.task in ("position", "color_attr") and any((o.color, o.shape) in HELDOUT_PAIRS for o in p.objects)
+
+
+def split_prompts(split: str) -> dict[str, list[Prompt]]:
+    """The ``"train"`` or ``"test"`` prompts per task (see the module docstring for the split)."""
+    if split not in ("train", "test"):
+        raise ValueError(f"split: expected 'train' or 'test', got {split!r}")
+    out = {}
+    for task, prompts in all_prompts().items():
+        if task in ("position", "color_attr"):
+            out[task] = [p for p in prompts if _is_heldout(p) == (split == "test")]
+        else:
+            out[task] = list(prompts)
+    return out
+
+
+def train_prompts() -> dict[str, list[Prompt]]:
+    return split_prompts("train")
+
+
+def test_prompts(n_per_task: int = 32, seed: int = 0) -> list[Prompt]:
+    """The fixed evaluation list: ``n_per_task`` test prompts per task (tasks in ``TASKS`` order).
+
+    Tasks with fewer test prompts than ``n_per_task`` cycle through them; larger tasks take a seeded
+    sample without replacement.  The score is the mean over tasks, so every task weighs the same.
+    """
+    if n_per_task < 1:
+        raise ValueError(f"n_per_task: expected >= 1, got {n_per_task}")
+    rng = np.random.default_rng(seed)
+    out = []
+    for task in TASKS:
+        pool = split_prompts("test")[task]
+        order = rng.permutation(len(pool))
+        if len(pool) >= n_per_task:
+            out += [pool[i] for i in order[:n_per_task]]
+        else:
+            out += [pool[order[i % len(pool)]] for i in range(n_per_task)]
+    return out
+
+
+def sample_prompts(n: int, rng: np.random.Generator, split: str = "train") -> list[Prompt]:
+    """``n`` prompts of ``split``: a task uniformly at random, then a prompt of that task uniformly."""
+    pools = split_prompts(split)
+    tasks = rng.integers(0, len(TASKS), size=n)
+    return [pools[TASKS[t]][rng.integers(0, len(pools[TASKS[t]]))] for t in tasks]
+
+
+@functools.lru_cache(maxsize=1)
+def _prompts_by_text() -> dict[str, Prompt]:
+    return {p.text: p for prompts in all_prompts().values() for p in prompts}
+
+
+def parse_prompt(text: str) -> Prompt:
+    """The structured :class:`Prompt` whose ``text`` is ``text``."""
+    prompt = _prompts_by_text().get(text)
+    if prompt is not None:
+        return prompt
+    raise ValueError(f"text: expected a GenEval-mini prompt such as 'a red circle', got {text!r}")
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+_YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5  # pixel centres
+
+
+def _shape_mask(shape: str, x0: int, y0: int, size: int) -> np.ndarray:
+    """Boolean ``[H, W]`` mask of ``shape`` inscribed in the box ``[x0, x0+size) x [y0, y0+size)``."""
+    cx, cy = x0 + size / 2, y0 + size / 2
+    if shape == "square":
+        return (_XX > x0) & (_XX < x0 + size) & (_YY > y0) & (_YY < y0 + size)
+    if shape == "circle":
+        return (_XX - cx) ** 2 + (_YY - cy) ** 2 <= (size / 2) ** 2
+    if shape == "triangle":  # apex up, base at the bottom of the box
+        depth = _YY - y0
+        return (depth > 0) & (depth < size) & (np.abs(_XX - cx) <= depth / 2 + 0.25)
+    raise ValueError(f"shape: expected one of {SHAPES}, got {shape!r}")
+
+
+def _size_range(n_objects: int) -> tuple[int, int]:
+    return {1: (8, 13), 2: (8, 12), 3: (7, 10)}.get(n_objects, (7, 9))
+
+
+def _separated(a, b) -> bool:
+    (ax, ay, asz), (bx, by, bsz) = a, b
+    return (ax + asz + _MIN_GAP <= bx or bx + bsz + _MIN_GAP <= ax
+            or ay + asz + _MIN_GAP <= by or by + bsz + _MIN_GAP <= ay)
+
+
+def _relation_holds(a, b, relation: str) -> bool:
+    (ax, ay, asz), (bx, by, bsz) = a, b
+    if relation == "left of":
+        return ax + asz + _MIN_GAP <= bx
+    if relation == "right of":
+        return bx + bsz + _MIN_GAP <= ax
+    if relation == "above":
+        return ay + asz + _MIN_GAP <= by
+    if relation == "below":
+        return by + bsz + _MIN_GAP <= ay
+    raise ValueError(f"relation: expected one of {RELATIONS}, got {relation!r}")
+
+
+def _layout(prompt: Prompt, rng: np.random.Generator) -> list[tuple[str, str, int, int, int]]:
+    """``(shape, colour, x0, y0, size)`` per object: random sizes and positions, boxes apart, relation kept."""
+    objs = [(o.shape, o.color) for o in prompt.objects for _ in range(o.count)]
+    lo, hi = _size_range(len(objs))
+    for _ in range(10_000):
+        boxes = []
+        for _ in objs:
+            size = int(rng.integers(lo, hi + 1))
+            x0, y0 = rng.integers(_MARGIN, IMAGE_SIZE - _MARGIN - size + 1, size=2)
+            boxes.append((int(x0), int(y0), size))
+        if not all(_separated(a, b) for a, b in itertools.combinations(boxes, 2)):
+            continue
+        if prompt.relation is not None and not _relation_holds(boxes[0], boxes[1], prompt.relation):
+            continue
+        colors = [c if c is not None else COLORS[int(rng.integers(0, len(COLORS)))] for _, c in objs]
+        return [(s, c, *box) for (s, _), c, box in zip(objs, colors, boxes)]
+    raise RuntimeError(f"prompt: found no layout for {prompt.text!r} in 10000 tries")
+
+
+def render(prompt: Prompt, rng: np.random.Generator) -> torch.Tensor:
+    """One image ``[3, 32, 32]`` float32 in [-1, 1] that satisfies ``prompt``."""
+    img = np.empty((IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.float32)
+    img[:] = BACKGROUND
+    for shape, color, x0, y0, size in _layout(prompt, rng):
+        img[_shape_mask(shape, x0, y0, size)] = PALETTE[color]
+    return torch.from_numpy(img * 2.0 - 1.0).permute(2, 0, 1).contiguous()
+
+
+def render_batch(prompts: list[Prompt], rng: np.random.Generator | int) -> torch.Tensor:
+    """Images ``[B, 3, 32, 32]`` float32 in [-1, 1], one per prompt; ``rng`` a Generator or an int seed."""
+    if not isinstance(rng, np.random.Generator):
+        rng = np.random.default_rng(rng)
+    return torch.stack([render(p, rng) for p in prompts])
