@@ -111,7 +111,8 @@ def all_prompts() -> dict[str, list[Prompt]]:
 
 
 def _is_heldout(p: Prompt) -> bool:
-    return p.task in ("position", "color_attr") and any((o.color, o.shape) in HELDOUT_PAIRS for o in p.objects)
+    two_object_task = p.task in ("position", "color_attr")
+    return two_object_task and any((o.color, o.shape) in HELDOUT_PAIRS for o in p.objects)
 
 
 def split_prompts(split: str) -> dict[str, list[Prompt]]:
@@ -212,7 +213,7 @@ def _relation_holds(a, b, relation: str) -> bool:
 
 
 def _layout(prompt: Prompt, rng: np.random.Generator) -> list[tuple[str, str, int, int, int]]:
-    """``(shape, colour, x0, y0, size)`` per object: random sizes and positions, boxes apart, relation kept."""
+    """``(shape, colour, x0, y0, size)`` per object: random sizes and places, boxes apart, relation kept."""
     objs = [(o.shape, o.color) for o in prompt.objects for _ in range(o.count)]
     lo, hi = _size_range(len(objs))
     for _ in range(10_000):
@@ -226,7 +227,7 @@ def _layout(prompt: Prompt, rng: np.random.Generator) -> list[tuple[str, str, in
         if prompt.relation is not None and not _relation_holds(boxes[0], boxes[1], prompt.relation):
             continue
         colors = [c if c is not None else COLORS[int(rng.integers(0, len(COLORS)))] for _, c in objs]
-        return [(s, c, *box) for (s, _), c, box in zip(objs, colors, boxes)]
+        return [(s, c, *box) for (s, _), c, box in zip(objs, colors, boxes, strict=True)]
     raise RuntimeError(f"prompt: found no layout for {prompt.text!r} in 10000 tries")
 
 

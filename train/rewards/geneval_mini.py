@@ -94,7 +94,8 @@ class GenEvalMini:
             img, plane = sl[0].start, sl[1].start
             bh, bw = sl[2].stop - sl[2].start, sl[3].stop - sl[3].start
             shape = self._classify(area[i] / (bh * bw), below[i] / area[i], max(bh, bw) / min(bh, bw))
-            found[img].append(DetectedObject(shape, _COLOR_NAMES[plane], float(cx[i]), float(cy[i]), int(area[i])))
+            obj = DetectedObject(shape, _COLOR_NAMES[plane], float(cx[i]), float(cy[i]), int(area[i]))
+            found[img].append(obj)
         return found
 
     @staticmethod
@@ -143,7 +144,7 @@ class GenEvalMini:
             raise ValueError(f"prompts: expected {len(images)} prompts (one per image), got {len(prompts)}")
         prompts = [parse_prompt(p) if isinstance(p, str) else p for p in prompts]
         strict, partial = [], []
-        for objects, prompt in zip(self.detect(images), prompts):
+        for objects, prompt in zip(self.detect(images), prompts, strict=True):
             checks = self.constraints(objects, prompt)
             strict.append(float(all(checks)))
             partial.append(sum(checks) / len(checks))
@@ -159,7 +160,7 @@ class GenEvalMini:
         tasks = [(parse_prompt(p) if isinstance(p, str) else p).task for p in prompts]
         out = {}
         for task in TASKS:
-            sel = [s for s, t in zip(scores.tolist(), tasks) if t == task]
+            sel = [s for s, t in zip(scores.tolist(), tasks, strict=True) if t == task]
             if sel:
                 out[task] = float(np.mean(sel))
         out = {"score": float(np.mean(list(out.values()))) if out else float("nan"), **out}
