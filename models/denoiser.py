@@ -21,7 +21,7 @@ def _batch_timestep(timestep: torch.Tensor | float, x: torch.Tensor) -> torch.Te
 
 
 class SD3Denoiser(nn.Module):
-    """SD3 / SD3.5 MMDiT: the transformer's output is the velocity; ``timestep`` goes in as ``1000 * sigma``."""
+    """SD3 / SD3.5 MMDiT: the output is the velocity; ``timestep`` goes in as ``1000 * sigma``."""
 
     prediction_type = "flow"
 
@@ -57,7 +57,7 @@ def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tenso
 
 
 def flux_image_ids(height: int, width: int, device, dtype) -> torch.Tensor:
-    """Position ids ``[(H/2)(W/2), 3]`` of packed latent tokens: ``(0, row, col)``, as FluxPipeline builds them."""
+    """Position ids ``[(H/2)(W/2), 3]`` of packed tokens: ``(0, row, col)``, as FluxPipeline builds them."""
     ids = torch.zeros(height // 2, width // 2, 3, device=device, dtype=dtype)
     ids[..., 1] = torch.arange(height // 2, device=device, dtype=dtype)[:, None]
     ids[..., 2] = torch.arange(width // 2, device=device, dtype=dtype)[None, :]
@@ -93,7 +93,8 @@ class FluxDenoiser(nn.Module):
         b, c, h, w = x.shape
         expected = self.transformer.config.in_channels
         if 4 * c != expected:
-            raise ValueError(f"x: expected {expected // 4} latent channels (in_channels {expected} / 4), got {c}")
+            raise ValueError(f"x: expected {expected // 4} latent channels (in_channels {expected} / 4), "
+                             f"got {c}")
         img_ids, txt_ids = self._position_ids(h, w, cond.prompt_embeds.shape[1], x.device, x.dtype)
         guidance = None
         if self.transformer.config.guidance_embeds:

@@ -40,7 +40,7 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, str]:
     root = Path(path).expanduser()
     if not root.exists():
         raise FileNotFoundError(
-            f"path_or_preset: expected a local diffusers directory or one of the presets {', '.join(PRESETS)}, "
+            f"path_or_preset: expected a local diffusers directory or a preset ({', '.join(PRESETS)}), "
             f"got {str(path)!r}, which does not exist"
         )
     if not root.is_dir():
@@ -56,8 +56,8 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, str]:
         model_dir = root / component
         if not (model_dir / "config.json").is_file():
             raise FileNotFoundError(
-                f"{root}: model_index.json names a {component!r} component, expected {model_dir / 'config.json'}, "
-                "which does not exist"
+                f"{root}: model_index.json names a {component!r} component, expected "
+                f"{model_dir / 'config.json'}, which does not exist"
             )
     elif (root / "config.json").is_file():
         model_dir = root
@@ -87,7 +87,7 @@ def _model_class(cls_name: str):
 
 def build_preset(name: str, *, dtype: torch.dtype | None = None, device: str | torch.device | None = None,
                  seed: int | None = None) -> torch.nn.Module:
-    """A preset's model with random (diffusers default-initialised) weights; ``device="meta"`` allocates none."""
+    """A preset's model with random (diffusers default) weights; ``device="meta"`` allocates none."""
     cls_name, config = preset_config(name)
     cls = _model_class(cls_name)
     device = torch.device(device) if device is not None else torch.device("cpu")
@@ -105,8 +105,9 @@ def load_transformer(path_or_preset: str | Path, *, dtype: torch.dtype | None = 
                      device: str | torch.device | None = None, seed: int | None = None) -> torch.nn.Module:
     """Load the denoising model of a local diffusers directory, or build a preset with random weights.
 
-    ``path_or_preset``: a pipeline folder (``model_index.json`` + ``transformer/`` or ``unet/``), a model folder
-    (``config.json`` with ``_class_name`` SD3Transformer2DModel / FluxTransformer2DModel / UNet2DConditionModel),
+    ``path_or_preset``: a pipeline folder (``model_index.json`` + ``transformer/`` or ``unet/``), a model
+    folder (``config.json`` with ``_class_name`` SD3Transformer2DModel / FluxTransformer2DModel /
+    UNet2DConditionModel),
     or a preset name from :data:`models.presets.PRESETS` (``seed`` seeds its random weights). Nothing is
     downloaded. Returns the model in eval mode.
     """

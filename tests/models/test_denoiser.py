@@ -10,7 +10,8 @@ from models.denoiser import flux_image_ids, pack_latents, unpack_latents
 
 def _cond(batch, length=7, width=32, pooled=32):
     g = torch.Generator().manual_seed(2)
-    return models.Conditioning(torch.randn(batch, length, width, generator=g), torch.randn(batch, pooled, generator=g))
+    return models.Conditioning(torch.randn(batch, length, width, generator=g),
+                               torch.randn(batch, pooled, generator=g))
 
 
 def test_sd3_matches_direct_call():
@@ -73,15 +74,16 @@ def test_flux_rejects_wrong_channels():
 
 def test_unet_epsilon():
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                 norm_num_groups=4, attention_head_dim=4).eval()
     den = models.as_denoiser(unet)
     assert den.prediction_type == "epsilon"
     x, t, cond = torch.randn(2, 4, 8, 8), torch.tensor([999.0, 20.0]), _cond(2)
     with torch.no_grad():
-        torch.testing.assert_close(den(x, t, cond), unet(x, t, encoder_hidden_states=cond.prompt_embeds).sample,
-                                   rtol=0, atol=0)
+        want = unet(x, t, encoder_hidden_states=cond.prompt_embeds).sample
+        torch.testing.assert_close(den(x, t, cond), want, rtol=0, atol=0)
 
 
 def test_errors_and_passthrough():

@@ -106,10 +106,12 @@ def test_malformed_configs(tmp_path):
 
 
 def test_pipeline_without_denoiser_component(tmp_path):
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "X", "vae": ["diffusers", "AutoencoderKL"]}))
+    index = {"_class_name": "X", "vae": ["diffusers", "AutoencoderKL"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(ValueError, match="'transformer' or 'unet'.*vae"):
         models.load_transformer(tmp_path)
-    (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    index = {"transformer": ["diffusers", "SD3Transformer2DModel"]}
+    (tmp_path / "model_index.json").write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match="transformer/config.json"):
         models.load_transformer(tmp_path)
 
