@@ -12,13 +12,16 @@ def _group_index(group_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
     return inv, int(inv.max()) + 1 if inv.numel() else 0
 
 
-def group_advantages(rewards: torch.Tensor, group_ids: torch.Tensor, *, std: str = "global",
-                     eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_ids: torch.Tensor, *, std: str = "global", eps: float = 1e-4
+) -> torch.Tensor:
     """``A = (R - mean_prompt(R)) / (std(R) + eps)``; ``std="global"`` uses the whole batch (the DiffusionNFT
     reference default), ``std="group"`` each prompt's own group (Flow-GRPO's option).  Population std."""
     rewards = rewards.float()
     if rewards.shape != group_ids.shape:
-        raise ValueError(f"group_ids: expected shape {tuple(rewards.shape)} (that of rewards), got {tuple(group_ids.shape)}")
+        raise ValueError(
+            f"group_ids: expected shape {tuple(rewards.shape)} (that of rewards), got {tuple(group_ids.shape)}"
+        )
     inv, n = _group_index(group_ids)
     count = torch.zeros(n).index_add_(0, inv, torch.ones_like(rewards))
     mean = torch.zeros(n).index_add_(0, inv, rewards) / count

@@ -52,9 +52,13 @@ def prepare_run_dir(run_dir: str | None, *, algo: str, resume: str | None = None
     if resume:
         path = Path(resume)
         if not path.is_dir():
-            raise FileNotFoundError(f"--resume: expected an existing run directory, got {resume!r} (not a directory)")
+            raise FileNotFoundError(
+                f"--resume: expected an existing run directory, got {resume!r} (not a directory)"
+            )
         if latest_checkpoint(path) is None:
-            raise FileNotFoundError(f"--resume: expected a checkpoint under {path / 'checkpoints'}, found none")
+            raise FileNotFoundError(
+                f"--resume: expected a checkpoint under {path / 'checkpoints'}, found none"
+            )
     elif run_dir:
         path = Path(run_dir)
     else:
@@ -67,7 +71,9 @@ def prepare_run_dir(run_dir: str | None, *, algo: str, resume: str | None = None
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
-        raise PermissionError(f"--run-dir: expected a writable directory, got {str(path)!r} ({e.strerror})") from None
+        raise PermissionError(
+            f"--run-dir: expected a writable directory, got {str(path)!r} ({e.strerror})"
+        ) from None
     return path
 
 
@@ -78,13 +84,22 @@ class MetricsLogger:
     """``metrics.jsonl`` (one JSON object per line, always with ``iteration`` and ``elapsed_s``) plus optional
     TensorBoard / wandb (``wandb`` runs in offline mode unless ``WANDB_MODE`` says otherwise)."""
 
-    def __init__(self, run_dir: Path, *, loggers: tuple[str, ...] = (), config: dict | None = None,
-                 resume_iteration: int | None = None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        loggers: tuple[str, ...] = (),
+        config: dict | None = None,
+        resume_iteration: int | None = None,
+    ):
         self.path = Path(run_dir) / "metrics.jsonl"
         if resume_iteration is not None and self.path.exists():
             # Drop lines past the checkpoint: the resumed run logs them again.
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln)["iteration"] <= resume_iteration]
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["iteration"] <= resume_iteration
+            ]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in keep))
         self._fh = open(self.path, "a", encoding="utf-8")
         self._tb = None
@@ -94,14 +109,17 @@ class MetricsLogger:
                 try:
                     from torch.utils.tensorboard import SummaryWriter
                 except ImportError as e:
-                    raise ImportError("--log.loggers tensorboard: expected tensorboard installed "
-                                      "(pip install '.[log]')") from e
+                    raise ImportError(
+                        "--log.loggers tensorboard: expected tensorboard installed (pip install '.[log]')"
+                    ) from e
                 self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
             elif name == "wandb":
                 try:
                     import wandb
                 except ImportError as e:
-                    raise ImportError("--log.loggers wandb: expected wandb installed (pip install '.[log]')") from e
+                    raise ImportError(
+                        "--log.loggers wandb: expected wandb installed (pip install '.[log]')"
+                    ) from e
                 os.environ.setdefault("WANDB_MODE", "offline")
                 self._wandb = wandb.init(dir=str(run_dir), config=config or {}, resume="allow")
             elif name:
@@ -112,7 +130,11 @@ class MetricsLogger:
         for k, v in values.items():
             if isinstance(v, torch.Tensor):
                 v = v.detach().float().item()
-            rec[k] = float(v) if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool) else v
+            rec[k] = (
+                float(v)
+                if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool)
+                else v
+            )
         self._fh.write(json.dumps(rec) + "\n")
         self._fh.flush()
         numeric = {k: v for k, v in rec.items() if isinstance(v, float) and k not in ("iteration",)}
@@ -197,7 +219,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def load_checkpoint(run_dir: Path) -> dict:
     path = latest_checkpoint(run_dir)
     if path is None:
-        raise FileNotFoundError(f"--resume: expected a checkpoint under {Path(run_dir) / 'checkpoints'}, found none")
+        raise FileNotFoundError(
+            f"--resume: expected a checkpoint under {Path(run_dir) / 'checkpoints'}, found none"
+        )
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -244,8 +268,12 @@ class GracefulInterrupt:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        print("\ninterrupt: finishing this iteration, writing a checkpoint, then exiting "
-              "(Ctrl-C again to abort now)", file=sys.stderr, flush=True)
+        print(
+            "\ninterrupt: finishing this iteration, writing a checkpoint, then exiting "
+            "(Ctrl-C again to abort now)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def __enter__(self):
         try:

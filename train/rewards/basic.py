@@ -45,10 +45,14 @@ class ClipScore:
 
     def __init__(self, path: str | None):
         if not path:
-            raise ValueError("--reward-clip-path: expected a local CLIP directory for the clip_score reward, got none")
+            raise ValueError(
+                "--reward-clip-path: expected a local CLIP directory for the clip_score reward, got none"
+            )
         p = Path(path)
         if not (p / "config.json").exists():
-            raise FileNotFoundError(f"--reward-clip-path: expected a CLIP directory with config.json, got {path!r}")
+            raise FileNotFoundError(
+                f"--reward-clip-path: expected a CLIP directory with config.json, got {path!r}"
+            )
         from transformers import CLIPModel, CLIPTokenizer
 
         self.model = CLIPModel.from_pretrained(p).eval()
@@ -61,7 +65,9 @@ class ClipScore:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
         x = (images.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0
-        x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = torch.nn.functional.interpolate(
+            x, size=(self.size, self.size), mode="bicubic", align_corners=False
+        )
         x = (x - self.mean) / self.std
         tok = self.tokenizer([str(p) for p in prompts], padding=True, truncation=True, return_tensors="pt")
         img = self.model.get_image_features(pixel_values=x)

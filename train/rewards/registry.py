@@ -86,7 +86,9 @@ class CombinedReward:
     def __init__(self, fns: dict[str, Callable], weights: dict[str, float], aggregation: str, k_std: float):
         self.fns, self.weights, self.aggregation, self.k_std = fns, weights, aggregation, k_std
 
-    def __call__(self, images: torch.Tensor, prompts: Sequence) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, images: torch.Tensor, prompts: Sequence
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         b = images.shape[0]
         comps = {}
         for name, fn in self.fns.items():
@@ -99,13 +101,21 @@ class CombinedReward:
                 raise RewardError(f"reward {name!r}: expected {b} values (one per image), got {val.shape[0]}")
             if not torch.isfinite(val).all():
                 bad = int((~torch.isfinite(val)).sum())
-                raise RewardError(f"reward {name!r} returned {bad} non-finite value(s) (NaN/inf) for {b} images")
+                raise RewardError(
+                    f"reward {name!r} returned {bad} non-finite value(s) (NaN/inf) for {b} images"
+                )
             comps[name] = val
         return aggregate(comps, self.weights, self.aggregation, self.k_std), comps
 
 
-def build_reward(names: str | Sequence[str], *, weights: Sequence[float] = (), aggregation: str = "zmean",
-                 k_std: float = 1.0, clip_path: str | None = None) -> CombinedReward:
+def build_reward(
+    names: str | Sequence[str],
+    *,
+    weights: Sequence[float] = (),
+    aggregation: str = "zmean",
+    k_std: float = 1.0,
+    clip_path: str | None = None,
+) -> CombinedReward:
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     names = list(names)
@@ -117,11 +127,17 @@ def build_reward(names: str | Sequence[str], *, weights: Sequence[float] = (), a
     if len(set(names)) != len(names):
         raise ValueError(f"--reward: expected each reward once, got {','.join(names)}")
     if weights and len(weights) != len(names):
-        raise ValueError(f"--reward-weights: expected {len(names)} weights (one per reward), got {len(weights)}")
+        raise ValueError(
+            f"--reward-weights: expected {len(names)} weights (one per reward), got {len(weights)}"
+        )
     if aggregation not in AGGREGATIONS:
-        raise ValueError(f"--reward-aggregation: expected one of {', '.join(AGGREGATIONS)}, got {aggregation!r}")
+        raise ValueError(
+            f"--reward-aggregation: expected one of {', '.join(AGGREGATIONS)}, got {aggregation!r}"
+        )
     w = dict(zip(names, weights)) if weights else {n: 1.0 for n in names}
     if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
-        raise ValueError(f"--reward-weights: expected non-negative weights with a positive sum, got {tuple(weights)}")
+        raise ValueError(
+            f"--reward-weights: expected non-negative weights with a positive sum, got {tuple(weights)}"
+        )
     opts = {"clip_path": clip_path}
     return CombinedReward({n: _FACTORIES[n](opts) for n in names}, w, aggregation, k_std)
