@@ -5,6 +5,18 @@ Importable on its own: no side effects on import, no dependency on the rest of t
 Every op takes ``x``-like tensors shaped ``[B, ...]`` (rank >= 2) stored in fp32, fp16 or bf16 and
 per-sample scalars as Python floats, 0-dim tensors, ``[B]`` or ``[B, 1, ..., 1]`` tensors.  Math and
 reductions are fp32; losses and log-probs come back fp32 ``[B]`` (or a 0-dim loss).
+
+Backends (``kernels._dispatch``): CUDA tensors run the fused Triton kernels (``kernels.ops``), CPU tensors
+the PyTorch references (``kernels.reference``), or the Triton kernels in Triton's interpreter when
+``TRITON_INTERPRET=1``.  ``use_backend("reference" | "triton" | "auto")`` / ``set_backend`` override that;
+``active_backend(tensor)`` says which runs.  Reductions are per row in a fixed order on both backends: a
+row's log-prob does not depend on the batch it is computed in, and the log-prob of a transition sampled at
+rollout (``noise=``) equals, bit for bit, the one scored at training (``prev_sample=``).
+
+Gradients flow to every tensor argument the math depends on (``x``, ``v`` / ``eps``, ``noise``,
+``prev_sample``, ``mean``, ``x0``, ``x0_prev`` ...).  The Triton backend does not differentiate w.r.t. the
+per-sample scalars (``sigma``, ``t``, ``std``, ``alpha_bar`` ...): passing one that requires grad raises
+``NotImplementedError`` there (detach it, or use the reference backend).
 """
 
 from __future__ import annotations
@@ -13,7 +25,7 @@ import math
 
 import torch
 
-from . import reference
+from . import _dispatch, reference
 from ._checks import (
     check_like,
     check_noise_xor_prev,
@@ -26,6 +38,12 @@ from ._checks import (
     host_values_known,
     per_sample,
 )
+from ._dispatch import active_backend, get_backend, set_backend, use_backend
+
+if _dispatch.HAS_TRITON:
+    from . import ops as _ops
+else:  # pragma: no cover - machines without triton: every op runs the reference
+    _ops = None
 
 __all__ = [
     "interpolate",
@@ -40,7 +58,27 @@ __all__ = [
     "gaussian_kl",
     "nft_loss",
     "reference",
+    "use_backend",
+    "set_backend",
+    "get_backend",
+    "active_backend",
 ]
+
+
+def _triton(x: torch.Tensor) -> bool:
+    return active_backend(x) == "triton"
+
+
+def _no_grad_to(**tensors) -> None:
+    """The Triton backward computes no gradient for these arguments: refuse, never return a wrong zero."""
+    if not torch.is_grad_enabled():
+        return
+    for name, s in tensors.items():
+        if isinstance(s, torch.Tensor) and s.requires_grad:
+            raise NotImplementedError(
+                f"{name}: the Triton kernels do not differentiate w.r.t. {name}, but it requires grad; "
+                f"detach it, or run this op under kernels.use_backend('reference')"
+            )
 
 
 def interpolate(x0, noise, t):
@@ -48,6 +86,9 @@ def interpolate(x0, noise, t):
     check_tensor("x0", x0)
     check_like("noise", noise, "x0", x0)
     t = per_sample("t", t, x0.shape[0], x0.device)
+    if _triton(x0):
+        _no_grad_to(t=t)
+        return _ops.interpolate_op(x0, noise, t)
     return reference.interpolate(x0, noise, t)
 
 
@@ -57,11 +98,65 @@ def paired_interpolate(x0_w, x0_l, noise, t):
     check_like("x0_l", x0_l, "x0_w", x0_w)
     check_like("noise", noise, "x0_w", x0_w)
     t = per_sample("t", t, x0_w.shape[0], x0_w.device)
+    if _triton(x0_w):
+        _no_grad_to(t=t)
+        return _ops.paired_interpolate_op(x0_w, x0_l, noise, t)
     return reference.paired_interpolate(x0_w, x0_l, noise, t)
 
 
+def _check_counter(name: str, c):
+    if isinstance(c, bool) or not isinstance(c, (int, torch.Tensor)):
+        raise TypeError(f"{name}: expected an int or an int64 0-dim tensor, got {type(c).__name__}")
+    if isinstance(c, torch.Tensor):
+        if c.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"{name}: expected an int64 (or int32) tensor, got dtype {c.dtype}")
+        if c.numel() != 1:
+            raise ValueError(f"{name}: expected a 0-dim tensor, got shape {tuple(c.shape)}")
+    elif not -(2**63) <= c < 2**63:
+        raise ValueError(f"{name}: expected a value that fits in int64, got {c}")
+
+
+def _counter_args(name: str, c, device: torch.device):
+    """``(tensor or None, int)`` for the randn kernel: device tensors are read in-kernel (graph replay)."""
+    if not isinstance(c, torch.Tensor):
+        return None, int(c)
+    if c.device == device:
+        return c.reshape(()).to(torch.int64), 0
+    if c.device.type == "cpu":  # host memory: reading it costs no device sync
+        return None, int(c)
+    raise ValueError(
+        f"{name}: expected a tensor on {device} (that of the output) or on the CPU, got {c.device}"
+    )
+
+
 def randn(shape, seed, offset=0, *, device=None, dtype=torch.float32):
-    """Philox normal noise: element ``i`` (flat index) depends only on ``(seed, offset, i)``."""
+    """Philox normal noise: element ``i`` (flat index) depends only on ``(seed, offset, i)``.
+
+    Element ``i`` of the flat output is ``tl.randn(seed, offset + i)`` (Philox4x32-10 keyed by the 64-bit
+    ``seed``, counter ``offset + i``, Box-Muller) on both backends.  ``seed`` / ``offset`` are Python ints or
+    int64 0-dim tensors; a tensor on the output device is read in-kernel, so a captured CUDA graph replays
+    with the value the tensor holds at replay time.  ``device`` defaults to the seed tensor's device.
+    """
+    try:
+        shape = tuple(int(s) for s in shape)
+    except TypeError:
+        raise TypeError(f"shape: expected a sequence of ints, got {type(shape).__name__}") from None
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape: expected non-negative sizes, got {shape}")
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dtype: expected float32, float16 or bfloat16, got {dtype}")
+    _check_counter("seed", seed)
+    _check_counter("offset", offset)
+    if device is None:
+        tensors = [c for c in (seed, offset) if isinstance(c, torch.Tensor)]
+        device = tensors[0].device if tensors else torch.get_default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if _dispatch.backend_for_device(device) == "triton":
+        seed_t, seed_i = _counter_args("seed", seed, device)
+        offset_t, offset_i = _counter_args("offset", offset, device)
+        return _ops.randn_op(list(shape), seed_t, seed_i, offset_t, offset_i, dtype, device)
     return reference.randn(shape, seed, offset, device=device, dtype=dtype)
 
 
@@ -80,6 +175,9 @@ def _solver_common(x, v, sigma, sigma_next, v_name="v"):
 def euler_step(x, v, sigma, sigma_next):
     """SPEC §1 Euler ODE step: ``x' = x + (sigma_next - sigma) v``."""
     sigma, sigma_next = _solver_common(x, v, sigma, sigma_next)
+    if _triton(x):
+        _no_grad_to(sigma=sigma, sigma_next=sigma_next)
+        return _ops.euler_step_op(x, v, sigma, sigma_next)
     return reference.euler_step(x, v, sigma, sigma_next)
 
 
@@ -100,15 +198,31 @@ def sde_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None
     else:
         sigma_max_t = per_sample("sigma_max", sigma_max, x.shape[0], x.device)
         check_range("sigma_max", sigma_max_t, 0.0, 1.0, lo_open=True, hi_open=True)
-    return reference.sde_step(x, v, sigma, sigma_next, noise_level=a, sigma_max=sigma_max_t, noise=noise,
-                              prev_sample=prev_sample)
+    if _triton(x):
+        _no_grad_to(sigma=sigma, sigma_next=sigma_next, sigma_max=sigma_max_t)
+        return _transition(x, v, sigma, sigma_next, sigma_max_t, noise, prev_sample, _ops.KIND_SDE, a)
+    return reference.sde_step(
+        x, v, sigma, sigma_next, noise_level=a, sigma_max=sigma_max_t, noise=noise, prev_sample=prev_sample
+    )
+
+
+def _transition(x, v, p0, p1, p2, noise, prev_sample, kind, level):
+    if noise is not None:
+        return _ops.transition_sample_op(x, v, p0, p1, p2, noise, kind, level)
+    log_prob, mean, std = _ops.transition_score_op(x, v, p0, p1, p2, prev_sample, kind, level)
+    return prev_sample, log_prob, mean, std
 
 
 def cps_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None, prev_sample=None):
-    """SPEC §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``; true Gaussian log-prob."""
+    """SPEC §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``."""
     sigma, sigma_next = _solver_common(x, v, sigma, sigma_next)
     a = check_nonneg_number("noise_level", noise_level)
     check_noise_xor_prev(noise, prev_sample, x)
+    if _triton(x):
+        _no_grad_to(sigma=sigma, sigma_next=sigma_next)
+        return _transition(
+            x, v, sigma, sigma_next, sigma, noise, prev_sample, _ops.KIND_CPS, _ops.cps_level(a)
+        )
     return reference.cps_step(x, v, sigma, sigma_next, noise_level=a, noise=noise, prev_sample=prev_sample)
 
 
@@ -125,6 +239,9 @@ def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample
         raise ValueError("alpha_bar_prev: expected alpha_bar_prev > alpha_bar (a step goes towards the data)")
     e = check_nonneg_number("eta", eta)
     check_noise_xor_prev(noise, prev_sample, x)
+    if _triton(x):
+        _no_grad_to(alpha_bar=ab, alpha_bar_prev=abp)
+        return _transition(x, eps, ab, abp, ab, noise, prev_sample, _ops.KIND_DDIM, e)
     return reference.ddim_step(x, eps, ab, abp, eta=e, noise=noise, prev_sample=prev_sample)
 
 
@@ -142,6 +259,9 @@ def dpm2_step(x, v, sigma, sigma_next, *, x0_prev=None, sigma_prev=None):
         check_like("x0_prev", x0_prev, "x", x)
         sigma_prev = per_sample("sigma_prev", sigma_prev, x.shape[0], x.device)
         check_sigma_order(sigma_prev, sigma, names=("sigma_prev", "sigma"))
+    if _triton(x):
+        _no_grad_to(sigma=sigma, sigma_next=sigma_next, sigma_prev=sigma_prev)
+        return _ops.dpm2_step_op(x, v, sigma, sigma_next, x0_prev, sigma_prev)
     return reference.dpm2_step(x, v, sigma, sigma_next, x0_prev, sigma_prev)
 
 
@@ -151,11 +271,15 @@ def gaussian_log_prob(x, mean, std, reduce="mean"):
     check_like("mean", mean, "x", x)
     std = per_sample("std", std, x.shape[0], x.device)
     check_range("std", std, 0.0, math.inf)
-    return reference.gaussian_log_prob(x, mean, std, check_reduce(reduce))
+    reduce = check_reduce(reduce)
+    if _triton(x):
+        _no_grad_to(std=std)
+        return _ops.gaussian_log_prob_op(x, mean, std, reduce == "mean")
+    return reference.gaussian_log_prob(x, mean, std, reduce)
 
 
 def gaussian_kl(mean_p, std_p, mean_q, std_q, reduce="mean"):
-    """SPEC §1 closed-form ``KL(N(mean_p, std_p^2) || N(mean_q, std_q^2))`` reduced per row -> fp32 ``[B]``."""
+    """SPEC §1 closed-form ``KL(N(mean_p, std_p^2) || N(mean_q, std_q^2))`` per row -> fp32 ``[B]``."""
     check_tensor("mean_p", mean_p)
     check_like("mean_q", mean_q, "mean_p", mean_p)
     b = mean_p.shape[0]
@@ -163,10 +287,16 @@ def gaussian_kl(mean_p, std_p, mean_q, std_q, reduce="mean"):
     std_q = per_sample("std_q", std_q, b, mean_p.device)
     check_range("std_p", std_p, 0.0, math.inf, lo_open=True)
     check_range("std_q", std_q, 0.0, math.inf, lo_open=True)
-    return reference.gaussian_kl(mean_p, std_p, mean_q, std_q, check_reduce(reduce))
+    reduce = check_reduce(reduce)
+    if _triton(mean_p):
+        _no_grad_to(std_p=std_p, std_q=std_q)
+        return _ops.gaussian_kl_op(mean_p, std_p, mean_q, std_q, reduce == "mean")
+    return reference.gaussian_kl(mean_p, std_p, mean_q, std_q, reduce)
 
 
-def nft_loss(v, v_old, x0, noise, t, r, *, beta, adv_clip_max=5.0, weighting="adaptive", v_ref=None, kl_coef=0.0):
+def nft_loss(
+    v, v_old, x0, noise, t, r, *, beta, adv_clip_max=5.0, weighting="adaptive", v_ref=None, kl_coef=0.0
+):
     """SPEC §2 step 6 DiffusionNFT loss (scalar fp32), differentiable in ``v`` only.
 
     ``v_pos = beta v + (1 - beta) v_old``, ``v_neg = (1 + beta) v_old - beta v``; adaptive weighting divides
@@ -190,5 +320,33 @@ def nft_loss(v, v_old, x0, noise, t, r, *, beta, adv_clip_max=5.0, weighting="ad
         check_like("v_ref", v_ref, "v", v)
     elif kl_coef > 0:
         raise ValueError(f"v_ref: expected a tensor because kl_coef={kl_coef} > 0, got None")
-    return reference.nft_loss(v, v_old, x0, noise, t, r, beta=beta, adv_clip_max=m, weighting=weighting,
-                              v_ref=v_ref, kl_coef=kl_coef)
+    if _triton(v):
+        # v_old and v_ref are stop-gradients (as in the reference); x0 / noise / t / r get no gradient here.
+        _no_grad_to(x0=x0, noise=noise, t=t, r=r)
+        loss, _, _ = _ops.nft_loss_op(
+            v,
+            v_old.detach(),
+            x0,
+            noise,
+            t,
+            r,
+            v_ref.detach() if (v_ref is not None and kl_coef != 0.0) else None,
+            beta,
+            m,
+            weighting == "adaptive",
+            kl_coef,
+        )
+        return loss
+    return reference.nft_loss(
+        v,
+        v_old,
+        x0,
+        noise,
+        t,
+        r,
+        beta=beta,
+        adv_clip_max=m,
+        weighting=weighting,
+        v_ref=v_ref,
+        kl_coef=kl_coef,
+    )

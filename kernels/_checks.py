@@ -19,7 +19,9 @@ def check_tensor(name: str, x, *, min_ndim: int = 2) -> torch.Tensor:
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected dtype float32, float16 or bfloat16, got {x.dtype}")
     if x.ndim < min_ndim:
-        raise ValueError(f"{name}: expected a tensor of rank >= {min_ndim} shaped [B, ...], got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected a tensor of rank >= {min_ndim} shaped [B, ...], got shape {tuple(x.shape)}"
+        )
     return x
 
 
@@ -27,9 +29,13 @@ def check_like(name: str, y, ref_name: str, ref: torch.Tensor) -> torch.Tensor:
     """``y`` must be a float tensor with exactly ``ref``'s shape and device."""
     check_tensor(name, y, min_ndim=1)
     if y.shape != ref.shape:
-        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (that of {ref_name}), got {tuple(y.shape)}")
+        raise ValueError(
+            f"{name}: expected shape {tuple(ref.shape)} (that of {ref_name}), got {tuple(y.shape)}"
+        )
     if y.device != ref.device:
-        raise ValueError(f"{name}: expected a tensor on {ref.device} (that of {ref_name}), got one on {y.device}")
+        raise ValueError(
+            f"{name}: expected a tensor on {ref.device} (that of {ref_name}), got one on {y.device}"
+        )
     return y
 
 
@@ -43,7 +49,9 @@ def per_sample(name: str, s, batch: int, device: torch.device) -> torch.Tensor:
     if isinstance(s, numbers.Real):
         return torch.full((batch,), float(s), dtype=torch.float32, device=device)
     if not isinstance(s, torch.Tensor):
-        raise TypeError(f"{name}: expected a float or a tensor of shape [B] / [B, 1, ..., 1], got {type(s).__name__}")
+        raise TypeError(
+            f"{name}: expected a float or a tensor of shape [B] / [B, 1, ..., 1], got {type(s).__name__}"
+        )
     if not (s.is_floating_point()):
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {s.dtype}")
     if s.device != device:
@@ -52,17 +60,23 @@ def per_sample(name: str, s, batch: int, device: torch.device) -> torch.Tensor:
         return s.float().reshape(1).expand(batch)
     if s.shape[0] != batch or any(d != 1 for d in s.shape[1:]):
         raise ValueError(
-            f"{name}: expected a scalar, shape [{batch}] or [{batch}, 1, ..., 1] (batch {batch}), got {tuple(s.shape)}"
+            f"{name}: expected a scalar, shape [{batch}] or [{batch}, 1, ..., 1] (batch {batch}), "
+            f"got {tuple(s.shape)}"
         )
     return s.float().reshape(batch)
 
 
 def host_values_known(*tensors) -> bool:
-    """Value checks are allowed only when they cost no device sync."""
+    """Value checks are allowed only when they cost no device sync (and not while ``torch.compile`` traces:
+    a data-dependent branch there would break the graph)."""
+    if torch.compiler.is_compiling():
+        return False
     return all(t.device.type == "cpu" for t in tensors)
 
 
-def check_sigma_order(sigma: torch.Tensor, sigma_next: torch.Tensor, *, names=("sigma", "sigma_next")) -> None:
+def check_sigma_order(
+    sigma: torch.Tensor, sigma_next: torch.Tensor, *, names=("sigma", "sigma_next")
+) -> None:
     if not host_values_known(sigma, sigma_next):
         return
     bad = sigma_next >= sigma
@@ -115,8 +129,8 @@ def check_noise_xor_prev(noise, prev_sample, x: torch.Tensor):
         check_like("prev_sample", prev_sample, "x", x)
         if prev_sample.dtype != x.dtype:
             raise TypeError(
-                f"prev_sample: expected dtype {x.dtype} (that of x: the stored transition must be scored in the "
-                f"precision it was stored in), got {prev_sample.dtype}"
+                f"prev_sample: expected dtype {x.dtype} (that of x: the stored transition must be scored in "
+                f"the precision it was stored in), got {prev_sample.dtype}"
             )
 
 

@@ -158,7 +158,10 @@ def sde_step(x, v, sigma, sigma_next, *, noise_level, sigma_max, noise=None, pre
     dt = sigma_next - sigma
     std_t = sde_std(sigma, sigma_next, noise_level, sigma_max)
     s, dtc, stc = _col(sigma, nd), _col(dt, nd), _col(std_t, nd)
-    mean = x.float() * (1.0 + stc**2 / (2.0 * s) * dtc) + v.float() * (1.0 + stc**2 * (1.0 - s) / (2.0 * s)) * dtc
+    mean = (
+        x.float() * (1.0 + stc**2 / (2.0 * s) * dtc)
+        + v.float() * (1.0 + stc**2 * (1.0 - s) / (2.0 * s)) * dtc
+    )
     std = std_t * torch.sqrt(-dt)
     return _transition(x, mean, std, noise, prev_sample)
 
@@ -201,7 +204,8 @@ def dpm2_coefficients(sigma, sigma_next, sigma_prev):
     """SPEC §1 DPM-Solver++(2M) on rectified flow, per sample, written without infinities.
 
     With ``alpha = 1 - sigma``, ``lambda = log(alpha / sigma)``, ``h = lambda_next - lambda``:
-    ``x' = (sigma_next / sigma) x + alpha_next (1 - e^{-h}) D`` with ``e^{-h} = sigma_next alpha / (alpha_next sigma)``,
+    ``x' = (sigma_next / sigma) x + alpha_next (1 - e^{-h}) D`` with
+    ``e^{-h} = sigma_next alpha / (alpha_next sigma)``,
     and ``D = (1 + c) D_s - c D_prev`` with ``c = h / (2 h_last)``, ``h_last = lambda - lambda_prev``.
     ``c = 0`` (first order) on the first step (``sigma_prev`` < 0 marks "none"), where ``sigma_prev == 1``
     (``h_last`` infinite) and on the last step (``sigma_next == 0``).
@@ -293,8 +297,11 @@ def nft_row_losses(v, v_old, x0, noise, t, *, beta, weighting="adaptive"):
     return _reduce_rows((v_pos - u) ** 2, "mean"), _reduce_rows((v_neg - u) ** 2, "mean")
 
 
-def nft_loss(v, v_old, x0, noise, t, r, *, beta, adv_clip_max=5.0, weighting="adaptive", v_ref=None, kl_coef=0.0):
-    """SPEC §2 step 6: ``mean_b[m (r L_pos + (1 - r) L_neg) / beta] + kl_coef mean_b mean_dims (v - v_ref)^2``."""
+def nft_loss(
+    v, v_old, x0, noise, t, r, *, beta, adv_clip_max=5.0, weighting="adaptive", v_ref=None, kl_coef=0.0
+):
+    """SPEC §2 step 6: ``mean_b[m (r L_pos + (1 - r) L_neg) / beta]``
+    ``+ kl_coef mean_b mean_dims (v - v_ref)^2``."""
     l_pos, l_neg = nft_row_losses(v, v_old, x0, noise, t, beta=beta, weighting=weighting)
     loss = (adv_clip_max * (r * l_pos + (1.0 - r) * l_neg) / beta).mean()
     if v_ref is not None and kl_coef != 0.0:
