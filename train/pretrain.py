@@ -1,0 +1,216 @@
+"""Pretrain the embedded default model on GenEval-mini renders with flow matching (SPEC §0).
+
+    python -m train.pretrain --steps 3000 --out models/embedded
+
+Per step: a batch of train prompts (``train.data.sample_prompts``) and their renders ``x0``; 10% of the
+prompts are replaced by ``""`` (so classifier-free guidance has an unconditional branch);
+``t ~ logit-normal(0, 1)``, ``x_t = (1 - t) x0 + t noise``,
+loss ``mean (v(x_t, 1000 t, c) - (noise - x0))^2``;
+AdamW with a linear warm-up then a constant rate, so a run stopped at step k equals a run with ``--steps k``.
+Everything is seeded; on a CPU with the same thread count a run is reproducible bit for bit.
+
+``evaluate`` samples the held-out test prompts with a plain Euler ODE on the SD3 shifted schedule
+(CFG-free or with a guidance scale) and scores them with the GenEval-mini verifier.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models.embedded import DEFAULT_DIR, EmbeddedConfig, EmbeddedDefault
+from train.data import render_batch, sample_prompts, test_prompts
+from train.rewards import GenEvalMini
+
+__all__ = ["sigma_schedule", "sample", "evaluate", "flow_matching_loss", "pretrain", "main"]
+
+
+def sigma_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
+    """SPEC §0: ``s_i = 1 - i/N`` (i = 0..N) shifted by ``shift * s / (1 + (shift - 1) * s)``; ``[N + 1]``."""
+    if steps < 1:
+        raise ValueError(f"steps: expected >= 1, got {steps}")
+    s = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
+    return (shift * s / (1.0 + (shift - 1.0) * s)).float()
+
+
+@torch.no_grad()
+def sample(model: EmbeddedDefault, prompts: list[str], generator: torch.Generator, steps: int = 10,
+           shift: float = 3.0, cfg_scale: float = 1.0) -> torch.Tensor:
+    """Euler ODE samples ``[B, 3, 32, 32]`` in [-1, 1]; ``cfg_scale`` 1 is CFG-free,
+    otherwise ``v = v_uncond + cfg_scale * (v_cond - v_uncond)``."""
+    b, dev = len(prompts), model.device
+    x = torch.randn(b, 3, model.sample_size, model.sample_size, generator=generator).to(dev, model.dtype)
+    cond = model.encode(list(prompts))
+    if cfg_scale != 1.0:
+        cond = type(cond).cat([cond, model.encode([""] * b)])
+    sigmas = sigma_schedule(steps, shift).tolist()
+    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+        timestep = torch.full((b,), 1000.0 * sigma, device=dev)
+        if cfg_scale == 1.0:
+            v = model.denoiser(x, timestep, cond)
+        else:
+            both = model.denoiser(torch.cat([x, x]), torch.cat([timestep, timestep]), cond)
+            v_cond, v_uncond = both.chunk(2)
+            v = v_uncond + cfg_scale * (v_cond - v_uncond)
+        x = x + (sigma_next - sigma) * v
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
+def evaluate(model: EmbeddedDefault, cfg_scale: float = 1.0, n_per_task: int = 32, steps: int = 10,
+             shift: float = 3.0, seed: int = 1234, batch_size: int = 64, verifier: GenEvalMini | None = None,
+             ) -> dict[str, float]:
+    """Held-out GenEval-mini: strict score (mean over task types) and per-task strict scores, plus the
+    mean partial score as ``"partial"``."""
+    verifier = verifier or GenEvalMini()
+    prompts = test_prompts(n_per_task)
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.cat([
+        sample(model, [p.text for p in prompts[i:i + batch_size]], gen, steps, shift, cfg_scale).cpu()
+        for i in range(0, len(prompts), batch_size)
+    ])
+    scores = verifier.score(images, prompts)
+    return {**verifier.summarize(scores["strict"], prompts), "partial": float(scores["partial"].mean())}
+
+
+def flow_matching_loss(model: EmbeddedDefault, x0: torch.Tensor, prompts: list[str],
+                       generator: torch.Generator) -> torch.Tensor:
+    """``mean (v(x_t, 1000 t, c) - (noise - x0))^2`` with ``t ~ logit-normal(0, 1)``."""
+    b = x0.shape[0]
+    t = torch.sigmoid(torch.randn(b, generator=generator)).to(x0)
+    noise = torch.randn(x0.shape, generator=generator).to(x0)
+    tb = t.view(b, 1, 1, 1)
+    x_t = (1 - tb) * x0 + tb * noise
+    embeds, pooled = model.text_encoder(model.text_encoder.tokenize(prompts))
+    v = model.transformer(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled,
+                          timestep=1000.0 * t, return_dict=False)[0]
+    return (v - (noise - x0)).square().mean()
+
+
+def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
+    torch.manual_seed(args.seed)
+    model = EmbeddedDefault(EmbeddedConfig())
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+    data_rng = np.random.default_rng(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    out = Path(args.out)
+    log_path = out / "pretrain_log.jsonl" if args.log_file else None
+    if log_path:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")
+    start, ema_loss, step = time.time(), None, 0
+
+    def log(rec):
+        print(json.dumps(rec), flush=True)
+        if log_path:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def run_eval(step):
+        model.eval()
+        model.text_encoder.clear_cache()
+        rec = {"step": step, "minutes": round((time.time() - start) / 60, 2)}
+        for scale in args.eval_cfg:
+            r = evaluate(model, cfg_scale=scale, n_per_task=args.eval_per_task)
+            rec[f"cfg{scale:g}"] = {k: round(v, 4) for k, v in r.items()}
+        model.text_encoder.clear_cache()
+        model.train()
+        log(rec)
+
+    while step < args.steps:
+        if (time.time() - start) / 60 > args.max_minutes:
+            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
+            break
+        batch = sample_prompts(args.batch_size, data_rng)
+        x0 = render_batch(batch, data_rng)
+        prompts = [p.text for p in batch]
+        drop = data_rng.random(args.batch_size) < args.prompt_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop, strict=True)]
+        loss = flow_matching_loss(model, x0, prompts, gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        opt.step()
+        sched.step()
+        step += 1
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        if step % args.log_every == 0 or step == args.steps:
+            log({"step": step, "loss": round(loss.item(), 5), "loss_ema": round(ema_loss, 5),
+                 "minutes": round((time.time() - start) / 60, 2)})
+        if args.save_every and step % args.save_every == 0:
+            _save(model, out / "snapshots" / f"step{step:06d}", args, step, start)
+        if args.eval_every and step % args.eval_every == 0:
+            run_eval(step)
+    model.eval()
+    _save(model, out, args, step, start)
+    return model
+
+
+def _save(model: EmbeddedDefault, directory: Path, args: argparse.Namespace, step: int, start: float):
+    model.save(directory)
+    command = "python -m train.pretrain " + " ".join(shlex.quote(a) for a in args.argv)
+    # the flags that fix the trajectory: a run stopped at `step` equals this one (constant rate after warm-up)
+    reproduce = (
+        f"python -m train.pretrain --steps {step} --batch-size {args.batch_size} --lr {args.lr:g} "
+        f"--warmup {args.warmup} --weight-decay {args.weight_decay:g} --grad-clip {args.grad_clip:g} "
+        f"--prompt-dropout {args.prompt_dropout:g} --seed {args.seed} --threads {args.threads}"
+    )
+    minutes = round((time.time() - start) / 60, 2)
+    record = {"command": command, "reproduce": reproduce, "steps": step, "minutes": minutes,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "args": {k: v for k, v in vars(args).items() if k != "argv"}}
+    tmp = directory / "pretrain.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    os.replace(tmp, directory / "pretrain.json")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up")
+    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--prompt-dropout", type=float, default=0.1, help="share of prompts replaced by ''")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(DEFAULT_DIR), help="directory for default.safetensors/default.json")
+    p.add_argument("--max-minutes", type=float, default=25.0, help="wall-clock cap; stops early and saves")
+    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--log-file", action="store_true", help="also write <out>/pretrain_log.jsonl")
+    p.add_argument("--save-every", type=int, default=0, help="snapshots under <out>/snapshots (0: none)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out GenEval-mini every N steps (0: never)")
+    p.add_argument("--eval-cfg", type=float, nargs="+", default=[1.0, 4.0], help="CFG scales to evaluate")
+    p.add_argument("--eval-per-task", type=int, default=32)
+    return p
+
+
+def main(argv: list[str] | None = None) -> EmbeddedDefault:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    for name in ("steps", "batch_size", "warmup", "threads"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.prompt_dropout < 1.0:
+        raise SystemExit(f"--prompt-dropout: expected a value in [0, 1), got {args.prompt_dropout}")
+    if not math.isfinite(args.lr) or args.lr <= 0:
+        raise SystemExit(f"--lr: expected a positive number, got {args.lr}")
+    args.argv = argv
+    torch.set_num_threads(args.threads)
+    return pretrain(args)
+
+
+if __name__ == "__main__":
+    main()
