@@ -1,0 +1,265 @@
+"""The policy every training loop drives: a transformer with LoRA adapters, its text encoder, decoder and prompts.
+
+Adapters (SPEC §2): ``default`` is trained, ``old`` (frozen) drives rollouts, and the reference model is the
+transformer with adapters disabled.  The eval EMA of ``default`` (SPEC §2 step 7) lives here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import models
+from engine import rollout, sd3_sigmas
+from models.conditioning import Conditioning
+
+__all__ = ["ModelConfig", "Policy", "build_policy", "check_model_path", "SD3_LORA_TARGETS"]
+
+SD3_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelConfig:
+    dtype: str = field(
+        default="float32", metadata={"help": "weights/activations dtype: float32, bfloat16, float16"}
+    )
+    attention: str = field(
+        default="auto", metadata={"help": "attention backend: auto, sdpa, flash, xformers"}
+    )
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
+    lora_init: str = field(default="gaussian", metadata={"help": "LoRA init (peft init_lora_weights)"})
+    lora_targets: tuple[str, ...] = field(default=SD3_LORA_TARGETS, metadata={"help": "LoRA target modules"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+
+
+def check_model_path(path: str | None, *, preset: str) -> None:
+    """Fail before any work if ``--model`` is not a diffusers directory."""
+    if not path:
+        raise ValueError(f"--model: expected a local diffusers directory for preset {preset!r}, got none")
+    from models.loader import resolve_model_dir
+
+    resolve_model_dir(path)
+
+
+class Policy:
+    def __init__(
+        self,
+        *,
+        transformer,
+        denoiser,
+        encoder,
+        decode: Callable,
+        latent_shape,
+        device,
+        dtype,
+        train_prompts: list,
+        test_prompts: list,
+        prompt_text: Callable = str,
+        prompt_sampler: Callable | None = None,
+    ):
+        self.transformer, self.denoiser, self.encoder = transformer, denoiser, encoder
+        self._decode = decode
+        self.latent_shape = tuple(latent_shape)
+        self.device, self.dtype = device, dtype
+        self.train_prompts, self.test_prompts = train_prompts, test_prompts
+        self.prompt_text = prompt_text
+        self._prompt_sampler = prompt_sampler
+        self._trainable = [p for n, p in transformer.named_parameters() if "lora_" in n and ".default." in n]
+        self._old = [p for n, p in transformer.named_parameters() if "lora_" in n and ".old." in n]
+        if not self._trainable or len(self._trainable) != len(self._old):
+            raise RuntimeError(
+                "policy: expected matching 'default' and 'old' LoRA adapters on the transformer"
+            )
+        for p in self._old:
+            p.requires_grad_(False)
+        self.eval_ema = models.EMA(self._trainable)
+
+    # adapters -------------------------------------------------------------------------------------------------
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return self._trainable
+
+    def adapter(self, name: str):
+        return models.use_adapter(self.transformer, name)
+
+    def adapters_disabled(self):
+        return models.adapters_disabled(self.transformer)
+
+    @torch.no_grad()
+    def ema_old(self, decay: float) -> None:
+        """SPEC §2 step 7: ``old <- d old + (1 - d) default``."""
+        models.ema_update_adapter(self.transformer, decay, src="default", dst="old")
+
+    def update_eval_ema(self, step: int) -> None:
+        self.eval_ema.update()
+
+    @contextlib.contextmanager
+    def eval_weights(self):
+        """Temporarily load the eval EMA into the ``default`` adapter."""
+        with self.eval_ema.average_parameters():
+            yield
+
+    def adapter_state(self) -> dict:
+        return {
+            "default": [p.detach().cpu().clone() for p in self._trainable],
+            "old": [p.detach().cpu().clone() for p in self._old],
+            "eval_ema": self.eval_ema.state_dict(),
+        }
+
+    def load_adapter_state(self, state: dict) -> None:
+        with torch.no_grad():
+            for dst, src in ((self._trainable, state["default"]), (self._old, state["old"])):
+                if len(dst) != len(src):
+                    raise ValueError(f"checkpoint: expected {len(dst)} LoRA tensors, got {len(src)}")
+                for p, s in zip(dst, src):
+                    p.copy_(s.to(p.device, p.dtype))
+        self.eval_ema.load_state_dict(state["eval_ema"])
+
+    # data -----------------------------------------------------------------------------------------------------
+    def encode(self, prompts: list) -> Conditioning:
+        return self.encoder.encode([self.prompt_text(p) for p in prompts]).to(self.device)
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self._decode(x0)
+
+    def sample_train_prompts(self, n: int, seed: int) -> list:
+        """``n`` training prompts drawn from a generator seeded with ``seed`` (uniform, or the benchmark's own
+        sampler: GenEval-mini draws a task uniformly, then a prompt of it)."""
+        if self._prompt_sampler is not None:
+            return self._prompt_sampler(n, seed)
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randint(len(self.train_prompts), (n,), generator=g)
+        return [self.train_prompts[i] for i in idx.tolist()]
+
+    def sigmas(self, num_steps: int, shift: float) -> torch.Tensor:
+        return sd3_sigmas(num_steps, shift)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        prompts: list,
+        seeds,
+        *,
+        solver: str,
+        num_steps: int,
+        shift: float,
+        noise_level: float = 0.7,
+        guidance_scale: float = 1.0,
+    ) -> torch.Tensor:
+        cond = self.encode(prompts)
+        uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
+        out = rollout(
+            self.denoiser,
+            cond,
+            num_steps=num_steps,
+            latent_shape=self.latent_shape,
+            solver=solver,
+            shift=shift,
+            noise_level=noise_level,
+            guidance_scale=guidance_scale,
+            uncond=uncond,
+            seed=[int(s) for s in seeds],
+            dtype=self.dtype,
+            device=self.device,
+        )
+        return out.x0
+
+
+def _identity_decode(x0: torch.Tensor) -> torch.Tensor:
+    return x0.float().clamp(-1, 1)
+
+
+def build_policy(
+    mc: ModelConfig,
+    *,
+    preset: str,
+    model_path: str | None,
+    device: torch.device,
+    seed: int,
+    prompts: str | None = None,
+    eval_prompts: str | None = None,
+) -> Policy:
+    """The embedded default (``preset == 'tiny'`` without ``--model``) or a local SD3/SD3.5/FLUX directory."""
+    dtype = _DTYPES[mc.dtype]
+    torch.manual_seed(seed)  # LoRA init
+    if model_path is None:
+        from models.embedded import load_default
+        import numpy as np
+
+        from train.data import geneval_mini
+
+        bundle = load_default(device=device, dtype=dtype)
+        transformer, encoder = bundle.transformer, bundle.text_encoder
+        latent_shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)
+        decode = _identity_decode
+        train_p = [p for ps in geneval_mini.train_prompts().values() for p in ps]
+        test_p = geneval_mini.test_prompts()
+        prompt_text = lambda p: p.text if hasattr(p, "text") else str(p)
+        sampler = lambda n, s: geneval_mini.sample_prompts(n, np.random.default_rng(s), split="train")
+    else:
+        transformer = models.load_transformer(model_path, dtype=dtype, device=device)
+        root = Path(model_path)
+        encoder = models.TextEncoder.from_pretrained(root, device=device, dtype=dtype)
+        vae = models.Vae.from_pretrained(root, device=device, dtype=dtype)
+        decode = lambda x0: vae.decode(x0).float().clamp(-1, 1)
+        res = 512
+        f = 2 ** (len(vae.model.config.block_out_channels) - 1)
+        latent_shape = (vae.model.config.latent_channels, res // f, res // f)
+        train_p = read_prompt_file(prompts, "--prompts")
+        test_p = read_prompt_file(eval_prompts or prompts, "--eval-prompts")
+        prompt_text, sampler = str, None
+    transformer.requires_grad_(False)
+    if mc.attention != "auto" or device.type == "cuda":
+        models.set_attention_backend(transformer, mc.attention)
+    models.add_adapters(
+        transformer,
+        rank=mc.lora_rank,
+        alpha=mc.lora_alpha,
+        target_modules=list(mc.lora_targets),
+        init=mc.lora_init,
+    )
+    if mc.gradient_checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
+        transformer.enable_gradient_checkpointing()
+    denoiser = models.as_denoiser(transformer)
+    return Policy(
+        transformer=transformer,
+        denoiser=denoiser,
+        encoder=encoder,
+        decode=decode,
+        latent_shape=latent_shape,
+        device=device,
+        dtype=dtype,
+        train_prompts=train_p,
+        test_prompts=test_p,
+        prompt_text=prompt_text,
+        prompt_sampler=sampler,
+    )
+
+
+def read_prompt_file(path: str | None, option: str) -> list[str]:
+    """One prompt per line; blank lines skipped."""
+    if not path:
+        raise ValueError(
+            f"{option}: expected a text file with one prompt per line for a --model run, got none"
+        )
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{option}: expected a text file with one prompt per line, got {path!r}")
+    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    if not prompts:
+        raise ValueError(f"{option}: expected at least one prompt in {path!r}, found none")
+    return prompts
