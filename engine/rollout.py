@@ -291,13 +291,16 @@ def _check_window(sde_window, num_steps: int) -> tuple[int, int]:
     return start, end
 
 
-def _step_kinds(solver: str, num_steps: int, window: tuple[int, int]) -> list[str]:
+def _step_kinds(solver: str, num_steps: int, window: tuple[int, int], noisy: bool) -> list[str]:
+    """Per-step kernels.  Outside the SDE window, or with zero noise (``noise_level == 0`` / ``eta == 0``),
+    a stochastic solver takes its ODE step: Euler for flow-sde and cps (both reduce to it exactly, SPEC §1),
+    DDIM with eta 0 for ddim; no noise is drawn there and the log-prob is 0 (a point mass)."""
     if solver == "dpm2":
         return ["dpm2-first"] + ["dpm2"] * (num_steps - 1)
     if solver == "euler":
         return ["euler"] * num_steps
     ode = "ddim-ode" if solver == "ddim" else "euler"
-    return [solver if window[0] <= i < window[1] else ode for i in range(num_steps)]
+    return [solver if noisy and window[0] <= i < window[1] else ode for i in range(num_steps)]
 
 
 class RolloutEngine:
@@ -404,7 +407,7 @@ class RolloutEngine:
                 sigmas_cpu = _check_sigmas(sigmas, num_steps)
             model_t = timesteps_from_sigmas(sigmas_cpu[:-1])
             alpha_bars = None
-        kinds = _step_kinds(solver, num_steps, window)
+        kinds = _step_kinds(solver, num_steps, window, (eta if solver == "ddim" else noise_level) > 0)
         sde_steps = tuple(i for i, k in enumerate(kinds) if k in STOCHASTIC_SOLVERS)
         sigma_max = None
         if solver == "flow-sde" and sigmas_cpu[0] == 1.0 and window[0] == 0:
