@@ -236,7 +236,11 @@ def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample
     check_range("alpha_bar", ab, 0.0, 1.0, lo_open=True, hi_open=True)
     check_range("alpha_bar_prev", abp, 0.0, 1.0, lo_open=True)
     if host_values_known(ab, abp) and bool((abp <= ab).any()):
-        raise ValueError("alpha_bar_prev: expected alpha_bar_prev > alpha_bar (a step goes towards the data)")
+        i = int((abp <= ab).nonzero()[0, 0])
+        raise ValueError(
+            "alpha_bar_prev: expected alpha_bar_prev > alpha_bar (a step goes towards the data), got "
+            f"alpha_bar_prev={float(abp[i])} <= alpha_bar={float(ab[i])} at sample {i}"
+        )
     e = check_nonneg_number("eta", eta)
     check_noise_xor_prev(noise, prev_sample, x)
     if _triton(x):
@@ -254,7 +258,10 @@ def dpm2_step(x, v, sigma, sigma_next, *, x0_prev=None, sigma_prev=None):
     """
     sigma, sigma_next = _solver_common(x, v, sigma, sigma_next)
     if (x0_prev is None) != (sigma_prev is None):
-        raise ValueError("x0_prev / sigma_prev: expected both (second order) or neither (first order)")
+        given = "x0_prev only" if x0_prev is not None else "sigma_prev only"
+        raise ValueError(
+            f"x0_prev / sigma_prev: expected both (second order) or neither (first order), got {given}"
+        )
     if x0_prev is not None:
         check_like("x0_prev", x0_prev, "x", x)
         sigma_prev = per_sample("sigma_prev", sigma_prev, x.shape[0], x.device)

@@ -41,8 +41,10 @@ def forward_backward(fn, tensors: dict, grad_names, *, upstream_seed=1234):
 
     Returns ``(outputs, grads)``: outputs as a tuple (detached), grads as a dict (None where unused).
     """
-    leaves = {k: (v.detach().clone().requires_grad_(k in grad_names) if isinstance(v, torch.Tensor) else v)
-              for k, v in tensors.items()}
+    leaves = {
+        k: (v.detach().clone().requires_grad_(k in grad_names) if isinstance(v, torch.Tensor) else v)
+        for k, v in tensors.items()
+    }
     outs = fn(**leaves)
     if isinstance(outs, torch.Tensor):
         outs = (outs,)
@@ -54,7 +56,7 @@ def forward_backward(fn, tensors: dict, grad_names, *, upstream_seed=1234):
     grads = {}
     if grad_names and isinstance(loss, torch.Tensor):
         got = torch.autograd.grad(loss, [leaves[k] for k in grad_names], allow_unused=True)
-        grads = dict(zip(grad_names, got))
+        grads = dict(zip(grad_names, got, strict=False))
     return tuple(o.detach() for o in outs), grads
 
 

@@ -33,7 +33,7 @@ def _run(backend, api_fn, ref_fn, tensors, grad_names, dtype, out_dtypes=None):
         outs, grads = forward_backward(api_fn, tensors, grad_names)
     exp_outs, exp_grads = forward_backward(ref_fn, tensors, grad_names)
     assert len(outs) == len(exp_outs)
-    for i, (o, e) in enumerate(zip(outs, exp_outs)):
+    for i, (o, e) in enumerate(zip(outs, exp_outs, strict=False)):
         # fp32 outputs computed from storage-dtype states (log-probs, means) inherit the storage rounding.
         assert_close(o, e, dtype, name=f"output {i}")
     for k in grad_names:
@@ -51,8 +51,14 @@ def test_interpolate(backend, dtype, shape):
     b = shape[0]
     t = torch.linspace(0.0, 1.0, b)
     tensors = {"x0": make(shape, dtype, seed=1), "noise": make(shape, dtype, seed=2)}
-    _run(backend, lambda x0, noise: kernels.interpolate(x0, noise, t),
-         lambda x0, noise: ref.interpolate(x0, noise, t), tensors, ["x0", "noise"], dtype)
+    _run(
+        backend,
+        lambda x0, noise: kernels.interpolate(x0, noise, t),
+        lambda x0, noise: ref.interpolate(x0, noise, t),
+        tensors,
+        ["x0", "noise"],
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -60,11 +66,19 @@ def test_interpolate(backend, dtype, shape):
 def test_paired_interpolate(backend, dtype):
     shape = SHAPES[0]
     t = torch.rand(shape[0])
-    tensors = {"x0_w": make(shape, dtype, seed=1), "x0_l": make(shape, dtype, seed=3),
-               "noise": make(shape, dtype, seed=2)}
-    _run(backend, lambda x0_w, x0_l, noise: kernels.paired_interpolate(x0_w, x0_l, noise, t.view(-1, 1, 1, 1)),
-         lambda x0_w, x0_l, noise: ref.paired_interpolate(x0_w, x0_l, noise, t), tensors,
-         ["x0_w", "x0_l", "noise"], dtype)
+    tensors = {
+        "x0_w": make(shape, dtype, seed=1),
+        "x0_l": make(shape, dtype, seed=3),
+        "noise": make(shape, dtype, seed=2),
+    }
+    _run(
+        backend,
+        lambda x0_w, x0_l, noise: kernels.paired_interpolate(x0_w, x0_l, noise, t.view(-1, 1, 1, 1)),
+        lambda x0_w, x0_l, noise: ref.paired_interpolate(x0_w, x0_l, noise, t),
+        tensors,
+        ["x0_w", "x0_l", "noise"],
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -73,8 +87,14 @@ def test_paired_interpolate(backend, dtype):
 def test_euler_step(backend, dtype, shape):
     sigma, sigma_next = _sigmas(shape[0])
     tensors = {"x": make(shape, dtype, seed=1), "v": make(shape, dtype, seed=2)}
-    _run(backend, lambda x, v: kernels.euler_step(x, v, sigma, sigma_next),
-         lambda x, v: ref.euler_step(x, v, sigma, sigma_next), tensors, ["x", "v"], dtype)
+    _run(
+        backend,
+        lambda x, v: kernels.euler_step(x, v, sigma, sigma_next),
+        lambda x, v: ref.euler_step(x, v, sigma, sigma_next),
+        tensors,
+        ["x", "v"],
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -99,11 +119,13 @@ def test_dpm2_step(backend, dtype, order, shape):
         def expected(x, v, x0_prev):
             return ref.dpm2_step(x, v, sigma, sigma_next, x0_prev, sigma_prev)
     else:
+
         def api(x, v):
             return kernels.dpm2_step(x, v, sigma, sigma_next)
 
         def expected(x, v):
             return ref.dpm2_step(x, v, sigma, sigma_next)
+
     _run(backend, api, expected, tensors, names, dtype)
 
 
@@ -114,11 +136,14 @@ def _transition_case(kind, b, *, noise_level=0.7):
         sigma_max = 0.95
 
         def api(x, v, **kw):
-            return kernels.sde_step(x, v, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max, **kw)
+            return kernels.sde_step(
+                x, v, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max, **kw
+            )
 
         def expected(x, v, **kw):
-            return ref.sde_step(x, v, sigma, sigma_next, noise_level=noise_level,
-                                sigma_max=torch.full((b,), sigma_max), **kw)
+            return ref.sde_step(
+                x, v, sigma, sigma_next, noise_level=noise_level, sigma_max=torch.full((b,), sigma_max), **kw
+            )
     elif kind == "cps":
         sigma, sigma_next = _sigmas(b)
         sigma_next[-1] = 0.0  # last CPS step: std 0, a point mass (log-prob 0)
@@ -137,6 +162,7 @@ def _transition_case(kind, b, *, noise_level=0.7):
 
         def expected(x, v, **kw):
             return ref.ddim_step(x, v, ab, abp, eta=noise_level, **kw)
+
     return api, expected
 
 
@@ -150,14 +176,26 @@ def test_transition(backend, dtype, mode, kind, shape):
     x, v, z = make(shape, dtype, seed=1), make(shape, dtype, seed=2), make(shape, dtype, seed=3)
     if mode == "sample":
         tensors, names = {"x": x, "v": v, "noise": z}, ["x", "v", "noise"]
-        _run(backend, lambda x, v, noise: api(x, v, noise=noise), lambda x, v, noise: expected(x, v, noise=noise),
-             tensors, names, dtype)
+        _run(
+            backend,
+            lambda x, v, noise: api(x, v, noise=noise),
+            lambda x, v, noise: expected(x, v, noise=noise),
+            tensors,
+            names,
+            dtype,
+        )
     else:
         # score a stored state: the reference's own sample, perturbed so the log-prob gradient is not tiny
         prev = (expected(x, v, noise=z)[0].float() + 0.1 * make(shape, torch.float32, seed=4)).to(dtype)
         tensors, names = {"x": x, "v": v, "prev_sample": prev}, ["x", "v", "prev_sample"]
-        _run(backend, lambda x, v, prev_sample: api(x, v, prev_sample=prev_sample),
-             lambda x, v, prev_sample: expected(x, v, prev_sample=prev_sample), tensors, names, dtype)
+        _run(
+            backend,
+            lambda x, v, prev_sample: api(x, v, prev_sample=prev_sample),
+            lambda x, v, prev_sample: expected(x, v, prev_sample=prev_sample),
+            tensors,
+            names,
+            dtype,
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -166,10 +204,20 @@ def test_transition_zero_noise_level_is_a_point_mass(backend, kind):
     """noise_level / eta = 0: deterministic step, std 0, log-prob 0 by convention, no gradient from it."""
     shape = SHAPES[0]
     api, expected = _transition_case(kind, shape[0], noise_level=0.0)
-    x, v, z = make(shape, torch.float32, seed=1), make(shape, torch.float32, seed=2), make(shape, torch.float32)
+    x, v, z = (
+        make(shape, torch.float32, seed=1),
+        make(shape, torch.float32, seed=2),
+        make(shape, torch.float32),
+    )
     tensors = {"x": x, "v": v, "noise": z}
-    _run(backend, lambda x, v, noise: api(x, v, noise=noise), lambda x, v, noise: expected(x, v, noise=noise),
-         tensors, ["x", "v", "noise"], torch.float32)
+    _run(
+        backend,
+        lambda x, v, noise: api(x, v, noise=noise),
+        lambda x, v, noise: expected(x, v, noise=noise),
+        tensors,
+        ["x", "v", "noise"],
+        torch.float32,
+    )
     with kernels.use_backend(backend):
         prev, log_prob, mean, std = api(x, v, noise=z)
     assert torch.equal(std, torch.zeros_like(std)) and torch.equal(log_prob, torch.zeros_like(log_prob))
@@ -192,10 +240,12 @@ def test_gaussian_log_prob(backend, reduce, dtype, shape):
         assert_close(o, e, dt, name=name, scale=scale)
 
     with kernels.use_backend(backend):
-        outs, grads = forward_backward(lambda x, mean: kernels.gaussian_log_prob(x, mean, std, reduce), tensors,
-                                       ["x", "mean"])
-    exp, exp_grads = forward_backward(lambda x, mean: ref.gaussian_log_prob(x, mean, std, reduce), tensors,
-                                      ["x", "mean"])
+        outs, grads = forward_backward(
+            lambda x, mean: kernels.gaussian_log_prob(x, mean, std, reduce), tensors, ["x", "mean"]
+        )
+    exp, exp_grads = forward_backward(
+        lambda x, mean: ref.gaussian_log_prob(x, mean, std, reduce), tensors, ["x", "mean"]
+    )
     check(outs[0], exp[0], dtype, "log_prob")
     assert float(outs[0][-1]) == 0.0
     for k in ("x", "mean"):
@@ -212,11 +262,16 @@ def test_gaussian_kl(backend, reduce, dtype, shape):
     tensors = {"mean_p": make(shape, dtype, seed=1), "mean_q": make(shape, dtype, seed=2)}
     scale = None if reduce == "mean" else float(math.prod(shape[1:]))
     with kernels.use_backend(backend):
-        outs, grads = forward_backward(lambda mean_p, mean_q: kernels.gaussian_kl(mean_p, std_p, mean_q, std_q,
-                                                                                  reduce), tensors,
-                                       ["mean_p", "mean_q"])
-    exp, exp_grads = forward_backward(lambda mean_p, mean_q: ref.gaussian_kl(mean_p, std_p, mean_q, std_q, reduce),
-                                      tensors, ["mean_p", "mean_q"])
+        outs, grads = forward_backward(
+            lambda mean_p, mean_q: kernels.gaussian_kl(mean_p, std_p, mean_q, std_q, reduce),
+            tensors,
+            ["mean_p", "mean_q"],
+        )
+    exp, exp_grads = forward_backward(
+        lambda mean_p, mean_q: ref.gaussian_kl(mean_p, std_p, mean_q, std_q, reduce),
+        tensors,
+        ["mean_p", "mean_q"],
+    )
     assert_close(outs[0], exp[0], dtype, name="kl", scale=scale)
     for k in ("mean_p", "mean_q"):
         assert_close(grads[k], exp_grads[k], dtype, name=f"grad {k}")
@@ -229,17 +284,43 @@ def test_gaussian_kl(backend, reduce, dtype, shape):
 def test_nft_loss(backend, dtype, weighting, kl, shape):
     b = shape[0]
     t, r = torch.linspace(0.1, 0.95, b), torch.linspace(1.0, 0.0, b)
-    tensors = {"v": make(shape, dtype, seed=1), "v_old": make(shape, dtype, seed=2),
-               "x0": make(shape, dtype, seed=3), "noise": make(shape, dtype, seed=4),
-               "v_ref": make(shape, dtype, seed=5)}
+    tensors = {
+        "v": make(shape, dtype, seed=1),
+        "v_old": make(shape, dtype, seed=2),
+        "x0": make(shape, dtype, seed=3),
+        "noise": make(shape, dtype, seed=4),
+        "v_ref": make(shape, dtype, seed=5),
+    }
 
     def api(v, v_old, x0, noise, v_ref):
-        return kernels.nft_loss(v, v_old, x0, noise, t, r, beta=0.7, adv_clip_max=5.0, weighting=weighting,
-                                v_ref=v_ref, kl_coef=kl)
+        return kernels.nft_loss(
+            v,
+            v_old,
+            x0,
+            noise,
+            t,
+            r,
+            beta=0.7,
+            adv_clip_max=5.0,
+            weighting=weighting,
+            v_ref=v_ref,
+            kl_coef=kl,
+        )
 
     def expected(v, v_old, x0, noise, v_ref):
-        return ref.nft_loss(v, v_old, x0, noise, t, r, beta=0.7, adv_clip_max=5.0, weighting=weighting,
-                            v_ref=v_ref, kl_coef=kl)
+        return ref.nft_loss(
+            v,
+            v_old,
+            x0,
+            noise,
+            t,
+            r,
+            beta=0.7,
+            adv_clip_max=5.0,
+            weighting=weighting,
+            v_ref=v_ref,
+            kl_coef=kl,
+        )
 
     _run(backend, api, expected, tensors, ["v"], dtype)
 
@@ -251,8 +332,9 @@ def test_nft_loss_gradient_flows_to_v_only(backend):
     v, v_old, v_ref = (make(shape, torch.float32, seed=s).requires_grad_() for s in (1, 2, 5))
     x0, noise = make(shape, torch.float32, seed=3), make(shape, torch.float32, seed=4)
     with kernels.use_backend(backend):
-        loss = kernels.nft_loss(v, v_old, x0, noise, torch.rand(b), torch.rand(b), beta=1.0, v_ref=v_ref,
-                                kl_coef=1e-4)
+        loss = kernels.nft_loss(
+            v, v_old, x0, noise, torch.rand(b), torch.rand(b), beta=1.0, v_ref=v_ref, kl_coef=1e-4
+        )
     loss.backward()
     assert loss.dtype == torch.float32 and loss.ndim == 0
     assert v.grad is not None and float(v.grad.abs().max()) > 0
@@ -269,10 +351,12 @@ def test_non_contiguous_inputs(backend):
     sigma, sigma_next = _sigmas(5)
     with kernels.use_backend(backend):
         a = kernels.sde_step(x, v, sigma, sigma_next, noise_level=0.7, noise=v)
-        c = kernels.sde_step(x.contiguous(), v.contiguous(), sigma, sigma_next, noise_level=0.7, noise=v.contiguous())
+        c = kernels.sde_step(
+            x.contiguous(), v.contiguous(), sigma, sigma_next, noise_level=0.7, noise=v.contiguous()
+        )
         e1 = kernels.euler_step(x, v, sigma, sigma_next)
         e2 = kernels.euler_step(x.contiguous(), v.contiguous(), sigma, sigma_next)
-    for p, q in zip(a, c):
+    for p, q in zip(a, c, strict=False):
         assert torch.equal(p, q)
     assert torch.equal(e1, e2)
 
