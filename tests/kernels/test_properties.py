@@ -38,7 +38,7 @@ SPLITS = [slice(0, 3), slice(3, 8)]
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["sde", "cps", "ddim"])
 def test_rollout_log_prob_equals_training_log_prob(backend, dtype, kind):
-    """Sampled at rollout (batch 8, noise) and scored at training (other batch splits, prev_sample): same bits."""
+    """Sampled at rollout (batch 8, noise), scored at training (other splits, prev_sample): same bits."""
     x, v, z = make(SHAPE, dtype, seed=1), make(SHAPE, dtype, seed=2), make(SHAPE, dtype, seed=3)
     everything = slice(0, 8)
     with kernels.use_backend(backend):
@@ -166,7 +166,7 @@ def test_custom_ops_pass_opcheck():
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")
 def test_triton_ops_trace_under_torch_compile_fullgraph():
-    """The custom ops (forward and the hand-written backward) trace with fullgraph=True via their fake kernels."""
+    """The custom ops (forward and hand-written backward) trace with fullgraph=True via their fake kernels."""
     x, v, z = (make((4, 3, 5), torch.float32, seed=s) for s in (1, 2, 3))
 
     def step(x, v, z, sigma, sigma_next):

@@ -1,4 +1,4 @@
-"""Bad inputs raise ValueError / TypeError naming the argument, on every backend (checks run before dispatch)."""
+"""Bad inputs raise ValueError / TypeError naming the argument, on every backend (checked before dispatch)."""
 
 from __future__ import annotations
 
