@@ -25,6 +25,7 @@ _LAZY = {
     "add_adapters": "lora",
     "adapters_disabled": "lora",
     "use_adapter": "lora",
+    "set_active_adapter": "lora",
     "copy_adapter": "lora",
     "ema_update_adapter": "lora",
     "EMA": "lora",

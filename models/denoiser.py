@@ -133,7 +133,7 @@ def as_denoiser(model: nn.Module, *, guidance: float = 3.5) -> nn.Module:
     """
     if getattr(model, "prediction_type", None) in ("flow", "epsilon"):
         return model
-    name = type(model).__name__
+    name = type(getattr(model, "_orig_mod", model)).__name__  # see through torch.compile's wrapper
     if name == "SD3Transformer2DModel":
         return SD3Denoiser(model)
     if name == "FluxTransformer2DModel":

@@ -149,6 +149,12 @@ def add_adapters(model: nn.Module, *, rank: int = 32, alpha: float = 64,
     return model
 
 
+def set_active_adapter(model: nn.Module, name: str) -> None:
+    """Make adapter ``name`` the active one (until changed), leaving ``requires_grad`` as it is."""
+    _check_adapter(model, name, "name")
+    _set_active(model, name)
+
+
 def _set_active(model: nn.Module, name: str) -> None:
     for layer in _tuner_layers(model):
         layer._active_adapter = name

@@ -119,3 +119,25 @@ def test_pipeline_without_denoiser_component(tmp_path):
 def test_bad_preset_name():
     with pytest.raises(ValueError, match="preset: expected one of"):
         preset_config("sd4")
+
+
+def test_unet_pipeline_folder(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(8, 16),
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                norm_num_groups=4, attention_head_dim=4).eval()
+    _write_pipeline(tmp_path, unet, component="unet")
+    loaded = models.load_transformer(tmp_path)
+    x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), models.Conditioning(torch.randn(1, 3, 32))
+    with torch.no_grad():
+        want = models.as_denoiser(unet)(x, t, cond)
+        torch.testing.assert_close(models.as_denoiser(loaded)(x, t, cond), want, rtol=0, atol=0)
+
+
+def test_compiled_model_is_recognised():
+    model = models.load_transformer("sd3-tiny")
+    den = models.as_denoiser(torch.compile(model))
+    assert den.prediction_type == "flow" and den.transformer._orig_mod is model

@@ -83,6 +83,14 @@ def test_reference_old_and_default_outputs(sd3):
     lora.copy_adapter(sd3)
     with lora.use_adapter(sd3, "old"):
         torch.testing.assert_close(_run(sd3, inputs), v, rtol=0, atol=0)
+    _perturb(sd3, "old", seed=9)
+    lora.set_active_adapter(sd3, "old")
+    v_old = _run(sd3, inputs)
+    assert not torch.equal(v_old, v)
+    with lora.use_adapter(sd3, "default"):
+        torch.testing.assert_close(_run(sd3, inputs), v, rtol=0, atol=0)
+    torch.testing.assert_close(_run(sd3, inputs), v_old, rtol=0, atol=0)
+    lora.set_active_adapter(sd3, "default")
     # switching never touches requires_grad (peft's set_adapter / enable_adapters would)
     assert all(p.requires_grad == (".default." in n) for n, p in sd3.named_parameters())
 
