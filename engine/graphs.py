@@ -9,6 +9,12 @@ out.  Keys carry the caller's part (solver kind, CFG flag, adapter, ...) plus ev
 dtype and device.  One memory pool is shared by all graphs, warm-up runs on a side stream before capture,
 the number of graphs is capped (LRU eviction), a failed capture falls back to eager with one warning, and
 ``NFT_CUDA_GRAPHS=0`` turns graphs off.  CPU inputs always run eagerly through the same ``fn``.
+
+Sharing the pool is safe because every replay's outputs are cloned before any other graph runs: a later
+graph may reuse the pool memory behind an earlier graph's static outputs, never the static inputs (those are
+allocated outside capture).  Graphs read parameters by address, so in-place optimizer / EMA updates of the
+weights are seen at replay; replacing a parameter tensor, or changing Python-level control flow inside the
+denoiser without changing its ``graph_key()``, needs ``GraphCache.clear()``.
 """
 
 from __future__ import annotations
