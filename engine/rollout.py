@@ -410,7 +410,7 @@ class RolloutEngine:
         kinds = _step_kinds(solver, num_steps, window, (eta if solver == "ddim" else noise_level) > 0)
         sde_steps = tuple(i for i, k in enumerate(kinds) if k in STOCHASTIC_SOLVERS)
         sigma_max = None
-        if solver == "flow-sde" and sigmas_cpu[0] == 1.0 and window[0] == 0:
+        if kinds[0] == "flow-sde" and sigmas_cpu[0] == 1.0:
             if not 0.0 < float(sigmas_cpu[1]) < 1.0:
                 raise ValueError(
                     f"num_steps: flow-sde from sigma = 1 needs a second sigma in (0, 1) (sigma_max), "

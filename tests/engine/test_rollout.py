@@ -342,3 +342,12 @@ def test_rollout_through_triton_kernels():
     torch.testing.assert_close(tri.trajectory, ref.trajectory, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tri.log_probs, ref.log_probs, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tri2.x0, ref2.x0, rtol=1e-5, atol=1e-5)
+
+
+def test_one_step_flow_sde_without_noise_is_euler():
+    den = CondFlowDenoiser()
+    a = rollout(
+        den, dummy_cond(2), num_steps=1, latent_shape=SHAPE, solver="flow-sde", noise_level=0.0, seed=1
+    )
+    b = rollout(den, dummy_cond(2), num_steps=1, latent_shape=SHAPE, solver="euler", seed=1)
+    assert torch.equal(a.x0, b.x0) and a.sde_steps == ()
