@@ -418,9 +418,8 @@ class RolloutEngine:
                 )
             sigma_max = float(sigmas_cpu[1])
 
-        def rows(
-            v: torch.Tensor,
-        ) -> torch.Tensor:  # [K] -> [K, B] on device: row i is step i's per-sample value
+        def rows(v: torch.Tensor) -> torch.Tensor:
+            """``[K]`` -> ``[K, B]`` fp32 on ``device``: row ``i`` is step ``i``'s per-sample value."""
             return v.to(device=device, dtype=torch.float32)[:, None].expand(v.shape[0], batch).contiguous()
 
         t_rows = rows(model_t)
