@@ -259,6 +259,9 @@ def transition_forward(x, v, p0, p1, p2, z, prev_sample, kind, level):
             CHUNK=CHUNK,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
+            # No FMA contraction: ``mean`` must round identically in the sample and the score specialisation,
+            # or the rollout's and the training pass's log-probs could differ in the last bit.
+            enable_fp_fusion=False,
         )
     else:
         partials.zero_()
