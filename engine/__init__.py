@@ -6,6 +6,7 @@ steps); never ``train``.
 
 from __future__ import annotations
 
+from .batch_invariant import BatchInvariantDenoiser, guided_prediction
 from .graphs import GraphCache
 from .profiling import nvtx_range
 from .rollout import (
@@ -21,6 +22,8 @@ from .rollout import (
 from .schedules import ddim_alpha_bars, ddim_timesteps, ddpm_alpha_bars, sd3_sigmas, timesteps_from_sigmas
 
 __all__ = [
+    "BatchInvariantDenoiser",
+    "guided_prediction",
     "GraphCache",
     "nvtx_range",
     "SOLVERS",

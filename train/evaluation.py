@@ -53,8 +53,11 @@ class Evaluator:
         c = self.cfg
         seeds = [common.derive_seed(self.seed, "eval", i) for i in range(len(prompts))]
         out = []
+        # Epsilon models (SD1.5-style UNets, DDPO) have no flow ODE: their deterministic sampler is DDIM, eta 0.
+        epsilon = getattr(policy.denoiser, "prediction_type", "flow") == "epsilon"
+        kw = dict(solver="ddim", eta=0.0) if epsilon else dict(solver=c.solver)
+        kw.update(num_steps=c.num_steps, shift=shift)
         for lo in range(0, len(prompts), c.batch):
-            kw = dict(solver=c.solver, num_steps=c.num_steps, shift=shift)
             if base_cfg:
                 with policy.adapters_disabled():
                     x0 = policy.sample(

@@ -45,6 +45,7 @@ class ModelConfig:
     lora_init: str = field(default="gaussian", metadata={"help": "LoRA init (peft init_lora_weights)"})
     lora_targets: tuple[str, ...] = field(default=SD3_LORA_TARGETS, metadata={"help": "LoRA target modules"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "gradient checkpointing"})
+    resolution: int = field(default=512, metadata={"help": "image size of a --model run (latents: / VAE factor)"})
 
 
 def check_model_path(path: str | None, *, preset: str) -> None:
@@ -159,7 +160,9 @@ class Policy:
         shift: float,
         noise_level: float = 0.7,
         guidance_scale: float = 1.0,
+        eta: float = 1.0,
     ) -> torch.Tensor:
+        """Clean samples of ``prompts`` (one Philox seed each) with the active adapter; ``eta`` is DDIM's."""
         cond = self.encode(prompts)
         uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
         out = rollout(
@@ -170,6 +173,7 @@ class Policy:
             solver=solver,
             shift=shift,
             noise_level=noise_level,
+            eta=eta,
             guidance_scale=guidance_scale,
             uncond=uncond,
             seed=[int(s) for s in seeds],
@@ -216,20 +220,26 @@ def build_policy(
         encoder = models.TextEncoder.from_pretrained(root, device=device, dtype=dtype)
         vae = models.Vae.from_pretrained(root, device=device, dtype=dtype)
         decode = lambda x0: vae.decode(x0).float().clamp(-1, 1)
-        res = 512
-        f = 2 ** (len(vae.model.config.block_out_channels) - 1)
-        latent_shape = (vae.model.config.latent_channels, res // f, res // f)
+        f = vae.downsample_factor
+        if mc.resolution < f or mc.resolution % f:
+            raise ValueError(
+                f"--models.resolution: expected a positive multiple of the VAE factor {f}, got {mc.resolution}"
+            )
+        latent_shape = (vae.vae.config.latent_channels, mc.resolution // f, mc.resolution // f)
         train_p = read_prompt_file(prompts, "--prompts")
         test_p = read_prompt_file(eval_prompts or prompts, "--eval-prompts")
         prompt_text, sampler = str, None
     transformer.requires_grad_(False)
     if mc.attention != "auto" or device.type == "cuda":
         models.set_attention_backend(transformer, mc.attention)
+    targets = list(mc.lora_targets)
+    if type(transformer).__name__ == "UNet2DConditionModel" and tuple(targets) == SD3_LORA_TARGETS:
+        targets = None  # the SD3 names do not exist in a UNet: models.lora's UNet default (q/k/v/out)
     models.add_adapters(
         transformer,
         rank=mc.lora_rank,
         alpha=mc.lora_alpha,
-        target_modules=list(mc.lora_targets),
+        target_modules=targets,
         init=mc.lora_init,
     )
     if mc.gradient_checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
