@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmark suites: device description, timing, the results file.
+
+Results file (one per device): ``bench/results/<device-name>.json`` with the device, library versions, git
+commit, date and one record per (op, mode, shape, dtype, provider) -- median and spread in ms per call,
+achieved GB/s from the minimal bytes the op must move, % of the device-to-device copy bandwidth measured in
+the same run, speedup over the eager PyTorch reference, compile time and peak memory.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+# filled in while the session runs; written by bench/conftest.py at session finish
+RECORDS: list[dict] = []
+COPY_BANDWIDTH: dict[str, float] = {}  # {"gbps": ..., "bytes": ...}
+EAGER_MEDIAN_MS: dict[tuple, float] = {}
+
+
+def has_cuda() -> bool:
+    return torch.cuda.is_available()
+
+
+def device_name() -> str:
+    if has_cuda():
+        return torch.cuda.get_device_name()
+    return f"cpu-{platform.machine()}"
+
+
+def results_path() -> Path:
+    env = os.environ.get("NFT_BENCH_RESULTS")
+    if env:
+        return Path(env)
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", device_name()).strip("-").lower()
+    return RESULTS_DIR / f"{slug}.json"
+
+
+def sync() -> None:
+    if has_cuda():
+        torch.cuda.synchronize()
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def environment() -> dict:
+    info = {
+        "device": device_name(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if has_cuda():
+        props = torch.cuda.get_device_properties(0)
+        info["cuda"] = torch.version.cuda
+        info["sm_count"] = props.multi_processor_count
+        info["memory_gib"] = round(props.total_memory / 2**30, 1)
+    return info
+
+
+def write_results(path: Path | None = None) -> Path | None:
+    if not RECORDS:
+        return None
+    path = path or results_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": environment(), "copy_bandwidth": COPY_BANDWIDTH, "results": RECORDS}
+    path.write_text(json.dumps(payload, indent=1) + "\n")
+    return path
+
+
+def _fmt(value, width, digits):
+    return f"{'-':>{width}}" if value is None else f"{value:>{width}.{digits}f}"
+
+
+def summary_table() -> str:
+    """A plain-text table of the records: one line per (op, mode, shape, dtype) and provider."""
+    if not RECORDS:
+        return ""
+    head = (
+        f"{'op':<22}{'mode':<8}{'shape':<18}{'dtype':<10}{'provider':<14}{'median ms':>10}{'iqr ms':>9}"
+        f"{'GB/s':>9}{'%copy':>7}{'speedup':>9}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in RECORDS:
+        lines.append(
+            f"{r['op']:<22}{r['mode']:<8}{'x'.join(map(str, r['shape'])):<18}{r['dtype']:<10}"
+            f"{r['provider']:<14}"
+            f"{r['median_ms']:>10.4f}{r['iqr_ms']:>9.4f}{r['gbps']:>9.1f}"
+            f"{_fmt(r.get('pct_copy_bw'), 7, 1)}{_fmt(r.get('speedup_vs_torch'), 9, 2)}"
+        )
+    return "\n".join(lines)
