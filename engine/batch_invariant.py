@@ -28,7 +28,7 @@ _AUTOCAST = {None: None, "none": None, "bfloat16": torch.bfloat16, "float16": to
 
 
 class BatchInvariantDenoiser:
-    """``denoiser(x [B, ...], timestep [B], cond) -> prediction`` computed in chunks of exactly ``chunk`` rows.
+    """``denoiser(x [B, ...], timestep [B], cond) -> prediction`` in chunks of exactly ``chunk`` rows.
 
     ``autocast``: ``None``/``"none"``, ``"bfloat16"`` or ``"float16"`` (mixed precision for both rollout and
     training).  ``prediction_type`` and the CUDA-graph key are those of the wrapped denoiser (plus the chunk

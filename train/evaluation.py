@@ -53,7 +53,7 @@ class Evaluator:
         c = self.cfg
         seeds = [common.derive_seed(self.seed, "eval", i) for i in range(len(prompts))]
         out = []
-        # Epsilon models (SD1.5-style UNets, DDPO) have no flow ODE: their deterministic sampler is DDIM, eta 0.
+        # Epsilon models (SD1.5-style UNets, DDPO) have no flow ODE: the deterministic sampler is DDIM eta 0.
         epsilon = getattr(policy.denoiser, "prediction_type", "flow") == "epsilon"
         kw = dict(solver="ddim", eta=0.0) if epsilon else dict(solver=c.solver)
         kw.update(num_steps=c.num_steps, shift=shift)

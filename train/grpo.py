@@ -7,8 +7,8 @@ Per iteration:
      ``--sample.sde-window start,end`` is Flow-GRPO-Fast: noise only in those steps, ODE elsewhere, and only
      they are trained;
   2. rewards (on a worker thread, overlapped with the next rollout micro-batch);
-  3. ``A = (R - mean_prompt R) / (std + 1e-4)`` (global or per-group std), clipped to ``[-m, m]``; groups whose
-     rewards are all equal carry no signal and are masked out;
+  3. ``A = (R - mean_prompt R) / (std + 1e-4)`` (global or per-group std), clipped to ``[-m, m]``;
+     groups whose rewards are all equal carry no signal and are masked out;
   4. for each sample a random ``timestep_fraction`` of its SDE steps, re-scored with the trainable adapter:
      ``ratio = exp(logp - logp_old)``, ``policy = mean_b max(-A ratio, -A clamp(ratio, 1 - eps, 1 + eps))``,
      ``KL = mean_b[mean_dims (mean_theta - mean_ref)^2 / (2 std_t^2)]`` (reference = adapters disabled),
@@ -23,8 +23,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 
-import torch
-
 from .advantages import equal_reward_groups, group_advantages
 from .config import ConfigError
 from .evaluation import EvalConfig
@@ -37,9 +35,11 @@ from .policy_gradient import (
     StepScore,
     Trajectories,
     flow_grpo_kl,
-    main as pg_main,
     ppo_clip_loss,
     validate_common,
+)
+from .policy_gradient import (
+    main as pg_main,
 )
 
 
@@ -69,8 +69,14 @@ def preset_sd35m() -> GRPOConfig:
     cfg = GRPOConfig(preset="sd3.5-m", reward="clip_score", max_iters=1000)
     cfg.models = ModelConfig(dtype="bfloat16", lora_rank=32, lora_alpha=64.0)
     cfg.sample = PGSampleConfig(
-        solver="flow-sde", num_steps=10, noise_level=0.7, guidance_scale=4.5, prompts_per_iter=48,
-        images_per_prompt=24, rollout_batch=16, forward_chunk=8,
+        solver="flow-sde",
+        num_steps=10,
+        noise_level=0.7,
+        guidance_scale=4.5,
+        prompts_per_iter=48,
+        images_per_prompt=24,
+        rollout_batch=16,
+        forward_chunk=8,
     )
     cfg.train = GRPOTrainConfig(kl_beta=0.04, lr=3e-4, batch_size=8, grad_accum=72, clip_range=1e-4)
     cfg.eval = EvalConfig(every=50, num_steps=40, cfg_scale=4.5)
@@ -103,7 +109,11 @@ class GRPOTrainer(PolicyGradientTrainer):
         adv = group_advantages(traj.rewards, traj.group_ids, std=tc.adv_std)
         adv = adv.clamp(-tc.adv_clip_max, tc.adv_clip_max)
         equal = equal_reward_groups(traj.rewards, traj.group_ids)
-        return adv, ~equal, {"train/adv_abs_mean": adv.abs().mean(), "train/masked_frac": equal.float().mean()}
+        return (
+            adv,
+            ~equal,
+            {"train/adv_abs_mean": adv.abs().mean(), "train/masked_frac": equal.float().mean()},
+        )
 
     def step_loss(self, score: StepScore, old_log_prob, adv, n_steps: int):
         """SPEC §3 per trained step: ``(policy + kl_beta KL) / n_steps``."""

@@ -45,7 +45,9 @@ class ModelConfig:
     lora_init: str = field(default="gaussian", metadata={"help": "LoRA init (peft init_lora_weights)"})
     lora_targets: tuple[str, ...] = field(default=SD3_LORA_TARGETS, metadata={"help": "LoRA target modules"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "gradient checkpointing"})
-    resolution: int = field(default=512, metadata={"help": "image size of a --model run (latents: / VAE factor)"})
+    resolution: int = field(
+        default=512, metadata={"help": "image size of a --model run (latent size: / VAE factor)"}
+    )
 
 
 def check_model_path(path: str | None, *, preset: str) -> None:
@@ -223,7 +225,8 @@ def build_policy(
         f = vae.downsample_factor
         if mc.resolution < f or mc.resolution % f:
             raise ValueError(
-                f"--models.resolution: expected a positive multiple of the VAE factor {f}, got {mc.resolution}"
+                f"--models.resolution: expected a positive multiple of the VAE factor {f}, "
+                f"got {mc.resolution}"
             )
         latent_shape = (vae.vae.config.latent_channels, mc.resolution // f, mc.resolution // f)
         train_p = read_prompt_file(prompts, "--prompts")

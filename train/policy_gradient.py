@@ -2,8 +2,9 @@
 ``train.ddpo``).
 
 * config sections (:class:`PGSampleConfig`, :class:`PGTrainConfig`) and the CLI entry point (:func:`main`);
-* rollouts that keep the trajectory and the per-step log-probs (:func:`collect_rollouts` -> :class:`Trajectories`),
-  through a batch-invariant denoiser (``engine.BatchInvariantDenoiser``) so that re-scoring a stored transition
+* rollouts that keep the trajectory and the per-step log-probs (:func:`collect_rollouts` ->
+  :class:`Trajectories`), through a batch-invariant denoiser (``engine.BatchInvariantDenoiser``) so that
+  re-scoring a stored transition
   at training reproduces its rollout log-prob bit for bit whatever the micro-batch (:func:`score_steps`);
 * the losses: PPO clip per step, REINFORCE, Flow-GRPO's mean KL and DPOK's closed-form Gaussian KL;
 * DDPO's per-prompt reward statistics (:class:`PerPromptStatTracker`);
@@ -141,8 +142,9 @@ class PGRunConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
 
-def validate_common(cfg) -> None:
-    """Checks every policy-gradient config shares (the algorithm adds its own)."""
+def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
+    """Checks every policy-gradient config shares (the algorithm adds its own); presets other than
+    ``embedded_presets`` (which run the embedded default) need ``--model``."""
     sc, tc = cfg.sample, cfg.train
     if sc.solver not in ("auto", "flow-sde", "cps", "ddim"):
         raise ConfigError(f"--sample.solver: expected auto, flow-sde, cps or ddim, got {sc.solver!r}")
@@ -185,7 +187,7 @@ def validate_common(cfg) -> None:
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: expected a machine with CUDA for 'cuda', found none")
-    if cfg.preset != "tiny" or cfg.model:
+    if cfg.preset not in embedded_presets or cfg.model:
         check_model_path(cfg.model, preset=cfg.preset)
         read_prompt_file(cfg.prompts, "--prompts")
         read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
@@ -207,7 +209,8 @@ def resolve_solver(solver: str, denoiser) -> str:
 # ------------------------------------------------------------------------------------------------------------
 @dataclass
 class Trajectories:
-    """One iteration's rollouts.  ``states [B, N+1, ...]`` (storage dtype; ``states[:, i]`` enters step ``i``),
+    """One iteration's rollouts.  ``states [B, N+1, ...]`` (storage dtype; ``states[:, i]`` enters step
+    ``i``),
     ``log_probs [B, N]`` fp32 (the rollout policy's, the PPO "old" log-probs), ``timesteps [N]`` the model's
     timestep input (``1000 sigma`` floats / DDPM steps), ``sigmas`` / ``alpha_bars [N+1]`` the schedule,
     ``train_steps`` the steps with a non-degenerate Gaussian transition (``std > 0``): those a policy
@@ -482,14 +485,14 @@ class PolicyGradientTrainer:
         self.elapsed_offset = 0.0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
-    # --- algorithm hooks ---------------------------------------------------------------------------------------
+    # --- algorithm hooks ------------------------------------------------------------------------------------
     def advantages(self, traj: Trajectories) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """-> ``(advantages [B], train mask [B] bool, metrics)``."""
         raise NotImplementedError
 
     def step_loss(self, score: StepScore, old_log_prob, adv, n_steps: int) -> tuple[torch.Tensor, dict]:
-        """-> ``(loss of this step, already divided as it enters the iteration's objective; parts)``; ``parts``
-        holds detached tensors: ``ratio`` [b] and any of ``policy``, ``kl`` (scalars)."""
+        """-> ``(loss of this step, already scaled as it enters the iteration's objective, parts)``;
+        ``parts``        holds detached tensors: ``ratio`` [b] and any of ``policy``, ``kl`` (scalars)."""
         raise NotImplementedError
 
     def extra_state(self) -> dict:
@@ -498,7 +501,7 @@ class PolicyGradientTrainer:
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    # --- state -------------------------------------------------------------------------------------------------
+    # --- state ----------------------------------------------------------------------------------------------
     def state_dict(self, elapsed: float) -> dict:
         return {
             "iteration": self.iteration,
@@ -519,7 +522,7 @@ class PolicyGradientTrainer:
         common.set_rng_state(state["rng"])
         self.load_extra_state(state.get("extra", {}))
 
-    # --- one iteration -----------------------------------------------------------------------------------------
+    # --- one iteration --------------------------------------------------------------------------------------
     def rollout_and_reward(self, it: int) -> Trajectories:
         cfg, sc = self.cfg, self.cfg.sample
         prompts = self.policy.sample_train_prompts(
@@ -623,7 +626,7 @@ class PolicyGradientTrainer:
 
         return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
-    # --- the loop ------------------------------------------------------------------------------------------------
+    # --- the loop -------------------------------------------------------------------------------------------
     def run(self, metrics: common.MetricsLogger) -> None:
         cfg = self.cfg
         clock = common.Stopwatch(self.elapsed_offset)
@@ -666,8 +669,9 @@ class PolicyGradientTrainer:
                 metrics.log(it, clock(), vals)
                 print(
                     f"iter {it:4d} | reward {float(traj.rewards.mean()):.3f} | "
-                    f"loss {stats.get('train/loss', float('nan')):.3e} | kl {stats.get('train/kl', 0.0):.2e} | "
-                    f"ratio dev {stats['ratio/first_abs_dev']:.1e} | {iter_times[-1]:.1f}s | {clock() / 60:.1f} min",
+                    f"loss {stats.get('train/loss', float('nan')):.3e} | "
+                    f"kl {stats.get('train/kl', 0.0):.2e} | ratio dev {stats['ratio/first_abs_dev']:.1e} | "
+                    f"{iter_times[-1]:.1f}s | {clock() / 60:.1f} min",
                     flush=True,
                 )
                 if it % cfg.eval.every == 0:
@@ -676,7 +680,8 @@ class PolicyGradientTrainer:
                     common.save_checkpoint(self.run_dir, it, self.state_dict(clock()))
                 if interrupt.requested:
                     print(
-                        f"interrupted: checkpoint of iteration {it} written; resume with --resume {self.run_dir}"
+                        f"interrupted: checkpoint of iteration {it} written; "
+                        f"resume with --resume {self.run_dir}"
                     )
                     break
         if self.iteration % cfg.eval.every != 0:
@@ -687,7 +692,8 @@ class PolicyGradientTrainer:
         mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
         print(
             f"done: {self.iteration} iterations, {clock() / 60:.1f} min, {mean_it:.2f} s/iteration, "
-            f"peak memory {common.peak_memory_mb(dev):.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})",
+            f"peak memory {common.peak_memory_mb(dev):.0f} MB "
+            f"({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})",
             flush=True,
         )
 
@@ -768,7 +774,8 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
         run_dir, loggers=cfg.log.loggers, config=to_dict(cfg), resume_iteration=resume_iter
     )
     print(
-        f"run dir: {run_dir} | device {device} | preset {cfg.preset} | reward {cfg.reward} | solver {trainer.solver}",
+        f"run dir: {run_dir} | device {device} | preset {cfg.preset} | reward {cfg.reward} | "
+        f"solver {trainer.solver}",
         flush=True,
     )
     try:

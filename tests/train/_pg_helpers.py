@@ -1,0 +1,126 @@
+"""Helpers of the policy-gradient tests (train.grpo, train.ddpo): the embedded default (or, until its
+checkpoint is shipped, a seeded random EmbeddedDefault), trainers built through the public pieces, and a tiny
+random SD1.5-style pipeline (UNet, CLIP text encoder with a written vocabulary, VAE) saved to disk."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+import models.embedded as embedded
+from train.config import parse_cli
+from train.evaluation import Evaluator
+from train.policy import build_policy
+from train.rewards.registry import build_reward
+
+HAVE_CHECKPOINT = (Path(embedded.DEFAULT_DIR) / "default.safetensors").exists()
+
+
+def use_embedded_default(monkeypatch) -> None:
+    """The shipped embedded default, or a seeded random one while its checkpoint is not there."""
+    if HAVE_CHECKPOINT:
+        return
+
+    def random_default(device=None, dtype=None):
+        state = torch.random.get_rng_state()
+        torch.manual_seed(1234)
+        model = embedded.EmbeddedDefault().to(device=device, dtype=dtype).eval().requires_grad_(False)
+        torch.random.set_rng_state(state)
+        return model
+
+    monkeypatch.setattr(embedded, "load_default", random_default)
+
+
+def build_trainer(module, tmp_path, argv):
+    """``module``'s trainer on the embedded default (or a ``--model`` directory), as ``main`` does."""
+    cfg = parse_cli(
+        module.PRESETS["tiny"]().__class__, list(argv), prog="test", description="", presets=module.PRESETS
+    )
+    module.validate(cfg)
+    reward = build_reward(cfg.reward)
+    policy = build_policy(
+        cfg.models,
+        preset=cfg.preset,
+        model_path=cfg.model,
+        device=torch.device("cpu"),
+        seed=cfg.seed,
+        prompts=cfg.prompts,
+        eval_prompts=cfg.eval_prompts,
+    )
+    trainer_cls = module.GRPOTrainer if hasattr(module, "GRPOTrainer") else module.DDPOTrainer
+    return trainer_cls(cfg, tmp_path, policy, reward, Evaluator(cfg.eval, seed=cfg.seed, reward=reward))
+
+
+def bf16_autocast_ok() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.nn.functional.linear(torch.ones(2, 4), torch.ones(3, 4))
+        return True
+    except (RuntimeError, AssertionError):
+        return False
+
+
+def make_tiny_sd_pipeline(root: Path):
+    """A random SD1.5-style pipeline (UNet2DConditionModel, CLIPTextModel + CLIPTokenizer from a written
+    letter vocabulary, AutoencoderKL with factor 2, DDIM scheduler) and a prompt file."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in "abcdefghijklmnopqrstuvwxyz":
+        vocab[c] = len(vocab)
+        vocab[c + "</w>"] = len(vocab)
+    (root / "vocab.json").write_text(json.dumps(vocab))
+    (root / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(root / "vocab.json"), str(root / "merges.txt"), model_max_length=8)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=60,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=8,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    ).eval()
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
+    scheduler = DDIMScheduler(steps_offset=1, clip_sample=False)
+    StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    ).save_pretrained(root / "pipe")
+    (root / "prompts.txt").write_text("a red cat\na blue dog\na green bird\nan apple\n")
+    return root / "pipe", root / "prompts.txt"

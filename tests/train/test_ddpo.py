@@ -1,0 +1,261 @@
+"""train.ddpo (DDPO-SF, DDPO-IS, DPOK; SPEC §4): exact ratio before the first update on the flow SDE and on a
+UNet's DDIM (eta 1), the REINFORCE / per-step KL formulas by hand, DDPO's per-prompt statistics, the UNet path
+end to end on a tiny random SD1.5-style pipeline, resume, and a short run that raises the reward."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import kernels
+import train.ddpo as ddpo
+from train import common
+from train import policy_gradient as pg
+from train.config import parse_cli
+
+from ._pg_helpers import HAVE_CHECKPOINT, build_trainer, make_tiny_sd_pipeline, use_embedded_default
+
+SMALL = [
+    "--sample.prompts-per-iter",
+    "2",
+    "--sample.images-per-prompt",
+    "4",
+    "--sample.num-steps",
+    "4",
+    "--eval.num-prompts",
+    "4",
+    "--eval.num-steps",
+    "4",
+    "--log.progress",
+    "false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _embedded(monkeypatch):
+    use_embedded_default(monkeypatch)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_pipeline(tmp_path_factory):
+    return make_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
+
+
+def _unet_args(pipe, prompts):
+    return [
+        "--model",
+        str(pipe),
+        "--prompts",
+        str(prompts),
+        "--preset",
+        "sd1.5",
+        "--models.dtype",
+        "float32",
+        "--models.resolution",
+        "16",
+        "--models.lora-rank",
+        "4",
+        "--reward",
+        "jpeg_compressibility",
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+@pytest.mark.parametrize("loss", ["is", "sf"])
+def test_ratio_is_exactly_one_on_the_flow_sde(tmp_path, loss):
+    trainer = build_trainer(
+        ddpo,
+        tmp_path,
+        [
+            *SMALL,
+            "--reward",
+            "jpeg_compressibility",
+            "--sample.rollout-batch",
+            "8",
+            "--train.batch-size",
+            "3",
+            "--sample.forward-chunk",
+            "4",
+            "--train.loss",
+            loss,
+            "--train.kl-beta",
+            "0.01",
+        ],
+    )
+    assert trainer.solver == "flow-sde"
+    traj = trainer.rollout_and_reward(1)
+    adv, mask, _ = trainer.advantages(traj)
+    stats = trainer.train_on(1, traj, adv, mask)
+    assert stats["ratio/first_count"] > 0 and stats["ratio/first_abs_dev"] == 0.0
+    assert stats["train/kl"] >= 0.0
+
+
+def test_ratio_is_exactly_one_on_a_unet_ddim(tmp_path, tiny_sd_pipeline):
+    pipe, prompts = tiny_sd_pipeline
+    trainer = build_trainer(
+        ddpo,
+        tmp_path,
+        [
+            *_unet_args(pipe, prompts),
+            *SMALL,
+            "--sample.rollout-batch",
+            "8",
+            "--train.batch-size",
+            "3",
+            "--sample.forward-chunk",
+            "4",
+            "--sample.guidance-scale",
+            "2.0",
+            "--train.grad-accum",
+            "100",
+        ],
+    )
+    assert trainer.solver == "ddim" and trainer.policy.denoiser.prediction_type == "epsilon"
+    traj = trainer.rollout_and_reward(1)
+    assert traj.states.shape[-3:] == (4, 8, 8)
+    assert traj.train_steps == (0, 1, 2)  # the last DDIM step (to alpha_bar_prev = 1) has std 0: not trained
+    adv, mask, _ = trainer.advantages(traj)
+    stats = trainer.train_on(1, traj, adv, mask)
+    assert stats["ratio/first_count"] == len(traj) * 2 and stats["ratio/first_abs_dev"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- formulas
+def test_reinforce_and_dpok_step_loss_by_hand():
+    cfg = parse_cli(
+        ddpo.DDPOConfig,
+        ["--train.loss", "sf", "--train.kl-beta", "0.1"],
+        prog="t",
+        description="",
+        presets=ddpo.PRESETS,
+    )
+    logp = torch.tensor([0.3, -0.2])
+    adv = torch.tensor([2.0, -1.0])
+    mean, mean_ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    std = torch.tensor([1.0, 0.5])
+    score = pg.StepScore(log_prob=logp, mean=mean, std=std, mean_ref=mean_ref)
+    with kernels.use_backend("reference"):
+        loss, parts = ddpo.DDPOTrainer.step_loss(SimpleNamespace(cfg=cfg), score, logp - 0.01, adv, n_steps=5)
+    policy = -(0.3 * 2.0 + 0.2 * 1.0) / 2
+    kl = (1 / 2 + 1 / (2 * 0.25)) / 2  # KL(N(1, s^2) || N(0, s^2)) = 1 / (2 s^2) per element
+    assert loss.item() == pytest.approx(policy / 5 + 0.1 * kl, rel=1e-5)
+    assert parts["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert torch.allclose(parts["ratio"], torch.full((2,), math.exp(0.01)))
+    assert pg.reinforce_loss(logp, adv).item() == pytest.approx(policy)
+
+
+def test_per_prompt_stat_tracker():
+    t = pg.PerPromptStatTracker(buffer_size=4, min_count=3)
+    r1 = torch.tensor([1.0, 3.0, 10.0, 20.0])
+    a1 = t.update(["a", "a", "b", "b"], r1)  # fewer than 3 per prompt: the batch's statistics
+    assert torch.allclose(a1, (r1 - r1.mean()) / (r1.std(unbiased=False) + 1e-6))
+    a2 = t.update(["a", "a"], torch.tensor([5.0, 7.0]))  # 'a' buffer [1, 3, 5, 7]
+    buf = torch.tensor([1.0, 3.0, 5.0, 7.0])
+    assert torch.allclose(a2, (torch.tensor([5.0, 7.0]) - buf.mean()) / (buf.std(unbiased=False) + 1e-6))
+    t.update(["a"], torch.tensor([9.0]))  # the buffer keeps the last 4: [3, 5, 7, 9]
+    assert list(t.stats["a"]) == [3.0, 5.0, 7.0, 9.0]
+    t2 = pg.PerPromptStatTracker(buffer_size=4, min_count=3)
+    t2.load_state_dict(t.state_dict())
+    assert torch.equal(t2.update(["a"], torch.tensor([1.0])), t.update(["a"], torch.tensor([1.0])))
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--train.loss", "ppo"], "--train.loss: expected is (DDPO-IS) or sf (DDPO-SF)"),
+        (["--sample.eta", "0"], "--sample.eta: expected a value > 0"),
+        (["--train.kl-beta", "-1"], "--train.kl-beta: expected a value >= 0"),
+        (["--preset", "sd1.5"], "--model: expected a local diffusers directory"),
+    ],
+)
+def test_bad_input_fails_before_work(tmp_path, capsys, argv, needle):
+    assert ddpo.main(["--run-dir", str(tmp_path / "r"), *argv]) == 2
+    assert needle in capsys.readouterr().err
+
+
+def test_ddim_on_a_flow_model_is_refused(tmp_path, capsys):
+    assert (
+        ddpo.main(["--run-dir", str(tmp_path / "r"), *SMALL, "--sample.solver", "ddim", "--max-iters", "1"])
+        == 2
+    )
+    assert "--sample.solver: expected flow-sde or cps for a flow model, got 'ddim'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+def test_unet_ddim_end_to_end_and_resume(tmp_path, tiny_sd_pipeline):
+    pipe, prompts = tiny_sd_pipeline
+    run = [
+        *_unet_args(pipe, prompts),
+        *SMALL,
+        "--sample.rollout-batch",
+        "8",
+        "--train.batch-size",
+        "4",
+        "--sample.forward-chunk",
+        "4",
+        "--eval.every",
+        "1",
+        "--log.checkpoint-every",
+        "1",
+        "--train.kl-beta",
+        "0.01",
+    ]
+    assert ddpo.main(["--run-dir", str(tmp_path / "straight"), *run, "--max-iters", "2"]) == 0
+    assert ddpo.main(["--run-dir", str(tmp_path / "split"), *run, "--max-iters", "1"]) == 0
+    assert ddpo.main(["--resume", str(tmp_path / "split"), "--max-iters", "2"]) == 0
+    timing = ("elapsed_s", "train/iter_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    straight = strip(common.read_metrics(tmp_path / "straight"))
+    assert strip(common.read_metrics(tmp_path / "split")) == straight  # incl. the stat tracker's baseline
+    rows = [r for r in straight if "ratio/first_abs_dev" in r]
+    assert len(rows) == 2 and all(r["ratio/first_abs_dev"] == 0.0 and r["train/kl"] >= 0 for r in rows)
+    assert (
+        "eval/base_cfg/score" in straight[0]
+        and (tmp_path / "straight" / "samples" / "iter_000002.png").exists()
+    )
+
+
+@pytest.mark.skipif(
+    not HAVE_CHECKPOINT, reason="needs the shipped embedded default (models/embedded/default.safetensors)"
+)
+def test_short_run_raises_the_reward(tmp_path):
+    """DDPO-IS on the embedded default, JPEG compressibility: the last iterations' mean training reward beats
+    the first ones' by a clear margin."""
+    run = tmp_path / "r"
+    argv = [
+        "--run-dir",
+        str(run),
+        "--reward",
+        "jpeg_compressibility",
+        "--sample.num-steps",
+        "6",
+        "--sample.prompts-per-iter",
+        "2",
+        "--sample.images-per-prompt",
+        "8",
+        "--sample.rollout-batch",
+        "16",
+        "--train.batch-size",
+        "4",
+        "--sample.forward-chunk",
+        "8",
+        "--train.lr",
+        "1e-2",
+        "--train.clip-range",
+        "1e-2",
+        "--eval.num-prompts",
+        "2",
+        "--eval.every",
+        "100",
+        "--eval.num-steps",
+        "4",
+        "--log.progress",
+        "false",
+        "--max-iters",
+        "15",
+    ]
+    assert ddpo.main(argv) == 0
+    rows = [r for r in common.read_metrics(run) if "train/reward_mean" in r]
+    first = sum(r["train/reward_mean"] for r in rows[:3]) / 3
+    last = sum(r["train/reward_mean"] for r in rows[-3:]) / 3
+    assert last > first + 0.1, (first, last)

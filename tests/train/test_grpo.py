@@ -1,0 +1,290 @@
+"""train.grpo (Flow-GRPO, SPEC §3): the ratio is exactly 1 before the first update whatever the micro-batch
+(fp32, bf16 autocast, CFG, the Fast window, cps), the PPO clip and KL formulas against hand computations,
+equal-reward groups masked, bad input fails fast, resume is exact, and a short run raises the reward."""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import kernels
+import train.grpo as grpo
+from engine import guided_prediction
+from train import common
+from train import policy_gradient as pg
+from train.config import parse_cli
+
+from ._pg_helpers import HAVE_CHECKPOINT, bf16_autocast_ok, build_trainer, use_embedded_default
+
+SMALL = [
+    "--sample.prompts-per-iter",
+    "2",
+    "--sample.images-per-prompt",
+    "4",
+    "--sample.num-steps",
+    "4",
+    "--eval.num-prompts",
+    "4",
+    "--eval.num-steps",
+    "4",
+    "--log.progress",
+    "false",
+]
+
+
+@pytest.fixture(autouse=True)
+def _embedded(monkeypatch):
+    use_embedded_default(monkeypatch)
+
+
+# ---------------------------------------------------------------------------------------------- exactness
+EXACT_CASES = {
+    "fp32": [],
+    "bf16-autocast": ["--train.autocast", "bfloat16"],
+    "cfg": ["--sample.guidance-scale", "3.0"],
+    "fast-window": ["--sample.sde-window", "1,3"],
+    "cps": ["--sample.solver", "cps"],
+}
+
+
+@pytest.mark.parametrize("case", list(EXACT_CASES))
+def test_ratio_is_exactly_one_before_the_first_update(tmp_path, case):
+    if case == "bf16-autocast" and not bf16_autocast_ok():
+        pytest.skip("no bf16 autocast on this CPU")
+    # rollout micro-batch 8, training micro-batch 3, canonical forward chunk 4: three different batchings.
+    trainer = build_trainer(
+        grpo,
+        tmp_path,
+        [
+            *SMALL,
+            "--reward",
+            "jpeg_compressibility",
+            "--sample.rollout-batch",
+            "8",
+            "--train.batch-size",
+            "3",
+            "--sample.forward-chunk",
+            "4",
+            "--train.grad-accum",
+            "100",
+            *EXACT_CASES[case],
+        ],
+    )
+    traj = trainer.rollout_and_reward(1)
+    adv, mask, _ = trainer.advantages(traj)
+    mask[:] = True
+    stats = trainer.train_on(1, traj, adv, mask)
+    n_train = max(1, int(0.99 * len(traj.train_steps)))
+    assert stats["ratio/first_count"] == len(traj) * n_train  # every log-prob of the first pass
+    assert stats["ratio/first_abs_dev"] == 0.0
+    assert trainer.opt_step == 1 and stats["train/trained_samples"] == len(traj)
+    if case == "fast-window":
+        assert traj.train_steps == (1, 2)
+        assert torch.all(traj.log_probs[:, [0, 3]] == 0)
+
+
+def test_unchunked_forward_is_not_batch_invariant_here(tmp_path):
+    """The control: re-scoring one sample at a time with the plain denoiser does not reproduce the rollout's
+    log-probs on this machine (batch-1 GEMMs take another path), which is why the chunked forward exists."""
+    trainer = build_trainer(
+        grpo,
+        tmp_path,
+        [
+            *SMALL,
+            "--reward",
+            "jpeg_compressibility",
+            "--sample.rollout-batch",
+            "8",
+            "--sample.forward-chunk",
+            "8",
+        ],
+    )
+    traj = trainer.rollout_and_reward(1)
+    plain = trainer.policy.denoiser.inner
+    devs = []
+    with torch.no_grad():
+        for r in range(len(traj)):
+            for s in traj.train_steps:
+                x = traj.states[r : r + 1, s]
+                v = guided_prediction(
+                    plain, x, traj.timesteps[s : s + 1], trainer.policy.encode([traj.prompts[r]])
+                )
+                sig = traj.sigmas
+                _, lp, _, _ = kernels.sde_step(
+                    x,
+                    v,
+                    sig[s],
+                    sig[s + 1],
+                    noise_level=0.7,
+                    sigma_max=sig[1] if s == 0 else None,
+                    prev_sample=traj.states[r : r + 1, s + 1],
+                )
+                devs.append(float((lp[0] - traj.log_probs[r, s]).abs()))
+    if max(devs) == 0.0:
+        pytest.skip("this CPU's kernels happen to be batch invariant at batch 1")
+    assert max(devs) > 0.0
+
+
+# ---------------------------------------------------------------------------------------------- formulas
+def test_ppo_clip_loss_by_hand():
+    logp = torch.tensor([0.0, 1e-3, -2e-3, 5e-5])
+    old = torch.zeros(4)
+    adv = torch.tensor([1.0, 1.0, -1.0, 0.5])
+    eps = 1e-4
+    loss, ratio = pg.ppo_clip_loss(logp, old, adv, eps)
+    terms = []
+    for lp, a in zip(logp.tolist(), adv.tolist(), strict=True):
+        r = math.exp(lp)
+        terms.append(max(-a * r, -a * min(max(r, 1 - eps), 1 + eps)))
+    assert loss.item() == pytest.approx(sum(terms) / 4, rel=1e-6)
+    assert torch.allclose(ratio, logp.exp())
+    # the clip stops the gradient where it binds: A > 0 with ratio > 1 + eps, A < 0 with ratio < 1 - eps
+    lp = logp.clone().requires_grad_(True)
+    pg.ppo_clip_loss(lp, old, adv, eps)[0].backward()
+    assert lp.grad[0] == pytest.approx(-1.0 / 4) and lp.grad[3] == pytest.approx(-0.5 * math.exp(5e-5) / 4)
+    assert lp.grad[1] == 0 and lp.grad[2] == 0
+
+
+def test_flow_grpo_kl_by_hand_and_equals_gaussian_kl():
+    g = torch.Generator().manual_seed(0)
+    mean, mean_ref = torch.randn(3, 2, 4, 4, generator=g), torch.randn(3, 2, 4, 4, generator=g)
+    std = torch.tensor([0.5, 0.2, 1.3])
+    kl = pg.flow_grpo_kl(mean, mean_ref, std)
+    for b in range(3):
+        hand = sum(d * d for d in (mean[b] - mean_ref[b]).flatten().tolist()) / 32 / (2 * std[b].item() ** 2)
+        assert kl[b].item() == pytest.approx(hand, rel=1e-5)
+    with kernels.use_backend("reference"):
+        assert torch.allclose(pg.gaussian_step_kl(mean, mean_ref, std), kl, rtol=1e-4, atol=1e-6)
+    assert torch.all(pg.flow_grpo_kl(mean, mean, std) == 0)
+
+
+def test_grpo_step_loss_combines_policy_and_kl():
+    cfg = parse_cli(
+        grpo.GRPOConfig, ["--train.kl-beta", "0.5"], prog="t", description="", presets=grpo.PRESETS
+    )
+    trainer = SimpleNamespace(cfg=cfg)
+    mean, mean_ref, std = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 2.0])
+    score = pg.StepScore(log_prob=torch.tensor([0.0, 0.0]), mean=mean, std=std, mean_ref=mean_ref)
+    loss, parts = grpo.GRPOTrainer.step_loss(
+        trainer, score, torch.zeros(2), torch.tensor([1.0, -3.0]), n_steps=4
+    )
+    policy = (-1.0 + 3.0) / 2
+    kl = (1 / 2 + 1 / 8) / 2
+    assert loss.item() == pytest.approx((policy + 0.5 * kl) / 4)
+    assert parts["kl"].item() == pytest.approx(kl)
+
+
+def test_equal_reward_groups_are_masked_out(tmp_path):
+    cfg = parse_cli(grpo.GRPOConfig, [], prog="t", description="", presets=grpo.PRESETS)
+    traj = SimpleNamespace(
+        rewards=torch.tensor([0.5, 0.5, 0.5, 0.0, 1.0, 0.0]), group_ids=torch.tensor([0, 0, 0, 1, 1, 1])
+    )
+    adv, mask, stats = grpo.GRPOTrainer.advantages(SimpleNamespace(cfg=cfg), traj)
+    assert mask.tolist() == [False, False, False, True, True, True]
+    assert torch.all(adv[:3] == 0) and stats["train/masked_frac"] == pytest.approx(0.5)
+    # the loop trains on the unmasked samples only
+    trainer = build_trainer(grpo, tmp_path, [*SMALL, "--reward", "jpeg_compressibility"])
+    traj = trainer.rollout_and_reward(1)
+    adv, mask, _ = trainer.advantages(traj)
+    mask[:4] = False
+    assert trainer.train_on(1, traj, adv, mask)["train/trained_samples"] == 4
+    out = trainer.train_on(2, traj, adv, torch.zeros_like(mask))
+    assert out["train/trained_samples"] == 0 and math.isnan(out["ratio/first_abs_dev"])
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--sample.solver", "ddim"], "--sample.solver: expected flow-sde or cps"),
+        (["--sample.sde-window", "3,2"], "--sample.sde-window: expected start,end"),
+        (["--train.autocast", "fp8"], "--train.autocast: expected none, bfloat16 or float16"),
+        (["--train.clip-range", "0"], "--train.clip-range: expected a value > 0"),
+        (["--preset", "sd3.5-m"], "--model: expected a local diffusers directory"),
+    ],
+)
+def test_bad_input_fails_before_work(tmp_path, capsys, argv, needle):
+    assert grpo.main(["--run-dir", str(tmp_path / "r"), *argv]) == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+RUN = [
+    *SMALL,
+    "--reward",
+    "jpeg_compressibility",
+    "--sample.rollout-batch",
+    "8",
+    "--train.batch-size",
+    "4",
+    "--sample.forward-chunk",
+    "4",
+    "--eval.every",
+    "1",
+    "--log.checkpoint-every",
+    "1",
+]
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    timing = ("elapsed_s", "train/iter_s")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    assert grpo.main(["--run-dir", str(tmp_path / "straight"), *RUN, "--max-iters", "2"]) == 0
+    assert grpo.main(["--run-dir", str(tmp_path / "split"), *RUN, "--max-iters", "1"]) == 0
+    assert grpo.main(["--resume", str(tmp_path / "split"), "--max-iters", "2"]) == 0
+    straight = strip(common.read_metrics(tmp_path / "straight"))
+    split = strip(common.read_metrics(tmp_path / "split"))
+    assert split == straight
+    assert all(r["ratio/first_abs_dev"] == 0.0 for r in straight if "ratio/first_abs_dev" in r)
+    assert (tmp_path / "split" / "samples" / "iter_000002.png").exists()
+
+
+@pytest.mark.skipif(
+    not HAVE_CHECKPOINT, reason="needs the shipped embedded default (models/embedded/default.safetensors)"
+)
+def test_short_run_raises_the_reward(tmp_path):
+    """Flow-GRPO on the embedded default, JPEG compressibility (a dense reward any model can move):
+    the last iterations' mean training reward beats the first ones' by a clear margin."""
+    run = tmp_path / "r"
+    argv = [
+        "--run-dir",
+        str(run),
+        "--reward",
+        "jpeg_compressibility",
+        "--sample.num-steps",
+        "6",
+        "--sample.prompts-per-iter",
+        "2",
+        "--sample.images-per-prompt",
+        "8",
+        "--sample.rollout-batch",
+        "16",
+        "--train.batch-size",
+        "4",
+        "--sample.forward-chunk",
+        "8",
+        "--train.lr",
+        "1e-2",
+        "--train.clip-range",
+        "1e-2",
+        "--train.kl-beta",
+        "0",
+        "--eval.num-prompts",
+        "2",
+        "--eval.every",
+        "100",
+        "--eval.num-steps",
+        "4",
+        "--log.progress",
+        "false",
+        "--max-iters",
+        "15",
+    ]
+    assert grpo.main(argv) == 0
+    rows = [r for r in common.read_metrics(run) if "train/reward_mean" in r]
+    first = sum(r["train/reward_mean"] for r in rows[:3]) / 3
+    last = sum(r["train/reward_mean"] for r in rows[-3:]) / 3
+    assert last > first + 0.1, (first, last)
+    assert rows[0]["ratio/first_abs_dev"] == 0.0
