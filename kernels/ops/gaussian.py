@@ -35,7 +35,7 @@ _NS = "nft_kernels"
 MODE_LOGP, MODE_KL = 0, 1
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # B never changes the code of a row: same bits at any batch
 def _sqdiff_partial_kernel(a_ptr, b_ptr, part_ptr, B, N, NCHUNK, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Stage 1: program ``(chunk, row)`` -> ``sum((a - b)^2)`` over its chunk of the row."""
     chunk = tl.program_id(0)
@@ -133,7 +133,8 @@ def gaussian_forward(a, b, s1, s2, mode, mean_reduce):
     if bsz == 0:
         return out
     nck = max(n_chunks(n), 1)
-    partials = torch.zeros((bsz, nck), dtype=torch.float32, device=a.device)
+    # every partial is written when the rows are non-empty; zeros only stand in for empty rows
+    partials = (torch.empty if n else torch.zeros)((bsz, nck), dtype=torch.float32, device=a.device)
     if n:
         _sqdiff_partial_kernel[chunk_grid(bsz, n)](
             a, b, partials, bsz, n, nck, CHUNK=CHUNK, BLOCK=BLOCK, num_warps=NUM_WARPS

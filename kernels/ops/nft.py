@@ -37,7 +37,7 @@ _NS = "nft_kernels"
 _N_PARTIALS = 5
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # B never changes the code of a row: same bits at any batch
 def _nft_partial_kernel(
     v_ptr,
     vo_ptr,
@@ -208,7 +208,8 @@ def nft_loss_forward(v, v_old, x0, noise, t, r, v_ref, beta, clip, adaptive, kl_
     w_neg = torch.empty(b, dtype=torch.float32, device=dev)
     row_terms = torch.empty(b, dtype=torch.float32, device=dev)
     nck = max(n_chunks(n), 1)
-    partials = torch.zeros((_N_PARTIALS, b, nck), dtype=torch.float32, device=dev)
+    # every partial is written when the rows are non-empty; zeros only stand in for empty rows
+    partials = (torch.empty if n else torch.zeros)((_N_PARTIALS, b, nck), dtype=torch.float32, device=dev)
     if v.numel():
         _nft_partial_kernel[chunk_grid(b, n)](
             v,

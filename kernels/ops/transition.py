@@ -85,7 +85,7 @@ def _coefs(p0_ptr, p1_ptr, p2_ptr, row, level, KIND: tl.constexpr):
     return a_coef, c_coef, std
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["B"])  # B never changes the code of a row: same bits at any batch
 def _transition_fwd_kernel(
     x_ptr,
     v_ptr,
