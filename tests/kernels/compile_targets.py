@@ -66,7 +66,7 @@ def _variants():
             storage,
         )
         flags = ("HAS_GPREV", "HAS_GLOGP", "HAS_GMEAN", "NEED_XV", "NEED_Z")
-        for on in ((True,) * 5, (False, True, False, True, False)):
+        for on in ((True,) * 5, (False, True, False, True, False), (True, False, True, True, True)):
             yield (
                 transition._transition_bwd_kernel,
                 {"KIND": kind, "SAMPLE": sample, **dict(zip(flags, on, strict=True)), **blk},
