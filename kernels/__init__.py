@@ -1,6 +1,7 @@
 """Fused ops for diffusion / flow-matching RL and preference training (formulas: shared/SPEC.md §0-§2).
 
-Importable on its own: no side effects on import, no dependency on the rest of the project.
+Importable on its own, with no dependency on the rest of the project; the only side effect of importing it
+is the registration of its ``nft_kernels::*`` ops with ``torch.library`` (where triton is installed).
 
 Every op takes ``x``-like tensors shaped ``[B, ...]`` (rank >= 2) stored in fp32, fp16 or bf16 and
 per-sample scalars as Python floats, 0-dim tensors, ``[B]`` or ``[B, 1, ..., 1]`` tensors.  Math and

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
@@ -20,6 +21,7 @@ def _has_cuda_toolchain() -> bool:
     return bundled.exists() or shutil.which("ptxas") is not None
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU, test_gpu.py compiles and runs the kernels")
 @pytest.mark.skipif(
     not _has_cuda_toolchain(), reason="triton's bundled CUDA toolchain (ptxas) is not available"
 )
@@ -34,6 +36,8 @@ def test_every_kernel_compiles_for_cuda(arch):
         text=True,
         timeout=600,
     )
+    if out.returncode == 3:
+        pytest.skip(out.stdout.strip())
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     assert len(lines) >= 50 and all(line.startswith("ok ") for line in lines)
