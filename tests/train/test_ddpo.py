@@ -14,7 +14,13 @@ from train import common
 from train import policy_gradient as pg
 from train.config import parse_cli
 
-from ._pg_helpers import HAVE_CHECKPOINT, build_trainer, make_tiny_sd_pipeline, use_embedded_default
+from ._pg_helpers import (
+    HAVE_CHECKPOINT,
+    build_trainer,
+    make_tiny_sd_pipeline,
+    paired_reward_gain,
+    use_embedded_default,
+)
 
 SMALL = [
     "--sample.prompts-per-iter",
@@ -215,16 +221,15 @@ def test_unet_ddim_end_to_end_and_resume(tmp_path, tiny_sd_pipeline):
     )
 
 
-@pytest.mark.skipif(
-    not HAVE_CHECKPOINT, reason="needs the shipped embedded default (models/embedded/default.safetensors)"
-)
+NEEDS_CHECKPOINT = "needs the shipped embedded default (models/embedded/default.safetensors)"
+
+
+@pytest.mark.skipif(not HAVE_CHECKPOINT, reason=NEEDS_CHECKPOINT)
 def test_short_run_raises_the_reward(tmp_path):
-    """DDPO-IS on the embedded default, JPEG compressibility: the last iterations' mean training reward beats
-    the first ones' by a clear margin."""
-    run = tmp_path / "r"
+    """DDPO-IS on the embedded default with JPEG compressibility (DDPO's dense reward): over the last 5 of 10
+    iterations the training reward beats an lr-0 control run on the same prompts and seeds by a clear margin
+    (calibrated on a pretraining snapshot of the embedded default)."""
     argv = [
-        "--run-dir",
-        str(run),
         "--reward",
         "jpeg_compressibility",
         "--sample.num-steps",
@@ -251,11 +256,6 @@ def test_short_run_raises_the_reward(tmp_path):
         "4",
         "--log.progress",
         "false",
-        "--max-iters",
-        "15",
     ]
-    assert ddpo.main(argv) == 0
-    rows = [r for r in common.read_metrics(run) if "train/reward_mean" in r]
-    first = sum(r["train/reward_mean"] for r in rows[:3]) / 3
-    last = sum(r["train/reward_mean"] for r in rows[-3:]) / 3
-    assert last > first + 0.1, (first, last)
+    gain = paired_reward_gain(ddpo, tmp_path, argv, iters=10, last=5)
+    assert gain > 0.08, gain

@@ -15,7 +15,13 @@ from train import common
 from train import policy_gradient as pg
 from train.config import parse_cli
 
-from ._pg_helpers import HAVE_CHECKPOINT, bf16_autocast_ok, build_trainer, use_embedded_default
+from ._pg_helpers import (
+    HAVE_CHECKPOINT,
+    bf16_autocast_ok,
+    build_trainer,
+    paired_reward_gain,
+    use_embedded_default,
+)
 
 SMALL = [
     "--sample.prompts-per-iter",
@@ -82,6 +88,37 @@ def test_ratio_is_exactly_one_before_the_first_update(tmp_path, case):
     if case == "fast-window":
         assert traj.train_steps == (1, 2)
         assert torch.all(traj.log_probs[:, [0, 3]] == 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("autocast", ["none", "bfloat16"])
+def test_ratio_is_exactly_one_on_cuda(tmp_path, autocast):
+    """The same guarantee on the GPU: Triton kernels, CUDA-graph rollouts, eager training re-scoring."""
+    with kernels.use_backend("auto"):
+        argv = [
+            *SMALL,
+            "--reward",
+            "jpeg_compressibility",
+            "--sample.rollout-batch",
+            "8",
+            "--train.batch-size",
+            "3",
+            "--sample.forward-chunk",
+            "4",
+            "--train.grad-accum",
+            "100",
+            "--train.autocast",
+            autocast,
+            "--sample.guidance-scale",
+            "2.0",
+        ]
+        trainer = build_trainer(grpo, tmp_path, argv, device="cuda")
+        traj = trainer.rollout_and_reward(1)
+        adv, mask, _ = trainer.advantages(traj)
+        mask[:] = True
+        stats = trainer.train_on(1, traj, adv, mask)
+    assert stats["ratio/first_count"] > 0 and stats["ratio/first_abs_dev"] == 0.0
 
 
 def test_unchunked_forward_is_not_batch_invariant_here(tmp_path):
@@ -241,16 +278,15 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert (tmp_path / "split" / "samples" / "iter_000002.png").exists()
 
 
-@pytest.mark.skipif(
-    not HAVE_CHECKPOINT, reason="needs the shipped embedded default (models/embedded/default.safetensors)"
-)
+NEEDS_CHECKPOINT = "needs the shipped embedded default (models/embedded/default.safetensors)"
+
+
+@pytest.mark.skipif(not HAVE_CHECKPOINT, reason=NEEDS_CHECKPOINT)
 def test_short_run_raises_the_reward(tmp_path):
-    """Flow-GRPO on the embedded default, JPEG compressibility (a dense reward any model can move):
-    the last iterations' mean training reward beats the first ones' by a clear margin."""
-    run = tmp_path / "r"
+    """Flow-GRPO on the embedded default, JPEG compressibility (DDPO's dense reward): over the last 5 of 10
+    iterations the training reward beats an lr-0 control run on the same prompts and seeds by a clear margin
+    (calibrated on a pretraining snapshot of the embedded default)."""
     argv = [
-        "--run-dir",
-        str(run),
         "--reward",
         "jpeg_compressibility",
         "--sample.num-steps",
@@ -279,12 +315,6 @@ def test_short_run_raises_the_reward(tmp_path):
         "4",
         "--log.progress",
         "false",
-        "--max-iters",
-        "15",
     ]
-    assert grpo.main(argv) == 0
-    rows = [r for r in common.read_metrics(run) if "train/reward_mean" in r]
-    first = sum(r["train/reward_mean"] for r in rows[:3]) / 3
-    last = sum(r["train/reward_mean"] for r in rows[-3:]) / 3
-    assert last > first + 0.1, (first, last)
-    assert rows[0]["ratio/first_abs_dev"] == 0.0
+    gain = paired_reward_gain(grpo, tmp_path, argv, iters=10, last=5)
+    assert gain > 0.08, gain
