@@ -1,9 +1,9 @@
 """Shared launch helpers for the Triton ops (layer 2 of CONVENTIONS.md "An op, in four layers").
 
 Layout every kernel shares: a ``[B, ...]`` tensor is viewed as ``B`` rows of ``N = numel / B`` contiguous
-elements.  Grids put the column blocks (or reduction chunks) of a row on axis 0 and the rows on axis 1; axis 1
-is capped at 65535 programs (CUDA's limit) and each program loops over rows ``pid1, pid1 + 65535, ...``.
-Element offsets are computed in int64 (``row * N`` can pass 2^31).
+elements.  Grids put the column blocks (or reduction chunks) of a row on axis 0 and the rows on axes 1 and 2
+(``row = pid1 + pid2 * num_programs(1)``: CUDA caps axes 1 and 2 at 65535 programs each); programs past the
+last row are masked out.  Program ids and element offsets are int64 (``row * N`` can pass 2^31).
 
 Reductions are two-stage and deterministic: stage 1 writes one fp32 partial per ``(row, chunk)`` where the
 chunk partition of a row depends only on ``N`` (``CHUNK`` elements, fixed), stage 2 runs one program per row
@@ -17,6 +17,7 @@ import math
 
 import torch
 import triton
+import triton.language as tl
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -39,16 +40,37 @@ def contig(x: torch.Tensor | None) -> torch.Tensor | None:
     return None if x is None else x.contiguous()
 
 
-def elementwise_grid(b: int, n: int) -> tuple[int, int]:
-    return (triton.cdiv(n, BLOCK), min(b, MAX_GRID_1))
+def _row_axes(b: int) -> tuple[int, int]:
+    """Rows over grid axes 1 and 2: ``row = pid1 + pid2 * num_programs(1)`` (CUDA caps both at 65535)."""
+    return min(b, MAX_GRID_1), triton.cdiv(b, MAX_GRID_1)
 
 
-def chunk_grid(b: int, n: int) -> tuple[int, int]:
-    return (triton.cdiv(n, CHUNK), min(b, MAX_GRID_1))
+def elementwise_grid(b: int, n: int) -> tuple[int, int, int]:
+    return (triton.cdiv(n, BLOCK), *_row_axes(b))
+
+
+def chunk_grid(b: int, n: int) -> tuple[int, int, int]:
+    return (triton.cdiv(n, CHUNK), *_row_axes(b))
 
 
 def n_chunks(n: int) -> int:
     return triton.cdiv(n, CHUNK)
+
+
+def n_iter(n: int) -> int:
+    """Loop trip count of ``row_sum`` over ``n`` partials: a ``constexpr`` (a loop bounded by a runtime int
+    trips older Triton interpreters), 1 for every row shorter than ``CHUNK * PBLOCK`` = 512K elements."""
+    return max(1, triton.cdiv(n, PBLOCK))
+
+
+@triton.jit
+def row_sum(ptr, n, NITER: tl.constexpr, PBLOCK: tl.constexpr):
+    """``sum(ptr[0:n])`` in a fixed order: lane ``k`` adds items ``k, k + PBLOCK, ...``, then one tree."""
+    acc = tl.zeros([PBLOCK], dtype=tl.float32)
+    for it in range(NITER):
+        idx = it * PBLOCK + tl.arange(0, PBLOCK)
+        acc += tl.load(ptr + idx, mask=idx < n, other=0.0)
+    return tl.sum(acc, axis=0)
 
 
 def row_grid(b: int) -> tuple[int]:

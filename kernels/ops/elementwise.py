@@ -26,15 +26,19 @@ def _interpolate_fwd_kernel(
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        offs = tl.cast(row, tl.int64) * N + cols
-        t = tl.load(t_ptr + row)
-        noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, ((1.0 - t) * x0 + t * noise).to(out_ptr.dtype.element_ty), mask=mask)
-        if PAIRED:
-            x0l = tl.load(x0l_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(outl_ptr + offs, ((1.0 - t) * x0l + t * noise).to(outl_ptr.dtype.element_ty), mask=mask)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    mask = tl.where(row_ok, mask, False)
+    offs = tl.cast(row, tl.int64) * N + cols
+    t = tl.load(t_ptr + row)
+    noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    x0 = tl.load(x0_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, ((1.0 - t) * x0 + t * noise).to(out_ptr.dtype.element_ty), mask=mask)
+    if PAIRED:
+        x0l = tl.load(x0l_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(outl_ptr + offs, ((1.0 - t) * x0l + t * noise).to(outl_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -43,16 +47,20 @@ def _interpolate_bwd_kernel(
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        offs = tl.cast(row, tl.int64) * N + cols
-        t = tl.load(t_ptr + row)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gx0_ptr + offs, ((1.0 - t) * g).to(gx0_ptr.dtype.element_ty), mask=mask)
-        if PAIRED:
-            gl = tl.load(gl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(gx0l_ptr + offs, ((1.0 - t) * gl).to(gx0l_ptr.dtype.element_ty), mask=mask)
-            g = g + gl
-        tl.store(gnoise_ptr + offs, (t * g).to(gnoise_ptr.dtype.element_ty), mask=mask)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    mask = tl.where(row_ok, mask, False)
+    offs = tl.cast(row, tl.int64) * N + cols
+    t = tl.load(t_ptr + row)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gx0_ptr + offs, ((1.0 - t) * g).to(gx0_ptr.dtype.element_ty), mask=mask)
+    if PAIRED:
+        gl = tl.load(gl_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(gx0l_ptr + offs, ((1.0 - t) * gl).to(gx0l_ptr.dtype.element_ty), mask=mask)
+        g = g + gl
+    tl.store(gnoise_ptr + offs, (t * g).to(gnoise_ptr.dtype.element_ty), mask=mask)
 
 
 def interpolate_forward(x0, x0_l, noise, t):
@@ -206,24 +214,32 @@ paired_interpolate_op.register_autograd(_paired_backward, setup_context=_paired_
 def _euler_fwd_kernel(x_ptr, v_ptr, s_ptr, sn_ptr, out_ptr, B, N, BLOCK: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        offs = tl.cast(row, tl.int64) * N + cols
-        dt = tl.load(sn_ptr + row) - tl.load(s_ptr + row)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + offs, (x + dt * v).to(out_ptr.dtype.element_ty), mask=mask)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    mask = tl.where(row_ok, mask, False)
+    offs = tl.cast(row, tl.int64) * N + cols
+    dt = tl.load(sn_ptr + row) - tl.load(s_ptr + row)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, (x + dt * v).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _euler_bwd_kernel(g_ptr, s_ptr, sn_ptr, gx_ptr, gv_ptr, B, N, BLOCK: tl.constexpr):
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        offs = tl.cast(row, tl.int64) * N + cols
-        dt = tl.load(sn_ptr + row) - tl.load(s_ptr + row)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
-        tl.store(gv_ptr + offs, (dt * g).to(gv_ptr.dtype.element_ty), mask=mask)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    mask = tl.where(row_ok, mask, False)
+    offs = tl.cast(row, tl.int64) * N + cols
+    dt = tl.load(sn_ptr + row) - tl.load(s_ptr + row)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gx_ptr + offs, g.to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gv_ptr + offs, (dt * g).to(gv_ptr.dtype.element_ty), mask=mask)
 
 
 def euler_step_forward(x, v, sigma, sigma_next):
@@ -329,23 +345,27 @@ def _dpm2_fwd_kernel(
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        offs = tl.cast(row, tl.int64) * N + cols
-        s = tl.load(s_ptr + row)
-        sn = tl.load(sn_ptr + row)
-        sp = s
-        if HAS_PREV:
-            sp = tl.load(sp_ptr + row)
-        a, b, c = _dpm2_coefs(s, sn, sp, HAS_PREV)
-        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        d_s = x - s * v
-        d = d_s
-        if HAS_PREV:
-            xp = tl.load(xp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            d = (1.0 + c) * d_s - c * xp
-        tl.store(out_ptr + offs, (a * x + b * d).to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(d_ptr + offs, d_s.to(d_ptr.dtype.element_ty), mask=mask)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    mask = tl.where(row_ok, mask, False)
+    offs = tl.cast(row, tl.int64) * N + cols
+    s = tl.load(s_ptr + row)
+    sn = tl.load(sn_ptr + row)
+    sp = s
+    if HAS_PREV:
+        sp = tl.load(sp_ptr + row)
+    a, b, c = _dpm2_coefs(s, sn, sp, HAS_PREV)
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    d_s = x - s * v
+    d = d_s
+    if HAS_PREV:
+        xp = tl.load(xp_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = (1.0 + c) * d_s - c * xp
+    tl.store(out_ptr + offs, (a * x + b * d).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_ptr + offs, d_s.to(d_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -365,21 +385,25 @@ def _dpm2_bwd_kernel(
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        offs = tl.cast(row, tl.int64) * N + cols
-        s = tl.load(s_ptr + row)
-        sn = tl.load(sn_ptr + row)
-        sp = s
-        if HAS_PREV:
-            sp = tl.load(sp_ptr + row)
-        a, b, c = _dpm2_coefs(s, sn, sp, HAS_PREV)
-        gxn = tl.load(gxn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        gd = tl.load(gd_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g_ds = b * (1.0 + c) * gxn + gd
-        tl.store(gx_ptr + offs, (a * gxn + g_ds).to(gx_ptr.dtype.element_ty), mask=mask)
-        tl.store(gv_ptr + offs, (-s * g_ds).to(gv_ptr.dtype.element_ty), mask=mask)
-        if HAS_PREV:
-            tl.store(gxp_ptr + offs, (-b * c * gxn).to(gxp_ptr.dtype.element_ty), mask=mask)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    mask = tl.where(row_ok, mask, False)
+    offs = tl.cast(row, tl.int64) * N + cols
+    s = tl.load(s_ptr + row)
+    sn = tl.load(sn_ptr + row)
+    sp = s
+    if HAS_PREV:
+        sp = tl.load(sp_ptr + row)
+    a, b, c = _dpm2_coefs(s, sn, sp, HAS_PREV)
+    gxn = tl.load(gxn_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    gd = tl.load(gd_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g_ds = b * (1.0 + c) * gxn + gd
+    tl.store(gx_ptr + offs, (a * gxn + g_ds).to(gx_ptr.dtype.element_ty), mask=mask)
+    tl.store(gv_ptr + offs, (-s * g_ds).to(gv_ptr.dtype.element_ty), mask=mask)
+    if HAS_PREV:
+        tl.store(gxp_ptr + offs, (-b * c * gxn).to(gxp_ptr.dtype.element_ty), mask=mask)
 
 
 def dpm2_step_forward(x, v, sigma, sigma_next, x0_prev, sigma_prev):

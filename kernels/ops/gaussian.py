@@ -27,6 +27,8 @@ from ._common import (
     contig,
     elementwise_grid,
     n_chunks,
+    n_iter,
+    row_sum,
     rows,
     scalar_f32,
 )
@@ -39,17 +41,20 @@ MODE_LOGP, MODE_KL = 0, 1
 def _sqdiff_partial_kernel(a_ptr, b_ptr, part_ptr, B, N, NCHUNK, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     """Stage 1: program ``(chunk, row)`` -> ``sum((a - b)^2)`` over its chunk of the row."""
     chunk = tl.program_id(0)
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        base = tl.cast(row, tl.int64) * N
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in range(0, CHUNK, BLOCK):
-            cols = tl.cast(chunk, tl.int64) * CHUNK + j + tl.arange(0, BLOCK)
-            mask = cols < N
-            a = tl.load(a_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-            b = tl.load(b_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
-            d = a - b
-            acc += d * d
-        tl.store(part_ptr + tl.cast(row, tl.int64) * NCHUNK + chunk, tl.sum(acc, axis=0))
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    base = tl.cast(row, tl.int64) * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, CHUNK, BLOCK):
+        cols = tl.cast(chunk, tl.int64) * CHUNK + j + tl.arange(0, BLOCK)
+        mask = tl.where(row_ok, cols < N, False)
+        a = tl.load(a_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + base + cols, mask=mask, other=0.0).to(tl.float32)
+        d = a - b
+        acc += d * d
+    tl.store(part_ptr + tl.cast(row, tl.int64) * NCHUNK + chunk, tl.sum(acc, axis=0), mask=row_ok)
 
 
 @triton.jit
@@ -63,15 +68,12 @@ def _gaussian_reduce_kernel(
     MODE: tl.constexpr,
     MEAN: tl.constexpr,
     LOG_SQRT_2PI: tl.constexpr,
+    NITER: tl.constexpr,
     PBLOCK: tl.constexpr,
 ):
     """Stage 2: one program per row; ``s1 = std`` (log-prob) or ``(s1, s2) = (std_p, std_q)`` (KL)."""
     row = tl.program_id(0).to(tl.int64)
-    acc = tl.zeros([PBLOCK], dtype=tl.float32)
-    for j in range(0, NCHUNK, PBLOCK):
-        idx = j + tl.arange(0, PBLOCK)
-        acc += tl.load(part_ptr + row * NCHUNK + idx, mask=idx < NCHUNK, other=0.0)
-    sumsq = tl.sum(acc, axis=0)
+    sumsq = row_sum(part_ptr + row * NCHUNK, NCHUNK, NITER, PBLOCK)
     if MEAN:
         sumsq = sumsq / N
         k = 1.0
@@ -108,21 +110,25 @@ def _gaussian_bwd_kernel(
     (log-prob, 0 where ``s == 0``) or ``1/s_q^2`` (KL), divided by ``N`` for ``reduce="mean"``."""
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        offs = tl.cast(row, tl.int64) * N + cols
-        s = tl.load(s_ptr + row)
-        if MODE == 0:
-            coef = tl.where(s == 0.0, 0.0, -1.0 / tl.where(s == 0.0, 1.0, s * s))
-        else:
-            coef = 1.0 / (s * s)
-        if MEAN:
-            coef = coef / N
-        coef = coef * tl.load(g_ptr + row)
-        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        ga = coef * (a - b)
-        tl.store(ga_ptr + offs, ga.to(ga_ptr.dtype.element_ty), mask=mask)
-        tl.store(gb_ptr + offs, (-ga).to(gb_ptr.dtype.element_ty), mask=mask)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    mask = tl.where(row_ok, mask, False)
+    offs = tl.cast(row, tl.int64) * N + cols
+    s = tl.load(s_ptr + row)
+    if MODE == 0:
+        coef = tl.where(s == 0.0, 0.0, -1.0 / tl.where(s == 0.0, 1.0, s * s))
+    else:
+        coef = 1.0 / (s * s)
+    if MEAN:
+        coef = coef / N
+    coef = coef * tl.load(g_ptr + row)
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    ga = coef * (a - b)
+    tl.store(ga_ptr + offs, ga.to(ga_ptr.dtype.element_ty), mask=mask)
+    tl.store(gb_ptr + offs, (-ga).to(gb_ptr.dtype.element_ty), mask=mask)
 
 
 def gaussian_forward(a, b, s1, s2, mode, mean_reduce):
@@ -151,6 +157,7 @@ def gaussian_forward(a, b, s1, s2, mode, mean_reduce):
         MODE=mode,
         MEAN=mean_reduce,
         LOG_SQRT_2PI=LOG_SQRT_2PI,
+        NITER=n_iter(nck),
         PBLOCK=PBLOCK,
         num_warps=NUM_WARPS,
     )

@@ -29,6 +29,8 @@ from ._common import (
     contig,
     elementwise_grid,
     n_chunks,
+    n_iter,
+    row_sum,
     rows,
     scalar_f32,
 )
@@ -57,55 +59,49 @@ def _nft_partial_kernel(
 ):
     chunk = tl.program_id(0)
     plane = tl.cast(B, tl.int64) * NCHUNK
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        base = tl.cast(row, tl.int64) * N
-        t = tl.load(t_ptr + row)
-        a_pos = tl.zeros([BLOCK], dtype=tl.float32)
-        q_pos = tl.zeros([BLOCK], dtype=tl.float32)
-        a_neg = tl.zeros([BLOCK], dtype=tl.float32)
-        q_neg = tl.zeros([BLOCK], dtype=tl.float32)
-        q_kl = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in range(0, CHUNK, BLOCK):
-            cols = tl.cast(chunk, tl.int64) * CHUNK + j + tl.arange(0, BLOCK)
-            mask = cols < N
-            offs = base + cols
-            v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            vo = tl.load(vo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            u = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(
-                x0_ptr + offs, mask=mask, other=0.0
-            ).to(tl.float32)
-            v_pos = beta * v + (1.0 - beta) * vo
-            v_neg = (1.0 + beta) * vo - beta * v
-            if ADAPTIVE:
-                d_pos = t * (u - v_pos)
-                d_neg = t * (u - v_neg)
-            else:
-                d_pos = v_pos - u
-                d_neg = v_neg - u
-            d_pos = tl.where(mask, d_pos, 0.0)
-            d_neg = tl.where(mask, d_neg, 0.0)
-            a_pos += tl.abs(d_pos)
-            q_pos += d_pos * d_pos
-            a_neg += tl.abs(d_neg)
-            q_neg += d_neg * d_neg
-            if HAS_REF:
-                dk = tl.where(mask, v - tl.load(vr_ptr + offs, mask=mask, other=0.0).to(tl.float32), 0.0)
-                q_kl += dk * dk
-        out = part_ptr + tl.cast(row, tl.int64) * NCHUNK + chunk
-        tl.store(out, tl.sum(a_pos, axis=0))
-        tl.store(out + plane, tl.sum(q_pos, axis=0))
-        tl.store(out + 2 * plane, tl.sum(a_neg, axis=0))
-        tl.store(out + 3 * plane, tl.sum(q_neg, axis=0))
-        tl.store(out + 4 * plane, tl.sum(q_kl, axis=0))
-
-
-@triton.jit
-def _row_sum(ptr, NCHUNK, PBLOCK: tl.constexpr):
-    acc = tl.zeros([PBLOCK], dtype=tl.float32)
-    for j in range(0, NCHUNK, PBLOCK):
-        idx = j + tl.arange(0, PBLOCK)
-        acc += tl.load(ptr + idx, mask=idx < NCHUNK, other=0.0)
-    return tl.sum(acc, axis=0)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    base = tl.cast(row, tl.int64) * N
+    t = tl.load(t_ptr + row)
+    a_pos = tl.zeros([BLOCK], dtype=tl.float32)
+    q_pos = tl.zeros([BLOCK], dtype=tl.float32)
+    a_neg = tl.zeros([BLOCK], dtype=tl.float32)
+    q_neg = tl.zeros([BLOCK], dtype=tl.float32)
+    q_kl = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, CHUNK, BLOCK):
+        cols = tl.cast(chunk, tl.int64) * CHUNK + j + tl.arange(0, BLOCK)
+        mask = tl.where(row_ok, cols < N, False)
+        offs = base + cols
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        vo = tl.load(vo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(
+            x0_ptr + offs, mask=mask, other=0.0
+        ).to(tl.float32)
+        v_pos = beta * v + (1.0 - beta) * vo
+        v_neg = (1.0 + beta) * vo - beta * v
+        if ADAPTIVE:
+            d_pos = t * (u - v_pos)
+            d_neg = t * (u - v_neg)
+        else:
+            d_pos = v_pos - u
+            d_neg = v_neg - u
+        d_pos = tl.where(mask, d_pos, 0.0)
+        d_neg = tl.where(mask, d_neg, 0.0)
+        a_pos += tl.abs(d_pos)
+        q_pos += d_pos * d_pos
+        a_neg += tl.abs(d_neg)
+        q_neg += d_neg * d_neg
+        if HAS_REF:
+            dk = tl.where(mask, v - tl.load(vr_ptr + offs, mask=mask, other=0.0).to(tl.float32), 0.0)
+            q_kl += dk * dk
+    out = part_ptr + tl.cast(row, tl.int64) * NCHUNK + chunk
+    tl.store(out, tl.sum(a_pos, axis=0), mask=row_ok)
+    tl.store(out + plane, tl.sum(q_pos, axis=0), mask=row_ok)
+    tl.store(out + 2 * plane, tl.sum(a_neg, axis=0), mask=row_ok)
+    tl.store(out + 3 * plane, tl.sum(q_neg, axis=0), mask=row_ok)
+    tl.store(out + 4 * plane, tl.sum(q_kl, axis=0), mask=row_ok)
 
 
 @triton.jit
@@ -123,31 +119,32 @@ def _nft_row_kernel(
     kl_coef,
     ADAPTIVE: tl.constexpr,
     HAS_REF: tl.constexpr,
+    NITER: tl.constexpr,
     PBLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     plane = tl.cast(B, tl.int64) * NCHUNK
     base = part_ptr + row * NCHUNK
-    q_pos = _row_sum(base + plane, NCHUNK, PBLOCK) / N
-    q_neg = _row_sum(base + 3 * plane, NCHUNK, PBLOCK) / N
+    q_pos = row_sum(base + plane, NCHUNK, NITER, PBLOCK) / N
+    q_neg = row_sum(base + 3 * plane, NCHUNK, NITER, PBLOCK) / N
     if ADAPTIVE:
-        w_pos = tl.maximum(_row_sum(base, NCHUNK, PBLOCK) / N, 1e-5)
-        w_neg = tl.maximum(_row_sum(base + 2 * plane, NCHUNK, PBLOCK) / N, 1e-5)
+        w_pos = tl.maximum(row_sum(base, NCHUNK, NITER, PBLOCK) / N, 1e-5)
+        w_neg = tl.maximum(row_sum(base + 2 * plane, NCHUNK, NITER, PBLOCK) / N, 1e-5)
     else:
         w_pos = q_pos * 0.0 + 1.0
         w_neg = q_neg * 0.0 + 1.0
     r = tl.load(r_ptr + row)
     term = clip * (r * (q_pos / w_pos) + (1.0 - r) * (q_neg / w_neg)) / beta
     if HAS_REF:
-        term += kl_coef * (_row_sum(base + 4 * plane, NCHUNK, PBLOCK) / N)
+        term += kl_coef * (row_sum(base + 4 * plane, NCHUNK, NITER, PBLOCK) / N)
     tl.store(row_ptr + row, term)
     tl.store(wpos_ptr + row, w_pos)
     tl.store(wneg_ptr + row, w_neg)
 
 
 @triton.jit
-def _batch_mean_kernel(row_ptr, out_ptr, B, PBLOCK: tl.constexpr):
-    tl.store(out_ptr, _row_sum(row_ptr, B, PBLOCK) / B)
+def _batch_mean_kernel(row_ptr, out_ptr, B, NITER: tl.constexpr, PBLOCK: tl.constexpr):
+    tl.store(out_ptr, row_sum(row_ptr, B, NITER, PBLOCK) / B)
 
 
 @triton.jit
@@ -175,26 +172,30 @@ def _nft_bwd_kernel(
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
     scale = tl.load(g_ptr) * 2.0 / (N * B)
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        offs = tl.cast(row, tl.int64) * N + cols
-        t = tl.load(t_ptr + row)
-        r = tl.load(r_ptr + row)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        vo = tl.load(vo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(
-            x0_ptr + offs, mask=mask, other=0.0
-        ).to(tl.float32)
-        v_pos = beta * v + (1.0 - beta) * vo
-        v_neg = (1.0 + beta) * vo - beta * v
-        if ADAPTIVE:
-            w_pos = tl.load(wpos_ptr + row)
-            w_neg = tl.load(wneg_ptr + row)
-            gv = clip * t * ((1.0 - r) * (t * (u - v_neg)) / w_neg - r * (t * (u - v_pos)) / w_pos)
-        else:
-            gv = clip * (r * (v_pos - u) - (1.0 - r) * (v_neg - u))
-        if HAS_REF:
-            gv += kl_coef * (v - tl.load(vr_ptr + offs, mask=mask, other=0.0).to(tl.float32))
-        tl.store(gv_ptr + offs, (scale * gv).to(gv_ptr.dtype.element_ty), mask=mask)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    mask = tl.where(row_ok, mask, False)
+    offs = tl.cast(row, tl.int64) * N + cols
+    t = tl.load(t_ptr + row)
+    r = tl.load(r_ptr + row)
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    vo = tl.load(vo_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32) - tl.load(
+        x0_ptr + offs, mask=mask, other=0.0
+    ).to(tl.float32)
+    v_pos = beta * v + (1.0 - beta) * vo
+    v_neg = (1.0 + beta) * vo - beta * v
+    if ADAPTIVE:
+        w_pos = tl.load(wpos_ptr + row)
+        w_neg = tl.load(wneg_ptr + row)
+        gv = clip * t * ((1.0 - r) * (t * (u - v_neg)) / w_neg - r * (t * (u - v_pos)) / w_pos)
+    else:
+        gv = clip * (r * (v_pos - u) - (1.0 - r) * (v_neg - u))
+    if HAS_REF:
+        gv += kl_coef * (v - tl.load(vr_ptr + offs, mask=mask, other=0.0).to(tl.float32))
+    tl.store(gv_ptr + offs, (scale * gv).to(gv_ptr.dtype.element_ty), mask=mask)
 
 
 def nft_loss_forward(v, v_old, x0, noise, t, r, v_ref, beta, clip, adaptive, kl_coef):
@@ -244,10 +245,11 @@ def nft_loss_forward(v, v_old, x0, noise, t, r, v_ref, beta, clip, adaptive, kl_
             float(kl_coef),
             ADAPTIVE=adaptive,
             HAS_REF=has_ref,
+            NITER=n_iter(nck),
             PBLOCK=PBLOCK,
             num_warps=NUM_WARPS,
         )
-    _batch_mean_kernel[(1,)](row_terms, loss, b, PBLOCK=PBLOCK, num_warps=NUM_WARPS)
+    _batch_mean_kernel[(1,)](row_terms, loss, b, NITER=n_iter(b), PBLOCK=PBLOCK, num_warps=NUM_WARPS)
     return loss, w_pos, w_neg
 
 

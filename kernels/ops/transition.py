@@ -41,6 +41,8 @@ from ._common import (
     contig,
     elementwise_grid,
     n_chunks,
+    n_iter,
+    row_sum,
     rows,
     scalar_f32,
 )
@@ -107,29 +109,32 @@ def _transition_fwd_kernel(
 ):
     """Stage 1: program ``(chunk, row)`` writes mean (and the sampled state) and a partial sum of squares."""
     chunk = tl.program_id(0)
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        a_coef, c_coef, std = _coefs(p0_ptr, p1_ptr, p2_ptr, row, level, KIND)
-        base = tl.cast(row, tl.int64) * N
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for j in range(0, CHUNK, BLOCK):
-            cols = tl.cast(chunk, tl.int64) * CHUNK + j + tl.arange(0, BLOCK)
-            mask = cols < N
-            offs = base + cols
-            x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            mean = a_coef * x + c_coef * v
-            if SAMPLE:
-                z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                # Round to the storage dtype *before* scoring: training will score exactly these bits.
-                prev = (mean + std * z).to(prev_ptr.dtype.element_ty)
-                tl.store(prev_ptr + offs, prev, mask=mask)
-                prev_f = prev.to(tl.float32)
-            else:
-                prev_f = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(mean_ptr + offs, mean, mask=mask)
-            diff = tl.where(mask, prev_f - mean, 0.0)
-            acc += diff * diff
-        tl.store(part_ptr + tl.cast(row, tl.int64) * NCHUNK + chunk, tl.sum(acc, axis=0))
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    a_coef, c_coef, std = _coefs(p0_ptr, p1_ptr, p2_ptr, row, level, KIND)
+    base = tl.cast(row, tl.int64) * N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in range(0, CHUNK, BLOCK):
+        cols = tl.cast(chunk, tl.int64) * CHUNK + j + tl.arange(0, BLOCK)
+        mask = tl.where(row_ok, cols < N, False)
+        offs = base + cols
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = a_coef * x + c_coef * v
+        if SAMPLE:
+            z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            # Round to the storage dtype *before* scoring: training will score exactly these bits.
+            prev = (mean + std * z).to(prev_ptr.dtype.element_ty)
+            tl.store(prev_ptr + offs, prev, mask=mask)
+            prev_f = prev.to(tl.float32)
+        else:
+            prev_f = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(mean_ptr + offs, mean, mask=mask)
+        diff = tl.where(mask, prev_f - mean, 0.0)
+        acc += diff * diff
+    tl.store(part_ptr + tl.cast(row, tl.int64) * NCHUNK + chunk, tl.sum(acc, axis=0), mask=row_ok)
 
 
 @triton.jit
@@ -145,16 +150,13 @@ def _transition_reduce_kernel(
     level,
     KIND: tl.constexpr,
     LOG_SQRT_2PI: tl.constexpr,
+    NITER: tl.constexpr,
     PBLOCK: tl.constexpr,
 ):
     """Stage 2: one program per row sums its partials in a fixed order -> log_prob[row], std[row]."""
     row = tl.program_id(0).to(tl.int64)
     _, _, std = _coefs(p0_ptr, p1_ptr, p2_ptr, row, level, KIND)
-    acc = tl.zeros([PBLOCK], dtype=tl.float32)
-    for j in range(0, NCHUNK, PBLOCK):
-        idx = j + tl.arange(0, PBLOCK)
-        acc += tl.load(part_ptr + row * NCHUNK + idx, mask=idx < NCHUNK, other=0.0)
-    sumsq = tl.sum(acc, axis=0)
+    sumsq = row_sum(part_ptr + row * NCHUNK, NCHUNK, NITER, PBLOCK)
     point = std == 0.0
     s = tl.where(point, 1.0, std)
     logp = -sumsq / (2.0 * s * s * N) - tl.log(s) - LOG_SQRT_2PI
@@ -189,40 +191,44 @@ def _transition_bwd_kernel(
 ):
     cols = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    for row in range(tl.program_id(1), B, tl.num_programs(1)):
-        offs = tl.cast(row, tl.int64) * N + cols
-        a_coef, c_coef, std = _coefs(p0_ptr, p1_ptr, p2_ptr, row, level, KIND)
-        g_mean = tl.zeros([BLOCK], dtype=tl.float32)
-        if HAS_GMEAN:
-            g_mean += tl.load(gmean_ptr + offs, mask=mask, other=0.0)
-        g_prev = tl.zeros([BLOCK], dtype=tl.float32)
-        if HAS_GPREV:
-            g_prev += tl.load(gprev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        # d log_prob / d prev = -(prev - mean) / (S^2 N) = -d_mean (0 for a point mass)
-        lp_coef = 0.0
-        if HAS_GLOGP:
-            s = tl.where(std == 0.0, 1.0, std)
-            lp_coef = tl.where(std == 0.0, 0.0, tl.load(glogp_ptr + row) / (s * s * N))
-        diff = tl.zeros([BLOCK], dtype=tl.float32)
-        if HAS_GLOGP:
-            prev_f = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
-            diff = prev_f - mean
-        if SAMPLE:
-            g_total = g_mean + g_prev
-            if NEED_Z:
-                tl.store(
-                    gz_ptr + offs,
-                    (std * g_prev - std * lp_coef * diff).to(gz_ptr.dtype.element_ty),
-                    mask=mask,
-                )
-        else:
-            g_total = g_mean + lp_coef * diff
-            if NEED_Z:
-                tl.store(gz_ptr + offs, (-lp_coef * diff).to(gz_ptr.dtype.element_ty), mask=mask)
-        if NEED_XV:
-            tl.store(gx_ptr + offs, (a_coef * g_total).to(gx_ptr.dtype.element_ty), mask=mask)
-            tl.store(gv_ptr + offs, (c_coef * g_total).to(gv_ptr.dtype.element_ty), mask=mask)
+    # rows on grid axes 1 and 2 (CUDA caps axis 1 at 65535); a clamped row keeps loads in bounds
+    row_id = tl.program_id(1).to(tl.int64) + tl.program_id(2).to(tl.int64) * tl.num_programs(1)
+    row_ok = row_id < B
+    row = tl.minimum(row_id, B - 1)
+    mask = tl.where(row_ok, mask, False)
+    offs = tl.cast(row, tl.int64) * N + cols
+    a_coef, c_coef, std = _coefs(p0_ptr, p1_ptr, p2_ptr, row, level, KIND)
+    g_mean = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_GMEAN:
+        g_mean += tl.load(gmean_ptr + offs, mask=mask, other=0.0)
+    g_prev = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_GPREV:
+        g_prev += tl.load(gprev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    # d log_prob / d prev = -(prev - mean) / (S^2 N) = -d_mean (0 for a point mass)
+    lp_coef = 0.0
+    if HAS_GLOGP:
+        s = tl.where(std == 0.0, 1.0, std)
+        lp_coef = tl.where(std == 0.0, 0.0, tl.load(glogp_ptr + row) / (s * s * N))
+    diff = tl.zeros([BLOCK], dtype=tl.float32)
+    if HAS_GLOGP:
+        prev_f = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
+        diff = prev_f - mean
+    if SAMPLE:
+        g_total = g_mean + g_prev
+        if NEED_Z:
+            tl.store(
+                gz_ptr + offs,
+                (std * g_prev - std * lp_coef * diff).to(gz_ptr.dtype.element_ty),
+                mask=mask,
+            )
+    else:
+        g_total = g_mean + lp_coef * diff
+        if NEED_Z:
+            tl.store(gz_ptr + offs, (-lp_coef * diff).to(gz_ptr.dtype.element_ty), mask=mask)
+    if NEED_XV:
+        tl.store(gx_ptr + offs, (a_coef * g_total).to(gx_ptr.dtype.element_ty), mask=mask)
+        tl.store(gv_ptr + offs, (c_coef * g_total).to(gv_ptr.dtype.element_ty), mask=mask)
 
 
 def transition_forward(x, v, p0, p1, p2, z, prev_sample, kind, level):
@@ -277,6 +283,7 @@ def transition_forward(x, v, p0, p1, p2, z, prev_sample, kind, level):
         float(level),
         KIND=kind,
         LOG_SQRT_2PI=LOG_SQRT_2PI,
+        NITER=n_iter(nck),
         PBLOCK=PBLOCK,
         num_warps=NUM_WARPS,
     )

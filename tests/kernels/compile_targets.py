@@ -75,23 +75,23 @@ def _variants():
     for kind in (0, 1, 2):
         yield (
             transition._transition_reduce_kernel,
-            {"KIND": kind, "LOG_SQRT_2PI": LOG_SQRT_2PI, "PBLOCK": 128},
+            {"KIND": kind, "LOG_SQRT_2PI": LOG_SQRT_2PI, "NITER": 1, "PBLOCK": 128},
             {},
         )
     yield gaussian._sqdiff_partial_kernel, {"CHUNK": 4096, **blk}, {"a_ptr": bf16}
     for mode, mean in itertools.product((0, 1), (False, True)):
         yield (
             gaussian._gaussian_reduce_kernel,
-            {"MODE": mode, "MEAN": mean, "LOG_SQRT_2PI": LOG_SQRT_2PI, "PBLOCK": 128},
+            {"MODE": mode, "MEAN": mean, "LOG_SQRT_2PI": LOG_SQRT_2PI, "NITER": 2, "PBLOCK": 128},
             {},
         )
         yield gaussian._gaussian_bwd_kernel, {"MODE": mode, "MEAN": mean, **blk}, {"ga_ptr": bf16}
     for adaptive, has_ref in itertools.product((False, True), (False, True)):
         flags = {"ADAPTIVE": adaptive, "HAS_REF": has_ref}
         yield nft._nft_partial_kernel, {**flags, "CHUNK": 4096, **blk}, {"v_ptr": bf16}
-        yield nft._nft_row_kernel, {**flags, "PBLOCK": 128}, {}
+        yield nft._nft_row_kernel, {**flags, "NITER": 1, "PBLOCK": 128}, {}
         yield nft._nft_bwd_kernel, {**flags, **blk}, {"gv_ptr": bf16}
-    yield nft._batch_mean_kernel, {"PBLOCK": 128}, {}
+    yield nft._batch_mean_kernel, {"NITER": 3, "PBLOCK": 128}, {}
     for in_mem in itertools.product((False, True), (False, True)):
         yield (
             random._randn_kernel,
