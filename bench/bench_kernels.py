@@ -16,7 +16,8 @@ measured at the start of the same run, the speedup over ``torch`` and peak memor
 
 Without a GPU the suite runs in a quick mode (one small shape, fp32, the reference providers, a few rounds)
 so that ``python -m pytest`` over ``bench/`` stays fast and never fails for lack of a GPU.  Modes:
-``NFT_BENCH_MODE=full|quick`` (default: full with CUDA, quick without).
+``NFT_BENCH_MODE=full|quick`` (default: full with CUDA, quick without); ``NFT_BENCH_PROVIDERS=torch,triton``
+picks providers.
 
 Full GPU comparison and results file:  ``python -m bench.bench_kernels``  (see ``main``).
 """
@@ -306,6 +307,8 @@ CASES_BY_NAME = {c.name: c for c in CASES}
 
 
 def _providers():
+    if os.environ.get("NFT_BENCH_PROVIDERS"):  # e.g. "torch,triton"
+        return os.environ["NFT_BENCH_PROVIDERS"].split(",")
     if CUDA and MODE == "full":
         return ["torch", "torch_compile", "triton", "triton_graph"]
     if CUDA:
