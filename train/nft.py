@@ -30,8 +30,8 @@ from models.lora import old_adapter_decay
 from . import common
 from .advantages import group_advantages, nft_optimality
 from .config import ConfigError, from_dict, parse_cli, to_dict
-from .policy import ModelConfig, Policy, build_policy, check_model_path, read_prompt_file
 from .evaluation import EvalConfig, Evaluator
+from .policy import ModelConfig, Policy, build_policy, check_model_path, read_prompt_file
 from .rewards.registry import RewardError, build_reward
 
 

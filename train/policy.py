@@ -203,9 +203,9 @@ def build_policy(
     dtype = _DTYPES[mc.dtype]
     torch.manual_seed(seed)  # LoRA init
     if model_path is None:
-        from models.embedded import load_default
         import numpy as np
 
+        from models.embedded import load_default
         from train.data import geneval_mini
 
         bundle = load_default(device=device, dtype=dtype)
