@@ -187,6 +187,7 @@ def _(g_w, g_l, t, dtype_w, dtype_l, dtype_noise):
 
 
 def _paired_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's grad stays None: no zero tensor to read
     x0_w, x0_l, noise, t = inputs
     ctx.save_for_backward(t)
     ctx.dtypes = (x0_w.dtype, x0_l.dtype, noise.dtype)
@@ -500,6 +501,7 @@ def _(g_xn, g_d, sigma, sigma_next, sigma_prev, dtype_x, dtype_v, dtype_xp):
 
 
 def _dpm2_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's grad stays None: no zero tensor to read
     x, v, sigma, sigma_next, x0_prev, sigma_prev = inputs
     ctx.has_prev = x0_prev is not None
     ctx.save_for_backward(sigma, sigma_next, sigma_prev if ctx.has_prev else None)

@@ -334,6 +334,7 @@ def _(g, v, v_old, x0, noise, t, r, v_ref, w_pos, w_neg, beta, clip, adaptive, k
 
 
 def _nft_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's grad stays None: no zero tensor to read
     v, v_old, x0, noise, t, r, v_ref, beta, clip, adaptive, kl_coef = inputs
     _, w_pos, w_neg = output
     ctx.save_for_backward(v, v_old, x0, noise, t, r, v_ref, w_pos, w_neg)

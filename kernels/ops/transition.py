@@ -185,6 +185,7 @@ def _transition_bwd_kernel(
     HAS_GPREV: tl.constexpr,
     HAS_GLOGP: tl.constexpr,
     HAS_GMEAN: tl.constexpr,
+    NEED_DIFF: tl.constexpr,
     NEED_XV: tl.constexpr,
     NEED_Z: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -204,13 +205,15 @@ def _transition_bwd_kernel(
     g_prev = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_GPREV:
         g_prev += tl.load(gprev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # d log_prob / d prev = -(prev - mean) / (S^2 N) = -d_mean (0 for a point mass)
+    # lp_coef = g_logp / (S^2 N): log_prob's gradient is -lp_coef (prev - mean) w.r.t. prev and
+    # +lp_coef (prev - mean) w.r.t. mean; a point mass (S == 0) has none.  NEED_DIFF: load prev / mean
+    # only where that is used.
     lp_coef = 0.0
     if HAS_GLOGP:
         s = tl.where(std == 0.0, 1.0, std)
         lp_coef = tl.where(std == 0.0, 0.0, tl.load(glogp_ptr + row) / (s * s * N))
     diff = tl.zeros([BLOCK], dtype=tl.float32)
-    if HAS_GLOGP:
+    if NEED_DIFF:
         prev_f = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + offs, mask=mask, other=0.0)
         diff = prev_f - mean
@@ -335,6 +338,8 @@ def transition_backward(
             SAMPLE=sample,
             HAS_GPREV=g_prev is not None,
             HAS_GLOGP=g_logp is not None,
+            # sample mode: log_prob's two paths through mean cancel, (prev - mean) only feeds grad_noise
+            NEED_DIFF=g_logp is not None and (need_z or not sample),
             HAS_GMEAN=g_mean is not None,
             NEED_XV=need_xv,
             NEED_Z=need_z,
@@ -479,6 +484,7 @@ _BACKWARD_DOC = """Hand-derived backward of a Gaussian transition (see the modul
 
 
 def _sample_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's grad stays None: no zero tensor to read
     x, v, p0, p1, p2, noise, kind, level = inputs
     prev, _, mean, _ = output
     ctx.save_for_backward(prev, mean, p0, p1, p2)
@@ -486,6 +492,8 @@ def _sample_setup(ctx, inputs, output):
 
 
 def _sample_backward(ctx, g_prev, g_logp, g_mean, g_std):
+    if g_prev is None and g_logp is None and g_mean is None:
+        return (None,) * 8
     prev, mean, p0, p1, p2 = ctx.saved_tensors
     kind, level, dx, dv, dz = ctx.meta
     need_xv = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
@@ -509,6 +517,7 @@ _sample_backward.__doc__ = _BACKWARD_DOC
 
 
 def _score_setup(ctx, inputs, output):
+    ctx.set_materialize_grads(False)  # an unused output's grad stays None: no zero tensor to read
     x, v, p0, p1, p2, prev_sample, kind, level = inputs
     _, mean, _ = output
     ctx.save_for_backward(prev_sample, mean, p0, p1, p2)
@@ -516,6 +525,8 @@ def _score_setup(ctx, inputs, output):
 
 
 def _score_backward(ctx, g_logp, g_mean, g_std):
+    if g_logp is None and g_mean is None:
+        return (None,) * 8
     prev, mean, p0, p1, p2 = ctx.saved_tensors
     kind, level, dx, dv, dp = ctx.meta
     need_xv = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]

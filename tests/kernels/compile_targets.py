@@ -65,8 +65,12 @@ def _variants():
             {"KIND": kind, "SAMPLE": sample, "CHUNK": 4096, **blk},
             storage,
         )
-        flags = ("HAS_GPREV", "HAS_GLOGP", "HAS_GMEAN", "NEED_XV", "NEED_Z")
-        for on in ((True,) * 5, (False, True, False, True, False), (True, False, True, True, True)):
+        flags = ("HAS_GPREV", "HAS_GLOGP", "HAS_GMEAN", "NEED_DIFF", "NEED_XV", "NEED_Z")
+        for on in (
+            (True,) * 6,
+            (False, True, False, False, True, False),
+            (True, False, True, False, True, True),
+        ):
             yield (
                 transition._transition_bwd_kernel,
                 {"KIND": kind, "SAMPLE": sample, **dict(zip(flags, on, strict=True)), **blk},
