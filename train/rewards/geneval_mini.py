@@ -7,8 +7,9 @@ Detection, per image (values in [-1, 1], mapped to [0, 1]):
    ``min_area`` pixels are specks, not objects;
 3. each object's shape from its bounding box: ``fill = area / (w * h)`` and ``bottom = share of its pixels
    below the box's mid-height`` (0.5 for circles and squares, 0.75 for an upward triangle):
-   ``bottom >= 0.62`` and ``fill`` in [0.3, 0.75] -> triangle; otherwise ``fill >= 0.88`` -> square;
-   ``fill`` in [0.62, 0.88) -> circle; anything else, or a box with aspect ratio beyond 1.6, -> unknown.
+   ``bottom >= 0.6`` and ``fill <= 0.8`` -> triangle; otherwise ``fill >= 0.9`` -> square; ``fill`` in
+   [0.5, 0.9) -> circle; ``fill < 0.35`` or a box with aspect ratio beyond 2, or anything else -> unknown.
+   (Renders measure: circles fill 0.75-0.85, squares 1.0, triangles fill 0.57-0.64 and bottom 0.69-0.72.)
 
 A prompt's constraints (all must hold for the strict score; the partial score is the fraction that hold):
 one "exactly N of this shape (and colour)" constraint per required object, for ``position`` one for the
@@ -51,7 +52,7 @@ class DetectedObject(tuple):
 class GenEvalMini:
     """Batched CPU verifier.  ``score(images [B, 3, H, W] in [-1, 1], prompts) -> {"strict", "partial"}``."""
 
-    def __init__(self, min_area: int = 8, position_margin: float = 2.0):
+    def __init__(self, min_area: int = 15, position_margin: float = 2.0):
         if min_area < 1:
             raise ValueError(f"min_area: expected >= 1, got {min_area}")
         self.min_area = min_area
@@ -100,13 +101,13 @@ class GenEvalMini:
 
     @staticmethod
     def _classify(fill: float, bottom: float, aspect: float) -> str:
-        if aspect > 1.6:
+        if aspect > 2.0 or fill < 0.35:
             return "unknown"
-        if bottom >= 0.62 and 0.3 <= fill <= 0.75:
-            return "triangle"
-        if fill >= 0.88:
+        if bottom >= 0.6:
+            return "triangle" if fill <= 0.8 else "unknown"
+        if fill >= 0.9:
             return "square"
-        if 0.62 <= fill < 0.88 and bottom < 0.62:
+        if fill >= 0.5:
             return "circle"
         return "unknown"
 
