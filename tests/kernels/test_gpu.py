@@ -154,6 +154,8 @@ def test_cuda_no_host_sync():
 
 
 def test_cuda_graph_replay_with_new_seed_and_sigma():
+    """Every op captured in one CUDA graph; replays with new seeds / sigmas written into the device tensors
+    give what eager calls give (the per-step scalars are read in-kernel, never baked into the graph)."""
     shape = (4, 16, 32, 32)
     x, v = _make(shape, torch.bfloat16, 1), _make(shape, torch.bfloat16, 2)
     seed = torch.tensor(11, dtype=torch.int64, device=DEV)
@@ -170,7 +172,15 @@ def test_cuda_graph_replay_with_new_seed_and_sigma():
         lp = kernels.gaussian_log_prob(prev, mean, std)
         kl = kernels.gaussian_kl(mean, std, mean * 0.5, std * 2)
         xt = kernels.interpolate(x, z, sigma)
-        return z, prev, log_prob, x_next, lp, kl, xt
+        xw, xl = kernels.paired_interpolate(x, v, z, sigma)
+        xe = kernels.euler_step(x, v, sigma, sigma_next)
+        cps = kernels.cps_step(x, v, sigma, sigma_next, noise_level=0.7, noise=z)
+        ddim = kernels.ddim_step(x, v, sigma_next * 0.5, sigma_next * 0.5 + 0.2, eta=1.0, noise=z)
+        score = kernels.ddim_step(
+            x, v, sigma_next * 0.5, sigma_next * 0.5 + 0.2, eta=1.0, prev_sample=ddim[0]
+        )
+        loss = kernels.nft_loss(v, x, x0_prev, z, sigma, sigma_next, beta=1.0, v_ref=x, kl_coef=0.1)
+        return (z, prev, log_prob, x_next, d, lp, kl, xt, xw, xl, xe, *cps, *ddim, score[1], loss)
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
