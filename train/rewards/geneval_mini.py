@@ -4,7 +4,8 @@ Detection, per image (values in [-1, 1], mapped to [0, 1]):
 
 1. every pixel takes the nearest colour of {background} + palette (Euclidean in RGB);
 2. the pixels of each palette colour split into 4-connected components; components smaller than
-   ``min_area`` pixels are specks, not objects;
+   ``min_area`` pixels are specks, not objects, but more than ``max_speck_pixels`` speck pixels in all
+   make one "clutter" object (noise is not an empty picture);
 3. each object's shape from its bounding box: ``fill = area / (w * h)`` and ``bottom = share of its pixels
    below the box's mid-height`` (0.5 for circles and squares, 0.75 for an upward triangle):
    ``bottom >= 0.6`` and ``fill <= 0.8`` -> triangle; otherwise ``fill >= 0.9`` -> square; ``fill`` in
@@ -35,7 +36,8 @@ _STRUCTURE[1, 1, 1, :] = _STRUCTURE[1, 1, :, 1] = True
 
 
 class DetectedObject(tuple):
-    """``(shape, color, cx, cy, area)``; ``shape`` is ``"unknown"`` when no class fits."""
+    """``(shape, color, cx, cy, area)``; ``shape`` is ``"unknown"`` when no class fits, ``"clutter"`` for
+    the specks of an image taken together when they are too many."""
 
     __slots__ = ()
 
@@ -52,10 +54,11 @@ class DetectedObject(tuple):
 class GenEvalMini:
     """Batched CPU verifier.  ``score(images [B, 3, H, W] in [-1, 1], prompts) -> {"strict", "partial"}``."""
 
-    def __init__(self, min_area: int = 15, position_margin: float = 2.0):
+    def __init__(self, min_area: int = 15, max_speck_pixels: int = 64, position_margin: float = 2.0):
         if min_area < 1:
             raise ValueError(f"min_area: expected >= 1, got {min_area}")
         self.min_area = min_area
+        self.max_speck_pixels = max_speck_pixels
         self.position_margin = position_margin
         self._colors = np.array([BACKGROUND] + [PALETTE[c] for c in _COLOR_NAMES], dtype=np.float32)
 
@@ -89,14 +92,18 @@ class GenEvalMini:
         # a pixel row on the mid-line counts half, so odd-sized boxes are measured without bias
         lower = (yy > mid[flat]).astype(np.float64) + 0.5 * (yy == mid[flat])
         below = np.bincount(flat, weights=lower, minlength=n + 1)
+        speck_pixels = np.zeros(b, dtype=np.int64)
         for i, sl in enumerate(slices, start=1):
             if area[i] < self.min_area:
+                speck_pixels[sl[0].start] += area[i]
                 continue
             img, plane = sl[0].start, sl[1].start
             bh, bw = sl[2].stop - sl[2].start, sl[3].stop - sl[3].start
             shape = self._classify(area[i] / (bh * bw), below[i] / area[i], max(bh, bw) / min(bh, bw))
             obj = DetectedObject(shape, _COLOR_NAMES[plane], float(cx[i]), float(cy[i]), int(area[i]))
             found[img].append(obj)
+        for img in np.flatnonzero(speck_pixels > self.max_speck_pixels):
+            found[img].append(DetectedObject("clutter", "mixed", w / 2, h / 2, int(speck_pixels[img])))
         return found
 
     @staticmethod
