@@ -358,3 +358,115 @@ def nft_loss(
         v_ref=v_ref,
         kl_coef=kl_coef,
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DiT fast path (issue #6): LayerNorm + adaLN modulation, gated residual, QK RMSNorm, FLUX rotary embedding.
+# Used by models/patch.py; any diffusers-style DiT can call them directly.
+# ----------------------------------------------------------------------------------------------------------
+if _dispatch.HAS_TRITON:
+    from .ops import dit as _dit
+else:  # pragma: no cover
+    _dit = None
+
+__all__ += ["ada_layer_norm", "gated_residual", "rms_norm", "rotary_emb"]
+
+
+def _check_tokens(name: str, x) -> None:
+    check_tensor(name, x, min_ndim=3)
+    if x.ndim != 3:
+        raise ValueError(f"{name}: expected a tensor shaped [B, L, C], got shape {tuple(x.shape)}")
+
+
+def _check_per_channel(name: str, s, x, x_name: str) -> None:
+    check_tensor(name, s, min_ndim=1)
+    if tuple(s.shape) != (x.shape[0], x.shape[2]):
+        raise ValueError(
+            f"{name}: expected shape {(x.shape[0], x.shape[2])} ([B, C] of {x_name}), got {tuple(s.shape)}"
+        )
+    if s.device != x.device:
+        raise ValueError(f"{name}: expected a tensor on {x.device} (that of {x_name}), got one on {s.device}")
+
+
+def ada_layer_norm(x, scale, shift, eps=1e-6):
+    """``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]`` in one pass (adaLN modulation).
+
+    ``x`` ``[B, L, C]``; ``scale``, ``shift`` ``[B, C]`` (per sample, broadcast over the ``L`` tokens); the
+    LayerNorm has no affine (diffusers' AdaLayerNormZero / AdaLayerNormContinuous, eps 1e-6).  fp32 math;
+    output in ``x``'s dtype.  Differentiable in ``x``, ``scale`` and ``shift``.
+    """
+    _check_tokens("x", x)
+    _check_per_channel("scale", scale, x, "x")
+    _check_per_channel("shift", shift, x, "x")
+    eps = check_positive_number("eps", eps)
+    if _triton(x):
+        return _dit.ada_layer_norm_op(x, scale, shift, eps)[0]
+    return reference.ada_layer_norm(x, scale, shift, eps)
+
+
+def gated_residual(x, y, gate):
+    """``x + gate[:, None] * y`` in one pass (the adaLN-Zero gated residual of a DiT block).
+
+    ``x``, ``y`` ``[B, L, C]``; ``gate`` ``[B, C]``.  fp32 math; output in the promoted dtype of the three.
+    Differentiable in all three (``d gate`` sums over tokens in a fixed order).
+    """
+    _check_tokens("x", x)
+    check_like("y", y, "x", x)
+    _check_per_channel("gate", gate, x, "x")
+    if _triton(x):
+        return _dit.gated_residual_op(x, y, gate)
+    return reference.gated_residual(x, y, gate)
+
+
+def rms_norm(x, weight=None, eps=1e-6, *, out_dtype=None):
+    """``x * rsqrt(mean(x^2 over the last dim) + eps) * weight`` (the QK RMSNorm of SD3.5 / FLUX).
+
+    ``x`` ``[..., D]`` (e.g. ``[B, S, H, D]`` after the head split: a view, so no separate split kernel is
+    needed); ``weight`` ``[D]`` or None.  fp32 math; output in ``out_dtype`` (default ``x``'s dtype).
+    Differentiable in ``x`` and ``weight``.
+    """
+    check_tensor("x", x, min_ndim=1)
+    if weight is not None:
+        check_tensor("weight", weight, min_ndim=1)
+        if tuple(weight.shape) != (x.shape[-1],):
+            raise ValueError(f"weight: expected shape {(x.shape[-1],)} (the last dim of x), "
+                             f"got {tuple(weight.shape)}")
+        if weight.device != x.device:
+            raise ValueError(
+                f"weight: expected a tensor on {x.device} (that of x), got one on {weight.device}"
+            )
+    eps = check_positive_number("eps", eps)
+    out_dtype = out_dtype or x.dtype
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"out_dtype: expected float32, float16 or bfloat16, got {out_dtype}")
+    if _triton(x):
+        return _dit.rms_norm_op(x, weight, eps, out_dtype)[0]
+    return reference.rms_norm(x, weight, eps, out_dtype)
+
+
+def rotary_emb(x, cos, sin, sequence_dim=1):
+    """FLUX rotary embedding: diffusers ``apply_rotary_emb(x, (cos, sin), use_real=True,
+    use_real_unbind_dim=-1, sequence_dim=...)``, i.e. per interleaved pair ``(x[2i], x[2i+1])``:
+    ``out[2i] = x[2i] cos[2i] - x[2i+1] sin[2i]``, ``out[2i+1] = x[2i+1] cos[2i+1] + x[2i] sin[2i+1]``.
+
+    ``x`` ``[B, S, H, D]`` (``sequence_dim=1``) or ``[B, H, S, D]`` (``sequence_dim=2``), ``D`` even;
+    ``cos``, ``sin`` ``[S, D]``.  fp32 math; output in ``x``'s dtype.  Differentiable in ``x`` only.
+    """
+    check_tensor("x", x, min_ndim=4)
+    if x.ndim != 4:
+        raise ValueError(f"x: expected a tensor shaped [B, S, H, D] or [B, H, S, D], got {tuple(x.shape)}")
+    if sequence_dim not in (1, 2):
+        raise ValueError(f"sequence_dim: expected 1 or 2, got {sequence_dim!r}")
+    if x.shape[-1] % 2:
+        raise ValueError(f"x: expected an even last dim (pairs), got {x.shape[-1]}")
+    want = (x.shape[sequence_dim], x.shape[-1])
+    for name, c in (("cos", cos), ("sin", sin)):
+        check_tensor(name, c)
+        if tuple(c.shape) != want:
+            raise ValueError(f"{name}: expected shape {want} ([S, D] of x), got {tuple(c.shape)}")
+        if c.device != x.device:
+            raise ValueError(f"{name}: expected a tensor on {x.device} (that of x), got one on {c.device}")
+    if _triton(x):
+        _no_grad_to(cos=cos, sin=sin)
+        return _dit.rotary_emb_op(x, cos, sin, int(sequence_dim))
+    return reference.rotary_emb(x, cos, sin, sequence_dim)

@@ -307,3 +307,46 @@ def nft_loss(
     if v_ref is not None and kl_coef != 0.0:
         loss = loss + kl_coef * _reduce_rows((v.float() - v_ref.float().detach()) ** 2, "mean").mean()
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# DiT fast path (issue #6): the memory-bound chains of an SD3 / FLUX transformer block
+# ----------------------------------------------------------------------------------------------------------
+__all__ += ["ada_layer_norm", "gated_residual", "rms_norm", "rotary_emb"]
+
+
+def ada_layer_norm(x, scale, shift, eps=1e-6):
+    """``LayerNorm(x) * (1 + scale[:, None]) + shift[:, None]``: ``x`` ``[B, L, C]``, ``scale`` / ``shift``
+    ``[B, C]``; LayerNorm over ``C`` without affine (diffusers' AdaLayerNormZero / AdaLayerNormContinuous);
+    fp32 math, output in ``x``'s dtype."""
+    n = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    return (n * (1.0 + scale.float()[:, None]) + shift.float()[:, None]).to(x.dtype)
+
+
+def gated_residual(x, y, gate):
+    """``x + gate[:, None] * y``: ``x`` / ``y`` ``[B, L, C]``, ``gate`` ``[B, C]``; fp32 math, output in the
+    promoted dtype of the three."""
+    dtype = torch.promote_types(torch.promote_types(x.dtype, y.dtype), gate.dtype)
+    return (x.float() + gate.float()[:, None] * y.float()).to(dtype)
+
+
+def rms_norm(x, weight=None, eps=1e-6, out_dtype=None):
+    """``x * rsqrt(mean(x^2, -1) + eps) * weight`` over the last dim; fp32 math, output in ``out_dtype``
+    (default ``x``'s dtype)."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    return y.to(out_dtype or x.dtype)
+
+
+def rotary_emb(x, cos, sin, sequence_dim=1):
+    """diffusers ``apply_rotary_emb(x, (cos, sin), use_real=True, use_real_unbind_dim=-1)`` (FLUX):
+    interleaved pairs ``(x[2i], x[2i+1])`` rotated; ``x`` ``[B, S, H, D]`` (``sequence_dim=1``) or
+    ``[B, H, S, D]`` (``sequence_dim=2``), ``cos`` / ``sin`` ``[S, D]``; fp32 math, output in ``x``'s
+    dtype."""
+    shape = (1, -1, 1, x.shape[-1]) if sequence_dim == 1 else (1, 1, -1, x.shape[-1])
+    c, s = cos.float().reshape(shape), sin.float().reshape(shape)
+    x_real, x_imag = x.float().reshape(*x.shape[:-1], -1, 2).unbind(-1)
+    x_rot = torch.stack([-x_imag, x_real], dim=-1).flatten(-2)
+    return (x.float() * c + x_rot * s).to(x.dtype)
