@@ -4,7 +4,8 @@
 
 Per step: a batch of train prompts (``train.data.sample_prompts``) and their renders ``x0``; 10% of the
 prompts are replaced by ``""`` (so classifier-free guidance has an unconditional branch);
-``t ~ logit-normal(0, 1)``, ``x_t = (1 - t) x0 + t noise``,
+``t = shift * u / (1 + (shift - 1) * u)`` with ``u ~ U(0, 1)`` (the sampler's shifted schedule, shift 3),
+``x_t = (1 - t) x0 + t noise``,
 loss ``mean (v(x_t, 1000 t, c) - (noise - x0))^2``;
 AdamW with a linear warm-up then a constant rate, so a run stopped at step k equals a run with ``--steps k``.
 Everything is seeded; on a CPU with the same thread count a run is reproducible bit for bit.
@@ -31,7 +32,7 @@ from models.embedded import DEFAULT_DIR, EmbeddedConfig, EmbeddedDefault
 from train.data import render_batch, sample_prompts, test_prompts
 from train.rewards import GenEvalMini
 
-__all__ = ["sigma_schedule", "sample", "evaluate", "flow_matching_loss", "pretrain", "main"]
+__all__ = ["sigma_schedule", "sample", "sample_times", "evaluate", "flow_matching_loss", "pretrain", "main"]
 
 
 def sigma_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -82,11 +83,26 @@ def evaluate(model: EmbeddedDefault, cfg_scale: float = 1.0, n_per_task: int = 3
     return {**verifier.summarize(scores["strict"], prompts), "partial": float(scores["partial"].mean())}
 
 
+def sample_times(n: int, generator: torch.Generator, how: str = "uniform", shift: float = 3.0,
+                 ) -> torch.Tensor:
+    """Training times ``[n]``: ``u ~ U(0, 1)`` (``"uniform"``) or ``sigmoid(N(0, 1))`` (``"logit-normal"``),
+    then shifted like the sampler's schedule, ``t = shift * u / (1 + (shift - 1) * u)``, so training sees the
+    high-noise steps that decide the layout as often as sampling uses them."""
+    if how == "uniform":
+        u = torch.rand(n, generator=generator)
+    elif how == "logit-normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator))
+    else:
+        raise ValueError(f"how: expected 'uniform' or 'logit-normal', got {how!r}")
+    return shift * u / (1.0 + (shift - 1.0) * u)
+
+
 def flow_matching_loss(model: EmbeddedDefault, x0: torch.Tensor, prompts: list[str],
-                       generator: torch.Generator) -> torch.Tensor:
-    """``mean (v(x_t, 1000 t, c) - (noise - x0))^2`` with ``t ~ logit-normal(0, 1)``."""
+                       generator: torch.Generator, time_sampling: str = "uniform",
+                       time_shift: float = 3.0) -> torch.Tensor:
+    """``mean (v(x_t, 1000 t, c) - (noise - x0))^2`` with ``t`` from :func:`sample_times`."""
     b = x0.shape[0]
-    t = torch.sigmoid(torch.randn(b, generator=generator)).to(x0)
+    t = sample_times(b, generator, time_sampling, time_shift).to(x0)
     noise = torch.randn(x0.shape, generator=generator).to(x0)
     tb = t.view(b, 1, 1, 1)
     x_t = (1 - tb) * x0 + tb * noise
@@ -99,9 +115,16 @@ def flow_matching_loss(model: EmbeddedDefault, x0: torch.Tensor, prompts: list[s
 def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
     torch.manual_seed(args.seed)
     model = EmbeddedDefault(EmbeddedConfig())
+    if args.init_from:
+        model.load_state_dict(EmbeddedDefault.from_pretrained(args.init_from).state_dict())
+        model.requires_grad_(True)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / args.warmup))
+
+    def lr_factor(s: int) -> float:  # warm-up, constant, then a linear cool-down to 0 over `cooldown` steps
+        return min(1.0, (s + 1) / args.warmup, (args.steps - s) / args.cooldown if args.cooldown else 1.0)
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     data_rng = np.random.default_rng(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     out = Path(args.out)
@@ -137,7 +160,7 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
         prompts = [p.text for p in batch]
         drop = data_rng.random(args.batch_size) < args.prompt_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop, strict=True)]
-        loss = flow_matching_loss(model, x0, prompts, gen)
+        loss = flow_matching_loss(model, x0, prompts, gen, args.time_sampling, args.time_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -160,11 +183,14 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
 def _save(model: EmbeddedDefault, directory: Path, args: argparse.Namespace, step: int, start: float):
     model.save(directory)
     command = "python -m train.pretrain " + " ".join(shlex.quote(a) for a in args.argv)
-    # the flags that fix the trajectory: a run stopped at `step` equals this one (constant rate after warm-up)
+    # the flags that fix the trajectory; without --cooldown a run stopped at `step` equals this one
     reproduce = (
         f"python -m train.pretrain --steps {step} --batch-size {args.batch_size} --lr {args.lr:g} "
         f"--warmup {args.warmup} --weight-decay {args.weight_decay:g} --grad-clip {args.grad_clip:g} "
-        f"--prompt-dropout {args.prompt_dropout:g} --seed {args.seed} --threads {args.threads}"
+        f"--prompt-dropout {args.prompt_dropout:g} --time-sampling {args.time_sampling} "
+        f"--time-shift {args.time_shift:g} --seed {args.seed} --threads {args.threads}"
+        + (f" --cooldown {args.cooldown}" if args.cooldown else "")
+        + (f" --init-from {shlex.quote(str(args.init_from))}" if args.init_from else "")
     )
     minutes = round((time.time() - start) / 60, 2)
     record = {"command": command, "reproduce": reproduce, "steps": step, "minutes": minutes,
@@ -181,8 +207,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
+    p.add_argument("--cooldown", type=int, default=0,
+                   help="decay the rate linearly to 0 over the last N steps (0: constant to the end)")
+    p.add_argument("--init-from", default=None,
+                   help="start from the weights in this directory (a previous run's --out); fresh optimizer")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--time-sampling", choices=("uniform", "logit-normal"), default="uniform",
+                   help="distribution of u before the shift")
+    p.add_argument("--time-shift", type=float, default=3.0, help="t = shift*u/(1+(shift-1)*u); 1: no shift")
     p.add_argument("--prompt-dropout", type=float, default=0.1, help="share of prompts replaced by ''")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_DIR), help="directory for default.safetensors/default.json")
