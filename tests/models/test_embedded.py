@@ -1,0 +1,87 @@
+"""The embedded default model: shipped checkpoint, prompt encoding, denoiser, a pretraining smoke run."""
+
+import json
+
+import pytest
+import torch
+
+from models.conditioning import Conditioning
+from models.embedded import DEFAULT_DIR, EmbeddedDefault, load_default, tokenize
+from models.embedded.vocab import BOS_ID, PAD_ID
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_default()
+
+
+def test_shipped_checkpoint_is_small_and_documented():
+    weights = DEFAULT_DIR / "default.safetensors"
+    assert weights.exists() and weights.stat().st_size < 5 * 2**20
+    record = json.loads((DEFAULT_DIR / "pretrain.json").read_text())
+    assert record["command"].startswith("python -m train.pretrain") and record["steps"] > 0
+
+
+def test_loads_frozen_in_eval_mode(model):
+    assert isinstance(model, EmbeddedDefault)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    names = {n for n, _ in model.transformer.named_modules()}
+    for target in ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj"):
+        assert any(n.endswith(target) for n in names), target
+    assert model.transformer.config.in_channels == 3 and model.transformer.config.sample_size == 32
+
+
+def test_tokenizer():
+    ids = tokenize(["a red circle", ""], max_length=10)
+    assert ids.shape == (2, 10) and ids[0, 0] == BOS_ID and ids[1, 0] == BOS_ID
+    assert (ids[1, 1:] == PAD_ID).all() and (ids[0, 4:] == PAD_ID).all()
+    with pytest.raises(ValueError, match="purple"):
+        tokenize(["a purple circle"], max_length=10)
+    with pytest.raises(ValueError, match="at most"):
+        tokenize(["a " * 12], max_length=10)
+
+
+def test_encode_shapes_cache_and_empty_prompt(model):
+    cond = model.encode(["a red circle", "", "a red circle left of a blue square"])
+    assert isinstance(cond, Conditioning)
+    assert cond.prompt_embeds.shape == (3, model.config.max_length, model.config.text_dim)
+    assert cond.pooled_embeds.shape == (3, model.config.text_dim)
+    again = model.encode(["", "a red circle"])
+    assert torch.equal(again.prompt_embeds[1], cond.prompt_embeds[0])
+    assert torch.equal(again.pooled_embeds[0], cond.pooled_embeds[1])
+    assert not torch.allclose(cond.pooled_embeds[0], cond.pooled_embeds[1])
+    with pytest.raises(TypeError, match="prompts"):
+        model.encode("a red circle")
+
+
+def test_denoiser_shape_and_determinism(model):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 32, 32, generator=g)
+    t = torch.rand(5, generator=g) * 1000
+    cond = model.encode(["a circle", "two squares", "a blue triangle", "", "a green circle and a red square"])
+    v1, v2 = model.denoiser(x, t, cond), model.denoiser(x, t, cond)
+    assert v1.shape == x.shape and torch.isfinite(v1).all()
+    assert torch.equal(v1, v2)
+    # the prompt matters
+    other = model.encode(["a square"] * 5)
+    assert not torch.allclose(v1, model.denoiser(x, t, other))
+    with pytest.raises(ValueError, match="timestep"):
+        model.denoiser(x, t[:3], cond)
+    with pytest.raises(ValueError, match="cond"):
+        model.denoiser(x, t, cond[:2])
+
+
+def test_pretrain_smoke_writes_loadable_checkpoint_and_loss_falls(tmp_path):
+    from train.pretrain import main
+
+    main(["--steps", "40", "--batch-size", "16", "--lr", "2e-3", "--warmup", "5", "--out", str(tmp_path),
+          "--log-every", "1", "--log-file", "--threads", "1", "--seed", "3"])
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "pretrain_log.jsonl").read_text().splitlines()]
+    assert len(losses) == 40
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    loaded = load_default(directory=tmp_path)
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    assert record["steps"] == 40 and "--steps 40" in record["reproduce"]
+    x = torch.randn(2, 3, 32, 32)
+    assert loaded.denoiser(x, torch.tensor([500.0, 10.0]), loaded.encode(["a circle", ""])).shape == x.shape
