@@ -23,13 +23,21 @@ import triton.language as tl
 from ._common import contig
 
 _NS = "nft_kernels"
-TOKENS_PER_PROGRAM = 32  # tokens one backward program walks through (its share of the per-channel sums)
+MAX_TOKENS_PER_PROGRAM = 64  # tokens one backward program walks through (its share of the per-channel sums)
+TARGET_PROGRAMS = 1024  # enough backward programs to keep every SM of an H100 / H200 streaming
 ROWS_PER_PROGRAM = 16  # rows of a head-dim-wide op (rms_norm, rotary_emb) per program
 
 
 def empty_grad(device) -> torch.Tensor:
     """Stands in for a gradient that is not computed (custom ops return tensors, not None)."""
     return torch.empty(0, device=device)
+
+
+def tokens_per_program(b: int, seq: int) -> int:
+    """A power of two in [4, 64]: about ``TARGET_PROGRAMS`` backward programs over the ``b * seq`` token rows
+    (a ``constexpr``: a handful of values, each compiled once)."""
+    want = max(1, (b * seq) // TARGET_PROGRAMS)
+    return max(4, min(MAX_TOKENS_PER_PROGRAM, 1 << (want.bit_length() - 1)))
 
 
 def _warps(block: int) -> int:
@@ -126,7 +134,8 @@ def ada_layer_norm_backward(g, x, scale, mean, rstd, mod_grad, dtype_scale, dtyp
     g, x, scale = contig(g), contig(x), contig(scale)
     b, seq, c = x.shape
     dx = torch.empty_like(x)
-    nblk = triton.cdiv(seq, TOKENS_PER_PROGRAM) if seq else 0
+    tok = tokens_per_program(b, seq)
+    nblk = triton.cdiv(seq, tok) if seq else 0
     parts = torch.empty((2, b, max(nblk, 1), c) if mod_grad else (0,), dtype=torch.float32, device=x.device)
     if x.numel():
         block_c = triton.next_power_of_2(c)
@@ -142,7 +151,7 @@ def ada_layer_norm_backward(g, x, scale, mean, rstd, mod_grad, dtype_scale, dtyp
             c,
             nblk,
             MOD_GRAD=mod_grad,
-            TOK=TOKENS_PER_PROGRAM,
+            TOK=tok,
             BLOCK_C=block_c,
             num_warps=_warps(block_c),
         )
@@ -289,7 +298,8 @@ def gated_residual_backward(g, y, gate, y_grad, gate_grad, dtype_y, dtype_gate):
     g, y, gate = contig(g), contig(y), contig(gate)
     b, seq, c = y.shape
     dy = torch.empty(y.shape, dtype=dtype_y, device=y.device) if y_grad else empty_grad(y.device)
-    nblk = triton.cdiv(seq, TOKENS_PER_PROGRAM) if seq else 0
+    tok = tokens_per_program(b, seq)
+    nblk = triton.cdiv(seq, tok) if seq else 0
     parts = torch.empty((b, max(nblk, 1), c) if gate_grad else (0,), dtype=torch.float32, device=y.device)
     if y.numel() and (y_grad or gate_grad):
         block_c = triton.next_power_of_2(c)
@@ -304,7 +314,7 @@ def gated_residual_backward(g, y, gate, y_grad, gate_grad, dtype_y, dtype_gate):
             nblk,
             GATE_GRAD=gate_grad,
             Y_GRAD=y_grad,
-            TOK=TOKENS_PER_PROGRAM,
+            TOK=tok,
             BLOCK_C=block_c,
             num_warps=_warps(block_c),
         )
