@@ -429,8 +429,9 @@ def rms_norm(x, weight=None, eps=1e-6, *, out_dtype=None):
     if weight is not None:
         check_tensor("weight", weight, min_ndim=1)
         if tuple(weight.shape) != (x.shape[-1],):
-            raise ValueError(f"weight: expected shape {(x.shape[-1],)} (the last dim of x), "
-                             f"got {tuple(weight.shape)}")
+            raise ValueError(
+                f"weight: expected shape {(x.shape[-1],)} (the last dim of x), got {tuple(weight.shape)}"
+            )
         if weight.device != x.device:
             raise ValueError(
                 f"weight: expected a tensor on {x.device} (that of x), got one on {weight.device}"
