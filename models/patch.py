@@ -320,8 +320,10 @@ def apply_fast_path(transformer: nn.Module) -> dict[str, int]:
     counts: dict[str, int] = {}
     for module in transformer.modules():
         for cls, applies, fast_forward in patches:
-            if type(module) is cls and applies(module):
-                undo.append((module, "forward", module.__dict__.get("forward", _MISSING)))
+            # a module whose forward is already wrapped on the instance (accelerate hooks, another patch)
+            # is left alone: replacing it would drop the wrapper
+            if type(module) is cls and "forward" not in module.__dict__ and applies(module):
+                undo.append((module, "forward", _MISSING))
                 module.forward = types.MethodType(fast_forward, module)
                 counts[cls.__name__] = counts.get(cls.__name__, 0) + 1
                 break
@@ -348,10 +350,7 @@ def revert_fast_path(transformer: nn.Module) -> None:
     if undo is None:
         raise ValueError("transformer: expected a model patched by apply_fast_path, got an unpatched one")
     for module, attr, original in reversed(undo):
-        if attr == "forward":
-            if original is _MISSING:
-                del module.forward
-            else:
-                module.forward = original
+        if attr == "forward":  # patched only where the instance had no forward of its own
+            del module.forward
         else:
             module.processor = original

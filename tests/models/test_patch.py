@@ -210,6 +210,26 @@ def test_fast_path_traces_under_torch_compile():
     torch._dynamo.reset()
 
 
+def test_instance_level_forward_wrappers_are_left_alone():
+    """A module whose forward is wrapped on the instance (accelerate hooks) keeps its wrapper."""
+    model = _model("sd3-tiny")
+    norm = model.norm_out
+    calls = []
+
+    def hooked(*args, _orig=norm.forward, **kwargs):
+        calls.append(1)
+        return _orig(*args, **kwargs)
+
+    norm.forward = hooked
+    counts = apply_fast_path(model)
+    assert counts["AdaLayerNormContinuous"] == EXPECTED["sd3-tiny"]["AdaLayerNormContinuous"] - 1
+    assert norm.forward is hooked
+    _forward_backward(models.as_denoiser(model), model, False)
+    assert calls == [1]
+    revert_fast_path(model)
+    assert norm.forward is hooked
+
+
 def test_errors():
     model = _model("sd3-tiny")
     with pytest.raises(ValueError, match="transformer: expected a model patched by apply_fast_path"):
