@@ -28,7 +28,8 @@ torch.profiler breakdown (attention / matmul / other kernels / launch gaps).  NV
 Without a GPU the benchmark runs a quick mode (``sd3-tiny``, batch 2, 2 steps, fp32, providers
 ``reference`` and ``engine`` on the CPU reference kernels): it checks that everything runs and reports CPU
 numbers, labelled as such, which say nothing about GPU speed.  Modes: ``NFT_BENCH_MODE=full|quick``;
-``NFT_BENCH_PROVIDERS=reference,engine,torch_compile``; ``NFT_E2E_MODELS=sd3.5-medium,flux-dev``.
+``NFT_BENCH_PROVIDERS=reference,engine,torch_compile``; ``NFT_E2E_MODELS=sd3.5-medium,flux-dev``;
+``NFT_E2E_TRAIN_BATCH`` (training micro-batch, default 8).
 
 Run: ``python -m bench.bench_e2e`` (prints the table; writes ``bench/results/e2e-<device>.json`` on a GPU or
 with ``--write``), or under pytest (``python -m pytest bench/bench_e2e.py``).
@@ -125,6 +126,12 @@ def cases() -> list[E2ECase]:
             checkpointing=True,
         ),
     }
+    train_batch = os.environ.get("NFT_E2E_TRAIN_BATCH")
+    if train_batch:
+        if not train_batch.isdigit() or int(train_batch) < 1:
+            raise ValueError(f"NFT_E2E_TRAIN_BATCH: expected a positive integer, got {train_batch!r}")
+        for c in table.values():
+            c.train_batch = int(train_batch)
     unknown = [w for w in wanted if w not in table]
     if unknown:
         raise ValueError(f"NFT_E2E_MODELS: expected names from {sorted(table)}, got {unknown}")
