@@ -17,13 +17,7 @@ optimisation pass of an iteration, before any parameter changes: SPEC §3 requir
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
-import sys
-import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -32,10 +26,11 @@ import kernels
 from engine import BatchInvariantDenoiser, guided_prediction, nvtx_range, rollout
 
 from . import common
-from .config import ConfigError, from_dict, parse_cli, to_dict
-from .evaluation import EvalConfig, Evaluator
-from .policy import ModelConfig, Policy, build_policy, check_model_path, read_prompt_file
-from .rewards.registry import RewardError, build_reward
+from .config import ConfigError
+from .evaluation import Evaluator
+from .loop import LogConfig, RunConfig, Trainer, validate_run
+from .loop import main as loop_main
+from .policy import Policy
 
 __all__ = [
     "PGRunConfig",
@@ -106,40 +101,7 @@ class PGTrainConfig:
     )
 
 
-@dataclass
-class LogConfig:
-    loggers: tuple[str, ...] = field(default=(), metadata={"help": "extra loggers: tensorboard, wandb"})
-    progress: bool = field(default=True, metadata={"help": "tqdm progress bars"})
-    checkpoint_every: int = field(default=5, metadata={"help": "iterations between checkpoints"})
-
-
-def _h(text):
-    return field(default=None, metadata={"help": text})
-
-
-@dataclass
-class PGRunConfig:
-    """Top-level options shared with ``train.nft``; algorithms add ``sample`` and ``train`` sections."""
-
-    preset: str = field(default="tiny", metadata={"help": "named setup (see --help's preset list)"})
-    model: str | None = _h(
-        "local diffusers directory (SD3/SD3.5/FLUX pipeline, or SD1.5-style UNet for DDPO)"
-    )
-    prompts: str | None = _h("training prompts for a --model run: a text file, one prompt per line")
-    eval_prompts: str | None = _h("held-out prompts for a --model run (default: --prompts)")
-    reward: str = field(default="geneval_mini", metadata={"help": "reward name(s), comma separated"})
-    reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "one weight per reward"})
-    reward_aggregation: str = field(default="zmean", metadata={"help": "zmean, min or mean_minus_std"})
-    reward_clip_path: str | None = _h("local CLIP directory for the clip_score reward")
-    run_dir: str | None = _h("run directory (default: runs/<algo>-<timestamp>)")
-    resume: str | None = _h("resume the run in this directory")
-    max_minutes: float | None = _h("stop after this many minutes of this invocation")
-    max_iters: int | None = field(default=100, metadata={"help": "stop after this many iterations in total"})
-    seed: int = field(default=0, metadata={"help": "seed of every random draw"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    models: ModelConfig = field(default_factory=ModelConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    log: LogConfig = field(default_factory=LogConfig)
+PGRunConfig = RunConfig  # the top-level options every loop shares (train.loop)
 
 
 def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
@@ -183,14 +145,7 @@ def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
         )
     if tc.autocast not in ("none", "bfloat16", "float16"):
         raise ConfigError(f"--train.autocast: expected none, bfloat16 or float16, got {tc.autocast!r}")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: expected a machine with CUDA for 'cuda', found none")
-    if cfg.preset not in embedded_presets or cfg.model:
-        check_model_path(cfg.model, preset=cfg.preset)
-        read_prompt_file(cfg.prompts, "--prompts")
-        read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
+    validate_run(cfg, embedded_presets=embedded_presets)
 
 
 def resolve_solver(solver: str, denoiser) -> str:
@@ -457,7 +412,7 @@ class PerPromptStatTracker:
 # ------------------------------------------------------------------------------------------------------------
 # The loop
 # ------------------------------------------------------------------------------------------------------------
-class PolicyGradientTrainer:
+class PolicyGradientTrainer(Trainer):
     """Rollout (current ``default`` adapter; its log-probs are PPO's "old" ones) -> reward -> advantage ->
     per-step policy-gradient updates -> eval EMA -> evaluation -> checkpoint.  Subclasses define
     :meth:`advantages` and :meth:`step_loss` (and may add state with :meth:`extra_state`)."""
@@ -465,25 +420,15 @@ class PolicyGradientTrainer:
     algo = "pg"
 
     def __init__(self, cfg, run_dir, policy: Policy, reward, evaluator: Evaluator):
-        self.cfg, self.run_dir, self.policy, self.reward, self.evaluator = (
-            cfg,
-            run_dir,
-            policy,
-            reward,
-            evaluator,
-        )
-        tc = cfg.train
+        super().__init__(cfg, run_dir, policy, reward, evaluator)
         self.solver = resolve_solver(cfg.sample.solver, policy.denoiser)
         if not isinstance(policy.denoiser, BatchInvariantDenoiser):
             policy.denoiser = BatchInvariantDenoiser(
-                policy.denoiser, cfg.sample.forward_chunk, autocast=tc.autocast
+                policy.denoiser, cfg.sample.forward_chunk, autocast=cfg.train.autocast
             )
-        self.params = policy.trainable_parameters()
-        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
-        self.iteration = 0
-        self.opt_step = 0
-        self.elapsed_offset = 0.0
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+
+    def describe(self) -> str:
+        return f"solver {self.solver}"
 
     # --- algorithm hooks ------------------------------------------------------------------------------------
     def advantages(self, traj: Trajectories) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -495,42 +440,10 @@ class PolicyGradientTrainer:
         ``parts``        holds detached tensors: ``ratio`` [b] and any of ``policy``, ``kl`` (scalars)."""
         raise NotImplementedError
 
-    def extra_state(self) -> dict:
-        return {}
-
-    def load_extra_state(self, state: dict) -> None:
-        pass
-
-    # --- state ----------------------------------------------------------------------------------------------
-    def state_dict(self, elapsed: float) -> dict:
-        return {
-            "iteration": self.iteration,
-            "opt_step": self.opt_step,
-            "elapsed_s": elapsed,
-            "policy": self.policy.adapter_state(),
-            "optimizer": self.opt.state_dict(),
-            "rng": common.rng_state(),
-            "config": to_dict(self.cfg),
-            "extra": self.extra_state(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.iteration, self.opt_step = state["iteration"], state["opt_step"]
-        self.elapsed_offset = state["elapsed_s"]
-        self.policy.load_adapter_state(state["policy"])
-        self.opt.load_state_dict(state["optimizer"])
-        common.set_rng_state(state["rng"])
-        self.load_extra_state(state.get("extra", {}))
-
     # --- one iteration --------------------------------------------------------------------------------------
     def rollout_and_reward(self, it: int) -> Trajectories:
-        cfg, sc = self.cfg, self.cfg.sample
-        prompts = self.policy.sample_train_prompts(
-            sc.prompts_per_iter, common.derive_seed(cfg.seed, it, "prompts")
-        )
-        group_ids = torch.arange(len(prompts)).repeat_interleave(sc.images_per_prompt)
-        batch_prompts = [prompts[i] for i in group_ids.tolist()]
-        seeds = [common.derive_seed(cfg.seed, it, "rollout", i) for i in range(len(batch_prompts))]
+        sc = self.cfg.sample
+        batch_prompts, group_ids, seeds = self.sample_groups(it)
         with nvtx_range("rollout"), self.policy.adapter("default"):
             return collect_rollouts(
                 self.policy,
@@ -607,182 +520,18 @@ class PolicyGradientTrainer:
         )
         return out
 
-    def optimizer_step(self) -> None:
-        tc = self.cfg.train
-        gn = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
-        if not torch.isfinite(gn):
-            raise common.TrainingStopped(
-                f"non-finite gradient norm ({float(gn)}) at optimizer step {self.opt_step}"
-            )
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-        self.opt_step += 1
-        self.policy.update_eval_ema(self.opt_step)
-
-    def progress(self, it, desc):
-        if not self.cfg.log.progress:
-            return it
-        from tqdm.auto import tqdm
-
-        return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
-
-    # --- the loop -------------------------------------------------------------------------------------------
-    def run(self, metrics: common.MetricsLogger) -> None:
-        cfg = self.cfg
-        clock = common.Stopwatch(self.elapsed_offset)
-        t_start = time.perf_counter()
-        iter_times = []
-        if self.iteration == 0:
-            self.evaluate(0, clock, metrics, base=True)
-        with common.GracefulInterrupt() as interrupt:
-            while cfg.max_iters is None or self.iteration < cfg.max_iters:
-                if cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes:
-                    print(f"stopping: --max-minutes {cfg.max_minutes} reached", flush=True)
-                    break
-                it = self.iteration + 1
-                t0 = time.perf_counter()
-                try:
-                    traj = self.rollout_and_reward(it)
-                except RewardError as e:
-                    common.save_checkpoint(self.run_dir, self.iteration, self.state_dict(clock()))
-                    raise common.TrainingStopped(
-                        f"{e}. Checkpoint of iteration {self.iteration} written to "
-                        f"{self.run_dir / 'checkpoints'}; resume with --resume {self.run_dir}"
-                    ) from None
-                adv, mask, adv_stats = self.advantages(traj)
-                with nvtx_range("train"):
-                    stats = self.train_on(it, traj, adv, mask)
-                if not math.isfinite(stats.get("train/loss", 0.0)):
-                    common.save_checkpoint(self.run_dir, self.iteration, self.state_dict(clock()))
-                    raise common.TrainingStopped(f"non-finite loss at iteration {it}")
-                self.iteration = it
-                iter_times.append(time.perf_counter() - t0)
-                vals = {
-                    "train/reward_mean": traj.rewards.mean(),
-                    "train/reward_std": traj.rewards.std(unbiased=False),
-                    **adv_stats,
-                    **stats,
-                    "train/iter_s": iter_times[-1],
-                }
-                if len(traj.reward_components) > 1:
-                    vals.update({f"train/reward/{k}": v.mean() for k, v in traj.reward_components.items()})
-                metrics.log(it, clock(), vals)
-                print(
-                    f"iter {it:4d} | reward {float(traj.rewards.mean()):.3f} | "
-                    f"loss {stats.get('train/loss', float('nan')):.3e} | "
-                    f"kl {stats.get('train/kl', 0.0):.2e} | ratio dev {stats['ratio/first_abs_dev']:.1e} | "
-                    f"{iter_times[-1]:.1f}s | {clock() / 60:.1f} min",
-                    flush=True,
-                )
-                if it % cfg.eval.every == 0:
-                    self.evaluate(it, clock, metrics)
-                if it % cfg.log.checkpoint_every == 0 or interrupt.requested:
-                    common.save_checkpoint(self.run_dir, it, self.state_dict(clock()))
-                if interrupt.requested:
-                    print(
-                        f"interrupted: checkpoint of iteration {it} written; "
-                        f"resume with --resume {self.run_dir}"
-                    )
-                    break
-        if self.iteration % cfg.eval.every != 0:
-            self.evaluate(self.iteration, clock, metrics)
-        common.save_checkpoint(self.run_dir, self.iteration, self.state_dict(clock()))
-        self.pool.shutdown()
-        dev = self.policy.device
-        mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
-        print(
-            f"done: {self.iteration} iterations, {clock() / 60:.1f} min, {mean_it:.2f} s/iteration, "
-            f"peak memory {common.peak_memory_mb(dev):.0f} MB "
-            f"({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})",
-            flush=True,
-        )
-
-    def evaluate(self, it, clock, metrics, base=False):
-        shift = self.cfg.sample.shift
-        with nvtx_range("eval"), torch.no_grad():
-            res = self.evaluator.run(self.policy, it, self.run_dir, shift=shift)
-            vals = {f"eval/{k}": v for k, v in res.items()}
-            if base:
-                base_res = self.evaluator.run(self.policy, it, self.run_dir, base_cfg=True, shift=shift)
-                vals.update({f"eval/base_cfg/{k}": v for k, v in base_res.items()})
-        metrics.log(it, clock(), vals)
-        extra = f" | base CFG {vals['eval/base_cfg/score']:.3f}" if base else ""
-        print(f"eval {it:4d} | score {vals['eval/score']:.3f}{extra}", flush=True)
+    def train_iteration(self, it: int) -> tuple[dict, str]:
+        traj = self.rollout_and_reward(it)
+        adv, mask, adv_stats = self.advantages(traj)
+        with nvtx_range("train"):
+            stats = self.train_on(it, traj, adv, mask)
+        vals = {"train/reward_mean": traj.rewards.mean(), "train/reward_std": traj.rewards.std(unbiased=False),
+                **adv_stats, **stats}
+        if len(traj.reward_components) > 1:
+            vals.update({f"train/reward/{k}": v.mean() for k, v in traj.reward_components.items()})
+        summary = (f"reward {float(traj.rewards.mean()):.3f} | loss {stats.get('train/loss', float('nan')):.3e} | "
+                   f"kl {stats.get('train/kl', 0.0):.2e} | ratio dev {stats['ratio/first_abs_dev']:.1e}")
+        return vals, summary
 
 
-# ------------------------------------------------------------------------------------------------------------
-def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) -> int:
-    """The CLI of a policy-gradient module (same options, run directory, resume and exit codes as train.nft):
-    0 done, 1 training stopped (reward failure, NaN), 2 bad input (before any work)."""
-    algo = trainer_cls.algo
-    try:
-        cfg = parse_cli(
-            config_cls, argv, prog=f"train.{algo}", description=doc.split("\n")[0], presets=presets
-        )
-        resume_dir = None
-        if cfg.resume:
-            cfg_file = common.Path(cfg.resume) / "config.json"
-            if not cfg_file.exists():
-                raise ConfigError(f"--resume: expected {cfg_file}, found none")
-            overrides = {"max_iters": cfg.max_iters, "max_minutes": cfg.max_minutes}
-            saved = json.loads(cfg_file.read_text())
-            cfg = dataclasses.replace(from_dict(config_cls, saved), **overrides)
-            cfg.resume = None
-            resume_dir = common.Path(cfg.run_dir)
-        validate(cfg)
-        reward = build_reward(
-            cfg.reward,
-            weights=cfg.reward_weights,
-            aggregation=cfg.reward_aggregation,
-            clip_path=cfg.reward_clip_path,
-        )
-        run_dir = common.prepare_run_dir(
-            cfg.run_dir, algo=algo, resume=str(resume_dir) if resume_dir else None
-        )
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    cfg.run_dir = str(run_dir)
-    common.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
-    try:
-        policy = build_policy(
-            cfg.models,
-            preset=cfg.preset,
-            model_path=cfg.model,
-            device=device,
-            seed=cfg.seed,
-            prompts=cfg.prompts,
-            eval_prompts=cfg.eval_prompts,
-        )
-        evaluator = Evaluator(cfg.eval, seed=cfg.seed, reward=reward)
-        trainer = trainer_cls(cfg, run_dir, policy, reward, evaluator)
-    except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    resume_iter = None
-    if resume_dir is not None:
-        trainer.load_state_dict(common.load_checkpoint(run_dir))
-        resume_iter = trainer.iteration
-        print(f"resumed {run_dir} at iteration {trainer.iteration}", flush=True)
-    metrics = common.MetricsLogger(
-        run_dir, loggers=cfg.log.loggers, config=to_dict(cfg), resume_iteration=resume_iter
-    )
-    print(
-        f"run dir: {run_dir} | device {device} | preset {cfg.preset} | reward {cfg.reward} | "
-        f"solver {trainer.solver}",
-        flush=True,
-    )
-    try:
-        trainer.run(metrics)
-    except common.TrainingStopped as e:
-        print(f"error: training stopped: {e}", file=sys.stderr)
-        return 1
-    finally:
-        metrics.close()
-    return 0
+main = loop_main
