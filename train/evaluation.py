@@ -87,9 +87,10 @@ class Evaluator:
             reward, _ = self.reward(images, texts)
             res = {"score": float(reward.mean())}
             shown = reward
+        # spread the grid over the whole held-out list, so every task type shows up
         n = min(self.cfg.grid_images, len(prompts))
+        pick = torch.linspace(0, len(prompts) - 1, n).round().long().tolist()
         name = "base_cfg.png" if base_cfg else f"iter_{iteration:06d}.png"
-        save_grid(
-            images[:n], texts[:n], Path(run_dir) / "samples" / name, scores=[float(s) for s in shown[:n]]
-        )
+        save_grid(images[pick], [texts[i] for i in pick], Path(run_dir) / "samples" / name,
+                  scores=[float(shown[i]) for i in pick])
         return {k: float(v) for k, v in res.items()}
