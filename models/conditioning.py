@@ -36,8 +36,13 @@ class Conditioning:
         return self.prompt_embeds.shape[0]
 
     def _map(self, fn) -> Conditioning:
-        return replace(self, **{f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
-                                for f in fields(self)})
+        return replace(
+            self,
+            **{
+                f.name: (None if getattr(self, f.name) is None else fn(getattr(self, f.name)))
+                for f in fields(self)
+            },
+        )
 
     def __getitem__(self, idx) -> Conditioning:
         return self._map(lambda t: t[idx])

@@ -49,7 +49,9 @@ class RunConfig:
     """Top-level options shared by every loop; algorithms add ``sample`` and ``train`` sections."""
 
     preset: str = field(default="tiny", metadata={"help": "named setup (see the preset list above)"})
-    model: str | None = _h("local diffusers directory (SD3/SD3.5/FLUX pipeline or transformer; UNet for DDPO)")
+    model: str | None = _h(
+        "local diffusers directory (SD3/SD3.5/FLUX pipeline or transformer; UNet for DDPO)"
+    )
     prompts: str | None = _h("training prompts for a --model run: a text file, one prompt per line")
     eval_prompts: str | None = _h("held-out prompts for a --model run (default: --prompts)")
     reward: str = field(default="geneval_mini", metadata={"help": "reward name(s), comma separated"})
@@ -81,7 +83,9 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: expected a machine with CUDA for 'cuda', found none")
-    check_at_least_one([("--eval.every", cfg.eval.every), ("--log.checkpoint-every", cfg.log.checkpoint_every)])
+    check_at_least_one(
+        [("--eval.every", cfg.eval.every), ("--log.checkpoint-every", cfg.log.checkpoint_every)]
+    )
     if cfg.preset not in embedded_presets or cfg.model:
         check_model_path(cfg.model, preset=cfg.preset)
         read_prompt_file(cfg.prompts, "--prompts")
@@ -94,7 +98,13 @@ class Trainer:
     algo = "base"
 
     def __init__(self, cfg, run_dir, policy: Policy, reward, evaluator: Evaluator):
-        self.cfg, self.run_dir, self.policy, self.reward, self.evaluator = cfg, run_dir, policy, reward, evaluator
+        self.cfg, self.run_dir, self.policy, self.reward, self.evaluator = (
+            cfg,
+            run_dir,
+            policy,
+            reward,
+            evaluator,
+        )
         tc = cfg.train
         self.params = policy.trainable_parameters()
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -145,7 +155,9 @@ class Trainer:
         """Iteration ``it``'s prompts, ``images_per_prompt`` images each -> ``(prompt per image, group ids [B],
         seed per image)``; drawn from ``(seed, it)`` alone, so a resumed run draws the same."""
         sc, seed = self.cfg.sample, self.cfg.seed
-        prompts = self.policy.sample_train_prompts(sc.prompts_per_iter, common.derive_seed(seed, it, "prompts"))
+        prompts = self.policy.sample_train_prompts(
+            sc.prompts_per_iter, common.derive_seed(seed, it, "prompts")
+        )
         group_ids = torch.arange(len(prompts)).repeat_interleave(sc.images_per_prompt)
         batch_prompts = [prompts[i] for i in group_ids.tolist()]
         seeds = [common.derive_seed(seed, it, "rollout", i) for i in range(len(batch_prompts))]
@@ -219,13 +231,17 @@ class Trainer:
                 iter_times.append(time.perf_counter() - t0)
                 vals["train/iter_s"] = iter_times[-1]
                 metrics.log(it, clock(), vals)
-                print(f"iter {it:4d} | {summary} | {iter_times[-1]:.1f}s | {clock() / 60:.1f} min", flush=True)
+                print(
+                    f"iter {it:4d} | {summary} | {iter_times[-1]:.1f}s | {clock() / 60:.1f} min", flush=True
+                )
                 if it % cfg.eval.every == 0:
                     self.evaluate(it, clock, metrics)
                 if it % cfg.log.checkpoint_every == 0 or interrupt.requested:
                     common.save_checkpoint(self.run_dir, it, self.state_dict(clock()))
                 if interrupt.requested:
-                    print(f"interrupted: checkpoint of iteration {it} written; resume with --resume {self.run_dir}")
+                    print(
+                        f"interrupted: checkpoint of iteration {it} written; resume with --resume {self.run_dir}"
+                    )
                     break
         if self.iteration % cfg.eval.every != 0:
             self.evaluate(self.iteration, clock, metrics)
@@ -244,7 +260,9 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
     """The command line of a training module: 0 done, 1 training stopped, 2 bad input (before any work)."""
     algo = trainer_cls.algo
     try:
-        cfg = parse_cli(config_cls, argv, prog=f"train.{algo}", description=doc.split("\n")[0], presets=presets)
+        cfg = parse_cli(
+            config_cls, argv, prog=f"train.{algo}", description=doc.split("\n")[0], presets=presets
+        )
         resume_dir = None
         if cfg.resume:
             cfg_file = common.Path(cfg.resume) / "config.json"
@@ -255,9 +273,15 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             cfg.resume = None
             resume_dir = common.Path(cfg.run_dir)
         validate(cfg)
-        reward = build_reward(cfg.reward, weights=cfg.reward_weights, aggregation=cfg.reward_aggregation,
-                              clip_path=cfg.reward_clip_path)
-        run_dir = common.prepare_run_dir(cfg.run_dir, algo=algo, resume=str(resume_dir) if resume_dir else None)
+        reward = build_reward(
+            cfg.reward,
+            weights=cfg.reward_weights,
+            aggregation=cfg.reward_aggregation,
+            clip_path=cfg.reward_clip_path,
+        )
+        run_dir = common.prepare_run_dir(
+            cfg.run_dir, algo=algo, resume=str(resume_dir) if resume_dir else None
+        )
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -269,8 +293,15 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
     else:
         device = torch.device(cfg.device)
     try:
-        policy = build_policy(cfg.models, preset=cfg.preset, model_path=cfg.model, device=device, seed=cfg.seed,
-                              prompts=cfg.prompts, eval_prompts=cfg.eval_prompts)
+        policy = build_policy(
+            cfg.models,
+            preset=cfg.preset,
+            model_path=cfg.model,
+            device=device,
+            seed=cfg.seed,
+            prompts=cfg.prompts,
+            eval_prompts=cfg.eval_prompts,
+        )
         evaluator = Evaluator(cfg.eval, seed=cfg.seed, reward=reward)
         trainer = trainer_cls(cfg, run_dir, policy, reward, evaluator)
     except (ConfigError, ValueError) as e:
@@ -281,11 +312,15 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
         trainer.load_state_dict(common.load_checkpoint(run_dir))
         resume_iter = trainer.iteration
         print(f"resumed {run_dir} at iteration {trainer.iteration}", flush=True)
-    metrics = common.MetricsLogger(run_dir, loggers=cfg.log.loggers, config=to_dict(cfg),
-                                   resume_iteration=resume_iter)
+    metrics = common.MetricsLogger(
+        run_dir, loggers=cfg.log.loggers, config=to_dict(cfg), resume_iteration=resume_iter
+    )
     extra = trainer.describe()
-    print(f"run dir: {run_dir} | device {device} | preset {cfg.preset} | reward {cfg.reward}"
-          f"{' | ' + extra if extra else ''}", flush=True)
+    print(
+        f"run dir: {run_dir} | device {device} | preset {cfg.preset} | reward {cfg.reward}"
+        f"{' | ' + extra if extra else ''}",
+        flush=True,
+    )
     try:
         trainer.run(metrics)
     except common.TrainingStopped as e:

@@ -99,11 +99,16 @@ def validate(cfg: NFTConfig) -> None:
     sc, tc = cfg.sample, cfg.train
     if sc.solver not in ("dpm2", "euler", "flow-sde", "cps"):
         raise ConfigError(f"--sample.solver: expected dpm2, euler, flow-sde or cps, got {sc.solver!r}")
-    check_at_least_one([
-        ("--sample.num-steps", sc.num_steps), ("--sample.prompts-per-iter", sc.prompts_per_iter),
-        ("--sample.images-per-prompt", sc.images_per_prompt), ("--sample.rollout-batch", sc.rollout_batch),
-        ("--train.batch-size", tc.batch_size), ("--train.grad-accum", tc.grad_accum),
-    ])
+    check_at_least_one(
+        [
+            ("--sample.num-steps", sc.num_steps),
+            ("--sample.prompts-per-iter", sc.prompts_per_iter),
+            ("--sample.images-per-prompt", sc.images_per_prompt),
+            ("--sample.rollout-batch", sc.rollout_batch),
+            ("--train.batch-size", tc.batch_size),
+            ("--train.grad-accum", tc.grad_accum),
+        ]
+    )
     if tc.beta <= 0:
         raise ConfigError(f"--train.beta: expected a value > 0, got {tc.beta}")
     if tc.adv_clip_max <= 0:
@@ -115,7 +120,9 @@ def validate(cfg: NFTConfig) -> None:
     if tc.adv_std not in ("global", "group"):
         raise ConfigError(f"--train.adv-std: expected global or group, got {tc.adv_std!r}")
     if not 0 < tc.timestep_fraction <= 1:
-        raise ConfigError(f"--train.timestep-fraction: expected a value in (0, 1], got {tc.timestep_fraction}")
+        raise ConfigError(
+            f"--train.timestep-fraction: expected a value in (0, 1], got {tc.timestep_fraction}"
+        )
     validate_run(cfg)
 
 
@@ -137,8 +144,13 @@ class NFTTrainer(Trainer):
             stats = self.train_on(it, prompts, x0, r)  # steps 4-6
         decay = old_decay(self.opt_step, cfg.train)
         self.policy.ema_old(decay)  # step 7
-        vals = {"train/reward_mean": rewards.mean(), "train/reward_std": rewards.std(unbiased=False), **stats,
-                "train/r_mean": r.mean(), "train/old_decay": decay}
+        vals = {
+            "train/reward_mean": rewards.mean(),
+            "train/reward_std": rewards.std(unbiased=False),
+            **stats,
+            "train/r_mean": r.mean(),
+            "train/old_decay": decay,
+        }
         if len(comps) > 1:
             vals.update({f"train/reward/{k}": v.mean() for k, v in comps.items()})
         summary = f"reward {float(rewards.mean()):.3f} | loss {stats['train/loss']:.4f} | kl {stats['train/kl']:.2e}"
@@ -229,8 +241,9 @@ class NFTTrainer(Trainer):
 
 
 def main(argv=None) -> int:
-    return loop_main(argv, config_cls=NFTConfig, presets=PRESETS, trainer_cls=NFTTrainer, validate=validate,
-                     doc=__doc__)
+    return loop_main(
+        argv, config_cls=NFTConfig, presets=PRESETS, trainer_cls=NFTTrainer, validate=validate, doc=__doc__
+    )
 
 
 if __name__ == "__main__":

@@ -525,12 +525,18 @@ class PolicyGradientTrainer(Trainer):
         adv, mask, adv_stats = self.advantages(traj)
         with nvtx_range("train"):
             stats = self.train_on(it, traj, adv, mask)
-        vals = {"train/reward_mean": traj.rewards.mean(), "train/reward_std": traj.rewards.std(unbiased=False),
-                **adv_stats, **stats}
+        vals = {
+            "train/reward_mean": traj.rewards.mean(),
+            "train/reward_std": traj.rewards.std(unbiased=False),
+            **adv_stats,
+            **stats,
+        }
         if len(traj.reward_components) > 1:
             vals.update({f"train/reward/{k}": v.mean() for k, v in traj.reward_components.items()})
-        summary = (f"reward {float(traj.rewards.mean()):.3f} | loss {stats.get('train/loss', float('nan')):.3e} | "
-                   f"kl {stats.get('train/kl', 0.0):.2e} | ratio dev {stats['ratio/first_abs_dev']:.1e}")
+        summary = (
+            f"reward {float(traj.rewards.mean()):.3f} | loss {stats.get('train/loss', float('nan')):.3e} | "
+            f"kl {stats.get('train/kl', 0.0):.2e} | ratio dev {stats['ratio/first_abs_dev']:.1e}"
+        )
         return vals, summary
 
 

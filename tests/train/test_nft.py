@@ -16,8 +16,22 @@ import train.nft as nft
 from train import common
 
 # A few images per iteration keeps each test to seconds on two cores.
-SMALL = ["--sample.prompts-per-iter", "2", "--sample.images-per-prompt", "4", "--train.batch-size", "8",
-         "--eval.num-prompts", "6", "--eval.every", "1", "--log.progress", "false", "--log.checkpoint-every", "1"]
+SMALL = [
+    "--sample.prompts-per-iter",
+    "2",
+    "--sample.images-per-prompt",
+    "4",
+    "--train.batch-size",
+    "8",
+    "--eval.num-prompts",
+    "6",
+    "--eval.every",
+    "1",
+    "--log.progress",
+    "false",
+    "--log.checkpoint-every",
+    "1",
+]
 TIMING_KEYS = ("elapsed_s", "train/iter_s")
 
 
@@ -29,14 +43,17 @@ def _strip(rows):
     return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--bogus", "1"], "--bogus: unknown option"),
-    (["--preset", "nope"], "--preset: expected one of tiny, sd3.5-m"),
-    (["--reward", "nope"], "--reward: expected names from"),
-    (["--train.beta", "0"], "--train.beta: expected a value > 0"),
-    (["--sample.solver", "heun"], "--sample.solver: expected dpm2"),
-    (["--preset", "sd3.5-m"], "--model: expected a local diffusers directory"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--bogus", "1"], "--bogus: unknown option"),
+        (["--preset", "nope"], "--preset: expected one of tiny, sd3.5-m"),
+        (["--reward", "nope"], "--reward: expected names from"),
+        (["--train.beta", "0"], "--train.beta: expected a value > 0"),
+        (["--sample.solver", "heun"], "--sample.solver: expected dpm2"),
+        (["--preset", "sd3.5-m"], "--model: expected a local diffusers directory"),
+    ],
+)
 def test_bad_input_fails_before_work(tmp_path, capsys, argv, needle):
     assert nft.main(["--run-dir", str(tmp_path / "r"), *argv]) == 2
     assert needle in capsys.readouterr().err
@@ -48,8 +65,9 @@ def test_model_must_be_a_diffusers_directory(tmp_path, capsys):
     (tmp_path / "notamodel" / "weights.bin").write_bytes(b"x")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")
-    code = nft.main(["--run-dir", str(tmp_path / "r"), "--model", str(tmp_path / "notamodel"), "--prompts",
-                     str(prompts)])
+    code = nft.main(
+        ["--run-dir", str(tmp_path / "r"), "--model", str(tmp_path / "notamodel"), "--prompts", str(prompts)]
+    )
     assert code == 2 and str(tmp_path / "notamodel") in capsys.readouterr().err
 
 
@@ -96,14 +114,33 @@ def test_nan_reward_stops_with_checkpoint(tmp_path, monkeypatch, capsys):
 def test_ctrl_c_writes_a_checkpoint_and_resumes(tmp_path):
     run = tmp_path / "r"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, "-m", "train.nft", "--run-dir", str(run), *SMALL, "--eval.every", "100",
-                             "--log.checkpoint-every", "100", "--max-iters", "50"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=Path(__file__).resolve().parents[2])
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "train.nft",
+            "--run-dir",
+            str(run),
+            *SMALL,
+            "--eval.every",
+            "100",
+            "--log.checkpoint-every",
+            "100",
+            "--max-iters",
+            "50",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=Path(__file__).resolve().parents[2],
+    )
     deadline = time.time() + 240
     metrics = run / "metrics.jsonl"
     while time.time() < deadline:
-        if metrics.exists() and any(json.loads(ln)["iteration"] >= 1 for ln in metrics.read_text().splitlines()):
+        if metrics.exists() and any(
+            json.loads(ln)["iteration"] >= 1 for ln in metrics.read_text().splitlines()
+        ):
             break
         time.sleep(0.5)
     proc.send_signal(signal.SIGINT)
@@ -121,9 +158,26 @@ def test_short_run_raises_the_reward(tmp_path):
     run with the learning rate at 0.  Both draw the same prompts, rollout seeds and training noise (derived
     from the seed and the iteration), so the difference is the effect of the updates alone.  JPEG
     compressibility gives a dense signal from the first iteration, which keeps the run short."""
-    argv = ["--reward", "jpeg_compressibility", "--sample.prompts-per-iter", "4", "--sample.images-per-prompt",
-            "4", "--train.batch-size", "8", "--eval.num-prompts", "6", "--eval.every", "100", "--log.progress",
-            "false", "--log.checkpoint-every", "100", "--max-iters", str(ITERS)]
+    argv = [
+        "--reward",
+        "jpeg_compressibility",
+        "--sample.prompts-per-iter",
+        "4",
+        "--sample.images-per-prompt",
+        "4",
+        "--train.batch-size",
+        "8",
+        "--eval.num-prompts",
+        "6",
+        "--eval.every",
+        "100",
+        "--log.progress",
+        "false",
+        "--log.checkpoint-every",
+        "100",
+        "--max-iters",
+        str(ITERS),
+    ]
     means = {}
     for name, lr in (("trained", "3e-3"), ("control", "0")):
         assert nft.main(["--run-dir", str(tmp_path / name), *argv, "--train.lr", lr]) == 0
