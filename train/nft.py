@@ -195,7 +195,10 @@ class NFTTrainer(Trainer):
             [torch.randperm(sc.num_steps, generator=g)[:n_train] for _ in range(n)]
         )  # [n, n_train]
         g_noise = common.iteration_generator(cfg.seed, it, "train-noise", device=dev)
-        loss_sum, kl_sum, kl_count, micro = 0.0, 0.0, 0, 0
+        # sums stay on the device: one host read per iteration, not one per forward
+        loss_sum = torch.zeros((), device=dev)
+        kl_sum = torch.zeros((), device=dev)
+        kl_count, micro = 0, 0
         batches = [perm[lo : lo + tc.batch_size] for lo in range(0, n, tc.batch_size)]
         self.opt.zero_grad(set_to_none=True)
         for bi, idx in enumerate(self.progress(batches, "train")):
@@ -230,14 +233,14 @@ class NFTTrainer(Trainer):
                     kl_coef=tc.kl_coef,
                 )
                 (loss / (n_train * tc.grad_accum)).backward()
-                loss_sum += float(loss.detach())
+                loss_sum += loss.detach()
                 if v_ref is not None:
-                    kl_sum += float(((v.detach().float() - v_ref.float()) ** 2).mean())
+                    kl_sum += ((v.detach().float() - v_ref.float()) ** 2).mean()
                     kl_count += 1
                 micro += 1
             if (bi + 1) % tc.grad_accum == 0 or bi + 1 == len(batches):
                 self.optimizer_step()
-        return {"train/loss": loss_sum / max(micro, 1), "train/kl": kl_sum / max(kl_count, 1)}
+        return {"train/loss": float(loss_sum) / max(micro, 1), "train/kl": float(kl_sum) / max(kl_count, 1)}
 
 
 def main(argv=None) -> int:

@@ -154,3 +154,34 @@ def paired_reward_gain(module, run_root: Path, argv: list, *, iters: int, last: 
         assert all(r["ratio/first_abs_dev"] == 0.0 for r in rows if r.get("train/trained_samples"))
         means.append(sum(r["train/reward_mean"] for r in rows[-last:]) / last)
     return means[0] - means[1]
+
+
+# The paired learning tests of Flow-GRPO and DDPO-IS (JPEG compressibility, small batches, few steps).
+JPEG_SHORT_RUN = [
+    "--reward",
+    "jpeg_compressibility",
+    "--sample.num-steps",
+    "6",
+    "--sample.prompts-per-iter",
+    "2",
+    "--sample.images-per-prompt",
+    "8",
+    "--sample.rollout-batch",
+    "16",
+    "--train.batch-size",
+    "4",
+    "--sample.forward-chunk",
+    "8",
+    "--train.lr",
+    "1e-2",
+    "--train.clip-range",
+    "1e-2",
+    "--eval.num-prompts",
+    "2",
+    "--eval.every",
+    "100",
+    "--eval.num-steps",
+    "4",
+    "--log.progress",
+    "false",
+]

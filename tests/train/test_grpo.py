@@ -17,6 +17,7 @@ from train.config import parse_cli
 
 from ._pg_helpers import (
     HAVE_CHECKPOINT,
+    JPEG_SHORT_RUN,
     bf16_autocast_ok,
     build_trainer,
     paired_reward_gain,
@@ -286,35 +287,6 @@ def test_short_run_raises_the_reward(tmp_path):
     """Flow-GRPO on the embedded default, JPEG compressibility (DDPO's dense reward): over the last 5 of 20
     iterations the training reward beats an lr-0 control run on the same prompts and seeds by a clear margin
     (calibrated on the shipped embedded default: gain 0.08 for Flow-GRPO, 0.10 for DDPO-IS)."""
-    argv = [
-        "--reward",
-        "jpeg_compressibility",
-        "--sample.num-steps",
-        "6",
-        "--sample.prompts-per-iter",
-        "2",
-        "--sample.images-per-prompt",
-        "8",
-        "--sample.rollout-batch",
-        "16",
-        "--train.batch-size",
-        "4",
-        "--sample.forward-chunk",
-        "8",
-        "--train.lr",
-        "1e-2",
-        "--train.clip-range",
-        "1e-2",
-        "--train.kl-beta",
-        "0",
-        "--eval.num-prompts",
-        "2",
-        "--eval.every",
-        "100",
-        "--eval.num-steps",
-        "4",
-        "--log.progress",
-        "false",
-    ]
+    argv = [*JPEG_SHORT_RUN, "--train.kl-beta", "0"]
     gain = paired_reward_gain(grpo, tmp_path, argv, iters=20, last=5)
     assert gain > 0.04, gain
