@@ -111,6 +111,12 @@ def _adapter_pairs(model: nn.Module, src: str, dst: str) -> tuple[list[torch.Ten
     return cache[(src, dst)]
 
 
+def reset_adapter_cache(model: nn.Module) -> None:
+    """Forget the cached parameter lists of :func:`copy_adapter` / :func:`ema_update_adapter`: needed after
+    something replaced the model's parameters (FSDP2's ``fully_shard`` swaps in sharded ones)."""
+    model.__dict__.pop("_nft_adapter_pairs", None)
+
+
 def add_adapters(model: nn.Module, *, rank: int = 32, alpha: float = 64,
                  target_modules: Iterable[str] | None = None, init: str | bool = "gaussian",
                  adapters: Iterable[str] = ("default", "old")) -> nn.Module:
@@ -195,11 +201,17 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer._disable_adapters = disabled
 
 
+def _local(tensors) -> list[torch.Tensor]:
+    """The local shards of FSDP2's DTensor parameters (identically sharded lists update shard by shard; foreach
+    ops have no DTensor sharding rule), the tensors themselves otherwise."""
+    return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
+
+
 @torch.no_grad()
 def copy_adapter(model: nn.Module, src: str = "default", dst: str = "old") -> None:
     """``dst <- src`` for every LoRA weight (one multi-tensor copy)."""
     src_params, dst_params = _adapter_pairs(model, src, dst)
-    torch._foreach_copy_(dst_params, src_params)
+    torch._foreach_copy_(_local(dst_params), _local(src_params))
 
 
 @torch.no_grad()
@@ -208,7 +220,7 @@ def ema_update_adapter(model: nn.Module, decay: float, src: str = "default", dst
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay: expected a value in [0, 1], got {decay}")
     src_params, dst_params = _adapter_pairs(model, src, dst)
-    torch._foreach_lerp_(dst_params, src_params, 1.0 - decay)
+    torch._foreach_lerp_(_local(dst_params), _local(src_params), 1.0 - decay)
 
 
 def old_adapter_decay(step: int, *, flat: int = 0, uprate: float = 1e-3, uphold: float = 0.5) -> float:
@@ -238,7 +250,7 @@ class EMA:
         """One EMA step; returns the decay used."""
         d = self.decay(step)
         current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in self.params]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - d)
+        torch._foreach_lerp_(_local(self.shadow), _local(current), 1.0 - d)
         self.num_updates += 1
         return d
 
@@ -248,7 +260,7 @@ class EMA:
         params = self.params if params is None else list(params)
         if len(params) != len(self.shadow):
             raise ValueError(f"params: expected {len(self.shadow)} tensors, got {len(params)}")
-        torch._foreach_copy_(params, self.shadow)
+        torch._foreach_copy_(_local(params), _local(self.shadow))
 
     @contextlib.contextmanager
     def average_parameters(self) -> Iterator[None]:
@@ -260,7 +272,7 @@ class EMA:
             yield
         finally:
             with torch.no_grad():
-                torch._foreach_copy_(self.params, saved)
+                torch._foreach_copy_(_local(self.params), _local(saved))
 
     def state_dict(self) -> dict:
         return {"shadow": [s.clone() for s in self.shadow], "num_updates": self.num_updates,

@@ -10,9 +10,11 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 import random
 import resource
+import shutil
 import signal
 import sys
 import tempfile
@@ -130,11 +132,10 @@ class MetricsLogger:
         for k, v in values.items():
             if isinstance(v, torch.Tensor):
                 v = v.detach().float().item()
-            rec[k] = (
-                float(v)
-                if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool)
-                else v
-            )
+            if isinstance(v, (float, int, np.floating, np.integer)) and not isinstance(v, bool):
+                v = float(v)
+                v = v if math.isfinite(v) else None  # strict JSON has no NaN / Infinity
+            rec[k] = v
         self._fh.write(json.dumps(rec) + "\n")
         self._fh.flush()
         numeric = {k: v for k, v in rec.items() if isinstance(v, float) and k not in ("iteration",)}
@@ -191,6 +192,20 @@ def atomic_save(obj: Any, path: Path) -> None:
         raise
 
 
+def _checkpoints(ckdir: Path) -> list[Path]:
+    """``iter_XXXXXX.pt`` files and ``iter_XXXXXX.dcp`` directories (FSDP2), oldest first."""
+    return sorted(list(ckdir.glob("iter_*.pt")) + list(ckdir.glob("iter_*.dcp")), key=lambda p: p.stem)
+
+
+def _prune(ckdir: Path, current: Path, keep: int) -> None:
+    for p in _checkpoints(ckdir)[:-keep] if keep > 0 else []:
+        if p != current:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def save_checkpoint(run_dir: Path, iteration: int, state: dict, *, keep: int = 2) -> Path:
     """Write ``checkpoints/iter_XXXXXX.pt`` atomically, then point ``latest`` at it; keep the newest ``keep``."""
     ckdir = Path(run_dir) / "checkpoints"
@@ -198,11 +213,37 @@ def save_checkpoint(run_dir: Path, iteration: int, state: dict, *, keep: int = 2
     path = ckdir / f"iter_{iteration:06d}.pt"
     atomic_save(state, path)
     atomic_write_text(ckdir / "latest", path.name)
-    olds = sorted(ckdir.glob("iter_*.pt"))[:-keep] if keep > 0 else []
-    for p in olds:
-        if p != path:
-            p.unlink(missing_ok=True)
+    _prune(ckdir, path, keep)
     return path
+
+
+def save_sharded_checkpoint(
+    run_dir: Path, iteration: int, sharded: dict, meta: dict, *, is_main: bool, barrier, keep: int = 2
+) -> Path:
+    """FSDP2: every rank writes its shards of ``sharded`` with ``torch.distributed.checkpoint`` into a hidden
+    temporary directory; rank 0 adds ``meta.pt`` (counters, RNG, config) and renames the directory into place
+    as ``iter_XXXXXX.dcp`` only when every rank has finished, then moves ``latest``: a crash at any point leaves
+    the previous checkpoint as the latest whole one."""
+    import torch.distributed.checkpoint as dcp
+
+    ckdir = Path(run_dir) / "checkpoints"
+    final = ckdir / f"iter_{iteration:06d}.dcp"
+    tmp = ckdir / f".iter_{iteration:06d}.dcp.tmp"
+    if is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    dcp.save(sharded, checkpoint_id=str(tmp))
+    barrier()
+    if is_main:
+        atomic_save(meta, tmp / "meta.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(ckdir / "latest", final.name)
+        _prune(ckdir, final, keep)
+    barrier()
+    return final
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -212,16 +253,20 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         p = ckdir / pointer.read_text().strip()
         if p.exists():
             return p
-    cands = sorted(ckdir.glob("iter_*.pt"))
+    cands = _checkpoints(ckdir)
     return cands[-1] if cands else None
 
 
 def load_checkpoint(run_dir: Path) -> dict:
+    """The latest checkpoint: a ``.pt`` state dict, or for an FSDP2 ``.dcp`` directory
+    ``{"meta": ..., "dcp_path": ...}`` (the shards are loaded in place by the trainer)."""
     path = latest_checkpoint(run_dir)
     if path is None:
         raise FileNotFoundError(
             f"--resume: expected a checkpoint under {Path(run_dir) / 'checkpoints'}, found none"
         )
+    if path.is_dir():
+        return {"meta": torch.load(path / "meta.pt", map_location="cpu", weights_only=False), "dcp_path": path}
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -304,3 +349,13 @@ class Stopwatch:
 
     def __call__(self) -> float:
         return self.offset + time.perf_counter() - self.t0
+
+
+class NullMetricsLogger:
+    """What ranks other than 0 log to: nothing (rank 0 writes the reduced metrics once)."""
+
+    def log(self, iteration: int, elapsed_s: float, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

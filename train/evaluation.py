@@ -49,9 +49,12 @@ class Evaluator:
         return [p for p in prompts for _ in range(self.cfg.images_per_prompt)]
 
     @torch.no_grad()
-    def sample(self, policy, prompts: list, *, base_cfg: bool, shift: float) -> torch.Tensor:
+    def sample(self, policy, prompts: list, *, base_cfg: bool, shift: float, index=None) -> torch.Tensor:
+        """Decoded samples of ``prompts``; ``index`` (default ``0..len-1``) are their positions in the held-out
+        list, which key the per-image seeds (so a sharded evaluation draws what a single process draws)."""
         c = self.cfg
-        seeds = [common.derive_seed(self.seed, "eval", i) for i in range(len(prompts))]
+        index = range(len(prompts)) if index is None else index
+        seeds = [common.derive_seed(self.seed, "eval", int(i)) for i in index]
         out = []
         # Epsilon models (SD1.5-style UNets, DDPO) have no flow ODE: the deterministic sampler is DDIM eta 0.
         epsilon = getattr(policy.denoiser, "prediction_type", "flow") == "epsilon"
@@ -70,27 +73,49 @@ class Evaluator:
         return torch.cat(out)
 
     def run(
-        self, policy, iteration: int, run_dir: Path, *, base_cfg: bool = False, shift: float = 3.0
+        self, policy, iteration: int, run_dir: Path, *, base_cfg: bool = False, shift: float = 3.0, dist=None
     ) -> dict:
+        """Evaluate and (rank 0) write the grid.  Under ``dist`` each rank samples an equal contiguous share of
+        the held-out list (padded by repeating the last prompt, so every rank runs the same forwards) and the
+        per-image scores are all-gathered: every rank returns the same numbers."""
         prompts = self._prompts(policy)
-        images = self.sample(policy, prompts, base_cfg=base_cfg, shift=shift)
+        n = len(prompts)
+        rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+        share = -(-n // world)
+        index = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
+        mine = [prompts[i] for i in index]
+        images = self.sample(policy, mine, base_cfg=base_cfg, shift=shift, index=index)
         texts = [policy.prompt_text(p) for p in prompts]
-        if hasattr(prompts[0], "task"):
+        geneval = hasattr(prompts[0], "task")
+        if geneval:
             from .rewards.geneval_mini import GenEvalMini
 
             scorer = GenEvalMini()
-            sc = scorer.score(images, prompts)
-            res = scorer.summarize(sc["strict"], prompts)
-            res["score_partial"] = scorer.summarize(sc["partial"], prompts)["score"]
-            shown = sc["strict"]
+            sc = scorer.score(images, mine)
+            local = torch.stack([sc["strict"].float(), sc["partial"].float()], 1)
         else:
-            reward, _ = self.reward(images, texts)
-            res = {"score": float(reward.mean())}
-            shown = reward
-        # spread the grid over the whole held-out list, so every task type shows up
-        n = min(self.cfg.grid_images, len(prompts))
-        pick = torch.linspace(0, len(prompts) - 1, n).round().long().tolist()
-        name = "base_cfg.png" if base_cfg else f"iter_{iteration:06d}.png"
-        save_grid(images[pick], [texts[i] for i in pick], Path(run_dir) / "samples" / name,
-                  scores=[float(shown[i]) for i in pick])
+            reward, _ = self.reward(images, [policy.prompt_text(p) for p in mine])
+            local = reward.float()[:, None]
+        # the grid spreads over the whole held-out list, so every task type shows up
+        g = min(self.cfg.grid_images, n)
+        pick = torch.linspace(0, n - 1, g).round().long().tolist()
+        grid_local = {i: images[i - rank * share] for i in pick if rank * share <= i < (rank + 1) * share}
+        if dist is not None and dist.enabled:
+            scores = dist.all_gather(local).flatten(0, 1)[:n]
+            grid = {k: v for part in dist.all_gather_object(grid_local) for k, v in part.items()}
+        else:
+            scores, grid = local[:n], grid_local
+        if geneval:
+            res = scorer.summarize(scores[:, 0], prompts)
+            res["score_partial"] = scorer.summarize(scores[:, 1], prompts)["score"]
+        else:
+            res = {"score": float(scores[:, 0].mean())}
+        if dist is None or dist.is_main:
+            name = "base_cfg.png" if base_cfg else f"iter_{iteration:06d}.png"
+            save_grid(
+                torch.stack([grid[i] for i in pick]),
+                [texts[i] for i in pick],
+                Path(run_dir) / "samples" / name,
+                scores=[float(scores[i, 0]) for i in pick],
+            )
         return {k: float(v) for k, v in res.items()}

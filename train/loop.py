@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -26,6 +27,16 @@ from engine import nvtx_range
 
 from . import common
 from .config import ConfigError, from_dict, parse_cli, to_dict
+from .distributed import (
+    Dist,
+    DistConfig,
+    DistributedError,
+    IterationPlan,
+    as_distributed_error,
+    launched_world_size,
+    validate_dist,
+    wrap_policy,
+)
 from .evaluation import EvalConfig, Evaluator
 from .policy import ModelConfig, Policy, build_policy, check_model_path, read_prompt_file
 from .rewards.registry import RewardError, build_reward
@@ -67,6 +78,7 @@ class RunConfig:
     models: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 def check_at_least_one(pairs) -> None:
@@ -97,7 +109,7 @@ class Trainer:
 
     algo = "base"
 
-    def __init__(self, cfg, run_dir, policy: Policy, reward, evaluator: Evaluator):
+    def __init__(self, cfg, run_dir, policy: Policy, reward, evaluator: Evaluator, dist: Dist | None = None):
         self.cfg, self.run_dir, self.policy, self.reward, self.evaluator = (
             cfg,
             run_dir,
@@ -105,6 +117,7 @@ class Trainer:
             reward,
             evaluator,
         )
+        self.dist = dist if dist is not None else Dist()
         tc = cfg.train
         self.params = policy.trainable_parameters()
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
@@ -130,44 +143,140 @@ class Trainer:
         pass
 
     # --- state ------------------------------------------------------------------------------------------------
-    def state_dict(self, elapsed: float) -> dict:
-        return {
+    def state_dict(self, elapsed: float, *, full: bool = True) -> dict:
+        """Counters, RNG, config and the algorithm's extra state; with ``full`` also the adapters and the
+        optimizer (FSDP2 checkpoints store those sharded instead)."""
+        state = {
             "iteration": self.iteration,
             "opt_step": self.opt_step,
             "elapsed_s": elapsed,
-            "policy": self.policy.adapter_state(),
-            "optimizer": self.opt.state_dict(),
             "rng": common.rng_state(),
             "config": to_dict(self.cfg),
             "extra": self.extra_state(),
+            "world_size": self.dist.world,
         }
+        if full:
+            state["policy"] = self.policy.adapter_state()
+            state["optimizer"] = self.opt.state_dict()
+        else:
+            state["eval_ema_updates"] = self.policy.eval_ema.num_updates
+        return state
 
     def load_state_dict(self, state: dict) -> None:
+        if "dcp_path" in state:  # an FSDP2 checkpoint: sharded tensors through torch.distributed.checkpoint
+            if self.dist.fsdp_root is None:
+                raise ValueError(
+                    f"--resume: {state['dcp_path']} is an FSDP checkpoint; expected --dist.strategy fsdp"
+                )
+            self._load_sharded(state["dcp_path"])
+            state = state["meta"]
+        elif self.dist.fsdp_root is not None:
+            raise ValueError(
+                "--resume: expected an FSDP (.dcp) checkpoint for --dist.strategy fsdp, got a .pt one"
+            )
+        else:
+            self.policy.load_adapter_state(state["policy"])
+            self.opt.load_state_dict(state["optimizer"])
         self.iteration, self.opt_step = state["iteration"], state["opt_step"]
         self.elapsed_offset = state["elapsed_s"]
-        self.policy.load_adapter_state(state["policy"])
-        self.opt.load_state_dict(state["optimizer"])
         common.set_rng_state(state["rng"])
+        if "eval_ema_updates" in state:
+            self.policy.eval_ema.num_updates = int(state["eval_ema_updates"])
         self.load_extra_state(state.get("extra", {}))
 
+    def _sharded_state(self) -> dict:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        pol = self.policy
+        return {
+            "default": {str(i): p for i, p in enumerate(pol.trainable_parameters())},
+            "old": {str(i): p for i, p in enumerate(pol._old)},
+            "eval_ema": {str(i): s for i, s in enumerate(pol.eval_ema.shadow)},
+            "optimizer": get_optimizer_state_dict(pol.transformer, self.opt),
+        }
+
+    def _load_sharded(self, path) -> None:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        state = self._sharded_state()
+        with torch.no_grad():
+            dcp.load(state, checkpoint_id=str(path))
+        set_optimizer_state_dict(self.policy.transformer, self.opt, state["optimizer"])
+
+    def save_checkpoint(self, iteration: int, elapsed: float) -> None:
+        """Rank 0 writes the replicated (DDP / single-process) state atomically; under FSDP2 every rank writes
+        its shards through ``torch.distributed.checkpoint``.  Every rank returns once the checkpoint is whole."""
+        if self.dist.fsdp_root is not None:
+            meta = {k: v for k, v in self.state_dict(elapsed, full=False).items()}
+            common.save_sharded_checkpoint(
+                self.run_dir,
+                iteration,
+                self._sharded_state(),
+                meta,
+                is_main=self.dist.is_main,
+                barrier=self.dist.barrier,
+            )
+            return
+        state = self.state_dict(elapsed)
+        if self.dist.is_main:
+            common.save_checkpoint(self.run_dir, iteration, state)
+        self.dist.barrier()
+
+    def say(self, *args, **kwargs) -> None:
+        """``print`` on rank 0 only."""
+        if self.dist.is_main:
+            print(*args, **kwargs)
+
     # --- shared steps -----------------------------------------------------------------------------------------
-    def sample_groups(self, it: int) -> tuple[list, torch.Tensor, list[int]]:
-        """Iteration ``it``'s prompts, ``images_per_prompt`` images each -> ``(prompt per image, group ids [B],
-        seed per image)``; drawn from ``(seed, it)`` alone, so a resumed run draws the same."""
-        sc, seed = self.cfg.sample, self.cfg.seed
+    def iteration_plan(self, it: int) -> IterationPlan:
+        """Iteration ``it``'s global batch (its prompts, ``images_per_prompt`` images each, one rollout seed per
+        image, the training order) and this rank's share; drawn from ``(seed, it)`` alone, so a resumed run and
+        a run on another world size draw the same (see :mod:`train.distributed`)."""
+        sc, tc, seed = self.cfg.sample, self.cfg.train, self.cfg.seed
         prompts = self.policy.sample_train_prompts(
             sc.prompts_per_iter, common.derive_seed(seed, it, "prompts")
         )
         group_ids = torch.arange(len(prompts)).repeat_interleave(sc.images_per_prompt)
         batch_prompts = [prompts[i] for i in group_ids.tolist()]
         seeds = [common.derive_seed(seed, it, "rollout", i) for i in range(len(batch_prompts))]
-        return batch_prompts, group_ids, seeds
+        order = torch.randperm(len(batch_prompts), generator=common.iteration_generator(seed, it, "order"))
+        return IterationPlan.build(
+            batch_prompts,
+            group_ids,
+            seeds,
+            order=order,
+            per_rank_step=tc.batch_size * tc.grad_accum,
+            rank=self.dist.rank,
+            world=self.dist.world,
+        )
+
+    def await_rewards(self, futures) -> tuple[torch.Tensor, dict]:
+        """This rank's ``(rewards, components)`` from its reward futures.  A reward failure on any rank raises
+        :class:`RewardError` on every rank (never a hang, never a silent zero)."""
+        err, results = None, []
+        try:
+            results = [f.result() for f in futures]
+        except RewardError as e:
+            err = str(e)
+        failed = [(r, e) for r, e in enumerate(self.dist.all_gather_object(err)) if e is not None]
+        if failed:
+            r, e = failed[0]
+            raise RewardError(e if not self.dist.enabled else f"rank {r}: {e}")
+        rewards = torch.cat([r for r, _ in results]).float()
+        return rewards, {k: torch.cat([c[k] for _, c in results]).float() for k in results[0][1]}
+
+    def to_global(self, plan: IterationPlan, local: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``local`` array (the plan's local order) all-gathered into the global order ``[n, ...]``."""
+        return plan.to_global(self.dist.all_gather(local))
 
     def optimizer_step(self) -> None:
         """Clip, step, zero, count, and update the eval EMA; a non-finite gradient stops the run before the
         step, so the parameters never take a NaN."""
         tc = self.cfg.train
         gn = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
+        if hasattr(gn, "full_tensor"):  # FSDP2: a replicated DTensor
+            gn = gn.full_tensor()
         if not torch.isfinite(gn):
             raise common.TrainingStopped(
                 f"non-finite gradient norm ({float(gn)}) at optimizer step {self.opt_step}; the last checkpoint "
@@ -179,7 +288,7 @@ class Trainer:
         self.policy.update_eval_ema(self.opt_step)
 
     def progress(self, it, desc):
-        if not self.cfg.log.progress:
+        if not self.cfg.log.progress or not self.dist.is_main:
             return it
         from tqdm.auto import tqdm
 
@@ -189,19 +298,21 @@ class Trainer:
         """Held-out evaluation (eval-EMA weights, CFG-free); with ``base`` also the base model with CFG."""
         shift = self.cfg.sample.shift
         with nvtx_range("eval"), torch.no_grad():
-            res = self.evaluator.run(self.policy, it, self.run_dir, shift=shift)
+            res = self.evaluator.run(self.policy, it, self.run_dir, shift=shift, dist=self.dist)
             vals = {f"eval/{k}": v for k, v in res.items()}
             if base:
-                base_res = self.evaluator.run(self.policy, it, self.run_dir, base_cfg=True, shift=shift)
+                base_res = self.evaluator.run(
+                    self.policy, it, self.run_dir, base_cfg=True, shift=shift, dist=self.dist
+                )
                 vals.update({f"eval/base_cfg/{k}": v for k, v in base_res.items()})
         metrics.log(it, clock(), vals)
         partial = f" | partial {vals['eval/score_partial']:.3f}" if "eval/score_partial" in vals else ""
         extra = f" | base CFG {vals['eval/base_cfg/score']:.3f}" if base else ""
-        print(f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra}", flush=True)
+        self.say(f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra}", flush=True)
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def run(self, metrics: common.MetricsLogger) -> None:
-        cfg = self.cfg
+        cfg, dist = self.cfg, self.dist
         clock = common.Stopwatch(self.elapsed_offset)
         t_start = time.perf_counter()
         iter_times = []
@@ -209,19 +320,23 @@ class Trainer:
             self.evaluate(0, clock, metrics, base=True)
         with common.GracefulInterrupt() as interrupt:
             while cfg.max_iters is None or self.iteration < cfg.max_iters:
-                if cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes:
-                    print(f"stopping: --max-minutes {cfg.max_minutes} reached", flush=True)
+                out_of_time = (
+                    cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes
+                )
+                if dist.any(out_of_time):  # every rank stops at the same iteration
+                    self.say(f"stopping: --max-minutes {cfg.max_minutes} reached", flush=True)
                     break
                 it = self.iteration + 1
                 t0 = time.perf_counter()
                 try:
                     vals, summary = self.train_iteration(it)
                 except RewardError as e:  # raised before any update: the state is still iteration it - 1
-                    common.save_checkpoint(self.run_dir, self.iteration, self.state_dict(clock()))
+                    self.save_checkpoint(self.iteration, clock())
                     raise common.TrainingStopped(
                         f"{e}. Checkpoint of iteration {self.iteration} written to "
                         f"{self.run_dir / 'checkpoints'}; resume with --resume {self.run_dir}"
                     ) from None
+                vals = dist.reduce_metrics(vals)
                 if not math.isfinite(vals.get("train/loss", 0.0)):
                     raise common.TrainingStopped(
                         f"non-finite loss at iteration {it}; the last checkpoint under "
@@ -231,26 +346,28 @@ class Trainer:
                 iter_times.append(time.perf_counter() - t0)
                 vals["train/iter_s"] = iter_times[-1]
                 metrics.log(it, clock(), vals)
-                print(
+                self.say(
                     f"iter {it:4d} | {summary} | {iter_times[-1]:.1f}s | {clock() / 60:.1f} min", flush=True
                 )
                 if it % cfg.eval.every == 0:
                     self.evaluate(it, clock, metrics)
-                if it % cfg.log.checkpoint_every == 0 or interrupt.requested:
-                    common.save_checkpoint(self.run_dir, it, self.state_dict(clock()))
-                if interrupt.requested:
-                    print(
+                stop = dist.any(interrupt.requested)
+                if it % cfg.log.checkpoint_every == 0 or stop:
+                    self.save_checkpoint(it, clock())
+                if stop:
+                    self.say(
                         f"interrupted: checkpoint of iteration {it} written; resume with --resume {self.run_dir}"
                     )
                     break
         if self.iteration % cfg.eval.every != 0:
             self.evaluate(self.iteration, clock, metrics)
-        common.save_checkpoint(self.run_dir, self.iteration, self.state_dict(clock()))
+        self.save_checkpoint(self.iteration, clock())
         self.pool.shutdown()
         dev = self.policy.device
         mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
-        print(
-            f"done: {self.iteration} iterations, {clock() / 60:.1f} min, {mean_it:.2f} s/iteration, "
+        world = f" x {dist.world} processes" if dist.enabled else ""
+        self.say(
+            f"done: {self.iteration} iterations, {clock() / 60:.1f} min, {mean_it:.2f} s/iteration{world}, "
             f"peak memory {common.peak_memory_mb(dev):.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})",
             flush=True,
         )
@@ -273,25 +390,85 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             cfg.resume = None
             resume_dir = common.Path(cfg.run_dir)
         validate(cfg)
+        validate_dist(cfg.dist, algo=algo)
+        world = launched_world_size()
+        n = cfg.sample.prompts_per_iter * cfg.sample.images_per_prompt
+        if n % world:
+            raise ConfigError(
+                f"WORLD_SIZE: expected a divisor of the global batch (--sample.prompts-per-iter x "
+                f"--sample.images-per-prompt = {n} images), got {world} processes"
+            )
         reward = build_reward(
             cfg.reward,
             weights=cfg.reward_weights,
             aggregation=cfg.reward_aggregation,
             clip_path=cfg.reward_clip_path,
         )
-        run_dir = common.prepare_run_dir(
-            cfg.run_dir, algo=algo, resume=str(resume_dir) if resume_dir else None
-        )
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {e}", file=sys.stderr)
         return 2
-    cfg.run_dir = str(run_dir)
-    common.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
-    torch.manual_seed(cfg.seed)
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dist = Dist.from_env(cfg.dist, cfg.device)
+    try:
+        return _run(cfg, dist, reward, algo=algo, resume_dir=resume_dir, trainer_cls=trainer_cls)
+    except DistributedError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 1
+    except RuntimeError as e:
+        err = as_distributed_error(e, dist.rank, dist.world) if dist.enabled else None
+        if err is None:
+            raise
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        dist.close()
+
+
+def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> None:
+    """Resuming on another world size keeps the global samples per optimizer step
+    (``batch_size * grad_accum * world``) by rescaling ``grad_accum`` when it divides; the step sets, and so
+    the run, then continue as they would have (up to float reduction order)."""
+    if saved_world == world:
+        return
+    tc = cfg.train
+    total = tc.grad_accum * saved_world
+    if total % world == 0:
+        say(
+            f"resume: world size {saved_world} -> {world}; --train.grad-accum {tc.grad_accum} -> {total // world} "
+            f"keeps {tc.batch_size * total} samples per optimizer step",
+            flush=True,
+        )
+        tc.grad_accum = total // world
     else:
-        device = torch.device(cfg.device)
+        say(
+            f"resume: world size {saved_world} -> {world}; {tc.batch_size * total} samples per optimizer step "
+            f"cannot be kept (grad_accum {tc.grad_accum} x {saved_world} is not a multiple of {world}): now "
+            f"{tc.batch_size * tc.grad_accum * world}",
+            flush=True,
+        )
+
+
+def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
+    """Everything after the argument checks, on every rank; rank 0 owns the run directory and the metrics."""
+    err, run_dir = None, None
+    if dist.is_main:
+        try:
+            run_dir = common.prepare_run_dir(
+                cfg.run_dir, algo=algo, resume=str(resume_dir) if resume_dir else None
+            )
+        except (FileNotFoundError, PermissionError) as e:
+            err = str(e)
+    err, run_dir = dist.all_gather_object((err, str(run_dir) if run_dir else None))[0]
+    if err:
+        if dist.is_main:
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+    run_dir = common.Path(run_dir)
+    cfg.run_dir = str(run_dir)
+    if dist.is_main:
+        common.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+    torch.manual_seed(cfg.seed)
+    device = dist.device(cfg.device)
     try:
         policy = build_policy(
             cfg.models,
@@ -302,29 +479,43 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             prompts=cfg.prompts,
             eval_prompts=cfg.eval_prompts,
         )
+        wrap_policy(policy, dist, cfg.dist)
         evaluator = Evaluator(cfg.eval, seed=cfg.seed, reward=reward)
-        trainer = trainer_cls(cfg, run_dir, policy, reward, evaluator)
+        trainer = trainer_cls(cfg, run_dir, policy, reward, evaluator, dist=dist)
     except (ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if dist.is_main:
+            print(f"error: {e}", file=sys.stderr)
         return 2
     resume_iter = None
     if resume_dir is not None:
-        trainer.load_state_dict(common.load_checkpoint(run_dir))
+        try:
+            state = common.load_checkpoint(run_dir)
+            trainer.load_state_dict(state)
+        except ValueError as e:
+            if dist.is_main:
+                print(f"error: {e}", file=sys.stderr)
+            return 2
+        rescale_accumulation(cfg, state.get("meta", state).get("world_size", 1), dist.world, trainer.say)
         resume_iter = trainer.iteration
-        print(f"resumed {run_dir} at iteration {trainer.iteration}", flush=True)
-    metrics = common.MetricsLogger(
-        run_dir, loggers=cfg.log.loggers, config=to_dict(cfg), resume_iteration=resume_iter
-    )
+        trainer.say(f"resumed {run_dir} at iteration {trainer.iteration}", flush=True)
+    if dist.is_main:
+        metrics = common.MetricsLogger(
+            run_dir, loggers=cfg.log.loggers, config=to_dict(cfg), resume_iteration=resume_iter
+        )
+    else:
+        metrics = common.NullMetricsLogger()
     extra = trainer.describe()
-    print(
+    procs = f" | {dist.world} processes ({cfg.dist.strategy})" if dist.enabled else ""
+    trainer.say(
         f"run dir: {run_dir} | device {device} | preset {cfg.preset} | reward {cfg.reward}"
-        f"{' | ' + extra if extra else ''}",
+        f"{' | ' + extra if extra else ''}{procs}",
         flush=True,
     )
     try:
         trainer.run(metrics)
     except common.TrainingStopped as e:
-        print(f"error: training stopped: {e}", file=sys.stderr)
+        if dist.is_main:
+            print(f"error: training stopped: {e}", file=sys.stderr)
         return 1
     finally:
         metrics.close()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
+from engine import per_sample_randn
 from engine.profiling import nvtx_range
 from models.lora import old_adapter_decay
 
@@ -137,11 +138,11 @@ class NFTTrainer(Trainer):
 
     def train_iteration(self, it: int) -> tuple[dict, str]:
         cfg = self.cfg
-        prompts, group_ids, x0, rewards, comps = self.rollout_and_reward(it)
-        adv = group_advantages(rewards, group_ids, std=cfg.train.adv_std)  # step 2
+        plan, x0, rewards, comps = self.rollout_and_reward(it)
+        adv = group_advantages(rewards, plan.group_ids, std=cfg.train.adv_std)  # step 2, over whole groups
         r = nft_optimality(adv, cfg.train.adv_clip_max)  # step 3
         with nvtx_range("train"):
-            stats = self.train_on(it, prompts, x0, r)  # steps 4-6
+            stats = self.train_on(it, plan, x0, r[plan.local])  # steps 4-6 on this rank's samples
         decay = old_decay(self.opt_step, cfg.train)
         self.policy.ema_old(decay)  # step 7
         vals = {
@@ -157,13 +158,16 @@ class NFTTrainer(Trainer):
         return vals, summary
 
     def rollout_and_reward(self, it: int):
-        """Steps 1-3: rollouts with the old adapter; rewards overlap the next rollout micro-batch."""
+        """Steps 1-3: this rank's rollouts with the old adapter (its share of the global batch, in training
+        order); rewards overlap the next rollout micro-batch and are all-gathered over whole groups.
+        -> ``(plan, local x0, global rewards, global reward components)``."""
         sc = self.cfg.sample
-        batch_prompts, group_ids, seeds = self.sample_groups(it)
+        plan = self.iteration_plan(it)
+        prompts, seeds = plan.local_prompts(), plan.local_seeds()
         x0s, futures = [], []
         with nvtx_range("rollout"), self.policy.adapter("old"), torch.no_grad():
-            for lo in self.progress(range(0, len(batch_prompts), sc.rollout_batch), "rollout"):
-                mb = batch_prompts[lo : lo + sc.rollout_batch]
+            for lo in self.progress(range(0, len(prompts), sc.rollout_batch), "rollout"):
+                mb = prompts[lo : lo + sc.rollout_batch]
                 x0 = self.policy.sample(
                     mb,
                     seeds[lo : lo + sc.rollout_batch],
@@ -177,69 +181,79 @@ class NFTTrainer(Trainer):
                 images = self.policy.decode(x0)
                 futures.append(self.pool.submit(self.reward, images.cpu(), mb))
         with nvtx_range("reward"):
-            results = [f.result() for f in futures]  # re-raises a RewardError from the worker
-        rewards = torch.cat([r for r, _ in results])
-        comps = {k: torch.cat([c[k] for _, c in results]) for k in results[0][1]}
-        return batch_prompts, group_ids, torch.cat(x0s), rewards, comps
+            rewards, comps = self.await_rewards(futures)  # re-raises a RewardError from any rank
+            rewards = self.to_global(plan, rewards)  # whole groups: advantages see every image of a prompt
+            comps = {k: self.to_global(plan, v) for k, v in comps.items()}
+        return plan, torch.cat(x0s), rewards, comps
 
-    def train_on(self, it: int, prompts, x0: torch.Tensor, r: torch.Tensor) -> dict:
-        """Steps 4-6 over every sample, then the optimizer; returns loss/kl means."""
+    def train_on(self, it: int, plan, x0: torch.Tensor, r: torch.Tensor) -> dict:
+        """Steps 4-6 over this rank's samples (``x0`` / ``r`` in the plan's local order), one optimizer step per
+        chunk of the global training order; returns loss/kl means.  Trained timesteps and noise are keyed by the
+        global sample index, so any world size draws the same."""
         cfg, tc, sc = self.cfg, self.cfg.train, self.cfg.sample
         dev = x0.device
-        n = x0.shape[0]
+        n = len(plan.prompts)
         sigmas = self.policy.sigmas(sc.num_steps, sc.shift).to(dev)  # [N+1], last 0
         n_train = max(1, int(tc.timestep_fraction * sc.num_steps))
         g = common.iteration_generator(cfg.seed, it, "train")
-        perm = torch.randperm(n, generator=g)  # shuffled sample order
         t_idx = torch.stack(
             [torch.randperm(sc.num_steps, generator=g)[:n_train] for _ in range(n)]
-        )  # [n, n_train]
-        g_noise = common.iteration_generator(cfg.seed, it, "train-noise", device=dev)
+        )  # [n, n_train] per global sample
+        numel = x0[0].numel()
         # sums stay on the device: one host read per iteration, not one per forward
         loss_sum = torch.zeros((), device=dev)
         kl_sum = torch.zeros((), device=dev)
         kl_count, micro = 0, 0
-        batches = [perm[lo : lo + tc.batch_size] for lo in range(0, n, tc.batch_size)]
+        steps = plan.steps(tc.batch_size)
         self.opt.zero_grad(set_to_none=True)
-        for bi, idx in enumerate(self.progress(batches, "train")):
-            cond = self.policy.encode([prompts[i] for i in idx.tolist()])
-            xb, rb = x0[idx], r[idx].to(dev)
-            for j in range(n_train):
-                t = sigmas[t_idx[idx, j].to(dev)]
-                noise = torch.randn(xb.shape, generator=g_noise, device=dev, dtype=torch.float32).to(xb.dtype)
-                x_t = kernels.interpolate(xb, noise, t)
-                ts = 1000.0 * t
-                with torch.no_grad():
-                    with self.policy.adapter("old"):
-                        v_old = self.policy.denoiser(x_t, ts, cond)
-                    want_ref = tc.kl_coef > 0 or (bi == 0 and j == 0)
-                    v_ref = None
-                    if want_ref:
-                        with self.policy.adapters_disabled():
-                            v_ref = self.policy.denoiser(x_t, ts, cond)
-                with self.policy.adapter("default"):
-                    v = self.policy.denoiser(x_t, ts, cond)
-                loss = kernels.nft_loss(
-                    v,
-                    v_old,
-                    xb,
-                    noise,
-                    t,
-                    rb,
-                    beta=tc.beta,
-                    adv_clip_max=tc.adv_clip_max,
-                    weighting=tc.weighting,
-                    v_ref=v_ref if tc.kl_coef > 0 else None,
-                    kl_coef=tc.kl_coef,
-                )
-                (loss / (n_train * tc.grad_accum)).backward()
-                loss_sum += loss.detach()
-                if v_ref is not None:
-                    kl_sum += ((v.detach().float() - v_ref.float()) ** 2).mean()
-                    kl_count += 1
-                micro += 1
-            if (bi + 1) % tc.grad_accum == 0 or bi + 1 == len(batches):
-                self.optimizer_step()
+        for si, mbs in enumerate(self.progress(steps, "train")):
+            for mi, mb in enumerate(mbs):
+                idx = mb.rows.to(dev)
+                cond = self.policy.encode([plan.prompts[i] for i in mb.gidx.tolist()])
+                xb, rb = x0[idx], r[mb.rows].to(dev)
+                noise_seeds = torch.tensor(
+                    [common.derive_seed(cfg.seed, it, "train-noise", i) for i in mb.gidx.tolist()],
+                    dtype=torch.int64,
+                ).to(dev)
+                for j in range(n_train):
+                    t = sigmas[t_idx[mb.gidx, j].to(dev)]
+                    noise = per_sample_randn(xb.shape[1:], noise_seeds, j * numel).to(xb.dtype)
+                    x_t = kernels.interpolate(xb, noise, t)
+                    ts = 1000.0 * t
+                    last = mi == len(mbs) - 1 and j == n_train - 1
+                    with torch.no_grad():
+                        with self.policy.adapter("old"):
+                            v_old = self.policy.denoiser(x_t, ts, cond)
+                        # without a KL term, the KL is still measured: on the first step's samples at their first timestep
+                        # (the same samples whatever the world size)
+                        want_ref = tc.kl_coef > 0 or (si == 0 and j == 0)
+                        v_ref = None
+                        if want_ref:
+                            with self.policy.adapters_disabled():
+                                v_ref = self.policy.denoiser(x_t, ts, cond)
+                    with self.dist.grad_sync(last), self.policy.adapter("default"):
+                        v = self.policy.train_denoiser(x_t, ts, cond)
+                        loss = kernels.nft_loss(
+                            v,
+                            v_old,
+                            xb,
+                            noise,
+                            t,
+                            rb,
+                            beta=tc.beta,
+                            adv_clip_max=tc.adv_clip_max,
+                            weighting=tc.weighting,
+                            v_ref=v_ref if tc.kl_coef > 0 else None,
+                            kl_coef=tc.kl_coef,
+                        )
+                        (loss * (mb.weight / n_train)).backward()
+                    if not mb.dummy:
+                        loss_sum += loss.detach()
+                        micro += 1
+                        if v_ref is not None:
+                            kl_sum += ((v.detach().float() - v_ref.float()) ** 2).mean()
+                            kl_count += 1
+            self.optimizer_step()
         return {"train/loss": float(loss_sum) / max(micro, 1), "train/kl": float(kl_sum) / max(kl_count, 1)}
 
 

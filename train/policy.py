@@ -76,14 +76,25 @@ class Policy:
         prompt_sampler: Callable | None = None,
     ):
         self.transformer, self.denoiser, self.encoder = transformer, denoiser, encoder
+        # the forward that carries gradients (DistributedDataParallel under torchrun; else the denoiser itself)
+        self.train_denoiser = denoiser
         self._decode = decode
         self.latent_shape = tuple(latent_shape)
         self.device, self.dtype = device, dtype
         self.train_prompts, self.test_prompts = train_prompts, test_prompts
         self.prompt_text = prompt_text
         self._prompt_sampler = prompt_sampler
-        self._trainable = [p for n, p in transformer.named_parameters() if "lora_" in n and ".default." in n]
-        self._old = [p for n, p in transformer.named_parameters() if "lora_" in n and ".old." in n]
+        self.refresh_parameters()
+
+    def refresh_parameters(self) -> None:
+        """Collect the ``default`` / ``old`` LoRA parameters (again after FSDP2 replaced them with sharded ones)
+        and start the eval EMA from them."""
+        from models.lora import reset_adapter_cache
+
+        reset_adapter_cache(self.transformer)
+        named = list(self.transformer.named_parameters())
+        self._trainable = [p for n, p in named if "lora_" in n and ".default." in n]
+        self._old = [p for n, p in named if "lora_" in n and ".old." in n]
         if not self._trainable or len(self._trainable) != len(self._old):
             raise RuntimeError(
                 "policy: expected matching 'default' and 'old' LoRA adapters on the transformer"

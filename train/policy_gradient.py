@@ -38,6 +38,7 @@ __all__ = [
     "PGTrainConfig",
     "LogConfig",
     "Trajectories",
+    "GroupBatch",
     "StepScore",
     "collect_rollouts",
     "score_steps",
@@ -186,9 +187,23 @@ class Trajectories:
     train_steps: tuple[int, ...]
     rewards: torch.Tensor
     reward_components: dict
+    plan: object = None  # the IterationPlan these (local) rollouts belong to (train.distributed)
 
     def __len__(self) -> int:
         return self.states.shape[0]
+
+
+@dataclass
+class GroupBatch:
+    """The global view of one iteration's rewards (every rank's, all-gathered): what advantages need."""
+
+    prompts: list
+    group_ids: torch.Tensor
+    rewards: torch.Tensor
+    reward_components: dict
+
+    def __len__(self) -> int:
+        return len(self.prompts)
 
 
 def _transition(solver, x, pred, p0, p1, *, noise_level, eta, sigma_max, prev_sample):
@@ -244,10 +259,12 @@ def collect_rollouts(
     reward,
     pool,
     progress,
+    await_rewards=None,
 ) -> Trajectories:
     """Roll out ``prompts`` (one Philox seed each) with the active adapter in micro-batches of
     ``sc.rollout_batch``, keeping trajectory and per-step log-probs; rewards run on ``pool`` while the next
-    micro-batch samples."""
+    micro-batch samples.  ``await_rewards(futures) -> (rewards, components)`` collects them (default: here,
+    re-raising a reward's error)."""
     states, log_probs, futures, last = [], [], [], None
     g = float(sc.guidance_scale)
     window = tuple(sc.sde_window) if sc.sde_window else None
@@ -279,7 +296,12 @@ def collect_rollouts(
             images = policy.decode(last.x0)
             futures.append(pool.submit(reward, images.cpu(), [policy.prompt_text(p) for p in mb]))
     with nvtx_range("reward"):
-        results = [f.result() for f in futures]  # re-raises a RewardError from the worker
+        if await_rewards is not None:
+            rewards, components = await_rewards(futures)
+        else:
+            results = [f.result() for f in futures]  # re-raises a RewardError from the worker
+            rewards = torch.cat([r for r, _ in results])
+            components = {k: torch.cat([c[k] for _, c in results]) for k in results[0][1]}
     sigma_max = None
     if solver == "flow-sde" and float(last.sigmas[0]) == 1.0 and 0 in last.sde_steps:
         sigma_max = float(last.sigmas[1])
@@ -297,8 +319,8 @@ def collect_rollouts(
         eta=float(sc.eta),
         guidance_scale=g,
         train_steps=_stochastic_steps(last, last.sde_steps),
-        rewards=torch.cat([r for r, _ in results]),
-        reward_components={k: torch.cat([c[k] for _, c in results]) for k in results[0][1]},
+        rewards=rewards,
+        reward_components=components,
     )
 
 
@@ -333,16 +355,19 @@ def score_steps(
     )
     kw = dict(noise_level=traj.noise_level, eta=traj.eta, sigma_max=sigma_max, prev_sample=prev)
 
-    def predict():
+    def predict(denoiser):
         return guided_prediction(
-            policy.denoiser, x, timestep, cond, uncond=uncond, guidance_scale=traj.guidance_scale
+            denoiser, x, timestep, cond, uncond=uncond, guidance_scale=traj.guidance_scale
         )
 
-    _, log_prob, mean, std = _transition(traj.solver, x, predict(), p0, p1, **kw)
+    # the gradient-carrying forward goes through policy.train_denoiser (DDP under torchrun): same module,
+    # same numbers
+    train_denoiser = getattr(policy, "train_denoiser", policy.denoiser)
+    _, log_prob, mean, std = _transition(traj.solver, x, predict(train_denoiser), p0, p1, **kw)
     mean_ref = None
     if with_ref:
         with torch.no_grad(), policy.adapters_disabled():
-            _, _, mean_ref, _ = _transition(traj.solver, x, predict(), p0, p1, **kw)
+            _, _, mean_ref, _ = _transition(traj.solver, x, predict(policy.denoiser), p0, p1, **kw)
     return StepScore(log_prob=log_prob, mean=mean, std=std, mean_ref=mean_ref)
 
 
@@ -419,13 +444,20 @@ class PolicyGradientTrainer(Trainer):
 
     algo = "pg"
 
-    def __init__(self, cfg, run_dir, policy: Policy, reward, evaluator: Evaluator):
-        super().__init__(cfg, run_dir, policy, reward, evaluator)
+    def __init__(self, cfg, run_dir, policy: Policy, reward, evaluator: Evaluator, dist=None):
+        super().__init__(cfg, run_dir, policy, reward, evaluator, dist=dist)
         self.solver = resolve_solver(cfg.sample.solver, policy.denoiser)
         if not isinstance(policy.denoiser, BatchInvariantDenoiser):
-            policy.denoiser = BatchInvariantDenoiser(
-                policy.denoiser, cfg.sample.forward_chunk, autocast=cfg.train.autocast
-            )
+            same = policy.train_denoiser is policy.denoiser
+            chunk, autocast = cfg.sample.forward_chunk, cfg.train.autocast
+            policy.denoiser = BatchInvariantDenoiser(policy.denoiser, chunk, autocast=autocast)
+            if same:
+                policy.train_denoiser = policy.denoiser
+            else:  # DDP: the same chunked forward around the wrapper, so training re-scores bit for bit
+                policy.train_denoiser = BatchInvariantDenoiser(
+                    policy.train_denoiser, chunk, autocast=autocast
+                )
+                policy.train_denoiser.prediction_type = policy.denoiser.prediction_type
 
     def describe(self) -> str:
         return f"solver {self.solver}"
@@ -442,76 +474,97 @@ class PolicyGradientTrainer(Trainer):
 
     # --- one iteration --------------------------------------------------------------------------------------
     def rollout_and_reward(self, it: int) -> Trajectories:
+        """This rank's share of iteration ``it``'s rollouts (see :class:`train.distributed.IterationPlan`),
+        with this rank's rewards; ``traj.plan`` maps them to the global batch."""
         sc = self.cfg.sample
-        batch_prompts, group_ids, seeds = self.sample_groups(it)
+        plan = self.iteration_plan(it)
         with nvtx_range("rollout"), self.policy.adapter("default"):
-            return collect_rollouts(
+            traj = collect_rollouts(
                 self.policy,
-                batch_prompts,
-                group_ids,
-                seeds,
+                plan.local_prompts(),
+                plan.group_ids[plan.local],
+                plan.local_seeds(),
                 sc,
                 solver=self.solver,
                 reward=self.reward,
                 pool=self.pool,
                 progress=self.progress,
+                await_rewards=self.await_rewards,
             )
+        traj.plan = plan
+        return traj
+
+    def global_batch(self, traj: Trajectories) -> GroupBatch:
+        """Every rank's rewards all-gathered into the global order: advantages see whole prompt groups."""
+        plan = traj.plan
+        return GroupBatch(
+            prompts=plan.prompts,
+            group_ids=plan.group_ids,
+            rewards=self.to_global(plan, traj.rewards.float()),
+            reward_components={k: self.to_global(plan, v.float()) for k, v in traj.reward_components.items()},
+        )
 
     def train_on(self, it: int, traj: Trajectories, adv: torch.Tensor, mask: torch.Tensor) -> dict:
-        """Per-step updates over the samples in ``mask``: each sample trains on a random
-        ``timestep_fraction`` of its SDE steps; ``ratio/first_abs_dev`` covers every log-prob computed
-        before the iteration's first optimizer step (first pass, unchanged parameters)."""
+        """Per-step updates over the samples in ``mask`` (``adv`` / ``mask`` in ``traj``'s local order): each
+        sample trains on a random ``timestep_fraction`` of its SDE steps (keyed by its global index); an
+        optimizer step covers one chunk of the global training order (see :class:`train.distributed.IterationPlan`);
+        ``ratio/first_abs_dev`` covers every log-prob computed before the iteration's first optimizer step
+        (first pass, unchanged parameters)."""
         cfg, tc = self.cfg, self.cfg.train
+        plan = traj.plan
         dev = traj.states.device
-        keep = torch.nonzero(mask).flatten()
+        mask_g = self.to_global(plan, mask.to(torch.uint8)).bool().cpu()
+        n = len(plan.prompts)
         steps_all = torch.tensor(traj.train_steps, dtype=torch.long)
         n_train = max(1, int(tc.timestep_fraction * len(steps_all)))
         stats = {"policy": 0.0, "kl": 0.0, "clip_frac": 0.0, "approx_kl": 0.0}
         count, micro, loss_sum, first_dev, first_n, max_dev = 0, 0, 0.0, 0.0, 0, 0.0
-        if keep.numel() == 0 or len(steps_all) == 0:
-            return {"train/trained_samples": 0, "ratio/first_abs_dev": float("nan")}
+        if int(mask_g.sum()) == 0 or len(steps_all) == 0:
+            # nothing to optimise (every group had equal rewards): no ratio was computed, none deviated
+            return {"train/trained_samples": 0, "ratio/first_abs_dev": 0.0, "ratio/first_count": 0}
         start_step = self.opt_step
         g = common.iteration_generator(cfg.seed, it, "train")
         adv = adv.to(dev)
         for epoch in range(tc.inner_epochs):
-            order = keep[torch.randperm(keep.numel(), generator=g)]
+            order = plan.order if epoch == 0 else torch.randperm(n, generator=g)
             t_idx = torch.stack(
-                [
-                    steps_all[torch.randperm(len(steps_all), generator=g)[:n_train]]
-                    for _ in range(keep.numel())
-                ]
-            )  # [n, n_train]: per-sample trained steps, in random order
-            batches = [
-                (order[lo : lo + tc.batch_size], t_idx[lo : lo + tc.batch_size])
-                for lo in range(0, keep.numel(), tc.batch_size)
-            ]
+                [steps_all[torch.randperm(len(steps_all), generator=g)[:n_train]] for _ in range(n)]
+            )  # [n, n_train]: per-sample trained steps (global index), in random order
             self.opt.zero_grad(set_to_none=True)
-            for bi, (rows, steps) in enumerate(self.progress(batches, f"train {epoch + 1}")):
+            for mbs in self.progress(
+                plan.steps(tc.batch_size, trainable=mask_g, order=order), f"train {epoch + 1}"
+            ):
                 first_pass = epoch == 0 and self.opt_step == start_step
-                for j in range(n_train):
-                    score = score_steps(self.policy, traj, rows, steps[:, j], with_ref=tc.kl_beta > 0)
-                    old = traj.log_probs[rows.to(dev), steps[:, j].to(dev)]
-                    loss, parts = self.step_loss(score, old, adv[rows.to(dev)], n_train)
-                    (loss / tc.grad_accum).backward()
-                    dev_abs = float((parts["ratio"].double() - 1.0).abs().max())
-                    max_dev = max(max_dev, dev_abs)
-                    if first_pass:
-                        first_dev, first_n = max(first_dev, dev_abs), first_n + parts["ratio"].numel()
-                    loss_sum += float(loss.detach())
-                    stats["policy"] += float(parts.get("policy", 0.0))
-                    stats["kl"] += float(parts.get("kl", 0.0))
-                    r = parts["ratio"]
-                    stats["clip_frac"] += float(((r - 1.0).abs() > tc.clip_range).float().mean())
-                    stats["approx_kl"] += float(0.5 * ((score.log_prob.detach() - old) ** 2).mean())
-                    count += 1
-                micro += 1
-                if (bi + 1) % tc.grad_accum == 0 or bi + 1 == len(batches):
-                    self.optimizer_step()
-        out = {f"train/{k}": v / count for k, v in stats.items()}
+                for mi, mb in enumerate(mbs):
+                    rows, steps = mb.rows, t_idx[mb.gidx]
+                    for j in range(n_train):
+                        last = mi == len(mbs) - 1 and j == n_train - 1
+                        with self.dist.grad_sync(last):
+                            score = score_steps(self.policy, traj, rows, steps[:, j], with_ref=tc.kl_beta > 0)
+                            old = traj.log_probs[rows.to(dev), steps[:, j].to(dev)]
+                            loss, parts = self.step_loss(score, old, adv[rows.to(dev)], n_train)
+                            (loss * mb.weight).backward()
+                        if mb.dummy:
+                            continue
+                        dev_abs = float((parts["ratio"].double() - 1.0).abs().max())
+                        max_dev = max(max_dev, dev_abs)
+                        if first_pass:
+                            first_dev, first_n = max(first_dev, dev_abs), first_n + parts["ratio"].numel()
+                        loss_sum += float(loss.detach())
+                        stats["policy"] += float(parts.get("policy", 0.0))
+                        stats["kl"] += float(parts.get("kl", 0.0))
+                        r = parts["ratio"]
+                        stats["clip_frac"] += float(((r - 1.0).abs() > tc.clip_range).float().mean())
+                        stats["approx_kl"] += float(0.5 * ((score.log_prob.detach() - old) ** 2).mean())
+                        count += 1
+                    micro += 0 if mb.dummy else 1
+                self.optimizer_step()
+        trained = int((mask.bool()).sum())
+        out = {f"train/{k}": v / max(count, 1) for k, v in stats.items()}
         out.update(
             {
-                "train/loss": loss_sum / micro,
-                "train/trained_samples": int(keep.numel()),
+                "train/loss": loss_sum / max(micro, 1),
+                "train/trained_samples": trained,
                 "train/trained_steps": n_train,
                 "ratio/first_abs_dev": first_dev,
                 "ratio/first_count": first_n,
@@ -522,21 +575,26 @@ class PolicyGradientTrainer(Trainer):
 
     def train_iteration(self, it: int) -> tuple[dict, str]:
         traj = self.rollout_and_reward(it)
-        adv, mask, adv_stats = self.advantages(traj)
+        batch = self.global_batch(traj)
+        adv_g, mask_g, adv_stats = self.advantages(batch)  # over whole groups, identical on every rank
+        local = traj.plan.local
         with nvtx_range("train"):
-            stats = self.train_on(it, traj, adv, mask)
+            stats = self.train_on(it, traj, adv_g[local], mask_g[local])
         vals = {
-            "train/reward_mean": traj.rewards.mean(),
-            "train/reward_std": traj.rewards.std(unbiased=False),
+            "train/reward_mean": batch.rewards.mean(),
+            "train/reward_std": batch.rewards.std(unbiased=False),
             **adv_stats,
             **stats,
         }
-        if len(traj.reward_components) > 1:
-            vals.update({f"train/reward/{k}": v.mean() for k, v in traj.reward_components.items()})
-        summary = (
-            f"reward {float(traj.rewards.mean()):.3f} | loss {stats.get('train/loss', float('nan')):.3e} | "
-            f"kl {stats.get('train/kl', 0.0):.2e} | ratio dev {stats['ratio/first_abs_dev']:.1e}"
-        )
+        if len(batch.reward_components) > 1:
+            vals.update({f"train/reward/{k}": v.mean() for k, v in batch.reward_components.items()})
+        if stats["train/trained_samples"]:
+            summary = (
+                f"reward {float(batch.rewards.mean()):.3f} | loss {stats['train/loss']:.3e} | "
+                f"kl {stats.get('train/kl', 0.0):.2e} | ratio dev {stats['ratio/first_abs_dev']:.1e}"
+            )
+        else:
+            summary = f"reward {float(batch.rewards.mean()):.3f} | every group has equal rewards: no update"
         return vals, summary
 
 

@@ -228,7 +228,7 @@ def test_equal_reward_groups_are_masked_out(tmp_path):
     mask[:4] = False
     assert trainer.train_on(1, traj, adv, mask)["train/trained_samples"] == 4
     out = trainer.train_on(2, traj, adv, torch.zeros_like(mask))
-    assert out["train/trained_samples"] == 0 and math.isnan(out["ratio/first_abs_dev"])
+    assert out["train/trained_samples"] == 0 and out["ratio/first_abs_dev"] == 0.0 and out["ratio/first_count"] == 0
 
 
 # ---------------------------------------------------------------------------------------------- CLI
