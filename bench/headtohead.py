@@ -31,7 +31,8 @@ DiffusionNFT dpm2 against flow-sde, and each CFG-free result against the base mo
 Writes ``<out-dir>/headtohead-<device>.json`` (``-quick`` added with ``--quick``) and a PNG of the score
 against training seconds and against iterations (drawn with PIL).
 
-Run: ``python -m bench.headtohead --minutes 9 --threads 1``; ``--quick`` is the CI smoke run.
+Run: ``python -m bench.headtohead --minutes 9 --threads 1``; ``--quick`` is the CI smoke run; ``--replot
+results.json`` redraws the PNG of a results file.
 """
 
 from __future__ import annotations
@@ -168,6 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default=str(_common.RESULTS_DIR), help="where the JSON and PNG go")
     p.add_argument("--quick", action="store_true", help="CI smoke run: 2 iterations of tiny batches per run")
     p.add_argument("--keep-runs", default=None, metavar="DIR", help="keep the run directories under DIR")
+    p.add_argument(
+        "--replot",
+        default=None,
+        metavar="JSON",
+        help="only redraw the PNG of an existing results file (next to it) and print its summary",
+    )
     p.add_argument(
         "--runs",
         default=",".join(r.name for r in RUNS),
@@ -695,7 +702,9 @@ def write_plot(doc: dict, path: Path) -> Path:
     ):  # fmt: skip
         series = [(n, colors[n], [(p[key], p["score"]) for p in r["curve"]]) for n, r in runs.items()]
         _panel(draw, box, series, key, xlabel, ylim, hlines, fonts, title)
-    draw.text((22, 310), "score", (0, 0, 0), fonts[0], anchor="lm")
+    label = Image.new("RGB", (300, 30), (255, 255, 255))
+    ImageDraw.Draw(label).text((150, 15), "held-out score", (0, 0, 0), fonts[0], anchor="mm")
+    img.paste(label.rotate(90, expand=True), (8, 310 - 150))
     # legend
     env = doc.get("environment", {})
 
@@ -780,6 +789,15 @@ def report(doc: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.replot:
+        src = Path(args.replot)
+        if not src.is_file():
+            print(f"error: --replot: expected a results JSON file, got {str(src)!r}", file=sys.stderr)
+            return 2
+        doc = json.loads(src.read_text())
+        print(report(doc))
+        print(f"plot written to {write_plot(doc, src.with_suffix('.png'))}")
+        return 0
     try:
         doc = run_all(args)
     except HeadToHeadError as e:

@@ -174,9 +174,11 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
     assert "--out-dir: expected a directory" in capsys.readouterr().err
 
 
-def test_quick_run_end_to_end(tmp_path):
+def test_quick_run_end_to_end(tmp_path, monkeypatch):
     """The three loops for real (tiny batches), with a budget small enough that the harness must stop each
     run with SIGINT after its first iteration (max-iters is 2)."""
+    # the runs take the CPU reference path, as the benchmark does outside pytest (not Triton's interpreter)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     out = tmp_path / "out"
     argv = ["--quick", "--threads", "1", "--minutes", "0.0001", "--out-dir", str(out)]
     rc = h2h.main([*argv, "--keep-runs", str(tmp_path)])
@@ -208,3 +210,13 @@ def test_quick_run_end_to_end(tmp_path):
     for key in ("grpo_vs_nft", "nft_flow_sde_vs_dpm2", "cfg_free_vs_base_cfg"):
         assert key in s
     assert Image.open(out / "headtohead-cpu-quick.png").size == (1500, 720)
+
+
+def test_replot_redraws_the_png_of_a_results_file(tmp_path, capsys):
+    src = tmp_path / "headtohead-cpu.json"
+    src.write_text(json.dumps(_doc(_runs())))
+    assert h2h.main(["--replot", str(src)]) == 0
+    assert Image.open(tmp_path / "headtohead-cpu.png").size == (1500, 720)
+    assert "grpo" in capsys.readouterr().out
+    assert h2h.main(["--replot", str(tmp_path / "missing.json")]) == 2
+    assert "--replot: expected a results JSON file" in capsys.readouterr().err
