@@ -359,9 +359,10 @@ class Trainer:
                         f"interrupted: checkpoint of iteration {it} written; resume with --resume {self.run_dir}"
                     )
                     break
-        if self.iteration % cfg.eval.every != 0:
-            self.evaluate(self.iteration, clock, metrics)
-        self.save_checkpoint(self.iteration, clock())
+            # still under the Ctrl-C handler: a SIGINT here only asks for what happens anyway
+            if self.iteration % cfg.eval.every != 0:
+                self.evaluate(self.iteration, clock, metrics)
+            self.save_checkpoint(self.iteration, clock())
         self.pool.shutdown()
         dev = self.policy.device
         mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
