@@ -8,14 +8,14 @@ Providers (all through ``engine.rollout`` with the fused solver step):
 * ``torch_compile``  the transformer under ``torch.compile`` (compile time reported apart), eager engine.
 
 Cases: the ``sd3.5-medium`` preset (random weights) at 512 px (latents ``[B, 16, 64, 64]``, batch 8 and 16,
-10 dpm2 steps, bf16, fixed random prompt embeddings ``[B, 333, 4096]`` / ``[B, 2048]``) and the embedded default
-model (pixels ``[B, 3, 32, 32]``, batch 16 and 128, fp32).  Reported: images/s (median over rounds, with the
-spread), seconds per rollout, peak memory, compile/capture time.  Large batches are where graphs stop
+10 dpm2 steps, bf16, fixed random prompt embeddings ``[B, 333, 4096]`` / ``[B, 2048]``) and the embedded
+default model (pixels ``[B, 3, 32, 32]``, batch 16 and 128, fp32).  Reported: images/s (median over rounds,
+with the spread), seconds per rollout, peak memory, compile/capture time.  Large batches are where graphs stop
 paying: the point is to know, so every case is measured, whatever it shows.
 
 Without a GPU the suite runs a quick mode (the embedded default, batch 4, 2 steps, eager only) so that the
-ordinary ``pytest`` over ``bench/`` stays fast.  ``python -m bench.bench_rollout`` runs the full comparison and
-writes ``bench/results/rollout-<device>.json`` (device, versions, commit, date).
+ordinary ``pytest`` over ``bench/`` stays fast.  ``python -m bench.bench_rollout`` runs the full comparison
+and writes ``bench/results/rollout-<device>.json`` (device, versions, commit, date).
 """
 
 from __future__ import annotations

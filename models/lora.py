@@ -18,8 +18,14 @@ from torch import nn
 
 # SPEC §2 step 8 (DiffusionNFT reference, SD3.5-M): the joint attention projections of every MMDiT block.
 SD3_TARGET_MODULES = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
 )
 # FLUX: the same names cover the double-stream blocks' joint attention and the single-stream blocks' q/k/v
 # (single blocks have no to_out; their output projection is proj_out, shared with the MLP).
@@ -47,8 +53,9 @@ def _tuner_layers(model: nn.Module) -> list[nn.Module]:
 
         layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
         if not layers:
-            raise ValueError(f"model: expected a model with LoRA adapters, got a {type(model).__name__} "
-                             "with none")
+            raise ValueError(
+                f"model: expected a model with LoRA adapters, got a {type(model).__name__} with none"
+            )
         model.__dict__["_nft_tuner_layers"] = layers
     return layers
 
@@ -117,9 +124,15 @@ def reset_adapter_cache(model: nn.Module) -> None:
     model.__dict__.pop("_nft_adapter_pairs", None)
 
 
-def add_adapters(model: nn.Module, *, rank: int = 32, alpha: float = 64,
-                 target_modules: Iterable[str] | None = None, init: str | bool = "gaussian",
-                 adapters: Iterable[str] = ("default", "old")) -> nn.Module:
+def add_adapters(
+    model: nn.Module,
+    *,
+    rank: int = 32,
+    alpha: float = 64,
+    target_modules: Iterable[str] | None = None,
+    init: str | bool = "gaussian",
+    adapters: Iterable[str] = ("default", "old"),
+) -> nn.Module:
     """Add LoRA adapters (peft ``LoraConfig(r=rank, lora_alpha=alpha)``, scale ``alpha / rank``) in place.
 
     The first adapter is active and trainable; the others start as copies of it and are frozen; the base
@@ -202,8 +215,8 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def _local(tensors) -> list[torch.Tensor]:
-    """The local shards of FSDP2's DTensor parameters (identically sharded lists update shard by shard; foreach
-    ops have no DTensor sharding rule), the tensors themselves otherwise."""
+    """The local shards of FSDP2's DTensor parameters (identically sharded lists update shard by shard;
+    foreach ops have no DTensor sharding rule), the tensors themselves otherwise."""
     return [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
 
 
@@ -275,13 +288,17 @@ class EMA:
                 torch._foreach_copy_(_local(self.params), _local(saved))
 
     def state_dict(self) -> dict:
-        return {"shadow": [s.clone() for s in self.shadow], "num_updates": self.num_updates,
-                "max_decay": self.max_decay}
+        return {
+            "shadow": [s.clone() for s in self.shadow],
+            "num_updates": self.num_updates,
+            "max_decay": self.max_decay,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         shadow = state["shadow"]
-        if len(shadow) != len(self.shadow) or any(a.shape != b.shape for a, b in zip(shadow, self.shadow,
-                                                                                      strict=True)):
+        if len(shadow) != len(self.shadow) or any(
+            a.shape != b.shape for a, b in zip(shadow, self.shadow, strict=True)
+        ):
             raise ValueError(
                 f"state['shadow']: expected {len(self.shadow)} tensors shaped like the parameters, "
                 f"got {len(shadow)} with shapes {[tuple(s.shape) for s in shadow][:4]}..."
@@ -315,8 +332,9 @@ def save_lora(model: nn.Module, path: str | Path, adapter: str = "default") -> P
     state = {k: v.detach().contiguous() for k, v in state.items()}
     metadata = model.peft_config[adapter].to_dict()
     path = Path(path)
-    pipe_cls.save_lora_weights(path, **{f"{prefix}_lora_layers": state,
-                                        f"{prefix}_lora_adapter_metadata": metadata})
+    pipe_cls.save_lora_weights(
+        path, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": metadata}
+    )
     return path / LORA_WEIGHT_NAME
 
 
@@ -336,7 +354,7 @@ def load_lora(model: nn.Module, path: str | Path, adapter: str = "default") -> n
 
         state = pipe_cls.lora_state_dict(str(file))
         state = state[0] if isinstance(state, tuple) else state
-        state = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        state = {k[len(prefix) + 1 :]: v for k, v in state.items() if k.startswith(prefix + ".")}
         result = set_peft_model_state_dict(model, state, adapter_name=adapter)
         missing = [k for k in result.missing_keys if _adapter_of(k) == adapter]
         if missing or result.unexpected_keys:

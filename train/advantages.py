@@ -20,7 +20,8 @@ def group_advantages(
     rewards = rewards.float()
     if rewards.shape != group_ids.shape:
         raise ValueError(
-            f"group_ids: expected shape {tuple(rewards.shape)} (that of rewards), got {tuple(group_ids.shape)}"
+            f"group_ids: expected shape {tuple(rewards.shape)} (that of rewards), "
+            f"got {tuple(group_ids.shape)}"
         )
     inv, n = _group_index(group_ids)
     count = torch.zeros(n).index_add_(0, inv, torch.ones_like(rewards))
@@ -35,7 +36,8 @@ def group_advantages(
 
 
 def equal_reward_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Bool ``[B]``: True where the sample's prompt group has all-equal rewards (no signal; SPEC §3 masks them)."""
+    """Bool ``[B]``: True where the sample's prompt group has all-equal rewards (no signal; SPEC §3 masks
+    them)."""
     inv, n = _group_index(group_ids)
     big = torch.finfo(torch.float32).max
     lo = torch.full((n,), big).scatter_reduce(0, inv, rewards.float(), "amin")

@@ -207,7 +207,8 @@ def _prune(ckdir: Path, current: Path, keep: int) -> None:
 
 
 def save_checkpoint(run_dir: Path, iteration: int, state: dict, *, keep: int = 2) -> Path:
-    """Write ``checkpoints/iter_XXXXXX.pt`` atomically, then point ``latest`` at it; keep the newest ``keep``."""
+    """Write ``checkpoints/iter_XXXXXX.pt`` atomically, then point ``latest`` at it; keep the newest
+    ``keep``."""
     ckdir = Path(run_dir) / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     path = ckdir / f"iter_{iteration:06d}.pt"
@@ -222,8 +223,8 @@ def save_sharded_checkpoint(
 ) -> Path:
     """FSDP2: every rank writes its shards of ``sharded`` with ``torch.distributed.checkpoint`` into a hidden
     temporary directory; rank 0 adds ``meta.pt`` (counters, RNG, config) and renames the directory into place
-    as ``iter_XXXXXX.dcp`` only when every rank has finished, then moves ``latest``: a crash at any point leaves
-    the previous checkpoint as the latest whole one."""
+    as ``iter_XXXXXX.dcp`` only when every rank has finished, then moves ``latest``: a crash at any point
+    leaves the previous checkpoint as the latest whole one."""
     import torch.distributed.checkpoint as dcp
 
     ckdir = Path(run_dir) / "checkpoints"
@@ -266,7 +267,8 @@ def load_checkpoint(run_dir: Path) -> dict:
             f"--resume: expected a checkpoint under {Path(run_dir) / 'checkpoints'}, found none"
         )
     if path.is_dir():
-        return {"meta": torch.load(path / "meta.pt", map_location="cpu", weights_only=False), "dcp_path": path}
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False)
+        return {"meta": meta, "dcp_path": path}
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
@@ -301,8 +303,8 @@ def set_rng_state(state: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Ctrl-C: the first one asks the loop to finish the iteration, checkpoint and exit; a second one aborts at once
-# (the previous checkpoint stays valid because checkpoints are atomic).
+# Ctrl-C: the first one asks the loop to finish the iteration, checkpoint and exit; a second one aborts at
+# once (the previous checkpoint stays valid because checkpoints are atomic).
 # ------------------------------------------------------------------------------------------------------------
 class GracefulInterrupt:
     def __init__(self):

@@ -1,15 +1,16 @@
 """Data-parallel training on PyTorch's own stack: ``torchrun --nproc_per_node N -m train.nft`` (or any loop).
 
 * :class:`DistConfig`: the ``--dist.*`` options (strategy ``ddp`` or ``fsdp``, collective timeout).
-* :class:`Dist`: the process group seen by a loop (``world == 1`` without torchrun: every collective is a no-op,
-  so the single-process path is the same code).  Metrics are reduced across ranks and written once, by rank 0.
+* :class:`Dist`: the process group seen by a loop (``world == 1`` without torchrun: every collective is a
+  no-op, so the single-process path is the same code).  Metrics are reduced across ranks and written once, by
+  rank 0.
 * :class:`IterationPlan`: the group-aware sampler.  Every rank draws the iteration's prompts, the per-image
   seeds and the training order from the same generators, seeded by ``(seed, iteration)`` alone; the ``K``
   images of a prompt may land on different ranks.  Rank ``r`` rolls out, per optimizer step, its ``1/W`` share
   of that step's samples, so every rank does the same work; rewards are all-gathered so advantages are
   computed over whole groups, then each rank keeps its slice.
-* :meth:`IterationPlan.steps`: the micro-batches of every optimizer step.  A step's sample set is a fixed chunk
-  of the global training order (``batch_size * grad_accum * world`` samples), so one process with
+* :meth:`IterationPlan.steps`: the micro-batches of every optimizer step.  A step's sample set is a fixed
+  chunk of the global training order (``batch_size * grad_accum * world`` samples), so one process with
   ``grad_accum * world`` accumulation steps trains on exactly the same sets as ``world`` processes: the runs
   are equivalent up to float reduction order.  Micro-batch losses are weighted so that a step's gradient is
   the mean over the step's samples whatever their split across ranks.
@@ -54,8 +55,8 @@ def as_distributed_error(e: BaseException, rank: int, world: int) -> Distributed
     if isinstance(e, getattr(dist, "DistError", ())) or any(k in msg.lower() for k in _COMM_FAILURE):
         first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
         return DistributedError(
-            f"rank {rank}/{world}: a collective failed, another rank probably died or stopped answering within "
-            f"--dist.timeout-s ({first[:300]})"
+            f"rank {rank}/{world}: a collective failed, another rank probably died or stopped answering "
+            f"within --dist.timeout-s ({first[:300]})"
         )
     return None
 
@@ -119,8 +120,8 @@ class Dist:
     @classmethod
     def from_env(cls, dc: DistConfig, device_pref: str = "auto") -> Dist:
         """Join the process group torchrun describes in the environment (``RANK``, ``WORLD_SIZE``,
-        ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); NCCL on CUDA, gloo on CPU; every collective times out
-        after ``dc.timeout_s`` so that a dead rank ends the job instead of hanging it."""
+        ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); NCCL on CUDA, gloo on CPU; every collective times
+        out after ``dc.timeout_s`` so that a dead rank ends the job instead of hanging it."""
         world = launched_world_size()
         if world <= 1 and dc.strategy != "fsdp":
             return cls(strategy=dc.strategy)
@@ -164,9 +165,10 @@ class Dist:
         try:
             yield
         except (RuntimeError, OSError) as e:  # DistBackendError, gloo's connection errors, timeouts
+            first = str(e).splitlines()[0] if str(e) else ""
             raise DistributedError(
-                f"rank {self.rank}/{self.world}: {what} failed, another rank probably died or stopped answering "
-                f"within --dist.timeout-s ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                f"rank {self.rank}/{self.world}: {what} failed, another rank probably died or stopped "
+                f"answering within --dist.timeout-s ({type(e).__name__}: {first})"
             ) from e
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
@@ -233,8 +235,8 @@ class Dist:
     # --- gradient synchronisation -----------------------------------------------------------------------
     @contextlib.contextmanager
     def grad_sync(self, enabled: bool):
-        """Inside the block, the backward reduces gradients across ranks only when ``enabled``: all micro-steps
-        of an accumulation but the last run without communication (DDP ``no_sync``; FSDP2
+        """Inside the block, the backward reduces gradients across ranks only when ``enabled``: all
+        micro-steps of an accumulation but the last run without communication (DDP ``no_sync``; FSDP2
         ``set_requires_gradient_sync``).  The forward must run inside the block too (DDP decides there)."""
         if self.ddp is not None and not enabled:
             with self.ddp.no_sync():
@@ -255,8 +257,8 @@ class Dist:
 @dataclass
 class MicroBatch:
     """``rows``: positions in this rank's local arrays; ``gidx``: their global sample indices; ``weight``: the
-    factor of this micro-batch's mean loss (``len / step_size * world``); ``dummy``: weight 0, run only so that
-    every rank performs the same collectives."""
+    factor of this micro-batch's mean loss (``len / step_size * world``); ``dummy``: weight 0, run only so
+    that every rank performs the same collectives."""
 
     rows: torch.Tensor
     gidx: torch.Tensor

@@ -50,8 +50,9 @@ class Evaluator:
 
     @torch.no_grad()
     def sample(self, policy, prompts: list, *, base_cfg: bool, shift: float, index=None) -> torch.Tensor:
-        """Decoded samples of ``prompts``; ``index`` (default ``0..len-1``) are their positions in the held-out
-        list, which key the per-image seeds (so a sharded evaluation draws what a single process draws)."""
+        """Decoded samples of ``prompts``; ``index`` (default ``0..len-1``) are their positions in the
+        held-out list, which key the per-image seeds (so a sharded evaluation draws what a single process
+        draws)."""
         c = self.cfg
         index = range(len(prompts)) if index is None else index
         seeds = [common.derive_seed(self.seed, "eval", int(i)) for i in index]
@@ -75,9 +76,9 @@ class Evaluator:
     def run(
         self, policy, iteration: int, run_dir: Path, *, base_cfg: bool = False, shift: float = 3.0, dist=None
     ) -> dict:
-        """Evaluate and (rank 0) write the grid.  Under ``dist`` each rank samples an equal contiguous share of
-        the held-out list (padded by repeating the last prompt, so every rank runs the same forwards) and the
-        per-image scores are all-gathered: every rank returns the same numbers."""
+        """Evaluate and (rank 0) write the grid.  Under ``dist`` each rank samples an equal contiguous share
+        of the held-out list (padded by repeating the last prompt, so every rank runs the same forwards) and
+        the per-image scores are all-gathered: every rank returns the same numbers."""
         prompts = self._prompts(policy)
         n = len(prompts)
         rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)

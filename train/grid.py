@@ -22,8 +22,9 @@ def save_grid(
     cell: int = 128,
     scores: list[float] | None = None,
 ) -> Path:
-    """Tile ``images`` ([B, 3, H, W] in [-1, 1]) into ``cols`` columns, each upscaled to ``cell`` px (nearest, so
-    pixel-space images stay crisp) with its caption (and score, if given) below; write a PNG atomically."""
+    """Tile ``images`` ([B, 3, H, W] in [-1, 1]) into ``cols`` columns, each upscaled to ``cell`` px
+    (nearest, so pixel-space images stay crisp) with its caption (and score, if given) below; write a PNG
+    atomically."""
     arrs = to_uint8(images)
     n = len(arrs)
     rows = (n + cols - 1) // cols

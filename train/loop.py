@@ -126,7 +126,7 @@ class Trainer:
         self.elapsed_offset = 0.0
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
-    # --- what an algorithm provides ---------------------------------------------------------------------------
+    # --- what an algorithm provides -------------------------------------------------------------------------
     def train_iteration(self, it: int) -> tuple[dict, str]:
         """Run iteration ``it`` (rollout, reward, advantage, update) -> ``(metrics, one-line summary)``.
         A reward failure surfaces as :class:`RewardError` before any parameter changes."""
@@ -142,7 +142,7 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         pass
 
-    # --- state ------------------------------------------------------------------------------------------------
+    # --- state ----------------------------------------------------------------------------------------------
     def state_dict(self, elapsed: float, *, full: bool = True) -> dict:
         """Counters, RNG, config and the algorithm's extra state; with ``full`` also the adapters and the
         optimizer (FSDP2 checkpoints store those sharded instead)."""
@@ -206,7 +206,8 @@ class Trainer:
 
     def save_checkpoint(self, iteration: int, elapsed: float) -> None:
         """Rank 0 writes the replicated (DDP / single-process) state atomically; under FSDP2 every rank writes
-        its shards through ``torch.distributed.checkpoint``.  Every rank returns once the checkpoint is whole."""
+        its shards through ``torch.distributed.checkpoint``.  Every rank returns once the checkpoint is
+        whole."""
         if self.dist.fsdp_root is not None:
             meta = {k: v for k, v in self.state_dict(elapsed, full=False).items()}
             common.save_sharded_checkpoint(
@@ -228,11 +229,11 @@ class Trainer:
         if self.dist.is_main:
             print(*args, **kwargs)
 
-    # --- shared steps -----------------------------------------------------------------------------------------
+    # --- shared steps ---------------------------------------------------------------------------------------
     def iteration_plan(self, it: int) -> IterationPlan:
-        """Iteration ``it``'s global batch (its prompts, ``images_per_prompt`` images each, one rollout seed per
-        image, the training order) and this rank's share; drawn from ``(seed, it)`` alone, so a resumed run and
-        a run on another world size draw the same (see :mod:`train.distributed`)."""
+        """Iteration ``it``'s global batch (its prompts, ``images_per_prompt`` images each, one rollout seed
+        per image, the training order) and this rank's share; drawn from ``(seed, it)`` alone, so a resumed
+        run and a run on another world size draw the same (see :mod:`train.distributed`)."""
         sc, tc, seed = self.cfg.sample, self.cfg.train, self.cfg.seed
         prompts = self.policy.sample_train_prompts(
             sc.prompts_per_iter, common.derive_seed(seed, it, "prompts")
@@ -267,7 +268,8 @@ class Trainer:
         return rewards, {k: torch.cat([c[k] for _, c in results]).float() for k in results[0][1]}
 
     def to_global(self, plan: IterationPlan, local: torch.Tensor) -> torch.Tensor:
-        """Every rank's ``local`` array (the plan's local order) all-gathered into the global order ``[n, ...]``."""
+        """Every rank's ``local`` array (the plan's local order) all-gathered into the global order ``[n,
+        ...]``."""
         return plan.to_global(self.dist.all_gather(local))
 
     def optimizer_step(self) -> None:
@@ -279,7 +281,8 @@ class Trainer:
             gn = gn.full_tensor()
         if not torch.isfinite(gn):
             raise common.TrainingStopped(
-                f"non-finite gradient norm ({float(gn)}) at optimizer step {self.opt_step}; the last checkpoint "
+                f"non-finite gradient norm ({float(gn)}) at optimizer step {self.opt_step}; "
+                f"the last checkpoint "
                 f"under {self.run_dir / 'checkpoints'} is intact (resume with --resume {self.run_dir})"
             )
         self.opt.step()
@@ -310,7 +313,7 @@ class Trainer:
         extra = f" | base CFG {vals['eval/base_cfg/score']:.3f}" if base else ""
         self.say(f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra}", flush=True)
 
-    # --- the loop ---------------------------------------------------------------------------------------------
+    # --- the loop -------------------------------------------------------------------------------------------
     def run(self, metrics: common.MetricsLogger) -> None:
         cfg, dist = self.cfg, self.dist
         clock = common.Stopwatch(self.elapsed_offset)
@@ -356,7 +359,8 @@ class Trainer:
                     self.save_checkpoint(it, clock())
                 if stop:
                     self.say(
-                        f"interrupted: checkpoint of iteration {it} written; resume with --resume {self.run_dir}"
+                        f"interrupted: checkpoint of iteration {it} written; "
+                        f"resume with --resume {self.run_dir}"
                     )
                     break
             # still under the Ctrl-C handler: a SIGINT here only asks for what happens anyway
@@ -369,7 +373,8 @@ class Trainer:
         world = f" x {dist.world} processes" if dist.enabled else ""
         self.say(
             f"done: {self.iteration} iterations, {clock() / 60:.1f} min, {mean_it:.2f} s/iteration{world}, "
-            f"peak memory {common.peak_memory_mb(dev):.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})",
+            f"peak memory {common.peak_memory_mb(dev):.0f} MB "
+            f"({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})",
             flush=True,
         )
 
@@ -435,14 +440,16 @@ def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> None:
     total = tc.grad_accum * saved_world
     if total % world == 0:
         say(
-            f"resume: world size {saved_world} -> {world}; --train.grad-accum {tc.grad_accum} -> {total // world} "
+            f"resume: world size {saved_world} -> {world}; "
+            f"--train.grad-accum {tc.grad_accum} -> {total // world} "
             f"keeps {tc.batch_size * total} samples per optimizer step",
             flush=True,
         )
         tc.grad_accum = total // world
     else:
         say(
-            f"resume: world size {saved_world} -> {world}; {tc.batch_size * total} samples per optimizer step "
+            f"resume: world size {saved_world} -> {world}; "
+            f"{tc.batch_size * total} samples per optimizer step "
             f"cannot be kept (grad_accum {tc.grad_accum} x {saved_world} is not a multiple of {world}): now "
             f"{tc.batch_size * tc.grad_accum * world}",
             flush=True,

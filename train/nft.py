@@ -128,7 +128,8 @@ def validate(cfg: NFTConfig) -> None:
 
 
 def old_decay(step: int, tc: TrainConfig) -> float:
-    """SPEC §2 step 7: ``d = min(max(step - flat, 0) * uprate, uphold)``, ``step`` = optimizer steps so far."""
+    """SPEC §2 step 7: ``d = min(max(step - flat, 0) * uprate, uphold)``, ``step`` = optimizer steps so
+    far."""
     return old_adapter_decay(step, flat=tc.old_flat, uprate=tc.old_uprate, uphold=tc.old_uphold)
 
 
@@ -154,7 +155,10 @@ class NFTTrainer(Trainer):
         }
         if len(comps) > 1:
             vals.update({f"train/reward/{k}": v.mean() for k, v in comps.items()})
-        summary = f"reward {float(rewards.mean()):.3f} | loss {stats['train/loss']:.4f} | kl {stats['train/kl']:.2e}"
+        summary = (
+            f"reward {float(rewards.mean()):.3f} | loss {stats['train/loss']:.4f} | "
+            f"kl {stats['train/kl']:.2e}"
+        )
         return vals, summary
 
     def rollout_and_reward(self, it: int):
@@ -187,9 +191,9 @@ class NFTTrainer(Trainer):
         return plan, torch.cat(x0s), rewards, comps
 
     def train_on(self, it: int, plan, x0: torch.Tensor, r: torch.Tensor) -> dict:
-        """Steps 4-6 over this rank's samples (``x0`` / ``r`` in the plan's local order), one optimizer step per
-        chunk of the global training order; returns loss/kl means.  Trained timesteps and noise are keyed by the
-        global sample index, so any world size draws the same."""
+        """Steps 4-6 over this rank's samples (``x0`` / ``r`` in the plan's local order), one optimizer step
+        per chunk of the global training order; returns loss/kl means.  Trained timesteps and noise are keyed
+        by the global sample index, so any world size draws the same."""
         cfg, tc, sc = self.cfg, self.cfg.train, self.cfg.sample
         dev = x0.device
         n = len(plan.prompts)
@@ -224,8 +228,8 @@ class NFTTrainer(Trainer):
                     with torch.no_grad():
                         with self.policy.adapter("old"):
                             v_old = self.policy.denoiser(x_t, ts, cond)
-                        # without a KL term, the KL is still measured: on the first step's samples at their first timestep
-                        # (the same samples whatever the world size)
+                        # without a KL term, the KL is still measured: on the first step's samples at their
+                        # first timestep (the same samples whatever the world size)
                         want_ref = tc.kl_coef > 0 or (si == 0 and j == 0)
                         v_ref = None
                         if want_ref:

@@ -1,4 +1,5 @@
-"""The policy every training loop drives: a transformer with LoRA adapters, its text encoder, decoder and prompts.
+"""The policy every training loop drives: a transformer with LoRA adapters, its text encoder, its decoder and
+the prompts.
 
 Adapters (SPEC §2): ``default`` is trained, ``old`` (frozen) drives rollouts, and the reference model is the
 transformer with adapters disabled.  The eval EMA of ``default`` (SPEC §2 step 7) lives here too.
@@ -76,7 +77,8 @@ class Policy:
         prompt_sampler: Callable | None = None,
     ):
         self.transformer, self.denoiser, self.encoder = transformer, denoiser, encoder
-        # the forward that carries gradients (DistributedDataParallel under torchrun; else the denoiser itself)
+        # the forward that carries gradients (DistributedDataParallel under torchrun; else the denoiser
+        # itself)
         self.train_denoiser = denoiser
         self._decode = decode
         self.latent_shape = tuple(latent_shape)
@@ -87,7 +89,8 @@ class Policy:
         self.refresh_parameters()
 
     def refresh_parameters(self) -> None:
-        """Collect the ``default`` / ``old`` LoRA parameters (again after FSDP2 replaced them with sharded ones)
+        """Collect the ``default`` / ``old`` LoRA parameters (again after FSDP2 replaced them with sharded
+        ones)
         and start the eval EMA from them."""
         from models.lora import reset_adapter_cache
 
@@ -103,7 +106,7 @@ class Policy:
             p.requires_grad_(False)
         self.eval_ema = models.EMA(self._trainable)
 
-    # adapters -------------------------------------------------------------------------------------------------
+    # adapters -----------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self._trainable
 
@@ -139,11 +142,11 @@ class Policy:
             for dst, src in ((self._trainable, state["default"]), (self._old, state["old"])):
                 if len(dst) != len(src):
                     raise ValueError(f"checkpoint: expected {len(dst)} LoRA tensors, got {len(src)}")
-                for p, s in zip(dst, src):
+                for p, s in zip(dst, src, strict=True):
                     p.copy_(s.to(p.device, p.dtype))
         self.eval_ema.load_state_dict(state["eval_ema"])
 
-    # data -----------------------------------------------------------------------------------------------------
+    # data ---------------------------------------------------------------------------------------------------
     def encode(self, prompts: list) -> Conditioning:
         return self.encoder.encode([self.prompt_text(p) for p in prompts]).to(self.device)
 

@@ -507,7 +507,8 @@ class PolicyGradientTrainer(Trainer):
     def train_on(self, it: int, traj: Trajectories, adv: torch.Tensor, mask: torch.Tensor) -> dict:
         """Per-step updates over the samples in ``mask`` (``adv`` / ``mask`` in ``traj``'s local order): each
         sample trains on a random ``timestep_fraction`` of its SDE steps (keyed by its global index); an
-        optimizer step covers one chunk of the global training order (see :class:`train.distributed.IterationPlan`);
+        optimizer step covers one chunk of the global training order (see
+        :class:`train.distributed.IterationPlan`);
         ``ratio/first_abs_dev`` covers every log-prob computed before the iteration's first optimizer step
         (first pass, unchanged parameters)."""
         cfg, tc = self.cfg, self.cfg.train

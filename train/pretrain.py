@@ -44,8 +44,14 @@ def sigma_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(model: EmbeddedDefault, prompts: list[str], generator: torch.Generator, steps: int = 10,
-           shift: float = 3.0, cfg_scale: float = 1.0) -> torch.Tensor:
+def sample(
+    model: EmbeddedDefault,
+    prompts: list[str],
+    generator: torch.Generator,
+    steps: int = 10,
+    shift: float = 3.0,
+    cfg_scale: float = 1.0,
+) -> torch.Tensor:
     """Euler ODE samples ``[B, 3, 32, 32]`` in [-1, 1]; ``cfg_scale`` 1 is CFG-free,
     otherwise ``v = v_uncond + cfg_scale * (v_cond - v_uncond)``."""
     b, dev = len(prompts), model.device
@@ -67,24 +73,37 @@ def sample(model: EmbeddedDefault, prompts: list[str], generator: torch.Generato
 
 
 @torch.no_grad()
-def evaluate(model: EmbeddedDefault, cfg_scale: float = 1.0, n_per_task: int = 32, steps: int = 10,
-             shift: float = 3.0, seed: int = 1234, batch_size: int = 64, verifier: GenEvalMini | None = None,
-             ) -> dict[str, float]:
+def evaluate(
+    model: EmbeddedDefault,
+    cfg_scale: float = 1.0,
+    n_per_task: int = 32,
+    steps: int = 10,
+    shift: float = 3.0,
+    seed: int = 1234,
+    batch_size: int = 64,
+    verifier: GenEvalMini | None = None,
+) -> dict[str, float]:
     """Held-out GenEval-mini: strict score (mean over task types) and per-task strict scores, plus the
     mean partial score as ``"partial"``."""
     verifier = verifier or GenEvalMini()
     prompts = test_prompts(n_per_task)
     gen = torch.Generator().manual_seed(seed)
-    images = torch.cat([
-        sample(model, [p.text for p in prompts[i:i + batch_size]], gen, steps, shift, cfg_scale).cpu()
-        for i in range(0, len(prompts), batch_size)
-    ])
+    images = torch.cat(
+        [
+            sample(model, [p.text for p in prompts[i : i + batch_size]], gen, steps, shift, cfg_scale).cpu()
+            for i in range(0, len(prompts), batch_size)
+        ]
+    )
     scores = verifier.score(images, prompts)
     return {**verifier.summarize(scores["strict"], prompts), "partial": float(scores["partial"].mean())}
 
 
-def sample_times(n: int, generator: torch.Generator, how: str = "uniform", shift: float = 3.0,
-                 ) -> torch.Tensor:
+def sample_times(
+    n: int,
+    generator: torch.Generator,
+    how: str = "uniform",
+    shift: float = 3.0,
+) -> torch.Tensor:
     """Training times ``[n]``: ``u ~ U(0, 1)`` (``"uniform"``) or ``sigmoid(N(0, 1))`` (``"logit-normal"``),
     then shifted like the sampler's schedule, ``t = shift * u / (1 + (shift - 1) * u)``, so training sees the
     high-noise steps that decide the layout as often as sampling uses them."""
@@ -97,9 +116,14 @@ def sample_times(n: int, generator: torch.Generator, how: str = "uniform", shift
     return shift * u / (1.0 + (shift - 1.0) * u)
 
 
-def flow_matching_loss(model: EmbeddedDefault, x0: torch.Tensor, prompts: list[str],
-                       generator: torch.Generator, time_sampling: str = "uniform",
-                       time_shift: float = 3.0) -> torch.Tensor:
+def flow_matching_loss(
+    model: EmbeddedDefault,
+    x0: torch.Tensor,
+    prompts: list[str],
+    generator: torch.Generator,
+    time_sampling: str = "uniform",
+    time_shift: float = 3.0,
+) -> torch.Tensor:
     """``mean (v(x_t, 1000 t, c) - (noise - x0))^2`` with ``t`` from :func:`sample_times`."""
     b = x0.shape[0]
     t = sample_times(b, generator, time_sampling, time_shift).to(x0)
@@ -107,8 +131,13 @@ def flow_matching_loss(model: EmbeddedDefault, x0: torch.Tensor, prompts: list[s
     tb = t.view(b, 1, 1, 1)
     x_t = (1 - tb) * x0 + tb * noise
     embeds, pooled = model.text_encoder(model.text_encoder.tokenize(prompts))
-    v = model.transformer(hidden_states=x_t, encoder_hidden_states=embeds, pooled_projections=pooled,
-                          timestep=1000.0 * t, return_dict=False)[0]
+    v = model.transformer(
+        hidden_states=x_t,
+        encoder_hidden_states=embeds,
+        pooled_projections=pooled,
+        timestep=1000.0 * t,
+        return_dict=False,
+    )[0]
     return (v - (noise - x0)).square().mean()
 
 
@@ -169,8 +198,14 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
         step += 1
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         if step % args.log_every == 0 or step == args.steps:
-            log({"step": step, "loss": round(loss.item(), 5), "loss_ema": round(ema_loss, 5),
-                 "minutes": round((time.time() - start) / 60, 2)})
+            log(
+                {
+                    "step": step,
+                    "loss": round(loss.item(), 5),
+                    "loss_ema": round(ema_loss, 5),
+                    "minutes": round((time.time() - start) / 60, 2),
+                }
+            )
         if args.save_every and step % args.save_every == 0:
             _save(model, out / "snapshots" / f"step{step:06d}", args, step, start)
         if args.eval_every and step % args.eval_every == 0:
@@ -193,9 +228,15 @@ def _save(model: EmbeddedDefault, directory: Path, args: argparse.Namespace, ste
         + (f" --init-from {shlex.quote(str(args.init_from))}" if args.init_from else "")
     )
     minutes = round((time.time() - start) / 60, 2)
-    record = {"command": command, "reproduce": reproduce, "steps": step, "minutes": minutes,
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "args": {k: v for k, v in vars(args).items() if k != "argv"}}
+    record = {
+        "command": command,
+        "reproduce": reproduce,
+        "steps": step,
+        "minutes": minutes,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "args": {k: v for k, v in vars(args).items() if k != "argv"},
+    }
     tmp = directory / "pretrain.json.tmp"
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, directory / "pretrain.json")
@@ -207,14 +248,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up")
     p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument("--cooldown", type=int, default=0,
-                   help="decay the rate linearly to 0 over the last N steps (0: constant to the end)")
-    p.add_argument("--init-from", default=None,
-                   help="start from the weights in this directory (a previous run's --out); fresh optimizer")
+    p.add_argument(
+        "--cooldown",
+        type=int,
+        default=0,
+        help="decay the rate linearly to 0 over the last N steps (0: constant to the end)",
+    )
+    p.add_argument(
+        "--init-from",
+        default=None,
+        help="start from the weights in this directory (a previous run's --out); fresh optimizer",
+    )
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--time-sampling", choices=("uniform", "logit-normal"), default="uniform",
-                   help="distribution of u before the shift")
+    p.add_argument(
+        "--time-sampling",
+        choices=("uniform", "logit-normal"),
+        default="uniform",
+        help="distribution of u before the shift",
+    )
     p.add_argument("--time-shift", type=float, default=3.0, help="t = shift*u/(1+(shift-1)*u); 1: no shift")
     p.add_argument("--prompt-dropout", type=float, default=0.1, help="share of prompts replaced by ''")
     p.add_argument("--seed", type=int, default=0)

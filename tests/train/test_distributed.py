@@ -83,7 +83,8 @@ def test_sampler_partitions_the_batch_and_keeps_groups_whole(world):
 @pytest.mark.parametrize("masked", [False, True])
 def test_step_sets_do_not_depend_on_the_world_size(world, masked):
     """Optimizer step k trains the same samples with the same total weight whether one process accumulates
-    ``world`` times more micro-batches or ``world`` processes split them; ranks get equal micro-batch counts."""
+    ``world`` times more micro-batches or ``world`` processes split them; ranks get equal micro-batch
+    counts."""
     trainable = torch.rand(24, generator=torch.Generator().manual_seed(1)) > 0.4 if masked else None
     single = _plan(1, 0, per_rank_step=2 * world).steps(2, trainable=trainable)
     multi = [_plan(world, r).steps(2, trainable=trainable) for r in range(world)]
@@ -250,8 +251,8 @@ def test_grpo_two_processes_match_one_with_exact_ratio(tmp_path):
 
 
 def test_fsdp2_on_cpu_matches_ddp_and_resumes(nft_runs, tmp_path):
-    """FSDP2 (fully_shard over gloo): sharded LoRA and optimizer state, DCP checkpoints; the run equals the DDP
-    one, and a resume from the sharded checkpoint continues it."""
+    """FSDP2 (fully_shard over gloo): sharded LoRA and optimizer state, DCP checkpoints; the run equals the
+    DDP one, and a resume from the sharded checkpoint continues it."""
     run = tmp_path / "fsdp"
     args = [*SMALL, "--train.batch-size", "4", "--dist.strategy", "fsdp"]
     _torchrun("train.nft", 2, [*args, "--max-iters", "1", "--run-dir", str(run)])
@@ -265,8 +266,8 @@ def test_fsdp2_on_cpu_matches_ddp_and_resumes(nft_runs, tmp_path):
 
 
 def test_a_killed_rank_ends_the_job(tmp_path):
-    """No hang: rank 1 is killed mid-run; rank 0 fails its next collective and exits with a message well within
-    the configured timeout.  (Launched by hand: torchrun itself would also tear the job down.)"""
+    """No hang: rank 1 is killed mid-run; rank 0 fails its next collective and exits with a message well
+    within the configured timeout.  (Launched by hand: torchrun itself would also tear the job down.)"""
     port = _free_port()
     argv = [*SMALL, "--max-iters", "50", "--dist.timeout-s", "60", "--run-dir", str(tmp_path / "r")]
     procs, logs = [], [open(tmp_path / f"rank{r}.err", "w") for r in range(2)]

@@ -21,7 +21,21 @@ from train.data.geneval_mini import (
 )
 
 __all__ = [
-    "COLORS", "HELDOUT_PAIRS", "IMAGE_SIZE", "PALETTE", "RELATIONS", "SHAPES", "TASKS",
-    "ObjectSpec", "Prompt", "all_prompts", "parse_prompt", "render", "render_batch", "sample_prompts",
-    "split_prompts", "test_prompts", "train_prompts",
+    "COLORS",
+    "HELDOUT_PAIRS",
+    "IMAGE_SIZE",
+    "PALETTE",
+    "RELATIONS",
+    "SHAPES",
+    "TASKS",
+    "ObjectSpec",
+    "Prompt",
+    "all_prompts",
+    "parse_prompt",
+    "render",
+    "render_batch",
+    "sample_prompts",
+    "split_prompts",
+    "test_prompts",
+    "train_prompts",
 ]

@@ -34,9 +34,23 @@ import torch
 from models.embedded.vocab import COLORS, NUMBERS, PLURALS, RELATIONS, SHAPES
 
 __all__ = [
-    "TASKS", "SHAPES", "COLORS", "RELATIONS", "PALETTE", "HELDOUT_PAIRS", "IMAGE_SIZE",
-    "ObjectSpec", "Prompt", "all_prompts", "split_prompts", "train_prompts", "test_prompts",
-    "sample_prompts", "parse_prompt", "render", "render_batch",
+    "TASKS",
+    "SHAPES",
+    "COLORS",
+    "RELATIONS",
+    "PALETTE",
+    "HELDOUT_PAIRS",
+    "IMAGE_SIZE",
+    "ObjectSpec",
+    "Prompt",
+    "all_prompts",
+    "split_prompts",
+    "train_prompts",
+    "test_prompts",
+    "sample_prompts",
+    "parse_prompt",
+    "render",
+    "render_batch",
 ]
 
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -101,11 +115,14 @@ def all_prompts() -> dict[str, list[Prompt]]:
         "colors": [Prompt("colors", (ObjectSpec(s, c),)) for c in COLORS for s in SHAPES],
         "position": [
             Prompt("position", (ObjectSpec(a, ca), ObjectSpec(b, cb)), rel)
-            for rel in RELATIONS for a, b in shape_pairs for ca, cb in color_pairs
+            for rel in RELATIONS
+            for a, b in shape_pairs
+            for ca, cb in color_pairs
         ],
         "color_attr": [
             Prompt("color_attr", (ObjectSpec(a, ca), ObjectSpec(b, cb)))
-            for a, b in shape_pairs for ca, cb in color_pairs
+            for a, b in shape_pairs
+            for ca, cb in color_pairs
         ],
     }
 
@@ -195,8 +212,12 @@ def _size_range(n_objects: int) -> tuple[int, int]:
 
 def _separated(a, b) -> bool:
     (ax, ay, asz), (bx, by, bsz) = a, b
-    return (ax + asz + _MIN_GAP <= bx or bx + bsz + _MIN_GAP <= ax
-            or ay + asz + _MIN_GAP <= by or by + bsz + _MIN_GAP <= ay)
+    return (
+        ax + asz + _MIN_GAP <= bx
+        or bx + bsz + _MIN_GAP <= ax
+        or ay + asz + _MIN_GAP <= by
+        or by + bsz + _MIN_GAP <= ay
+    )
 
 
 def _relation_holds(a, b, relation: str) -> bool:

@@ -22,7 +22,8 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class JpegCompressibility:
-    """DDPO's compressibility reward: ``-size_kB`` of the JPEG (quality 95); ``sign=-1`` rewards incompressibility."""
+    """DDPO's compressibility reward: ``-size_kB`` of the JPEG (quality 95); ``sign=-1`` rewards
+    incompressibility."""
 
     def __init__(self, sign: float = 1.0, quality: int = 95):
         self.sign = sign
@@ -39,7 +40,8 @@ class JpegCompressibility:
 
 
 class ClipScore:
-    """Cosine similarity between CLIP image and text embeddings, from a local CLIP directory (nothing downloaded)."""
+    """Cosine similarity between CLIP image and text embeddings, from a local CLIP directory (nothing
+    downloaded)."""
 
     name = "clip_score"
 

@@ -121,6 +121,7 @@ class GenEvalMini:
     # ------------------------------------------------------------------------------------------- scoring
     def constraints(self, objects: list[DetectedObject], prompt: Prompt) -> list[bool]:
         """The truth value of each of ``prompt``'s constraints on the detected ``objects``."""
+
         def matches(o: DetectedObject, spec) -> bool:
             return o.shape == spec.shape and (spec.color is None or o.color == spec.color)
 

@@ -1,7 +1,7 @@
 """Reward registry and multi-reward aggregation (SPEC §8).
 
-``build_reward(names, ...)`` returns a :class:`CombinedReward`: call it with ``(images, prompts)`` and it returns
-``(reward [B], components {name: [B]})``.  A reward that raises, returns the wrong shape, or returns a
+``build_reward(names, ...)`` returns a :class:`CombinedReward`: call it with ``(images, prompts)`` and it
+returns ``(reward [B], components {name: [B]})``.  A reward that raises, returns the wrong shape, or returns a
 non-finite value stops the run with a message naming it; it is never replaced by a silent zero.
 """
 
@@ -61,8 +61,9 @@ REWARD_NAMES = tuple(_FACTORIES)
 
 
 def aggregate(values: dict[str, torch.Tensor], weights: dict[str, float], how: str, k_std: float = 1.0):
-    """SPEC §8: z-score each reward over the batch, then a weighted mean (``zmean``), the minimum (``min``) or the
-    weighted mean minus ``k_std`` times the spread across rewards (``mean_minus_std``).  One reward: returned as is."""
+    """SPEC §8: z-score each reward over the batch, then a weighted mean (``zmean``), the minimum (``min``)
+    or the weighted mean minus ``k_std`` times the spread across rewards (``mean_minus_std``).  One reward:
+    returned as is."""
     names = list(values)
     if len(names) == 1:
         return values[names[0]]
@@ -134,7 +135,7 @@ def build_reward(
         raise ValueError(
             f"--reward-aggregation: expected one of {', '.join(AGGREGATIONS)}, got {aggregation!r}"
         )
-    w = dict(zip(names, weights)) if weights else {n: 1.0 for n in names}
+    w = dict(zip(names, weights, strict=True)) if weights else {n: 1.0 for n in names}
     if any(v < 0 for v in w.values()) or sum(w.values()) <= 0:
         raise ValueError(
             f"--reward-weights: expected non-negative weights with a positive sum, got {tuple(weights)}"
