@@ -430,12 +430,12 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
         dist.close()
 
 
-def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> None:
+def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> bool:
     """Resuming on another world size keeps the global samples per optimizer step
     (``batch_size * grad_accum * world``) by rescaling ``grad_accum`` when it divides; the step sets, and so
     the run, then continue as they would have (up to float reduction order)."""
     if saved_world == world:
-        return
+        return False
     tc = cfg.train
     total = tc.grad_accum * saved_world
     if total % world == 0:
@@ -446,6 +446,7 @@ def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> None:
             flush=True,
         )
         tc.grad_accum = total // world
+        return True
     else:
         say(
             f"resume: world size {saved_world} -> {world}; "
@@ -454,6 +455,7 @@ def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> None:
             f"{tc.batch_size * tc.grad_accum * world}",
             flush=True,
         )
+        return False
 
 
 def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
@@ -503,7 +505,9 @@ def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
             if dist.is_main:
                 print(f"error: {e}", file=sys.stderr)
             return 2
-        rescale_accumulation(cfg, state.get("meta", state).get("world_size", 1), dist.world, trainer.say)
+        if rescale_accumulation(cfg, state.get("meta", state).get("world_size", 1), dist.world, trainer.say):
+            if dist.is_main:  # a later --resume reads the rescaled value with this world size
+                common.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
         resume_iter = trainer.iteration
         trainer.say(f"resumed {run_dir} at iteration {trainer.iteration}", flush=True)
     if dist.is_main:

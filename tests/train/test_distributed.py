@@ -3,6 +3,7 @@ FSDP2), resume on another world size, and a killed rank ending the job instead o
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -235,6 +236,8 @@ def test_nft_resume_on_another_world_size(nft_runs, tmp_path):
     _torchrun("train.nft", 2, [*args, "--max-iters", "1", "--run-dir", str(run)])
     out = _single("train.nft", ["--resume", str(run), "--max-iters", "2"])
     assert "resumed" in out.stdout and "--train.grad-accum 1 -> 2" in out.stdout
+    # recorded, so that a further --resume on one process keeps 8 samples per step
+    assert json.loads((run / "config.json").read_text())["train"]["grad_accum"] == 2
     keys = ["train/reward_mean", "train/loss"]
     _assert_same_run(run, nft_runs / "one", keys=keys, rtol=1e-3)
 
