@@ -51,14 +51,19 @@ def as_distributed_error(e: BaseException, rank: int, world: int) -> Distributed
     ``backward``, FSDP's all-gathers) as a :class:`DistributedError`; ``None`` for anything else."""
     import torch.distributed as dist
 
-    msg = str(e)
-    if isinstance(e, getattr(dist, "DistError", ())) or any(k in msg.lower() for k in _COMM_FAILURE):
-        first = msg.strip().splitlines()[0] if msg.strip() else type(e).__name__
-        return DistributedError(
-            f"rank {rank}/{world}: a collective failed, another rank probably died or stopped answering "
-            f"within --dist.timeout-s ({first[:300]})"
-        )
+    if isinstance(e, getattr(dist, "DistError", ())) or any(k in str(e).lower() for k in _COMM_FAILURE):
+        return comm_failure(e, rank, world, "a collective")
     return None
+
+
+def comm_failure(e: BaseException, rank: int, world: int, what: str) -> DistributedError:
+    """The one message every rank prints when communication fails."""
+    msg = str(e).strip()
+    first = msg.splitlines()[0][:300] if msg else ""
+    return DistributedError(
+        f"rank {rank}/{world}: {what} failed, another rank probably died or stopped answering within "
+        f"--dist.timeout-s ({type(e).__name__}: {first})"
+    )
 
 
 @dataclass
@@ -84,6 +89,15 @@ class DistConfig:
 def launched_world_size() -> int:
     """The world size torchrun (or any launcher setting ``WORLD_SIZE``) asked for; 1 otherwise."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def check_world_divides(n: int, world: int) -> None:
+    """The group-aware sampler splits every iteration's ``n`` images evenly over ``world`` ranks."""
+    if n % world:
+        raise ConfigError(
+            f"WORLD_SIZE: expected a divisor of the global batch (--sample.prompts-per-iter x "
+            f"--sample.images-per-prompt = {n} images), got {world} processes"
+        )
 
 
 def validate_dist(dc: DistConfig, *, algo: str) -> None:
@@ -165,11 +179,7 @@ class Dist:
         try:
             yield
         except (RuntimeError, OSError) as e:  # DistBackendError, gloo's connection errors, timeouts
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise DistributedError(
-                f"rank {self.rank}/{self.world}: {what} failed, another rank probably died or stopped "
-                f"answering within --dist.timeout-s ({type(e).__name__}: {first})"
-            ) from e
+            raise comm_failure(e, self.rank, self.world, what) from e
 
     def all_gather(self, t: torch.Tensor) -> torch.Tensor:
         """Equal-shaped ``t`` from every rank -> ``[world, *t.shape]`` in rank order (on ``t``'s device)."""
@@ -284,11 +294,7 @@ class IterationPlan:
         cls, prompts, group_ids, seeds, *, order: torch.Tensor, per_rank_step: int, rank: int, world: int
     ) -> IterationPlan:
         n = len(prompts)
-        if n % world:
-            raise ConfigError(
-                f"world size: expected a divisor of the global batch (--sample.prompts-per-iter x "
-                f"--sample.images-per-prompt = {n} images), got {world} processes"
-            )
+        check_world_divides(n, world)
         step = per_rank_step * world
         owned = [[] for _ in range(world)]
         for lo in range(0, n, step):

@@ -33,6 +33,7 @@ from .distributed import (
     DistributedError,
     IterationPlan,
     as_distributed_error,
+    check_world_divides,
     launched_world_size,
     validate_dist,
     wrap_policy,
@@ -79,6 +80,14 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+
+
+def wait_for_rewards(futures) -> tuple[torch.Tensor, dict]:
+    """The results of reward futures (one per rollout micro-batch), concatenated -> ``(rewards [B] fp32,
+    {name: [B] fp32})``; a reward's :class:`RewardError` is re-raised here."""
+    results = [f.result() for f in futures]
+    rewards = torch.cat([r for r, _ in results]).float()
+    return rewards, {k: torch.cat([c[k] for _, c in results]).float() for k in results[0][1]}
 
 
 def check_at_least_one(pairs) -> None:
@@ -190,7 +199,7 @@ class Trainer:
         pol = self.policy
         return {
             "default": {str(i): p for i, p in enumerate(pol.trainable_parameters())},
-            "old": {str(i): p for i, p in enumerate(pol._old)},
+            "old": {str(i): p for i, p in enumerate(pol.old_parameters())},
             "eval_ema": {str(i): s for i, s in enumerate(pol.eval_ema.shadow)},
             "optimizer": get_optimizer_state_dict(pol.transformer, self.opt),
         }
@@ -209,7 +218,7 @@ class Trainer:
         its shards through ``torch.distributed.checkpoint``.  Every rank returns once the checkpoint is
         whole."""
         if self.dist.fsdp_root is not None:
-            meta = {k: v for k, v in self.state_dict(elapsed, full=False).items()}
+            meta = self.state_dict(elapsed, full=False)
             common.save_sharded_checkpoint(
                 self.run_dir,
                 iteration,
@@ -255,17 +264,16 @@ class Trainer:
     def await_rewards(self, futures) -> tuple[torch.Tensor, dict]:
         """This rank's ``(rewards, components)`` from its reward futures.  A reward failure on any rank raises
         :class:`RewardError` on every rank (never a hang, never a silent zero)."""
-        err, results = None, []
+        err, out = None, None
         try:
-            results = [f.result() for f in futures]
+            out = wait_for_rewards(futures)
         except RewardError as e:
             err = str(e)
         failed = [(r, e) for r, e in enumerate(self.dist.all_gather_object(err)) if e is not None]
         if failed:
             r, e = failed[0]
             raise RewardError(e if not self.dist.enabled else f"rank {r}: {e}")
-        rewards = torch.cat([r for r, _ in results]).float()
-        return rewards, {k: torch.cat([c[k] for _, c in results]).float() for k in results[0][1]}
+        return out
 
     def to_global(self, plan: IterationPlan, local: torch.Tensor) -> torch.Tensor:
         """Every rank's ``local`` array (the plan's local order) all-gathered into the global order ``[n,
@@ -397,13 +405,7 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             resume_dir = common.Path(cfg.run_dir)
         validate(cfg)
         validate_dist(cfg.dist, algo=algo)
-        world = launched_world_size()
-        n = cfg.sample.prompts_per_iter * cfg.sample.images_per_prompt
-        if n % world:
-            raise ConfigError(
-                f"WORLD_SIZE: expected a divisor of the global batch (--sample.prompts-per-iter x "
-                f"--sample.images-per-prompt = {n} images), got {world} processes"
-            )
+        check_world_divides(cfg.sample.prompts_per_iter * cfg.sample.images_per_prompt, launched_world_size())
         reward = build_reward(
             cfg.reward,
             weights=cfg.reward_weights,

@@ -110,6 +110,10 @@ class Policy:
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         return self._trainable
 
+    def old_parameters(self) -> list[torch.nn.Parameter]:
+        """The frozen ``old`` adapter's LoRA parameters (same order as :meth:`trainable_parameters`)."""
+        return self._old
+
     def adapter(self, name: str):
         return models.use_adapter(self.transformer, name)
 

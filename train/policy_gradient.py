@@ -28,7 +28,7 @@ from engine import BatchInvariantDenoiser, guided_prediction, nvtx_range, rollou
 from . import common
 from .config import ConfigError
 from .evaluation import Evaluator
-from .loop import LogConfig, RunConfig, Trainer, validate_run
+from .loop import LogConfig, RunConfig, Trainer, validate_run, wait_for_rewards
 from .loop import main as loop_main
 from .policy import Policy
 
@@ -296,12 +296,7 @@ def collect_rollouts(
             images = policy.decode(last.x0)
             futures.append(pool.submit(reward, images.cpu(), [policy.prompt_text(p) for p in mb]))
     with nvtx_range("reward"):
-        if await_rewards is not None:
-            rewards, components = await_rewards(futures)
-        else:
-            results = [f.result() for f in futures]  # re-raises a RewardError from the worker
-            rewards = torch.cat([r for r, _ in results])
-            components = {k: torch.cat([c[k] for _, c in results]) for k in results[0][1]}
+        rewards, components = (await_rewards or wait_for_rewards)(futures)
     sigma_max = None
     if solver == "flow-sde" and float(last.sigmas[0]) == 1.0 and 0 in last.sde_steps:
         sigma_max = float(last.sigmas[1])

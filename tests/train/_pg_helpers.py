@@ -22,6 +22,23 @@ _OVERRIDE = os.environ.get("EMBEDDED_DIR")
 HAVE_CHECKPOINT = bool(_OVERRIDE) or (Path(embedded.DEFAULT_DIR) / "default.safetensors").exists()
 
 
+# 2 prompts x 4 images, 4 sampler steps, 4 held-out prompts: the small run the PG tests share
+SMALL = [
+    "--sample.prompts-per-iter",
+    "2",
+    "--sample.images-per-prompt",
+    "4",
+    "--sample.num-steps",
+    "4",
+    "--eval.num-prompts",
+    "4",
+    "--eval.num-steps",
+    "4",
+    "--log.progress",
+    "false",
+]
+
+
 def use_embedded_default(monkeypatch) -> None:
     """The shipped embedded default, or a seeded random one while its checkpoint is not there."""
     if _OVERRIDE:

@@ -99,15 +99,23 @@ def test_verifier_rejects_wrong_images():
     cases = [
         (green_square, _paint([("square", "red", 10, 10, 10)])),  # wrong colour
         (green_square, _paint([("circle", "green", 10, 10, 10)])),  # wrong shape
-        (Prompt("counting", (ObjectSpec("triangle", None, 3),)),
-         _paint([("triangle", "red", 2, 2, 9), ("triangle", "blue", 18, 2, 9)])),  # count
-        (Prompt("single_object", (ObjectSpec("circle"),)),
-         _paint([("circle", "red", 2, 2, 10), ("square", "blue", 18, 18, 10)])),  # an extra object
+        (
+            Prompt("counting", (ObjectSpec("triangle", None, 3),)),
+            _paint([("triangle", "red", 2, 2, 9), ("triangle", "blue", 18, 2, 9)]),
+        ),  # count
+        (
+            Prompt("single_object", (ObjectSpec("circle"),)),
+            _paint([("circle", "red", 2, 2, 10), ("square", "blue", 18, 18, 10)]),
+        ),  # an extra object
         (red_circle_left, _paint([("circle", "red", 20, 10, 9), ("square", "blue", 2, 10, 9)])),  # position
-        (Prompt("color_attr", (ObjectSpec("circle", "red"), ObjectSpec("square", "blue"))),
-         _paint([("circle", "blue", 2, 10, 9), ("square", "red", 20, 10, 9)])),  # swapped attributes
-        (Prompt("two_object", (ObjectSpec("circle"), ObjectSpec("square"))),
-         _paint([("circle", "red", 2, 10, 9), ("triangle", "red", 20, 10, 9)])),  # wrong second object
+        (
+            Prompt("color_attr", (ObjectSpec("circle", "red"), ObjectSpec("square", "blue"))),
+            _paint([("circle", "blue", 2, 10, 9), ("square", "red", 20, 10, 9)]),
+        ),  # swapped attributes
+        (
+            Prompt("two_object", (ObjectSpec("circle"), ObjectSpec("square"))),
+            _paint([("circle", "red", 2, 10, 9), ("triangle", "red", 20, 10, 9)]),
+        ),  # wrong second object
     ]
     prompts = [p for p, _ in cases]
     scores = v.score(torch.cat([img for _, img in cases]), prompts)

@@ -18,26 +18,12 @@ from train.config import parse_cli
 from ._pg_helpers import (
     HAVE_CHECKPOINT,
     JPEG_SHORT_RUN,
+    SMALL,
     bf16_autocast_ok,
     build_trainer,
     paired_reward_gain,
     use_embedded_default,
 )
-
-SMALL = [
-    "--sample.prompts-per-iter",
-    "2",
-    "--sample.images-per-prompt",
-    "4",
-    "--sample.num-steps",
-    "4",
-    "--eval.num-prompts",
-    "4",
-    "--eval.num-steps",
-    "4",
-    "--log.progress",
-    "false",
-]
 
 
 @pytest.fixture(autouse=True)
