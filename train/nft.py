@@ -203,7 +203,6 @@ class NFTTrainer(Trainer):
         t_idx = torch.stack(
             [torch.randperm(sc.num_steps, generator=g)[:n_train] for _ in range(n)]
         )  # [n, n_train] per global sample
-        numel = x0[0].numel()
         # sums stay on the device: one host read per iteration, not one per forward
         loss_sum = torch.zeros((), device=dev)
         kl_sum = torch.zeros((), device=dev)
@@ -219,9 +218,12 @@ class NFTTrainer(Trainer):
                     [common.derive_seed(cfg.seed, it, "train-noise", i) for i in mb.gidx.tolist()],
                     dtype=torch.int64,
                 ).to(dev)
+                # every trained timestep's noise in one draw: [b, n_train, ...]; step j's is the stream at
+                # offset j * numel, the same numbers as one draw per step
+                noises = per_sample_randn((n_train, *xb.shape[1:]), noise_seeds, 0).to(xb.dtype)
                 for j in range(n_train):
                     t = sigmas[t_idx[mb.gidx, j].to(dev)]
-                    noise = per_sample_randn(xb.shape[1:], noise_seeds, j * numel).to(xb.dtype)
+                    noise = noises[:, j]
                     x_t = kernels.interpolate(xb, noise, t)
                     ts = 1000.0 * t
                     last = mi == len(mbs) - 1 and j == n_train - 1
