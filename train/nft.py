@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import torch
 
 import kernels
-from engine import per_sample_randn
 from engine.profiling import nvtx_range
 from models.lora import old_adapter_decay
 
@@ -214,13 +213,11 @@ class NFTTrainer(Trainer):
                 idx = mb.rows.to(dev)
                 cond = self.policy.encode([plan.prompts[i] for i in mb.gidx.tolist()])
                 xb, rb = x0[idx], r[mb.rows].to(dev)
-                noise_seeds = torch.tensor(
-                    [common.derive_seed(cfg.seed, it, "train-noise", i) for i in mb.gidx.tolist()],
-                    dtype=torch.int64,
-                ).to(dev)
-                # every trained timestep's noise in one draw: [b, n_train, ...]; step j's is the stream at
-                # offset j * numel, the same numbers as one draw per step
-                noises = per_sample_randn((n_train, *xb.shape[1:]), noise_seeds, 0).to(xb.dtype)
+                # every trained timestep's noise, [b, n_train, ...], from a generator per sample keyed by its
+                # global index: the same numbers whatever the batch split or the world size
+                shape = (n_train, *xb.shape[1:])
+                gens = [common.iteration_generator(cfg.seed, it, f"noise/{i}", dev) for i in mb.gidx.tolist()]
+                noises = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens]).to(xb.dtype)
                 for j in range(n_train):
                     t = sigmas[t_idx[mb.gidx, j].to(dev)]
                     noise = noises[:, j]

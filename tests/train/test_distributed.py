@@ -183,9 +183,12 @@ def _single(module, argv, timeout=300):
     return out
 
 
-def _lora(run_dir) -> list[torch.Tensor]:
-    state = common.load_checkpoint(Path(run_dir))
-    return state["policy"]["default"]
+def _lora_checkpoints(run_dir) -> dict[int, list[torch.Tensor]]:
+    """The trained LoRA weights of every checkpoint still in ``run_dir`` (the newest two), by iteration."""
+    out = {}
+    for p in sorted((Path(run_dir) / "checkpoints").glob("iter_*.pt")):
+        out[int(p.stem.split("_")[1])] = torch.load(p, weights_only=False)["policy"]["default"]
+    return out
 
 
 def _train_lines(run_dir):
@@ -198,12 +201,24 @@ def _assert_same_run(a, b, *, keys, rtol):
     for it in ma:
         for k in keys:
             assert ma[it][k] == pytest.approx(mb[it][k], rel=rtol, abs=1e-7), (it, k)
-    # LoRA B starts at zero, so |B| is how far training moved it.  Adam divides by sqrt(v): elements with
-    # near-zero gradients amplify float reduction-order differences, so compare against the movement.
-    la, lb = _lora(a), _lora(b)
-    moved = max(float(t.abs().max()) for t in lb[1::2])
-    diff = max(float((x - y).abs().max()) for x, y in zip(la, lb, strict=True))
-    assert moved > 1e-4 and diff < 0.02 * moved, (diff, moved)
+    # LoRA B starts at zero, so |B| is how far training moved it.  After the first update only the reduction
+    # order differs; Adam divides by sqrt(v), so elements with near-zero gradients amplify it: compare the
+    # largest difference with the movement.  Later iterations also see the rewards of slightly different
+    # samples (JPEG sizes are discrete, so a last-bit change can move a reward by a byte): there the whole
+    # update must agree to 1% (relative Frobenius norm).
+    ca, cb = _lora_checkpoints(a), _lora_checkpoints(b)
+    iters = sorted(set(ca) & set(cb))
+    assert iters and iters[-1] == max(ma), (iters, sorted(ma))
+    for n, it in enumerate(iters):
+        la, lb = ca[it], cb[it]
+        moved = max(float(t.abs().max()) for t in lb[1::2])
+        if n == 0 and it == min(ma):
+            diff = max(float((x - y).abs().max()) for x, y in zip(la, lb, strict=True))
+            assert moved > 1e-4 and diff < 0.02 * moved, (it, diff, moved)
+        else:
+            diff = torch.cat([(x - y).flatten() for x, y in zip(la, lb, strict=True)]).norm()
+            scale = torch.cat([t.flatten() for t in lb[1::2]]).norm()
+            assert moved > 1e-4 and diff < 0.01 * scale, (it, diff, scale)
 
 
 @pytest.fixture(scope="module")
