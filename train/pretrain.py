@@ -17,6 +17,7 @@ Everything is seeded; on a CPU with the same thread count a run is reproducible 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -28,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.embedded import DEFAULT_DIR, EmbeddedConfig, EmbeddedDefault
+from models.embedded import DEFAULT_DIR, TRANSFORMER_CONFIG, EmbeddedConfig, EmbeddedDefault
 from train.data import render_batch, sample_prompts, test_prompts
 from train.rewards import GenEvalMini
 
@@ -141,13 +142,62 @@ def flow_matching_loss(
     return (v - (noise - x0)).square().mean()
 
 
+def model_config(width: int | None = None, layers: int | None = None, head_dim: int = 32) -> EmbeddedConfig:
+    """The embedded architecture with the transformer's ``width`` (``width / head_dim`` heads) and ``layers``
+    changed; ``None`` keeps the shipped default's value.  The prompt encoder is unchanged."""
+    tc = dict(TRANSFORMER_CONFIG)
+    if width is not None:
+        if width < head_dim or width % head_dim:
+            raise ValueError(f"width: expected a positive multiple of {head_dim}, got {width}")
+        tc.update(
+            num_attention_heads=width // head_dim, attention_head_dim=head_dim, caption_projection_dim=width
+        )
+    if layers is not None:
+        if layers < 1:
+            raise ValueError(f"layers: expected >= 1, got {layers}")
+        tc["num_layers"] = layers
+    return EmbeddedConfig(transformer=tc)
+
+
+class WeightEma:
+    """An exponential moving average of ``model``'s weights (``ema <- d ema + (1 - d) w`` after every step,
+    with ``d = min(decay, (1 + step) / (10 + step))`` so early steps are not dominated by the init)."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay, self.step = decay, 0
+        self.shadow = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        d = min(self.decay, (1 + self.step) / (10 + self.step))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1.0 - d)
+        self.step += 1
+
+    @contextlib.contextmanager
+    def applied(self, model: torch.nn.Module):
+        """``model`` holds the averaged weights inside the block, its own again after it."""
+        params = list(model.parameters())
+        saved = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, self.shadow)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, saved)
+
+
 def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
     torch.manual_seed(args.seed)
-    model = EmbeddedDefault(EmbeddedConfig())
     if args.init_from:
+        model = EmbeddedDefault(EmbeddedDefault.from_pretrained(args.init_from).config)
         model.load_state_dict(EmbeddedDefault.from_pretrained(args.init_from).state_dict())
         model.requires_grad_(True)
+    else:
+        model = EmbeddedDefault(model_config(args.width, args.layers))
     model.train()
+    ema = WeightEma(model, args.ema) if args.ema else None
+    averaged = (lambda: ema.applied(model)) if ema else contextlib.nullcontext
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
 
     def lr_factor(s: int) -> float:  # warm-up, constant, then a linear cool-down to 0 over `cooldown` steps
@@ -173,9 +223,10 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
         model.eval()
         model.text_encoder.clear_cache()
         rec = {"step": step, "minutes": round((time.time() - start) / 60, 2)}
-        for scale in args.eval_cfg:
-            r = evaluate(model, cfg_scale=scale, n_per_task=args.eval_per_task)
-            rec[f"cfg{scale:g}"] = {k: round(v, 4) for k, v in r.items()}
+        with averaged():
+            for scale in args.eval_cfg:
+                r = evaluate(model, cfg_scale=scale, n_per_task=args.eval_per_task)
+                rec[f"cfg{scale:g}"] = {k: round(v, 4) for k, v in r.items()}
         model.text_encoder.clear_cache()
         model.train()
         log(rec)
@@ -195,6 +246,8 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
         torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
         opt.step()
         sched.step()
+        if ema:
+            ema.update(model)
         step += 1
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         if step % args.log_every == 0 or step == args.steps:
@@ -207,10 +260,14 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
                 }
             )
         if args.save_every and step % args.save_every == 0:
-            _save(model, out / "snapshots" / f"step{step:06d}", args, step, start)
+            with averaged():
+                _save(model, out / "snapshots" / f"step{step:06d}", args, step, start)
         if args.eval_every and step % args.eval_every == 0:
             run_eval(step)
     model.eval()
+    if ema:  # the shipped weights are the average
+        with torch.no_grad():
+            torch._foreach_copy_(list(model.parameters()), ema.shadow)
     _save(model, out, args, step, start)
     return model
 
@@ -226,6 +283,9 @@ def _save(model: EmbeddedDefault, directory: Path, args: argparse.Namespace, ste
         f"--time-shift {args.time_shift:g} --seed {args.seed} --threads {args.threads}"
         + (f" --cooldown {args.cooldown}" if args.cooldown else "")
         + (f" --init-from {shlex.quote(str(args.init_from))}" if args.init_from else "")
+        + (f" --width {args.width}" if args.width else "")
+        + (f" --layers {args.layers}" if args.layers else "")
+        + (f" --ema {args.ema:g}" if args.ema else "")
     )
     minutes = round((time.time() - start) / 60, 2)
     record = {
@@ -259,6 +319,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="start from the weights in this directory (a previous run's --out); fresh optimizer",
     )
+    p.add_argument(
+        "--width", type=int, default=None, help="transformer width, a multiple of 32 (default: 64)"
+    )
+    p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: 4)")
+    p.add_argument(
+        "--ema",
+        type=float,
+        default=0.0,
+        help="weight-EMA decay; evaluations and saves use the average (0: off)",
+    )
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--grad-clip", type=float, default=1.0)
     p.add_argument(
@@ -290,6 +360,14 @@ def main(argv: list[str] | None = None) -> EmbeddedDefault:
             raise SystemExit(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.prompt_dropout < 1.0:
         raise SystemExit(f"--prompt-dropout: expected a value in [0, 1), got {args.prompt_dropout}")
+    if not 0.0 <= args.ema < 1.0:
+        raise SystemExit(f"--ema: expected a decay in [0, 1), got {args.ema}")
+    if args.init_from and (args.width or args.layers):
+        raise SystemExit("--width/--layers: the architecture comes from --init-from; give one or the other")
+    try:
+        model_config(args.width, args.layers)
+    except ValueError as e:
+        raise SystemExit(f"--{e}") from None
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise SystemExit(f"--lr: expected a positive number, got {args.lr}")
     args.argv = argv

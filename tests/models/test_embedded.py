@@ -85,3 +85,63 @@ def test_pretrain_smoke_writes_loadable_checkpoint_and_loss_falls(tmp_path):
     assert record["steps"] == 40 and "--steps 40" in record["reproduce"]
     x = torch.randn(2, 3, 32, 32)
     assert loaded.denoiser(x, torch.tensor([500.0, 10.0]), loaded.encode(["a circle", ""])).shape == x.shape
+
+
+def test_weight_ema_math_and_applied_restores():
+    from train.pretrain import WeightEma
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    start = [p.detach().clone() for p in net.parameters()]
+    ema = WeightEma(net, decay=0.9)
+    expected = [p.clone() for p in start]
+    for step in range(30):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+        ema.update(net)
+        d = min(0.9, (1 + step) / (10 + step))
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters(), strict=True)]
+    for e, s in zip(expected, ema.shadow, strict=True):
+        torch.testing.assert_close(s, e)
+    own = [p.detach().clone() for p in net.parameters()]
+    with ema.applied(net):
+        for p, s in zip(net.parameters(), ema.shadow, strict=True):
+            assert torch.equal(p, s)
+    for p, o in zip(net.parameters(), own, strict=True):
+        assert torch.equal(p, o)
+
+
+def test_pretrain_architecture_and_ema_flags(tmp_path):
+    from train.pretrain import main
+
+    common = ["--steps", "6", "--batch-size", "4", "--warmup", "2", "--threads", "1", "--seed", "1"]
+    common += ["--width", "96", "--layers", "2"]
+    plain = main([*common, "--out", str(tmp_path / "plain")])
+    averaged = main([*common, "--ema", "0.5", "--out", str(tmp_path / "ema")])
+    loaded = load_default(directory=tmp_path / "ema")
+    tc = loaded.transformer.config
+    arch = (tc.num_attention_heads, tc.attention_head_dim, tc.num_layers, tc.caption_projection_dim)
+    assert arch == (3, 32, 2, 96)
+    for a, b in zip(loaded.state_dict().values(), averaged.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the saved weights are the average the run ended with
+    pairs = zip(plain.state_dict().values(), averaged.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    record = json.loads((tmp_path / "ema" / "pretrain.json").read_text())
+    assert "--width 96 --layers 2 --ema 0.5" in record["reproduce"]
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--width", "100"], "--width: expected a positive multiple of 32, got 100"),
+        (["--layers", "0"], "--layers: expected >= 1, got 0"),
+        (["--ema", "1"], "--ema: expected a decay in"),
+        (["--width", "96", "--init-from", "x"], "--width/--layers"),
+    ],
+)
+def test_pretrain_rejects_bad_architecture_flags(argv, match, tmp_path):
+    from train.pretrain import main
+
+    with pytest.raises(SystemExit, match=match):
+        main([*argv, "--out", str(tmp_path)])
