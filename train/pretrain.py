@@ -33,7 +33,16 @@ from models.embedded import DEFAULT_DIR, TRANSFORMER_CONFIG, EmbeddedConfig, Emb
 from train.data import render_batch, sample_prompts, test_prompts
 from train.rewards import GenEvalMini
 
-__all__ = ["sigma_schedule", "sample", "sample_times", "evaluate", "flow_matching_loss", "pretrain", "main"]
+__all__ = [
+    "sigma_schedule",
+    "sample",
+    "sample_times",
+    "evaluate",
+    "restart_scores",
+    "flow_matching_loss",
+    "pretrain",
+    "main",
+]
 
 
 def sigma_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
@@ -97,6 +106,41 @@ def evaluate(
     )
     scores = verifier.score(images, prompts)
     return {**verifier.summarize(scores["strict"], prompts), "partial": float(scores["partial"].mean())}
+
+
+@torch.no_grad()
+def restart_scores(
+    model: EmbeddedDefault,
+    starts: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9),
+    n_per_task: int = 32,
+    steps: int = 20,
+    shift: float = 3.0,
+    seed: int = 1234,
+) -> dict[float, float]:
+    """Where the model decides its images: held-out renders noised to ``t = start`` (``x_t = (1 - t) x0 +
+    t noise``), brought back to ``t = 0`` with the CFG-free Euler ODE over the part of the ``steps``-step
+    schedule below ``start``, and scored like :func:`evaluate`.  A start from which the score is still ~1 is
+    one the model denoises correctly; where it falls is where the model's own decisions begin.
+    -> ``{start: strict score}``."""
+    for t in starts:
+        if not 0.0 < t <= 1.0:
+            raise ValueError(f"starts: expected values in (0, 1], got {t}")
+    verifier = GenEvalMini()
+    prompts = test_prompts(n_per_task)
+    x0 = render_batch(prompts, seed).to(model.device, model.dtype)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
+    cond = model.encode([p.text for p in prompts])
+    schedule = sigma_schedule(steps, shift).tolist()
+    out = {}
+    for start in starts:
+        sigmas = [start] + [s for s in schedule if s < start]
+        x = (1 - start) * x0 + start * noise
+        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
+            x = x + (sigma_next - sigma) * model.denoiser(x, torch.full((len(x),), 1000.0 * sigma), cond)
+        out[start] = verifier.summarize(verifier.score(x.clamp(-1, 1).cpu(), prompts)["strict"], prompts)[
+            "score"
+        ]
+    return out
 
 
 def sample_times(

@@ -145,3 +145,15 @@ def test_pretrain_rejects_bad_architecture_flags(argv, match, tmp_path):
 
     with pytest.raises(SystemExit, match=match):
         main([*argv, "--out", str(tmp_path)])
+
+
+def test_restart_scores_recover_renders_from_low_noise_only():
+    from train.pretrain import restart_scores
+
+    torch.manual_seed(0)
+    untrained = EmbeddedDefault().eval()
+    scores = restart_scores(untrained, starts=(0.02, 1.0), n_per_task=4, steps=10)
+    assert scores[0.02] == 1.0  # a barely noised render survives any denoiser
+    assert scores[1.0] < 0.2  # from pure noise an untrained model draws nothing right
+    with pytest.raises(ValueError, match="starts"):
+        restart_scores(untrained, starts=(0.0,))
