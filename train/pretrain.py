@@ -7,11 +7,16 @@ prompts are replaced by ``""`` (so classifier-free guidance has an unconditional
 ``t = shift * u / (1 + (shift - 1) * u)`` with ``u ~ U(0, 1)`` (the sampler's shifted schedule, shift 3),
 ``x_t = (1 - t) x0 + t noise``,
 loss ``mean (v(x_t, 1000 t, c) - (noise - x0))^2``;
-AdamW with a linear warm-up then a constant rate, so a run stopped at step k equals a run with ``--steps k``.
-Everything is seeded; on a CPU with the same thread count a run is reproducible bit for bit.
+AdamW with a linear warm-up then a constant rate, so a run stopped at step k equals a run with ``--steps k``
+(``--cooldown N`` decays it to 0 over the last N steps).  ``--time-sampling logit-normal`` draws ``u`` from
+``sigmoid(N(0, 1))`` instead.  ``--ema D`` keeps an average of the weights; evaluations, snapshots and the
+saved model use it.  ``--width`` / ``--layers`` change the transformer's size; ``--init-from DIR``
+continues from a checkpoint with its architecture.  Everything is seeded; on a CPU with the same thread count
+a run is reproducible bit for bit.
 
 ``evaluate`` samples the held-out test prompts with a plain Euler ODE on the SD3 shifted schedule
-(CFG-free or with a guidance scale) and scores them with the GenEval-mini verifier.
+(CFG-free or with a guidance scale) and scores them with the GenEval-mini verifier; ``restart_scores`` finds
+the noise levels at which the model decides its images.
 """
 
 from __future__ import annotations
@@ -136,10 +141,10 @@ def restart_scores(
         sigmas = [start] + [s for s in schedule if s < start]
         x = (1 - start) * x0 + start * noise
         for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-            x = x + (sigma_next - sigma) * model.denoiser(x, torch.full((len(x),), 1000.0 * sigma), cond)
-        out[start] = verifier.summarize(verifier.score(x.clamp(-1, 1).cpu(), prompts)["strict"], prompts)[
-            "score"
-        ]
+            timestep = torch.full((len(x),), 1000.0 * sigma, device=x.device)
+            x = x + (sigma_next - sigma) * model.denoiser(x, timestep, cond)
+        strict = verifier.score(x.clamp(-1, 1).cpu(), prompts)["strict"]
+        out[start] = verifier.summarize(strict, prompts)["score"]
     return out
 
 
@@ -234,8 +239,9 @@ class WeightEma:
 def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
     torch.manual_seed(args.seed)
     if args.init_from:
-        model = EmbeddedDefault(EmbeddedDefault.from_pretrained(args.init_from).config)
-        model.load_state_dict(EmbeddedDefault.from_pretrained(args.init_from).state_dict())
+        start_from = EmbeddedDefault.from_pretrained(args.init_from)
+        model = EmbeddedDefault(start_from.config)
+        model.load_state_dict(start_from.state_dict())
         model.requires_grad_(True)
     else:
         model = EmbeddedDefault(model_config(args.width, args.layers))
