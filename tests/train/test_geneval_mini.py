@@ -6,13 +6,14 @@ import torch
 
 from train.data import (
     COLORS,
-    HELDOUT_PAIRS,
+    HELDOUT_BAGS,
     PALETTE,
     SHAPES,
     TASKS,
     ObjectSpec,
     Prompt,
     all_prompts,
+    bag,
     parse_prompt,
     render,
     render_batch,
@@ -43,6 +44,24 @@ def test_render_is_deterministic_and_in_range():
     assert sample_prompts(24, np.random.default_rng(0)) == prompts
 
 
+def test_layouts_sit_on_the_grid():
+    """Box corners and sizes are multiples of GRID, boxes at least one cell apart, inside the image."""
+    from train.data.geneval_mini import GRID, _layout
+
+    rng = np.random.default_rng(3)
+    for prompt in sample_prompts(300, rng):
+        objs = _layout(prompt, rng)
+        assert len(objs) == sum(o.count for o in prompt.objects)
+        for _, _, x0, y0, size in objs:
+            assert x0 % GRID == 0 and y0 % GRID == 0 and size % GRID == 0 and size >= 2 * GRID
+            assert 0 <= x0 and x0 + size <= 32 and 0 <= y0 and y0 + size <= 32
+        for i, (_, _, ax, ay, asz) in enumerate(objs):
+            for _, _, bx, by, bsz in objs[i + 1 :]:
+                apart_x = ax + asz + GRID <= bx or bx + bsz + GRID <= ax
+                apart_y = ay + asz + GRID <= by or by + bsz + GRID <= ay
+                assert apart_x or apart_y
+
+
 def test_prompt_coverage():
     prompts = all_prompts()
     assert tuple(prompts) == TASKS
@@ -63,12 +82,16 @@ def test_split_holds_out_compositions():
     for task in ("position", "color_attr"):
         tr, te = {p.text for p in train[task]}, {p.text for p in test[task]}
         assert tr and te and not tr & te
-        for p in train[task]:
-            assert not any((o.color, o.shape) in HELDOUT_PAIRS for o in p.objects)
-        for p in test[task]:
-            assert any((o.color, o.shape) in HELDOUT_PAIRS for o in p.objects)
-    # every held-out pair is still seen alone in training
-    assert {(p.objects[0].color, p.objects[0].shape) for p in train["colors"]} >= HELDOUT_PAIRS
+        assert {bag(p) for p in train[task]}.isdisjoint(HELDOUT_BAGS)
+        assert {bag(p) for p in test[task]} == HELDOUT_BAGS
+        assert len(te) * 2 == len(tr)  # 6 of the 18 bags, every binding and order of each
+        # every colour-shape pair is still seen inside a train two-object prompt
+        assert {(o.color, o.shape) for p in train[task] for o in p.objects} == {
+            (c, s) for c in COLORS for s in SHAPES
+        }
+    # each colour pair is held out once, each shape pair twice
+    assert sorted(len(c) for c, _ in HELDOUT_BAGS) == [2] * 6
+    assert len({c for c, _ in HELDOUT_BAGS}) == 6 and len({s for _, s in HELDOUT_BAGS}) == 3
     fixed = heldout_prompts(16)
     assert fixed == heldout_prompts(16) and len(fixed) == 16 * len(TASKS)
     assert [p.task for p in fixed] == [t for t in TASKS for _ in range(16)]

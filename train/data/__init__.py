@@ -2,7 +2,8 @@
 
 from train.data.geneval_mini import (
     COLORS,
-    HELDOUT_PAIRS,
+    GRID,
+    HELDOUT_BAGS,
     IMAGE_SIZE,
     PALETTE,
     RELATIONS,
@@ -11,6 +12,7 @@ from train.data.geneval_mini import (
     ObjectSpec,
     Prompt,
     all_prompts,
+    bag,
     parse_prompt,
     render,
     render_batch,
@@ -22,7 +24,8 @@ from train.data.geneval_mini import (
 
 __all__ = [
     "COLORS",
-    "HELDOUT_PAIRS",
+    "GRID",
+    "HELDOUT_BAGS",
     "IMAGE_SIZE",
     "PALETTE",
     "RELATIONS",
@@ -31,6 +34,7 @@ __all__ = [
     "ObjectSpec",
     "Prompt",
     "all_prompts",
+    "bag",
     "parse_prompt",
     "render",
     "render_batch",
