@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from models.embedded import DEFAULT_DIR, TRANSFORMER_CONFIG, EmbeddedConfig, EmbeddedDefault
+from models.lora import EMA
 from train.data import render_batch, sample_prompts, test_prompts
 from train.rewards import GenEvalMini
 
@@ -208,34 +209,6 @@ def model_config(width: int | None = None, layers: int | None = None, head_dim: 
     return EmbeddedConfig(transformer=tc)
 
 
-class WeightEma:
-    """An exponential moving average of ``model``'s weights (``ema <- d ema + (1 - d) w`` after every step,
-    with ``d = min(decay, (1 + step) / (10 + step))`` so early steps are not dominated by the init)."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay, self.step = decay, 0
-        self.shadow = [p.detach().clone() for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        d = min(self.decay, (1 + self.step) / (10 + self.step))
-        torch._foreach_lerp_(self.shadow, [p.detach() for p in model.parameters()], 1.0 - d)
-        self.step += 1
-
-    @contextlib.contextmanager
-    def applied(self, model: torch.nn.Module):
-        """``model`` holds the averaged weights inside the block, its own again after it."""
-        params = list(model.parameters())
-        saved = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            torch._foreach_copy_(params, self.shadow)
-        try:
-            yield model
-        finally:
-            with torch.no_grad():
-                torch._foreach_copy_(params, saved)
-
-
 def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
     torch.manual_seed(args.seed)
     if args.init_from:
@@ -246,8 +219,9 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
     else:
         model = EmbeddedDefault(model_config(args.width, args.layers))
     model.train()
-    ema = WeightEma(model, args.ema) if args.ema else None
-    averaged = (lambda: ema.applied(model)) if ema else contextlib.nullcontext
+    # the evaluation EMA of the NFT loop: d = min(decay, (1 + s) / (10 + s)), foreach updates
+    ema = EMA(model.parameters(), max_decay=args.ema) if args.ema else None
+    averaged = ema.average_parameters if ema else contextlib.nullcontext
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
 
     def lr_factor(s: int) -> float:  # warm-up, constant, then a linear cool-down to 0 over `cooldown` steps
@@ -297,7 +271,7 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
         opt.step()
         sched.step()
         if ema:
-            ema.update(model)
+            ema.update()
         step += 1
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
         if step % args.log_every == 0 or step == args.steps:
@@ -316,8 +290,7 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
             run_eval(step)
     model.eval()
     if ema:  # the shipped weights are the average
-        with torch.no_grad():
-            torch._foreach_copy_(list(model.parameters()), ema.shadow)
+        ema.copy_to()
     _save(model, out, args, step, start)
     return model
 

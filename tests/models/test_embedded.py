@@ -88,24 +88,25 @@ def test_pretrain_smoke_writes_loadable_checkpoint_and_loss_falls(tmp_path):
 
 
 def test_weight_ema_math_and_applied_restores():
-    from train.pretrain import WeightEma
+    """The weight EMA ``train.pretrain --ema`` uses (``models.EMA``, the NFT loop's evaluation EMA)."""
+    from models import EMA
 
     torch.manual_seed(0)
     net = torch.nn.Linear(3, 2)
     start = [p.detach().clone() for p in net.parameters()]
-    ema = WeightEma(net, decay=0.9)
+    ema = EMA(net.parameters(), max_decay=0.9)
     expected = [p.clone() for p in start]
     for step in range(30):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-        ema.update(net)
+        ema.update()
         d = min(0.9, (1 + step) / (10 + step))
         expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters(), strict=True)]
     for e, s in zip(expected, ema.shadow, strict=True):
         torch.testing.assert_close(s, e)
     own = [p.detach().clone() for p in net.parameters()]
-    with ema.applied(net):
+    with ema.average_parameters():
         for p, s in zip(net.parameters(), ema.shadow, strict=True):
             assert torch.equal(p, s)
     for p, o in zip(net.parameters(), own, strict=True):
