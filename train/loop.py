@@ -66,6 +66,10 @@ class RunConfig:
     )
     prompts: str | None = _h("training prompts for a --model run: a text file, one prompt per line")
     eval_prompts: str | None = _h("held-out prompts for a --model run (default: --prompts)")
+    tasks: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "embedded default only: GenEval-mini task types to train and evaluate on (all)"},
+    )
     reward: str = field(default="geneval_mini", metadata={"help": "reward name(s), comma separated"})
     reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "one weight per reward"})
     reward_aggregation: str = field(default="zmean", metadata={"help": "zmean, min or mean_minus_std"})
@@ -107,6 +111,19 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
     check_at_least_one(
         [("--eval.every", cfg.eval.every), ("--log.checkpoint-every", cfg.log.checkpoint_every)]
     )
+    if cfg.tasks:
+        from .data import TASKS
+
+        if cfg.preset not in embedded_presets or cfg.model:
+            raise ConfigError(
+                f"--tasks: selects GenEval-mini task types of the embedded default; a --model run takes "
+                f"--prompts/--eval-prompts instead, got --tasks {','.join(cfg.tasks)}"
+            )
+        unknown = [t for t in cfg.tasks if t not in TASKS]
+        if unknown or len(set(cfg.tasks)) != len(cfg.tasks):
+            raise ConfigError(
+                f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
+            )
     if cfg.preset not in embedded_presets or cfg.model:
         check_model_path(cfg.model, preset=cfg.preset)
         read_prompt_file(cfg.prompts, "--prompts")
@@ -490,6 +507,7 @@ def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
             seed=cfg.seed,
             prompts=cfg.prompts,
             eval_prompts=cfg.eval_prompts,
+            tasks=cfg.tasks,
         )
         wrap_policy(policy, dist, cfg.dist)
         evaluator = Evaluator(cfg.eval, seed=cfg.seed, reward=reward)

@@ -216,8 +216,10 @@ def build_policy(
     seed: int,
     prompts: str | None = None,
     eval_prompts: str | None = None,
+    tasks: tuple[str, ...] = (),
 ) -> Policy:
-    """The embedded default (``preset == 'tiny'`` without ``--model``) or a local SD3/SD3.5/FLUX directory."""
+    """The embedded default (``preset == 'tiny'`` without ``--model``) or a local SD3/SD3.5/FLUX directory.
+    ``tasks`` (embedded default only) keeps those GenEval-mini task types, in training and in evaluation."""
     dtype = _DTYPES[mc.dtype]
     torch.manual_seed(seed)  # LoRA init
     if model_path is None:
@@ -230,10 +232,13 @@ def build_policy(
         transformer, encoder = bundle.transformer, bundle.text_encoder
         latent_shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)
         decode = _identity_decode
-        train_p = [p for ps in geneval_mini.train_prompts().values() for p in ps]
-        test_p = geneval_mini.test_prompts()
+        tasks = tuple(tasks) or geneval_mini.TASKS
+        train_p = [p for t, ps in geneval_mini.train_prompts().items() if t in tasks for p in ps]
+        test_p = [p for p in geneval_mini.test_prompts() if p.task in tasks]
         prompt_text = lambda p: p.text if hasattr(p, "text") else str(p)
-        sampler = lambda n, s: geneval_mini.sample_prompts(n, np.random.default_rng(s), split="train")
+        sampler = lambda n, s: geneval_mini.sample_prompts(
+            n, np.random.default_rng(s), split="train", tasks=tasks
+        )
     else:
         transformer = models.load_transformer(model_path, dtype=dtype, device=device)
         root = Path(model_path)

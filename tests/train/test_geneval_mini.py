@@ -44,6 +44,22 @@ def test_render_is_deterministic_and_in_range():
     assert sample_prompts(24, np.random.default_rng(0)) == prompts
 
 
+def test_sample_prompts_of_a_task_subset():
+    """``tasks`` restricts the draw to those task types (each drawn); the full tuple is the default draw."""
+    from train.data import TASKS
+
+    sub = ("counting", "position")
+    prompts = sample_prompts(200, np.random.default_rng(1), tasks=sub)
+    assert {p.task for p in prompts} == set(sub)
+    held = {p.text for p in split_prompts("test")["position"]}
+    assert not any(p.text in held for p in prompts if p.task == "position")
+    assert sample_prompts(50, np.random.default_rng(2), tasks=TASKS) == sample_prompts(
+        50, np.random.default_rng(2)
+    )
+    with pytest.raises(ValueError, match="tasks: expected task types among"):
+        sample_prompts(4, np.random.default_rng(0), tasks=("shapes",))
+
+
 def test_layouts_sit_on_the_grid():
     """Box corners and sizes are multiples of GRID, boxes at least one cell apart, inside the image."""
     from train.data.geneval_mini import GRID, _layout

@@ -14,6 +14,7 @@ import torch
 
 import train.nft as nft
 from train import common
+from train.data import TASKS
 
 # A few images per iteration keeps each test to seconds on two cores.
 SMALL = [
@@ -52,6 +53,8 @@ def _strip(rows):
         (["--train.beta", "0"], "--train.beta: expected a value > 0"),
         (["--sample.solver", "heun"], "--sample.solver: expected dpm2"),
         (["--preset", "sd3.5-m"], "--model: expected a local diffusers directory"),
+        (["--tasks", "counting,shapes"], "--tasks: expected distinct task types among single_object"),
+        (["--tasks", "counting", "--model", "/nowhere"], "--tasks: selects GenEval-mini task types"),
     ],
 )
 def test_bad_input_fails_before_work(tmp_path, capsys, argv, needle):
@@ -76,6 +79,15 @@ def test_unwritable_run_dir(tmp_path, capsys):
     blocker.write_text("x")
     assert nft.main(["--run-dir", str(blocker / "run")]) == 2
     assert "--run-dir: expected a writable directory" in capsys.readouterr().err
+
+
+def test_task_subset_trains_and_evaluates_only_those_tasks(tmp_path):
+    assert _run(tmp_path / "r", "--tasks", "counting,colors", "--max-iters", "1") == 0
+    evals = [r for r in common.read_metrics(tmp_path / "r") if "eval/score" in r]
+    assert len(evals) == 2
+    for r in evals:
+        assert {k for k in r if k.startswith("eval/") and k[5:] in TASKS} == {"eval/counting", "eval/colors"}
+        assert r["eval/score"] == pytest.approx((r["eval/counting"] + r["eval/colors"]) / 2)
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):

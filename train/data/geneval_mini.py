@@ -194,11 +194,17 @@ def test_prompts(n_per_task: int = 32, seed: int = 0) -> list[Prompt]:
     return out
 
 
-def sample_prompts(n: int, rng: np.random.Generator, split: str = "train") -> list[Prompt]:
-    """``n`` prompts of ``split``: a task uniformly at random, then a prompt of that task uniformly."""
+def sample_prompts(
+    n: int, rng: np.random.Generator, split: str = "train", tasks: tuple[str, ...] = TASKS
+) -> list[Prompt]:
+    """``n`` prompts of ``split``: a task of ``tasks`` uniformly at random, then a prompt of that task
+    uniformly."""
+    bad = [t for t in tasks if t not in TASKS]
+    if bad or not tasks:
+        raise ValueError(f"tasks: expected task types among {', '.join(TASKS)}, got {tasks!r}")
     pools = split_prompts(split)
-    tasks = rng.integers(0, len(TASKS), size=n)
-    return [pools[TASKS[t]][rng.integers(0, len(pools[TASKS[t]]))] for t in tasks]
+    picks = rng.integers(0, len(tasks), size=n)
+    return [pools[tasks[t]][rng.integers(0, len(pools[tasks[t]]))] for t in picks]
 
 
 @functools.lru_cache(maxsize=1)
