@@ -57,8 +57,18 @@ class GRPOConfig(PGRunConfig):
 
 
 def preset_tiny() -> GRPOConfig:
-    """The embedded default on a CPU: 10 SDE steps for training, 20 ODE steps for evaluation."""
+    """The embedded default on a CPU: 16 prompts x 8 images per iteration, 10 ``cps`` SDE steps for training,
+    20 ODE steps for evaluation; two optimizer steps of 64 samples per iteration, lr 1e-3, clip 1e-3.
+
+    ``cps`` rather than ``flow-sde`` rollouts: in 7 to 9-minute runs on the shipped checkpoint (lr 1e-3 to
+    3e-3, noise level 0.7 or 0.4, with and without the Fast window) flow-sde's training reward rose but the
+    held-out ODE score did not (0.505 at iteration 0, at most 0.521 after); with cps this preset took it to
+    0.552 at iteration 30 (seed 0) and from 0.469 to 0.542 at iteration 20 (seed 1).  ``--sample.solver
+    flow-sde`` gives Flow-GRPO's original SDE."""
     cfg = GRPOConfig()
+    cfg.sample.solver = "cps"
+    cfg.sample.prompts_per_iter, cfg.sample.images_per_prompt = 16, 8
+    cfg.train.lr, cfg.train.clip_range, cfg.train.batch_size, cfg.train.grad_accum = 1e-3, 1e-3, 16, 4
     cfg.eval.num_steps = 20
     return cfg
 
