@@ -177,6 +177,10 @@ def paired_reward_gain(module, run_root: Path, argv: list, *, iters: int, last: 
 JPEG_SHORT_RUN = [
     "--reward",
     "jpeg_compressibility",
+    "--sample.solver",
+    "flow-sde",
+    "--train.grad-accum",
+    "1",
     "--sample.num-steps",
     "6",
     "--sample.prompts-per-iter",

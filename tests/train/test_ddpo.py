@@ -76,6 +76,8 @@ def test_ratio_is_exactly_one_on_the_flow_sde(tmp_path, loss):
             loss,
             "--train.kl-beta",
             "0.01",
+            "--sample.solver",
+            "flow-sde",
         ],
     )
     assert trainer.solver == "flow-sde"
@@ -158,7 +160,7 @@ def test_per_prompt_stat_tracker():
     "argv, needle",
     [
         (["--train.loss", "ppo"], "--train.loss: expected is (DDPO-IS) or sf (DDPO-SF)"),
-        (["--sample.eta", "0"], "--sample.eta: expected a value > 0"),
+        (["--sample.solver", "auto", "--sample.eta", "0"], "--sample.eta: expected a value > 0"),
         (["--train.kl-beta", "-1"], "--train.kl-beta: expected a value >= 0"),
         (["--preset", "sd1.5"], "--model: expected a local diffusers directory"),
     ],

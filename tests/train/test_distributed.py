@@ -259,7 +259,7 @@ def test_nft_resume_on_another_world_size(nft_runs, tmp_path):
 
 def test_grpo_two_processes_match_one_with_exact_ratio(tmp_path):
     args = [*SMALL, "--max-iters", "1", "--train.batch-size", "4", "--sample.forward-chunk", "4"]
-    _torchrun("train.grpo", 2, [*args, "--run-dir", str(tmp_path / "ddp")])
+    _torchrun("train.grpo", 2, [*args, "--train.grad-accum", "1", "--run-dir", str(tmp_path / "ddp")])
     _single("train.grpo", [*args, "--train.grad-accum", "2", "--run-dir", str(tmp_path / "one")])
     keys = ["train/reward_mean", "train/adv_abs_mean", "train/masked_frac"]
     _assert_same_run(tmp_path / "ddp", tmp_path / "one", keys=keys, rtol=1e-5)
