@@ -6,7 +6,8 @@ Three runs, one after another as subprocesses (so they never compete for cores),
 
 * ``nft-dpm2``      ``python -m train.nft`` (rollouts with the DPM-Solver++ 2M ODE, the default);
 * ``nft-flow-sde``  ``python -m train.nft --sample.solver flow-sde`` (rollouts with Flow-GRPO's SDE);
-* ``grpo``          ``python -m train.grpo`` (Flow-GRPO: flow-sde rollouts, PPO clip, KL to the reference).
+* ``grpo``          ``python -m train.grpo`` (Flow-GRPO: cps rollouts in its tiny preset, PPO clip, KL to the
+  reference).
 
 All three get the same ``--reward``, ``--seed``, ``--device`` and identical ``--eval.*`` options (held-out
 prompts, ODE solver and steps, CFG scale of the base-model evaluation, evaluation interval), so every score is
@@ -68,7 +69,7 @@ class RunSpec:
 RUNS = (
     RunSpec("nft-dpm2", "train.nft", (), "DiffusionNFT (dpm2 ODE rollouts)"),
     RunSpec("nft-flow-sde", "train.nft", ("--sample.solver", "flow-sde"), "DiffusionNFT (flow-sde rollouts)"),
-    RunSpec("grpo", "train.grpo", (), "Flow-GRPO (flow-sde)"),
+    RunSpec("grpo", "train.grpo", (), "Flow-GRPO (cps, its tiny preset)"),
 )
 NFT, NFT_SDE, GRPO = (r.name for r in RUNS)
 
