@@ -17,12 +17,10 @@ from train.config import parse_cli
 
 from ._pg_helpers import (
     HAVE_CHECKPOINT,
-    HELDOUT_SHORT_RUN,
     JPEG_SHORT_RUN,
     SMALL,
     bf16_autocast_ok,
     build_trainer,
-    heldout_score_gain,
     paired_reward_gain,
     use_embedded_default,
 )
@@ -279,13 +277,3 @@ def test_short_run_raises_the_reward(tmp_path):
     argv = [*JPEG_SHORT_RUN, "--train.kl-beta", "0"]
     gain = paired_reward_gain(grpo, tmp_path, argv, iters=20, last=5)
     assert gain > 0.04, gain
-
-
-@pytest.mark.skipif(not HAVE_CHECKPOINT, reason=NEEDS_CHECKPOINT)
-def test_short_run_raises_the_heldout_score(tmp_path):
-    """Flow-GRPO on the embedded default with GenEval-mini's strict reward, restricted to the counting and
-    two-object task types: 10 iterations raise the held-out score (64 prompts, the same seeds before and
-    after) by a clear margin (calibrated on the shipped checkpoint: 0.469 -> 0.594 for DDPO-IS and -> 0.609
-    for Flow-GRPO)."""
-    gain = heldout_score_gain(grpo, tmp_path / "run", HELDOUT_SHORT_RUN)
-    assert gain > 0.05, gain

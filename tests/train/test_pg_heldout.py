@@ -1,0 +1,25 @@
+"""Flow-GRPO and DDPO-IS raise the held-out score on the embedded default (issue 5's "must show")."""
+
+import pytest
+
+import train.ddpo as ddpo
+import train.grpo as grpo
+
+from ._pg_helpers import HAVE_CHECKPOINT, HELDOUT_SHORT_RUN, heldout_score_gain, use_embedded_default
+
+
+@pytest.fixture(autouse=True)
+def _embedded(monkeypatch):
+    use_embedded_default(monkeypatch)
+
+
+@pytest.mark.skipif(
+    not HAVE_CHECKPOINT, reason="needs the shipped embedded default (models/embedded/default.safetensors)"
+)
+@pytest.mark.parametrize("module", [grpo, ddpo], ids=["flow-grpo", "ddpo-is"])
+def test_short_run_raises_the_heldout_score(tmp_path, module):
+    """GenEval-mini's strict reward, restricted to the counting and two-object task types: 10 iterations raise
+    the held-out score (64 prompts, the same seeds before and after) by a clear margin (calibrated on the
+    shipped checkpoint: 0.469 -> 0.609 for Flow-GRPO and -> 0.594 for DDPO-IS)."""
+    gain = heldout_score_gain(module, tmp_path / "run", HELDOUT_SHORT_RUN)
+    assert gain > 0.05, gain
