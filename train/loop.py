@@ -111,10 +111,11 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
     check_at_least_one(
         [("--eval.every", cfg.eval.every), ("--log.checkpoint-every", cfg.log.checkpoint_every)]
     )
+    embedded = cfg.preset in embedded_presets and not cfg.model
     if cfg.tasks:
         from .data import TASKS
 
-        if cfg.preset not in embedded_presets or cfg.model:
+        if not embedded:
             raise ConfigError(
                 f"--tasks: selects GenEval-mini task types of the embedded default; a --model run takes "
                 f"--prompts/--eval-prompts instead, got --tasks {','.join(cfg.tasks)}"
@@ -124,7 +125,7 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
             raise ConfigError(
                 f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
             )
-    if cfg.preset not in embedded_presets or cfg.model:
+    if not embedded:
         check_model_path(cfg.model, preset=cfg.preset)
         read_prompt_file(cfg.prompts, "--prompts")
         read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")

@@ -46,8 +46,6 @@ def test_render_is_deterministic_and_in_range():
 
 def test_sample_prompts_of_a_task_subset():
     """``tasks`` restricts the draw to those task types (each drawn); the full tuple is the default draw."""
-    from train.data import TASKS
-
     sub = ("counting", "position")
     prompts = sample_prompts(200, np.random.default_rng(1), tasks=sub)
     assert {p.task for p in prompts} == set(sub)
