@@ -1,10 +1,10 @@
 """The conditioning a denoiser consumes, shared by every model family and the engine.
 
 A *denoiser* in this project is any callable ``denoiser(x, timestep, cond) -> prediction`` where ``x`` is
-``[B, C, H, W]`` (latents or pixels), ``timestep`` is a float ``[B]`` tensor equal to ``1000 * sigma`` (SPEC §0,
-never truncated), ``cond`` is a :class:`Conditioning` of batch ``B``, and the prediction has ``x``'s shape: a
-velocity for flow models (``prediction_type == "flow"``) or a noise estimate for epsilon models
-(``prediction_type == "epsilon"``).
+``[B, C, H, W]`` (latents or pixels), ``timestep`` is a float ``[B]`` tensor equal to ``1000 * sigma``
+(SPEC §0, never truncated), ``cond`` is a :class:`Conditioning` of batch ``B``, and the prediction has
+``x``'s shape: a velocity for flow models (``prediction_type == "flow"``) or a noise estimate for epsilon
+models (``prediction_type == "epsilon"``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import torch
 
 @dataclass
 class Conditioning:
-    """Text conditioning for a batch: ``prompt_embeds [B, L, D]`` and, for SD3/FLUX, ``pooled_embeds [B, P]``."""
+    """Text conditioning for a batch: ``prompt_embeds [B, L, D]`` and, for SD3/FLUX,
+    ``pooled_embeds [B, P]``."""
 
     prompt_embeds: torch.Tensor
     pooled_embeds: torch.Tensor | None = None

@@ -132,6 +132,22 @@ def test_pretrain_architecture_and_ema_flags(tmp_path):
     assert "--width 96 --layers 2 --ema 0.5" in record["reproduce"]
 
 
+def test_pretrain_freeze_text_encoder_trains_the_transformer_only(tmp_path):
+    from models.embedded import DEFAULT_DIR
+    from train.pretrain import main
+
+    start = load_default()
+    model = main(["--steps", "3", "--batch-size", "4", "--warmup", "1", "--threads", "1", "--seed", "2",
+                  "--init-from", str(DEFAULT_DIR), "--freeze-text-encoder", "--out", str(tmp_path)])
+    for (name, a), b in zip(start.text_encoder.state_dict().items(), model.text_encoder.state_dict().values(),
+                            strict=True):
+        assert torch.equal(a, b), name
+    pairs = zip(start.transformer.state_dict().values(), model.transformer.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    record = json.loads((tmp_path / "pretrain.json").read_text())
+    assert record["reproduce"].endswith(" --freeze-text-encoder")
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [
