@@ -38,6 +38,7 @@ from .policy_gradient import (
     PolicyGradientTrainer,
     StepScore,
     Trajectories,
+    apply_tiny_settings,
     gaussian_step_kl,
     ppo_clip_loss,
     reinforce_loss,
@@ -80,12 +81,7 @@ def preset_tiny() -> DDPOConfig:
     On all six task types it raises the training reward but, in 8-minute runs, not the held-out score
     (0.484-0.516 from 0.505; also with per-group statistics, lr 5e-4 or a KL term); on ``--tasks
     counting,two_object`` it does (0.438 -> 0.531 in 10 iterations, tests/train/test_pg_heldout.py)."""
-    cfg = DDPOConfig()
-    cfg.sample.solver = "cps"
-    cfg.sample.prompts_per_iter, cfg.sample.images_per_prompt = 16, 8
-    cfg.train.lr, cfg.train.clip_range, cfg.train.batch_size, cfg.train.grad_accum = 1e-3, 1e-3, 16, 4
-    cfg.eval.num_steps = 20
-    return cfg
+    return apply_tiny_settings(DDPOConfig())
 
 
 def preset_dpok() -> DDPOConfig:

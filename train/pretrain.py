@@ -224,10 +224,11 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
     if args.freeze_text_encoder:
         model.text_encoder.requires_grad_(False)
     model.train()
-    # the evaluation EMA of the NFT loop: d = min(decay, (1 + s) / (10 + s)), foreach updates
-    ema = EMA(model.parameters(), max_decay=args.ema) if args.ema else None
-    averaged = ema.average_parameters if ema else contextlib.nullcontext
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # the evaluation EMA of the NFT loop: d = min(decay, (1 + s) / (10 + s)), foreach updates; a frozen
+    # prompt encoder needs no average
+    ema = EMA(trainable, max_decay=args.ema) if args.ema else None
+    averaged = ema.average_parameters if ema else contextlib.nullcontext
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
 
     def lr_factor(s: int) -> float:  # warm-up, constant, then a linear cool-down to 0 over `cooldown` steps
