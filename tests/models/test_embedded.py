@@ -174,3 +174,32 @@ def test_restart_scores_recover_renders_from_low_noise_only():
     assert scores[1.0] < 0.2  # from pure noise an untrained model draws nothing right
     with pytest.raises(ValueError, match="starts"):
         restart_scores(untrained, starts=(0.0,))
+
+
+def test_relation_offsets_on_renders_and_mislabelled_renders():
+    """On rendered ground truth the first object sits ~16 px to the asked side; images drawn for the opposite
+    relation come out on the other side; the verifier must find both objects."""
+    from train.data import all_prompts, render_batch
+    from train.pretrain import relation_offsets
+
+    prompts = all_prompts()["position"][::3]
+    r = relation_offsets(render_batch(prompts, 0), prompts)
+    assert r["left of"]["dx"] < -8 and r["right of"]["dx"] > 8, r
+    assert r["above"]["dy"] < -8 and r["below"]["dy"] > 8, r
+    assert all(v["n"] == len(prompts) // 4 for v in r.values()), r
+    flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+    drawn = [type(p)(p.task, p.objects, flip[p.relation]) for p in prompts]
+    r = relation_offsets(render_batch(drawn, 0), prompts)
+    assert r["left of"]["dx"] > 8 and r["above"]["dy"] > 8, r
+    with pytest.raises(ValueError, match="position prompts"):
+        relation_offsets(render_batch(all_prompts()["colors"][:2], 0), all_prompts()["colors"][:2])
+
+
+def test_relation_response_of_the_shipped_model(model):
+    """The measurement runs end to end on the shipped model (about 5 s); the README reports its value."""
+    from train.pretrain import relation_response
+
+    r = relation_response(model, n_pairs=4, samples=8)
+    assert {"left of", "right of", "above", "below", "x_separation", "y_separation"} <= set(r)
+    assert all(r[k]["n"] > 0 for k in ("left of", "right of", "above", "below")), r
+    assert r["x_separation"] == r["right of"]["dx"] - r["left of"]["dx"]
