@@ -40,7 +40,15 @@ import torch
 
 from models.embedded import DEFAULT_DIR, TRANSFORMER_CONFIG, EmbeddedConfig, EmbeddedDefault
 from models.lora import EMA
-from train.data import RELATIONS, Prompt, all_prompts, render_batch, sample_prompts, test_prompts
+from train.data import (
+    RELATIONS,
+    Prompt,
+    all_prompts,
+    parse_prompt,
+    render_batch,
+    sample_prompts,
+    test_prompts,
+)
 from train.rewards import GenEvalMini
 
 __all__ = [
@@ -156,7 +164,7 @@ def restart_scores(
 
 
 def relation_offsets(
-    images: torch.Tensor, prompts: list[Prompt], verifier: GenEvalMini | None = None
+    images: torch.Tensor, prompts: list[Prompt | str], verifier: GenEvalMini | None = None
 ) -> dict[str, dict[str, float]]:
     """Where the first object of each position prompt lies relative to the second, per relation: the mean
     ``dx``/``dy`` (px, x to the right, y down) of ``objects[0]``'s centre minus ``objects[1]``'s, over the
@@ -168,6 +176,7 @@ def relation_offsets(
     verifier = verifier or GenEvalMini()
     found: dict[str, list[tuple[float, float]]] = {r: [] for r in RELATIONS}
     for objects, p in zip(verifier.detect(images), prompts, strict=True):
+        p = parse_prompt(p) if isinstance(p, str) else p
         if p.relation is None:
             raise ValueError(f"prompts: expected position prompts, got {p.text!r}")
         a, b = ([o for o in objects if o.shape == s.shape and o.color == s.color] for s in p.objects)

@@ -189,7 +189,7 @@ def test_relation_offsets_on_renders_and_mislabelled_renders():
     assert all(v["n"] == len(prompts) // 4 for v in r.values()), r
     flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
     drawn = [type(p)(p.task, p.objects, flip[p.relation]) for p in prompts]
-    r = relation_offsets(render_batch(drawn, 0), prompts)
+    r = relation_offsets(render_batch(drawn, 0), [p.text for p in prompts])  # texts work as well
     assert r["left of"]["dx"] > 8 and r["above"]["dy"] > 8, r
     with pytest.raises(ValueError, match="position prompts"):
         relation_offsets(render_batch(all_prompts()["colors"][:2], 0), all_prompts()["colors"][:2])
