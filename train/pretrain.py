@@ -333,7 +333,7 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
         log(rec)
 
     while step < args.steps:
-        if (time.time() - start) / 60 > args.max_minutes:
+        if args.max_minutes and (time.time() - start) / 60 > args.max_minutes:
             print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
             break
         batch = sample_prompts(args.batch_size, data_rng)
@@ -447,7 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-dropout", type=float, default=0.1, help="share of prompts replaced by ''")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(DEFAULT_DIR), help="directory for default.safetensors/default.json")
-    p.add_argument("--max-minutes", type=float, default=25.0, help="wall-clock cap; stops early and saves")
+    p.add_argument(
+        "--max-minutes", type=float, default=0.0, help="wall-clock cap; stops early and saves (0: none)"
+    )
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--log-file", action="store_true", help="also write <out>/pretrain_log.jsonl")
@@ -476,6 +478,8 @@ def main(argv: list[str] | None = None) -> EmbeddedDefault:
         raise SystemExit(f"--{e}") from None
     if not math.isfinite(args.lr) or args.lr <= 0:
         raise SystemExit(f"--lr: expected a positive number, got {args.lr}")
+    if not args.max_minutes >= 0:
+        raise SystemExit(f"--max-minutes: expected >= 0 (0: no cap), got {args.max_minutes}")
     args.argv = argv
     torch.set_num_threads(args.threads)
     return pretrain(args)

@@ -155,6 +155,7 @@ def test_pretrain_freeze_text_encoder_trains_the_transformer_only(tmp_path):
         (["--layers", "0"], "--layers: expected >= 1, got 0"),
         (["--ema", "1"], "--ema: expected a decay in"),
         (["--width", "96", "--init-from", "x"], "--width/--layers"),
+        (["--max-minutes", "-1"], "--max-minutes: expected >= 0"),
     ],
 )
 def test_pretrain_rejects_bad_architecture_flags(argv, match, tmp_path):
@@ -162,6 +163,14 @@ def test_pretrain_rejects_bad_architecture_flags(argv, match, tmp_path):
 
     with pytest.raises(SystemExit, match=match):
         main([*argv, "--out", str(tmp_path)])
+
+
+def test_pretrain_has_no_wall_clock_cap_unless_asked():
+    """The recipes in pretrain.json and the README carry no --max-minutes: a default cap (it was 25 min)
+    stopped a 20000-step run at step 8025 without a word in the recipe."""
+    from train.pretrain import build_parser
+
+    assert build_parser().parse_args([]).max_minutes == 0
 
 
 def test_restart_scores_recover_renders_from_low_noise_only():
