@@ -179,7 +179,7 @@ def relation_offsets(
         p = parse_prompt(p) if isinstance(p, str) else p
         if p.relation is None:
             raise ValueError(f"prompts: expected position prompts, got {p.text!r}")
-        a, b = ([o for o in objects if o.shape == s.shape and o.color == s.color] for s in p.objects)
+        a, b = (verifier.matching(objects, spec) for spec in p.objects)
         if len(a) == 1 and len(b) == 1:
             found[p.relation].append((a[0].cx - b[0].cx, a[0].cy - b[0].cy))
     out = {}

@@ -119,20 +119,20 @@ class GenEvalMini:
         return "unknown"
 
     # ------------------------------------------------------------------------------------------- scoring
+    @staticmethod
+    def matching(objects: list[DetectedObject], spec) -> list[DetectedObject]:
+        """The detected ``objects`` that fit ``spec``: its shape, and its colour when it names one."""
+        return [o for o in objects if o.shape == spec.shape and (spec.color is None or o.color == spec.color)]
+
     def constraints(self, objects: list[DetectedObject], prompt: Prompt) -> list[bool]:
         """The truth value of each of ``prompt``'s constraints on the detected ``objects``."""
-
-        def matches(o: DetectedObject, spec) -> bool:
-            return o.shape == spec.shape and (spec.color is None or o.color == spec.color)
-
         checks, used = [], set()
         for spec in prompt.objects:
-            hits = [i for i, o in enumerate(objects) if matches(o, spec)]
+            hits = self.matching(objects, spec)
             checks.append(len(hits) == spec.count)
-            used.update(hits)
+            used.update(map(id, hits))
         if prompt.relation is not None:
-            a = [o for o in objects if matches(o, prompt.objects[0])]
-            b = [o for o in objects if matches(o, prompt.objects[1])]
+            a, b = (self.matching(objects, spec) for spec in prompt.objects[:2])
             checks.append(len(a) == 1 and len(b) == 1 and self._relation(a[0], b[0], prompt.relation))
         checks.append(len(used) == len(objects))  # nothing else in the image
         return checks
