@@ -190,3 +190,26 @@ def test_verifier_bad_arguments():
         v.score(torch.zeros(2, 3, 32, 32), ["a circle"])
     with pytest.raises(ValueError, match="text"):
         v.score(torch.zeros(1, 3, 32, 32), ["a purple circle"])
+
+
+def test_structure_targets_per_word():
+    """Each word of an object's noun phrase carries (shape, colour, count - 1, role); the rest is ignored."""
+    from train.data import STRUCTURE_FIELDS, structure_targets
+    from train.data.geneval_mini import ROLES
+
+    assert list(STRUCTURE_FIELDS) == ["shape", "color", "count", "role"]
+    red_circle, blue_square = ObjectSpec("circle", "red"), ObjectSpec("square", "blue")
+    p = Prompt("position", (red_circle, blue_square), "right of")  # <bos> a red circle right of a blue square
+    t = structure_targets([p], 10)[0]
+    ignore = [-100] * 4
+    first = [SHAPES.index("circle"), 1 + COLORS.index("red"), 0, ROLES.index("right")]
+    second = [SHAPES.index("square"), 1 + COLORS.index("blue"), 0, ROLES.index("left")]
+    assert t.tolist() == [ignore, first, first, first, ignore, ignore, second, second, second, ignore]
+    three = structure_targets([parse_prompt("three triangles")], 4)[0]
+    assert three.tolist() == [ignore, [2, 0, 2, 0], [2, 0, 2, 0], ignore]
+    attr = structure_targets([parse_prompt("a red circle and a blue square")], 10)[0]
+    assert attr[:, 3].tolist() == [-100, 0, 0, 0, -100, 0, 0, 0, -100, -100]  # no role without a relation
+    every = [q for ps in all_prompts().values() for q in ps]
+    assert structure_targets(every, 10).shape == (len(every), 10, 4)
+    with pytest.raises(ValueError, match="at most 5 words"):
+        structure_targets([p], 6)

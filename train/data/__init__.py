@@ -8,6 +8,7 @@ from train.data.geneval_mini import (
     PALETTE,
     RELATIONS,
     SHAPES,
+    STRUCTURE_FIELDS,
     TASKS,
     ObjectSpec,
     Prompt,
@@ -18,6 +19,7 @@ from train.data.geneval_mini import (
     render_batch,
     sample_prompts,
     split_prompts,
+    structure_targets,
     test_prompts,
     train_prompts,
 )
@@ -30,6 +32,7 @@ __all__ = [
     "PALETTE",
     "RELATIONS",
     "SHAPES",
+    "STRUCTURE_FIELDS",
     "TASKS",
     "ObjectSpec",
     "Prompt",
@@ -40,6 +43,7 @@ __all__ = [
     "render_batch",
     "sample_prompts",
     "split_prompts",
+    "structure_targets",
     "test_prompts",
     "train_prompts",
 ]

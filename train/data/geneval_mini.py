@@ -59,6 +59,9 @@ __all__ = [
     "parse_prompt",
     "render",
     "render_batch",
+    "STRUCTURE_FIELDS",
+    "ROLES",
+    "structure_targets",
 ]
 
 TASKS: tuple[str, ...] = ("single_object", "two_object", "counting", "colors", "position", "color_attr")
@@ -218,6 +221,51 @@ def parse_prompt(text: str) -> Prompt:
     if prompt is not None:
         return prompt
     raise ValueError(f"text: expected a GenEval-mini prompt such as 'a red circle', got {text!r}")
+
+
+# ------------------------------------------------------------------------------- prompt structure (text only)
+# What each word of a prompt says about the object it belongs to: the targets of the prompt encoder's
+# text-only pretraining (``train.pretrain --text-pretrain-steps``).  ``ROLES`` is where an object goes:
+# "none" unless the prompt is a position prompt, whose objects[0] takes the relation's side and objects[1]
+# the opposite one.
+ROLES: tuple[str, ...] = ("none", "left", "right", "above", "below")
+_SIDES = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("above", "below"),
+          "below": ("below", "above")}
+# field -> number of classes; the class of "color" is 0 for an unspecified colour, 1 + COLORS index otherwise
+STRUCTURE_FIELDS: dict[str, int] = {"shape": len(SHAPES), "color": 1 + len(COLORS), "count": len(NUMBERS),
+                                    "role": len(ROLES)}
+IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
+
+
+def _noun_words(o: ObjectSpec, counting: bool) -> list[str]:
+    if counting:
+        return [NUMBERS[o.count - 1], o.shape if o.count == 1 else PLURALS[o.shape]]
+    return ["a", o.color, o.shape] if o.color else ["a", o.shape]
+
+
+def structure_targets(prompts: list[Prompt], max_length: int) -> torch.Tensor:
+    """``[B, max_length, 4]`` int64 targets per token of ``prompt.text`` as the embedded tokenizer lays it
+    out (token 0 is ``<bos>``): every word of object ``k``'s noun phrase (article or number, colour, shape)
+    carries that object's ``(shape, color, count - 1, role)`` in ``STRUCTURE_FIELDS`` order; ``<bos>``,
+    "and", the relation words and padding carry ``-100`` (ignored).  Exact by construction: the words are
+    laid out the way :attr:`Prompt.text` writes them, and the layout is checked against it."""
+    out = torch.full((len(prompts), max_length, len(STRUCTURE_FIELDS)), IGNORE, dtype=torch.long)
+    for row, p in enumerate(prompts):
+        sides = _SIDES[p.relation] if p.relation else ("none",) * len(p.objects)
+        joiner = p.relation.split() if p.relation else ["and"]
+        words: list[str] = []
+        for k, o in enumerate(p.objects):
+            if k:
+                words += joiner
+            start = len(words) + 1  # + <bos>
+            words += _noun_words(o, p.task == "counting")
+            target = (SHAPES.index(o.shape), 0 if o.color is None else 1 + COLORS.index(o.color), o.count - 1,
+                      ROLES.index(sides[k]))
+            out[row, start : len(words) + 1] = torch.tensor(target)
+        if " ".join(words) != p.text or len(words) >= max_length:
+            raise ValueError(f"prompts[{row}]: expected a prompt of at most {max_length - 1} words laid out "
+                             f"as Prompt.text, got {p.text!r}")
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- rendering
