@@ -80,6 +80,10 @@ class RunConfig:
     max_iters: int | None = field(default=100, metadata={"help": "stop after this many iterations in total"})
     seed: int = field(default=0, metadata={"help": "seed of every random draw"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    threads: int = field(
+        default=0,
+        metadata={"help": "torch intra-op CPU threads for the run (0: torch's default; the tiny presets: 1)"},
+    )
     models: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -106,6 +110,8 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
     than ``embedded_presets``, which run the embedded default) the model directory and the prompt files."""
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.threads < 0:
+        raise ConfigError(f"--threads: expected an integer >= 0 (0: torch's default), got {cfg.threads}")
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: expected a machine with CUDA for 'cuda', found none")
     check_at_least_one(
@@ -435,6 +441,9 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             print(f"error: {e}", file=sys.stderr)
         return 2
     dist = Dist.from_env(cfg.dist, cfg.device)
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         return _run(cfg, dist, reward, algo=algo, resume_dir=resume_dir, trainer_cls=trainer_cls)
     except DistributedError as e:
@@ -447,6 +456,7 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
     finally:
+        torch.set_num_threads(threads)
         dist.close()
 
 

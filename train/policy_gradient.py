@@ -109,7 +109,9 @@ PGRunConfig = RunConfig  # the top-level options every loop shares (train.loop)
 def apply_tiny_settings(cfg):
     """The embedded-default settings train.grpo and train.ddpo share in their ``tiny`` presets: 16 prompts
     x 8 images per iteration, 10 ``cps`` SDE steps, two optimizer steps of 64 samples, lr 1e-3, clip 1e-3,
-    20 ODE steps for evaluation (``cps`` rather than ``flow-sde``: see train.grpo's preset)."""
+    20 ODE steps for evaluation (``cps`` rather than ``flow-sde``: see train.grpo's preset), one torch thread
+    (as train.nft's tiny preset)."""
+    cfg.threads = 1
     cfg.sample.solver, cfg.sample.prompts_per_iter, cfg.sample.images_per_prompt = "cps", 16, 8
     cfg.train.lr, cfg.train.clip_range, cfg.train.batch_size, cfg.train.grad_accum = 1e-3, 1e-3, 16, 4
     cfg.eval.num_steps = 20

@@ -55,12 +55,27 @@ def _strip(rows):
         (["--preset", "sd3.5-m"], "--model: expected a local diffusers directory"),
         (["--tasks", "counting,shapes"], "--tasks: expected distinct task types among single_object"),
         (["--tasks", "counting", "--model", "/nowhere"], "--tasks: selects GenEval-mini task types"),
+        (["--threads", "-1"], "--threads: expected an integer >= 0"),
     ],
 )
 def test_bad_input_fails_before_work(tmp_path, capsys, argv, needle):
     assert nft.main(["--run-dir", str(tmp_path / "r"), *argv]) == 2
     assert needle in capsys.readouterr().err
     assert not (tmp_path / "r" / "metrics.jsonl").exists()
+
+
+def test_threads_apply_to_the_run_and_are_restored(tmp_path, monkeypatch):
+    """The tiny preset trains on one torch thread; the caller's thread count is back afterwards."""
+    seen = []
+    assert nft.preset_tiny().threads == 1
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)
+    monkeypatch.setattr(common, "peak_memory_mb", lambda dev: seen.append(torch.get_num_threads()) or 0.0)
+    try:
+        assert _run(tmp_path / "r", "--max-iters", "1", "--threads", "1") == 0
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
 
 
 def test_model_must_be_a_diffusers_directory(tmp_path, capsys):
