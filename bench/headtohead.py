@@ -392,6 +392,7 @@ def run_command(spec: RunSpec, args, run_dir: Path) -> list[str]:
         "--reward": args.reward,
         "--seed": str(args.seed),
         "--device": args.device,
+        "--threads": str(args.threads),  # the loops' own option; the tiny presets would otherwise use 1
         "--run-dir": str(run_dir),
         "--max-minutes": f"{args.max_minutes:g}",
         "--max-iters": str(QUICK_MAX_ITERS if args.quick else FULL_MAX_ITERS),
