@@ -184,7 +184,9 @@ def test_short_run_raises_the_reward(tmp_path):
     """A shortened DiffusionNFT run on the embedded default raises the reward by a clear margin over a control
     run with the learning rate at 0.  Both draw the same prompts, rollout seeds and training noise (derived
     from the seed and the iteration), so the difference is the effect of the updates alone.  JPEG
-    compressibility gives a dense signal from the first iteration, which keeps the run short."""
+    compressibility gives a dense signal from the first iteration, which keeps the run short.  Calibrated on
+the shipped checkpoint: a gain of 0.122 kB at lr 6e-3 (3e-3, the rate calibrated on the previous checkpoint,
+gives 0.070 on it)."""
     argv = [
         "--reward",
         "jpeg_compressibility",
@@ -206,7 +208,7 @@ def test_short_run_raises_the_reward(tmp_path):
         str(ITERS),
     ]
     means = {}
-    for name, lr in (("trained", "3e-3"), ("control", "0")):
+    for name, lr in (("trained", "6e-3"), ("control", "0")):
         assert nft.main(["--run-dir", str(tmp_path / name), *argv, "--train.lr", lr]) == 0
         rows = [r for r in common.read_metrics(tmp_path / name) if "train/reward_mean" in r]
         assert len(rows) == ITERS
