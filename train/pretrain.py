@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.embedded import DEFAULT_DIR, TRANSFORMER_CONFIG, EmbeddedConfig, EmbeddedDefault
+from models.embedded import DEFAULT_DIR, TRANSFORMER_CONFIG, EmbeddedConfig, EmbeddedDefault, PromptEncoder
 from models.lora import EMA
 from train.data import (
     RELATIONS,
@@ -275,7 +275,7 @@ def flow_matching_loss(
 
 
 def pretrain_text_encoder(
-    encoder: torch.nn.Module, steps: int, lr: float = 3e-3, batch_size: int = 256, seed: int = 0
+    encoder: PromptEncoder, steps: int, lr: float = 3e-3, batch_size: int = 256, seed: int = 0
 ) -> dict[str, float]:
     """Text-only pretraining of the prompt encoder, before it is frozen for flow matching (as SD3 trains its
     transformer on frozen, separately pretrained text encoders).
@@ -306,8 +306,9 @@ def pretrain_text_encoder(
     for _ in range(steps):
         pick = torch.randint(0, len(ids), (batch_size,), generator=gen).to(ids.device)
         states, _ = encoder(ids[pick])
+        picked = targets[pick]
         loss = sum(
-            torch.nn.functional.cross_entropy(head(states).flatten(0, 1), targets[pick][..., j].flatten())
+            torch.nn.functional.cross_entropy(head(states).flatten(0, 1), picked[..., j].flatten())
             for j, head in enumerate(heads)
         )
         opt.zero_grad(set_to_none=True)
@@ -322,8 +323,7 @@ def pretrain_text_encoder(
             keep = targets[..., j] >= 0
             hit = head(states).argmax(-1)[keep] == targets[..., j][keep]
             out[f"test_accuracy/{name}"] = float(hit.float().mean())
-    if hasattr(encoder, "clear_cache"):
-        encoder.clear_cache()
+    encoder.clear_cache()  # its cached encodings are stale
     return out
 
 

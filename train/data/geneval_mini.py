@@ -114,15 +114,24 @@ class Prompt:
 
     @property
     def text(self) -> str:
-        def noun(o: ObjectSpec) -> str:
-            return f"a {o.color} {o.shape}" if o.color else f"a {o.shape}"
+        return " ".join(w for _, words in self.segments() for w in words)
 
-        if self.task == "counting":
-            o = self.objects[0]
-            return f"{NUMBERS[o.count - 1]} {o.shape if o.count == 1 else PLURALS[o.shape]}"
-        if self.task == "position":
-            return f"{noun(self.objects[0])} {self.relation} {noun(self.objects[1])}"
-        return " and ".join(noun(o) for o in self.objects)
+    def segments(self) -> list[tuple[int | None, list[str]]]:
+        """The words of :attr:`text` in order, in groups: ``(k, words)`` for the noun phrase of ``objects[k]``
+        (article or number, colour, shape), ``(None, words)`` for the words between them ("and", the
+        relation)."""
+        def noun(o: ObjectSpec) -> list[str]:
+            if self.task == "counting":
+                return [NUMBERS[o.count - 1], o.shape if o.count == 1 else PLURALS[o.shape]]
+            return ["a", o.color, o.shape] if o.color else ["a", o.shape]
+
+        joiner = self.relation.split() if self.task == "position" else ["and"]
+        out: list[tuple[int | None, list[str]]] = []
+        for k, o in enumerate(self.objects):
+            if k:
+                out.append((None, joiner))
+            out.append((k, noun(o)))
+        return out
 
     def __str__(self) -> str:
         return self.text
@@ -237,34 +246,26 @@ STRUCTURE_FIELDS: dict[str, int] = {"shape": len(SHAPES), "color": 1 + len(COLOR
 IGNORE = -100  # torch.nn.functional.cross_entropy's default ignore_index
 
 
-def _noun_words(o: ObjectSpec, counting: bool) -> list[str]:
-    if counting:
-        return [NUMBERS[o.count - 1], o.shape if o.count == 1 else PLURALS[o.shape]]
-    return ["a", o.color, o.shape] if o.color else ["a", o.shape]
-
-
 def structure_targets(prompts: list[Prompt], max_length: int) -> torch.Tensor:
     """``[B, max_length, 4]`` int64 targets per token of ``prompt.text`` as the embedded tokenizer lays it
     out (token 0 is ``<bos>``): every word of object ``k``'s noun phrase (article or number, colour, shape)
     carries that object's ``(shape, color, count - 1, role)`` in ``STRUCTURE_FIELDS`` order; ``<bos>``,
-    "and", the relation words and padding carry ``-100`` (ignored).  Exact by construction: the words are
-    laid out the way :attr:`Prompt.text` writes them, and the layout is checked against it."""
+    "and", the relation words and padding carry ``-100`` (ignored).  The words come from
+    :meth:`Prompt.segments`, the layout :attr:`Prompt.text` is written from."""
     out = torch.full((len(prompts), max_length, len(STRUCTURE_FIELDS)), IGNORE, dtype=torch.long)
     for row, p in enumerate(prompts):
         sides = _SIDES[p.relation] if p.relation else ("none",) * len(p.objects)
-        joiner = p.relation.split() if p.relation else ["and"]
-        words: list[str] = []
-        for k, o in enumerate(p.objects):
-            if k:
-                words += joiner
-            start = len(words) + 1  # + <bos>
-            words += _noun_words(o, p.task == "counting")
-            target = (SHAPES.index(o.shape), 0 if o.color is None else 1 + COLORS.index(o.color), o.count - 1,
-                      ROLES.index(sides[k]))
-            out[row, start : len(words) + 1] = torch.tensor(target)
-        if " ".join(words) != p.text or len(words) >= max_length:
-            raise ValueError(f"prompts[{row}]: expected a prompt of at most {max_length - 1} words laid out "
-                             f"as Prompt.text, got {p.text!r}")
+        col = 1  # after <bos>
+        for k, words in p.segments():
+            if col + len(words) > max_length:
+                raise ValueError(f"prompts[{row}]: expected a prompt of at most {max_length - 1} words, "
+                                 f"got {p.text!r}")
+            if k is not None:
+                o = p.objects[k]
+                target = (SHAPES.index(o.shape), 0 if o.color is None else 1 + COLORS.index(o.color),
+                          o.count - 1, ROLES.index(sides[k]))
+                out[row, col : col + len(words)] = torch.tensor(target)
+            col += len(words)
     return out
 
 

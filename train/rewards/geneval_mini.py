@@ -126,13 +126,11 @@ class GenEvalMini:
 
     def constraints(self, objects: list[DetectedObject], prompt: Prompt) -> list[bool]:
         """The truth value of each of ``prompt``'s constraints on the detected ``objects``."""
-        checks, used = [], set()
-        for spec in prompt.objects:
-            hits = self.matching(objects, spec)
-            checks.append(len(hits) == spec.count)
-            used.update(map(id, hits))
+        hits = [self.matching(objects, spec) for spec in prompt.objects]
+        checks = [len(h) == spec.count for h, spec in zip(hits, prompt.objects, strict=True)]
+        used = {id(o) for h in hits for o in h}
         if prompt.relation is not None:
-            a, b = (self.matching(objects, spec) for spec in prompt.objects[:2])
+            a, b = hits[:2]
             checks.append(len(a) == 1 and len(b) == 1 and self._relation(a[0], b[0], prompt.relation))
         checks.append(len(used) == len(objects))  # nothing else in the image
         return checks
