@@ -191,6 +191,8 @@ def test_pretrain_text_pretraining_then_frozen_encoder(tmp_path):
         (["--ema", "1"], "--ema: expected a decay in"),
         (["--width", "96", "--init-from", "x"], "--width/--layers"),
         (["--max-minutes", "-1"], "--max-minutes: expected >= 0"),
+        (["--caption-noise", "1"], "--caption-noise: expected a share in \\[0, 1\\), got 1.0"),
+        (["--caption-noise", "-0.1"], "--caption-noise: expected a share in"),
     ],
 )
 def test_pretrain_rejects_bad_architecture_flags(argv, match, tmp_path):
@@ -198,6 +200,36 @@ def test_pretrain_rejects_bad_architecture_flags(argv, match, tmp_path):
 
     with pytest.raises(SystemExit, match=match):
         main([*argv, "--out", str(tmp_path)])
+
+
+def test_mismatch_captions_swaps_the_caption_within_the_task_type():
+    """``--caption-noise``: about ``share`` of the captions become another prompt of the same task type;
+    the rest, and the renders, stay."""
+    import numpy as np
+
+    from train.data import sample_prompts
+    from train.pretrain import mismatch_captions
+
+    batch = sample_prompts(4000, np.random.default_rng(0))
+    noisy = mismatch_captions(batch, 0.3, np.random.default_rng(1))
+    changed = [a.text != b.text for a, b in zip(batch, noisy, strict=True)]
+    assert 0.27 < sum(changed) / len(batch) < 0.33
+    assert all(a.task == b.task for a, b in zip(batch, noisy, strict=True))
+    assert mismatch_captions(batch, 0.0, np.random.default_rng(1)) == batch
+
+
+def test_pretrain_caption_noise_changes_the_run_and_its_recipe(tmp_path):
+    from train.pretrain import main
+
+    common = ["--steps", "2", "--batch-size", "8", "--warmup", "1", "--threads", "1", "--seed", "4"]
+    clean = main([*common, "--out", str(tmp_path / "clean")])
+    noisy = main([*common, "--caption-noise", "0.5", "--out", str(tmp_path / "noisy")])
+    pairs = zip(clean.transformer.state_dict().values(), noisy.transformer.state_dict().values(), strict=True)
+    assert any(not torch.equal(a, b) for a, b in pairs)
+    recipes = {
+        k: json.loads((tmp_path / k / "pretrain.json").read_text())["reproduce"] for k in ("clean", "noisy")
+    }
+    assert "--caption-noise" not in recipes["clean"] and " --caption-noise 0.5" in recipes["noisy"]
 
 
 def test_pretrain_has_no_wall_clock_cap_unless_asked():
