@@ -21,8 +21,8 @@ freezes it, as SD3 trains on frozen pretrained text encoders: with it the transf
 objects by the relation words (``relation_response``), which it never did with an encoder trained only
 through the denoising loss.  ``--caption-noise Q`` captions a share ``Q`` of the renders with another
 prompt of the same task type (:func:`mismatch_captions`), the label noise of web data: CFG-free samples get
-much worse than guided ones, as with SD3.5-M.  Everything is seeded; on a CPU with the same thread count a run is
-reproducible bit for bit.
+much worse than guided ones, as with SD3.5-M.  Everything is seeded; on a CPU with the same thread count a
+run is reproducible bit for bit.
 
 ``evaluate`` samples the held-out test prompts with a plain Euler ODE on the SD3 shifted schedule
 (CFG-free or with a guidance scale) and scores them with the GenEval-mini verifier; ``restart_scores`` finds
@@ -331,9 +331,10 @@ def pretrain_text_encoder(
 
 def mismatch_captions(batch: list[Prompt], share: float, rng: np.random.Generator) -> list[Prompt]:
     """``batch`` with each caption, with probability ``share``, replaced by a different training prompt of
-    the same task type (the render stays): the label noise of web captions.  The conditional model becomes a
+    the same task type (the render stays): the label noise of web captions.  The conditional model learns a
     mixture, ``(1 - share)`` of the right composition and ``share`` of others of its type, so its CFG-free
-    samples are imperfect while its drawing skill is not; guidance, and reward fine-tuning, sharpen it."""
+    samples miss the prompt more often than its drawing alone explains; guidance and reward fine-tuning
+    sharpen the mixture towards the prompt."""
     pools = split_prompts("train")
     hit = rng.random(len(batch)) < share
     out = list(batch)
