@@ -331,10 +331,11 @@ def pretrain_text_encoder(
 
 def mismatch_captions(batch: list[Prompt], share: float, rng: np.random.Generator) -> list[Prompt]:
     """``batch`` with each caption, with probability ``share``, replaced by a different training prompt of
-    the same task type (the render stays): the label noise of web captions.  The conditional model learns a
-    mixture, ``(1 - share)`` of the right composition and ``share`` of others of its type, so its CFG-free
-    samples miss the prompt more often than its drawing alone explains; guidance and reward fine-tuning
-    sharpen the mixture towards the prompt."""
+    the same task type (the render stays): the label noise of web captions.  A different prompt is not
+    always a different composition: "a square and a circle" for "a circle and a square", or "B right of A"
+    for "A left of B", still fits the render.  Otherwise the conditional model learns a mixture of the right
+    composition and others of its type, so its CFG-free samples miss the prompt more often than its drawing
+    alone explains; guidance and reward fine-tuning sharpen the mixture towards the prompt."""
     pools = split_prompts("train")
     hit = rng.random(len(batch)) < share
     out = list(batch)
