@@ -11,10 +11,12 @@ AdamW with a linear warm-up then a constant rate, so a run stopped at step k equ
 (``--cooldown N`` decays it to 0 over the last N steps).  ``--time-sampling logit-normal`` draws ``u`` from
 ``sigmoid(N(0, 1))`` instead.  ``--ema D`` keeps an average of the weights; evaluations, snapshots and the
 saved model use it.  ``--width`` / ``--layers`` change the transformer's size; ``--init-from DIR``
-continues from a checkpoint with its architecture.  ``--freeze-text-encoder`` trains the transformer only and
-keeps the prompt encoder at its initialisation (random, or ``--init-from``'s): trained jointly, the encoder
-merges words the transformer has not yet learned to use ("left" and "right" end at cosine 0.998; see the
-README), a frozen one keeps them apart (which alone did not make the transformer use them).
+continues from a checkpoint with its architecture, or with ``--layers L`` grown to ``L`` blocks by
+:func:`grow_depth` (copies of its blocks that start as the identity).  ``--freeze-text-encoder`` trains the
+transformer only and keeps the prompt encoder at its initialisation (random, or ``--init-from``'s): trained
+jointly, the encoder merges words the transformer has not yet learned to use ("left" and "right" end at
+cosine 0.998; see the README), a frozen one keeps them apart (which alone did not make the transformer use
+them).
 ``--text-pretrain-steps N`` first trains the prompt encoder alone on a text-only objective (each word's
 object: shape, colour, count and the side a position prompt puts it on; :func:`pretrain_text_encoder`), then
 freezes it, as SD3 trains on frozen pretrained text encoders: with it the transformer learns to place
@@ -40,6 +42,7 @@ import os
 import shlex
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +74,7 @@ __all__ = [
     "relation_response",
     "flow_matching_loss",
     "pretrain_text_encoder",
+    "grow_depth",
     "pretrain",
     "main",
 ]
@@ -362,10 +366,50 @@ def model_config(width: int | None = None, layers: int | None = None, head_dim: 
     return EmbeddedConfig(transformer=tc)
 
 
+def grow_depth(model: EmbeddedDefault, layers: int) -> EmbeddedDefault:
+    """A deeper copy of ``model`` that computes exactly the same function.
+
+    The last block (the one that drops the text stream) stays last; the other ``L - 1`` blocks fill the
+    first ``layers - 1`` places in order, each repeated ``(layers - 1) // (L - 1)`` times and the later ones
+    once more to use up the remainder (4 -> 8 blocks: 0 0 1 1 2 2 2 3).  A repeat is a copy of its block
+    with the two residual gates of both streams (the ``gate_msa`` and ``gate_mlp`` rows of the adaLN-Zero
+    modulation, DiT's zero init) set to zero, so it starts as the identity and training opens it."""
+    tc = dict(model.config.transformer)
+    old = tc["num_layers"]
+    if layers < old:
+        raise ValueError(f"layers: expected >= the model's {old} blocks, got {layers}")
+    if old < 2 and layers > old:
+        raise ValueError(f"layers: growing needs a model of at least 2 blocks, this one has {old}")
+    body, extra = divmod(layers - 1, old - 1) if old > 1 else (1, 0)
+    order = [i for i in range(old - 1) for _ in range(body + (i >= old - 1 - extra))] + [old - 1]
+    config = EmbeddedConfig(**{**asdict(model.config), "transformer": {**tc, "num_layers": layers}})
+    grown = EmbeddedDefault(config)
+    dim = tc["num_attention_heads"] * tc["attention_head_dim"]
+    src = model.state_dict()
+    state = {k: v.clone() for k, v in src.items() if not k.startswith("transformer.transformer_blocks.")}
+    for new, i in enumerate(order):
+        prefix = f"transformer.transformer_blocks.{i}."
+        for key, value in src.items():
+            if not key.startswith(prefix):
+                continue
+            value = value.clone()
+            if new and order[new - 1] == i and key.split(".")[-2:-1] == ["linear"] and ".norm1" in key:
+                for gate in (2, 5):  # shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp
+                    value[gate * dim:(gate + 1) * dim] = 0
+            state[f"transformer.transformer_blocks.{new}.{key[len(prefix):]}"] = value
+    grown.load_state_dict(state)
+    return grown.train(model.training).requires_grad_(any(p.requires_grad for p in model.parameters()))
+
+
 def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
     torch.manual_seed(args.seed)
     if args.init_from:
         start_from = EmbeddedDefault.from_pretrained(args.init_from)
+        if args.layers and args.layers != start_from.config.transformer["num_layers"]:
+            try:
+                start_from = grow_depth(start_from, args.layers)
+            except ValueError as e:
+                raise SystemExit(f"--{e} (--init-from {args.init_from})") from None
         model = EmbeddedDefault(start_from.config)
         model.load_state_dict(start_from.state_dict())
         model.requires_grad_(True)
@@ -517,7 +561,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--width", type=int, default=None, help="transformer width, a multiple of 32 (default: 64)"
     )
-    p.add_argument("--layers", type=int, default=None, help="transformer blocks (default: 4)")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="transformer blocks (default: 4); with --init-from, grow its model to this depth (grow_depth)",
+    )
     p.add_argument(
         "--freeze-text-encoder",
         action="store_true",
@@ -580,8 +629,8 @@ def main(argv: list[str] | None = None) -> EmbeddedDefault:
         raise SystemExit(f"--caption-noise: expected a share in [0, 1), got {args.caption_noise}")
     if not 0.0 <= args.ema < 1.0:
         raise SystemExit(f"--ema: expected a decay in [0, 1), got {args.ema}")
-    if args.init_from and (args.width or args.layers):
-        raise SystemExit("--width/--layers: the architecture comes from --init-from; give one or the other")
+    if args.init_from and args.width:
+        raise SystemExit("--width: the architecture comes from --init-from; give one or the other")
     try:
         model_config(args.width, args.layers)
     except ValueError as e:

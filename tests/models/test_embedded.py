@@ -189,7 +189,7 @@ def test_pretrain_text_pretraining_then_frozen_encoder(tmp_path):
         (["--width", "100"], "--width: expected a positive multiple of 32, got 100"),
         (["--layers", "0"], "--layers: expected >= 1, got 0"),
         (["--ema", "1"], "--ema: expected a decay in"),
-        (["--width", "96", "--init-from", "x"], "--width/--layers"),
+        (["--width", "96", "--init-from", "x"], "--width: the architecture comes from --init-from"),
         (["--max-minutes", "-1"], "--max-minutes: expected >= 0"),
         (["--caption-noise", "1"], "--caption-noise: expected a share in \\[0, 1\\), got 1.0"),
         (["--caption-noise", "-0.1"], "--caption-noise: expected a share in"),
@@ -200,6 +200,52 @@ def test_pretrain_rejects_bad_architecture_flags(argv, match, tmp_path):
 
     with pytest.raises(SystemExit, match=match):
         main([*argv, "--out", str(tmp_path)])
+
+
+def test_grow_depth_is_the_same_function_and_its_copies_start_closed():
+    from train.pretrain import grow_depth, model_config
+
+    torch.manual_seed(0)
+    model = EmbeddedDefault(model_config(layers=4)).eval().requires_grad_(False)
+    grown = grow_depth(model, 8)
+    assert grown.transformer.config.num_layers == 8 and len(grown.transformer.transformer_blocks) == 8
+    assert not grown.training and not any(p.requires_grad for p in grown.parameters())
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([50.0, 500, 990])
+    prompts = ["a red circle left of a blue square", "three triangles", ""]
+    with torch.no_grad():
+        before = model.denoiser(x, t, model.encode(prompts))
+        assert torch.equal(grown.denoiser(x, t, grown.encode(prompts)), before)
+    src, new = model.transformer.transformer_blocks, grown.transformer.transformer_blocks
+    copies_of = [0, 0, 1, 1, 2, 2, 2, 3]  # the last block stays last; the remainder goes to the later blocks
+    for j, i in enumerate(copies_of):
+        repeat = j > 0 and copies_of[j - 1] == i
+        for (name, a), b in zip(new[j].state_dict().items(), src[i].state_dict().values(), strict=True):
+            if repeat and name in ("norm1.linear.weight", "norm1.linear.bias", "norm1_context.linear.weight",
+                                   "norm1_context.linear.bias"):
+                gates = a.view(6, 64, *a.shape[1:])[[2, 5]]  # gate_msa, gate_mlp rows: zero
+                assert not gates.any() and torch.equal(a.view(6, 64, *a.shape[1:])[[0, 1, 3, 4]],
+                                                       b.view(6, 64, *b.shape[1:])[[0, 1, 3, 4]])
+            else:
+                assert torch.equal(a, b), (j, name)
+    assert grow_depth(model, 4).state_dict().keys() == model.state_dict().keys()
+    with pytest.raises(ValueError, match="layers: expected >= the model's 4 blocks, got 3"):
+        grow_depth(model, 3)
+
+
+def test_pretrain_init_from_with_layers_grows_then_trains(tmp_path):
+    from train.pretrain import main
+
+    common = ["--steps", "3", "--batch-size", "4", "--warmup", "1", "--threads", "1", "--seed", "2"]
+    main([*common, "--layers", "2", "--out", str(tmp_path / "small")])
+    small = str(tmp_path / "small")
+    grown = main([*common, "--init-from", small, "--layers", "5", "--out", str(tmp_path / "b")])
+    assert load_default(directory=tmp_path / "b").transformer.config.num_layers == 5
+    gate = grown.transformer.transformer_blocks[1].norm1.linear.bias.view(6, 64)[2]
+    assert gate.abs().max() > 0  # the copy's gate was opened by training
+    record = json.loads((tmp_path / "b" / "pretrain.json").read_text())
+    assert f"--init-from {tmp_path / 'small'} --layers 5" in record["reproduce"]
+    with pytest.raises(SystemExit, match="--layers: expected >= the model's 5 blocks, got 2"):
+        main([*common, "--init-from", str(tmp_path / "b"), "--layers", "2", "--out", str(tmp_path / "x")])
 
 
 def test_mismatch_captions_swaps_the_caption_within_the_task_type():
