@@ -19,7 +19,10 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["kernels", "kernels.*", "engine", "engine.*", "models", "models.*",
                                     "train", "train.*", "bench", "bench.*"]),
-    package_data={"models": ["embedded/*.safetensors", "embedded/*.json"]},
+    package_data={
+        "models": ["embedded/*.safetensors", "embedded/*.json", "embedded/stage1/*.safetensors",
+                   "embedded/stage1/*.json"]
+    },
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -1,5 +1,6 @@
-"""Helpers of the policy-gradient tests (train.grpo, train.ddpo): the embedded default (or, until its
-checkpoint is shipped, a seeded random EmbeddedDefault), trainers built through the public pieces, and a tiny
+"""Helpers of the policy-gradient tests (train.grpo, train.ddpo): the embedded model they are calibrated on
+(the 4-block stage-1 checkpoint in ``models/embedded/stage1``, or a seeded random EmbeddedDefault without
+it), trainers built through the public pieces, and a tiny
 random SD1.5-style pipeline (UNet, CLIP text encoder with a written vocabulary, VAE) saved to disk."""
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ from train.evaluation import Evaluator
 from train.policy import build_policy
 from train.rewards.registry import build_reward
 
-# EMBEDDED_DIR (a directory with default.safetensors + default.json, e.g. a pretraining snapshot) stands in
-# for the shipped checkpoint: how the learning tests were calibrated before it landed.
-_OVERRIDE = os.environ.get("EMBEDDED_DIR")
-HAVE_CHECKPOINT = bool(_OVERRIDE) or (Path(embedded.DEFAULT_DIR) / "default.safetensors").exists()
+# EMBEDDED_DIR (a directory with default.safetensors + default.json, e.g. a pretraining snapshot) replaces
+# the checkpoint the tests use. The learning tests were calibrated on the 4-block stage-1 checkpoint (the
+# shipped default until 2026-11-22). On the shipped 8-block model, trained on 30% mismatched captions,
+# 10 iterations of these short runs barely moved the held-out score (64 prompts; README, "Policy-gradient
+# training").
+_OVERRIDE = os.environ.get("EMBEDDED_DIR") or str(Path(embedded.DEFAULT_DIR) / "stage1")
+HAVE_CHECKPOINT = (Path(_OVERRIDE) / "default.safetensors").exists()
 
 
 # 2 prompts x 4 images, 4 sampler steps, 4 held-out prompts: the small run the PG tests share
@@ -40,8 +44,8 @@ SMALL = [
 
 
 def use_embedded_default(monkeypatch) -> None:
-    """The shipped embedded default, or a seeded random one while its checkpoint is not there."""
-    if _OVERRIDE:
+    """The stage-1 embedded checkpoint (or ``EMBEDDED_DIR``), or a seeded random model without it."""
+    if HAVE_CHECKPOINT:
         monkeypatch.setattr(
             embedded,
             "load_default",
@@ -49,8 +53,6 @@ def use_embedded_default(monkeypatch) -> None:
                 _OVERRIDE, device=device, dtype=dtype
             ),
         )
-        return
-    if HAVE_CHECKPOINT:
         return
 
     def random_default(device=None, dtype=None):

@@ -266,14 +266,14 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert (tmp_path / "split" / "samples" / "iter_000002.png").exists()
 
 
-NEEDS_CHECKPOINT = "needs the shipped embedded default (models/embedded/default.safetensors)"
+NEEDS_CHECKPOINT = "needs the stage-1 embedded checkpoint (models/embedded/stage1/default.safetensors)"
 
 
 @pytest.mark.skipif(not HAVE_CHECKPOINT, reason=NEEDS_CHECKPOINT)
 def test_short_run_raises_the_reward(tmp_path):
     """Flow-GRPO on the embedded default, JPEG compressibility (DDPO's dense reward): over the last 5 of 20
     iterations the training reward beats an lr-0 control run on the same prompts and seeds by a clear margin
-    (calibrated on the shipped embedded default: gain 0.08 for Flow-GRPO, 0.10 for DDPO-IS)."""
+    (calibrated on the stage-1 embedded checkpoint: gain 0.08 for Flow-GRPO, 0.10 for DDPO-IS)."""
     argv = [*JPEG_SHORT_RUN, "--train.kl-beta", "0"]
     gain = paired_reward_gain(grpo, tmp_path, argv, iters=20, last=5)
     assert gain > 0.04, gain

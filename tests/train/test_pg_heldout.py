@@ -14,12 +14,12 @@ def _embedded(monkeypatch):
 
 
 @pytest.mark.skipif(
-    not HAVE_CHECKPOINT, reason="needs the shipped embedded default (models/embedded/default.safetensors)"
+    not HAVE_CHECKPOINT, reason="needs the stage-1 checkpoint (models/embedded/stage1/default.safetensors)"
 )
 @pytest.mark.parametrize("module", [grpo, ddpo], ids=["flow-grpo", "ddpo-is"])
 def test_short_run_raises_the_heldout_score(tmp_path, module):
     """GenEval-mini's strict reward, restricted to the counting and two-object task types: 10 iterations raise
     the held-out score (64 prompts, dpm2 10 steps, the same seeds before and after) by a clear margin
-    (calibrated on the shipped checkpoint: 0.281 -> 0.359 for Flow-GRPO, 0.281 -> 0.438 for DDPO-IS)."""
+    (calibrated on the stage-1 checkpoint: 0.281 -> 0.359 for Flow-GRPO, 0.281 -> 0.438 for DDPO-IS)."""
     gain = heldout_score_gain(module, tmp_path / "run", HELDOUT_SHORT_RUN)
     assert gain > 0.05, gain
