@@ -369,11 +369,12 @@ def model_config(width: int | None = None, layers: int | None = None, head_dim: 
 def grow_depth(model: EmbeddedDefault, layers: int) -> EmbeddedDefault:
     """A deeper copy of ``model`` that computes exactly the same function.
 
-    The last block (the one that drops the text stream) stays last; the other ``L - 1`` blocks fill the
-    first ``layers - 1`` places in order, each repeated ``(layers - 1) // (L - 1)`` times and the later ones
-    once more to use up the remainder (4 -> 8 blocks: 0 0 1 1 2 2 2 3).  A repeat is a copy of its block
-    with the two residual gates of both streams (the ``gate_msa`` and ``gate_mlp`` rows of the adaLN-Zero
-    modulation, DiT's zero init) set to zero, so it starts as the identity and training opens it."""
+    With ``L`` the model's depth: the last block (the one that drops the text stream) stays last; the other
+    ``L - 1`` blocks fill the first ``layers - 1`` places in order, each repeated ``(layers - 1) // (L - 1)``
+    times and the later ones once more to use up the remainder (4 -> 8 blocks: 0 0 1 1 2 2 2 3).  A repeat
+    is a copy of its block with the two residual gates of both streams (the ``gate_msa`` and ``gate_mlp``
+    rows of the adaLN-Zero modulation, DiT's zero init) set to zero, so it starts as the identity and
+    training opens it."""
     tc = dict(model.config.transformer)
     old = tc["num_layers"]
     if layers < old:
