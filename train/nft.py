@@ -72,8 +72,8 @@ def preset_tiny() -> NFTConfig:
     64-wide model (nearly full rank), a higher learning rate than SD3.5-M's (1.5e-3: in 14-minute runs 3e-3
     peaked lower on an earlier checkpoint and 6e-3 lost score on its stage-1 weights), no KL term (it costs a
     third forward per sample-timestep); evaluation on 192 held-out prompts every 10 iterations; one torch
-    thread (12.7 s per iteration on the shipped 8-block model; on the 4-block one, 6.9 s against 10.9 s with
-    two: its ops are too small to split, and the reward worker takes the other core)."""
+    thread (12.9 s per iteration on the shipped 8-block model against 21.2 s with two, 6.9 against 10.9 s on
+    the 4-block one: its ops are too small to split, and the reward worker takes the other core)."""
     cfg = NFTConfig()
     cfg.threads = 1
     cfg.models.lora_rank, cfg.models.lora_alpha = 32, 32.0
