@@ -381,23 +381,25 @@ def grow_depth(model: EmbeddedDefault, layers: int) -> EmbeddedDefault:
         raise ValueError(f"layers: expected >= the model's {old} blocks, got {layers}")
     if old < 2 and layers > old:
         raise ValueError(f"layers: growing needs a model of at least 2 blocks, this one has {old}")
-    body, extra = divmod(layers - 1, old - 1) if old > 1 else (1, 0)
+    body, extra = divmod(layers - 1, max(old - 1, 1))
     order = [i for i in range(old - 1) for _ in range(body + (i >= old - 1 - extra))] + [old - 1]
     config = EmbeddedConfig(**{**asdict(model.config), "transformer": {**tc, "num_layers": layers}})
     grown = EmbeddedDefault(config)
     dim = tc["num_attention_heads"] * tc["attention_head_dim"]
     src = model.state_dict()
     state = {k: v.clone() for k, v in src.items() if not k.startswith("transformer.transformer_blocks.")}
+    modulations = ("norm1.linear.", "norm1_context.linear.")  # adaLN-Zero: 6 chunks of `dim` rows
     for new, i in enumerate(order):
         prefix = f"transformer.transformer_blocks.{i}."
+        repeat = new > 0 and order[new - 1] == i
         for key, value in src.items():
             if not key.startswith(prefix):
                 continue
-            value = value.clone()
-            if new and order[new - 1] == i and key.split(".")[-2:-1] == ["linear"] and ".norm1" in key:
+            name, value = key[len(prefix):], value.clone()
+            if repeat and name.startswith(modulations):
                 for gate in (2, 5):  # shift, scale, gate_msa, shift_mlp, scale_mlp, gate_mlp
                     value[gate * dim:(gate + 1) * dim] = 0
-            state[f"transformer.transformer_blocks.{new}.{key[len(prefix):]}"] = value
+            state[f"transformer.transformer_blocks.{new}.{name}"] = value
     grown.load_state_dict(state)
     return grown.train(model.training).requires_grad_(any(p.requires_grad for p in model.parameters()))
 
