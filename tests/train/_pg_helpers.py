@@ -19,9 +19,9 @@ from train.rewards.registry import build_reward
 
 # EMBEDDED_DIR (a directory with default.safetensors + default.json, e.g. a pretraining snapshot) replaces
 # the checkpoint the tests use. The learning tests were calibrated on the 4-block stage-1 checkpoint (the
-# shipped default until 2026-11-22). On the shipped 8-block model, trained on 30% mismatched captions,
-# 10 iterations of these short runs barely moved the held-out score (64 prompts; README, "Policy-gradient
-# training").
+# shipped default until 2026-11-22). On the first 8-block checkpoint (commit 9dedc51, 30% mismatched
+# captions through its stage 2), 10 iterations of these short runs barely moved the held-out score (64
+# prompts; README, "Policy-gradient training").
 _OVERRIDE = os.environ.get("EMBEDDED_DIR") or str(Path(embedded.DEFAULT_DIR) / "stage1")
 HAVE_CHECKPOINT = (Path(_OVERRIDE) / "default.safetensors").exists()
 

@@ -186,7 +186,7 @@ def test_short_run_raises_the_reward(tmp_path):
     from the seed and the iteration), so the difference is the effect of the updates alone.  JPEG
     compressibility gives a dense signal from the first iteration, which keeps the run short.  Calibrated on
     the 4-block stage-1 checkpoint: a gain of 0.122 kB at lr 6e-3 (3e-3, the rate calibrated on the checkpoint
-    before it, gives 0.070 there); on the shipped 8-block model the gain is 0.230 kB."""
+    before it, gives 0.070 there); on the shipped 8-block model the gain is 0.174 kB."""
     argv = [
         "--reward",
         "jpeg_compressibility",
