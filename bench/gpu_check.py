@@ -333,6 +333,7 @@ class Check:
             )
         self.write_outputs()
         shutil.rmtree(self.scratch, ignore_errors=True)
+        print((self.out_dir / "summary.md").read_text(), flush=True)  # also in the device call's output tail
         failed = [r.name for r in self.results if r.status not in ("ok", "skipped")]
         print(
             f"gpu_check: done in {self.elapsed():.1f} s; "
@@ -425,7 +426,14 @@ class Check:
             self.probe = json.loads(out.read_text())
             if self.probe.get("problems") and res.status == "ok":
                 res.status = "failed"
-            res.note = "; ".join(self.probe.get("problems", [])) or res.note
+            problems = list(self.probe.get("problems", []))
+            if any(pb.startswith("import diffusers") for pb in problems) and not self.site_ready:
+                problems.append(
+                    "carry diffusers as a wheel: python -m bench.gpu_check --fetch-wheels fills .whl/"
+                )
+            res.note = "; ".join(problems) or res.note
+        if not self.dry_run and not self.probe.get("cuda_available"):
+            res.note = (res.note + "; " if res.note else "") + "no CUDA device"
         return res
 
     def stage_tests(self, stage: Stage, timeout: float) -> StageResult:
