@@ -154,19 +154,18 @@ CHECKS = (
 # Running one command under a time limit
 # ----------------------------------------------------------------------------------------------------------
 def _kill_group(proc: subprocess.Popen) -> None:
-    """End the process group this check started for ``proc`` (the command and anything it spawned)."""
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    """End the process group this check started for ``proc`` (the command and anything it spawned): TERM,
+    up to 3 s for the leader to exit, then KILL for whatever is left (at most ~5 s past a stage's limit,
+    which ``FINALIZE_RESERVE_S`` covers)."""
+    for sig, wait in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
         try:
             os.killpg(proc.pid, sig)
         except (ProcessLookupError, PermissionError):
             return
         try:
             proc.wait(timeout=wait)
-            if sig == signal.SIGTERM:
-                # the leader is gone; stragglers of its group get the KILL below
-                continue
         except subprocess.TimeoutExpired:
-            continue
+            pass
 
 
 def run_command(cmd: list[str], *, timeout: float, env: dict, log_path: Path) -> dict:
@@ -189,7 +188,10 @@ def run_command(cmd: list[str], *, timeout: float, env: dict, log_path: Path) ->
         except subprocess.TimeoutExpired:
             timed_out = True
             _kill_group(proc)
-            rc = proc.wait()
+            try:
+                rc = proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:  # not even KILL ended it (a stuck driver call): leave it
+                rc = None
         else:
             _kill_group(proc)  # workers the command left behind (compile pools) must not outlive the stage
         seconds = time.monotonic() - t0
@@ -252,9 +254,8 @@ class Check:
     ):
         self.out_dir, self.dry_run, self.selected = out_dir, dry_run, stages
         self.wheel_dir, self.site, self.commit = wheel_dir, site, commit
-        self.scratch = Path(
-            tempfile.mkdtemp(prefix="nft-gpu-check-")
-        )  # streams and logs, read back at the end
+        # the streams and logs of the stages, read back into OUT_DIR at the end
+        self.scratch = Path(tempfile.mkdtemp(prefix="nft-gpu-check-"))
         self.t0 = time.monotonic()
         self.spent_budget = 0.0
         self.results: list[StageResult] = []
