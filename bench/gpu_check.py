@@ -1096,7 +1096,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--stages",
         default=",".join(SELECTABLE),
-        help=f"comma-separated subset of {','.join(SELECTABLE)} (install and env always run)",
+        help=f"comma-separated subset of {','.join(SELECTABLE)} (install and env always run; the stages "
+        "left out give their time to the chosen ones, a rerun of one stage gets up to the whole 470 s)",
     )
     parser.add_argument("--commit", default=None, help="git commit to record (the GPU copy has no .git)")
     parser.add_argument("--wheel-dir", default=str(ROOT / ".whl"), help="carried wheels (default .whl)")
