@@ -13,8 +13,9 @@ before it left unspent, never the budget of a stage after it, so the whole run e
 ======================  ======  =========================================================================
 ``install``                 20  ``pip install --no-index --no-deps --target`` of the wheels in ``.whl/``
 ``env``                     20  versions, device, driver, the project's packages import
-``tests``                  120  ``pytest -m gpu``: each file with a ``pytest.mark.gpu`` test in its own
-                                process (files side by side), under the stage's limit, pass/fail per test
+``tests``                  120  ``pytest -m gpu``: the files with a ``pytest.mark.gpu`` test, side by side,
+                                each in its own process (a file of > 24 tests in parts, one of <= 4 tests
+                                one process per test), under the stage's limit; outcome per test
 ``kernels``                 55  ``bench/bench_kernels.py``, bf16, SD3.5-M and FLUX latents: eager,
                                 Triton, Triton replayed from a CUDA graph; copy bandwidth
 ``kernels_compile``         85  the same with ``torch.compile`` of the eager reference (compile apart)
@@ -99,7 +100,8 @@ WHEEL_PLATFORM = [
 DEFAULT_SITE = "/tmp/nft-gpu-check-site"
 STATUSES = ("ok", "failed", "timeout", "skipped", "error")
 TEST_CHUNK = 24  # at most this many tests per pytest process on a GPU: a bigger file runs in parts
-TEST_WORKERS = 12  # pytest processes side by side on a GPU machine (16 cores)
+TEST_SINGLE_MAX = 4  # a file with at most this many GPU tests runs one process per test
+TEST_WORKERS = 16  # pytest processes side by side on a GPU machine (16 cores)
 COLLECT_LIMIT_S = 40
 
 
@@ -472,7 +474,7 @@ class Check:
                     collected = {}
                     for nodeid in universe:
                         collected.setdefault(nodeid.split("::")[0], []).append(nodeid)
-        groups = plan_test_groups(files, collected, None if self.dry_run else TEST_CHUNK)
+        groups = plan_test_groups(files, collected, None if self.dry_run else TEST_CHUNK, TEST_SINGLE_MAX)
         runs: list[dict] = []
         lock = threading.Lock()
 
@@ -711,24 +713,27 @@ def pytest_gpu_cmd(targets: list[str]) -> list[str]:
     ]
 
 
-def plan_test_groups(files: list[str], collected: dict | None, chunk: int | None) -> list[dict]:
+def plan_test_groups(
+    files: list[str], collected: dict | None, chunk: int | None, single_max: int = 0
+) -> list[dict]:
     """The pytest processes of the tests stage: ``{"name", "files", "targets"}`` each.
 
-    ``chunk`` None: one process for every file.  Else one process per file, and a file with more than
-    ``chunk`` collected tests split into consecutive parts of at most ``chunk`` node ids (each part under the
-    same limit as its file); a file missing from ``collected`` (its collection failed) runs whole, so its
-    error is reported."""
+    ``chunk`` None: one process for every file.  Else one process per file, except that a file with more
+    than ``chunk`` collected tests is split into consecutive parts of at most ``chunk`` node ids, and a file
+    with at most ``single_max`` tests runs one process per test (they are few and slow: a torch.compile
+    each, a trainer each), every part under the same limit as its file.  A file missing from ``collected``
+    (its collection failed) runs whole, so its error is reported."""
     if chunk is None:
         return [{"name": "all", "files": list(files), "targets": list(files)}]
     groups = []
     for f in files:
         stem = Path(f).stem
         ids = (collected or {}).get(f)
-        if not ids or len(ids) <= chunk:
+        if not ids or single_max < len(ids) <= chunk:
             groups.append({"name": stem, "files": [f], "targets": [f]})
             continue
-        parts = -(-len(ids) // chunk)
-        size = -(-len(ids) // parts)
+        size = 1 if len(ids) <= single_max else -(-len(ids) // -(-len(ids) // chunk))
+        parts = -(-len(ids) // size)
         for k in range(parts):
             groups.append(
                 {"name": f"{stem}-{k + 1}of{parts}", "files": [f], "targets": ids[k * size : (k + 1) * size]}

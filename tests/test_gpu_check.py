@@ -314,25 +314,31 @@ def test_a_stopped_process_keeps_what_finished(tmp_path):
     assert all(c["result"] == "not run" for c in checks)
 
 
-def test_big_files_run_in_parts_and_every_test_once():
-    ids = [f"tests/k/test_big.py::test_{i}" for i in range(50)]
+def test_big_files_run_in_parts_small_ones_per_test_and_every_test_once():
+    big = [f"tests/k/test_big.py::test_{i}" for i in range(50)]
+    mid = [f"tests/k/test_mid.py::test_{i}" for i in range(10)]
+    small = ["tests/k/test_small.py::test_a", "tests/k/test_small.py::test_b"]
     groups = gc.plan_test_groups(
-        ["tests/k/test_big.py", "tests/k/test_small.py", "tests/k/test_broken.py"],
-        {"tests/k/test_big.py": ids, "tests/k/test_small.py": ["tests/k/test_small.py::test_a"]},
+        ["tests/k/test_big.py", "tests/k/test_mid.py", "tests/k/test_small.py", "tests/k/test_broken.py"],
+        {"tests/k/test_big.py": big, "tests/k/test_mid.py": mid, "tests/k/test_small.py": small},
         chunk=24,
+        single_max=4,
     )
-    assert [g["name"] for g in groups] == [
+    names = [
         "test_big-1of3",
         "test_big-2of3",
         "test_big-3of3",
-        "test_small",
+        "test_mid",
+        "test_small-1of2",
+        "test_small-2of2",
         "test_broken",
     ]
-    assert [t for g in groups[:3] for t in g["targets"]] == ids
+    assert [g["name"] for g in groups] == names
+    assert [t for g in groups[:3] for t in g["targets"]] == big
     assert max(len(g["targets"]) for g in groups[:3]) <= 24
-    assert groups[3]["targets"] == ["tests/k/test_small.py"] and groups[4]["targets"] == [
-        "tests/k/test_broken.py"
-    ]
+    assert groups[3]["targets"] == ["tests/k/test_mid.py"]
+    assert [g["targets"] for g in groups[4:6]] == [[small[0]], [small[1]]]
+    assert groups[6]["targets"] == ["tests/k/test_broken.py"]
     assert gc.plan_test_groups(["a.py", "b.py"], None, None) == [
         {"name": "all", "files": ["a.py", "b.py"], "targets": ["a.py", "b.py"]}
     ]
