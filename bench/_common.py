@@ -51,6 +51,10 @@ def sync() -> None:
 
 
 def git_commit() -> str:
+    """``HEAD`` (``-dirty`` with uncommitted changes); ``NFT_GIT_COMMIT`` wins, for copies of the tree without
+    ``.git`` (the GPU machine gets one: ``python -m bench.gpu_check OUT --commit SHA`` passes it on)."""
+    if os.environ.get("NFT_GIT_COMMIT"):
+        return os.environ["NFT_GIT_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
@@ -62,6 +66,8 @@ def git_commit() -> str:
             text=True,
             timeout=10,
         )
+        if out.returncode != 0 or not out.stdout.strip():
+            return "unknown"
         return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except Exception:
         return "unknown"
@@ -87,6 +93,19 @@ def environment() -> dict:
         info["sm_count"] = props.multi_processor_count
         info["memory_gib"] = round(props.total_memory / 2**30, 1)
     return info
+
+
+def stream_record(kind: str, record: dict) -> None:
+    """Append ``{"kind": kind, **record}`` as one JSON line to ``NFT_BENCH_STREAM`` when that is set.
+
+    ``bench.gpu_check`` reads these lines back, so every measurement finished before a stage's time budget ran
+    out is kept even when the stage is stopped before it writes its results file."""
+    path = os.environ.get("NFT_BENCH_STREAM")
+    if not path:
+        return
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"kind": kind, **record}, default=str) + "\n")
+        f.flush()
 
 
 def write_results(path: Path | None = None) -> Path | None:

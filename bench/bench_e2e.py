@@ -29,7 +29,8 @@ Without a GPU the benchmark runs a quick mode (``sd3-tiny``, batch 2, 2 steps, f
 ``reference`` and ``engine`` on the CPU reference kernels): it checks that everything runs and reports CPU
 numbers, labelled as such, which say nothing about GPU speed.  Modes: ``NFT_BENCH_MODE=full|quick``;
 ``NFT_BENCH_PROVIDERS=reference,engine,torch_compile``; ``NFT_E2E_MODELS=sd3.5-medium,flux-dev``;
-``NFT_E2E_TRAIN_BATCH`` (training micro-batch, default 8).
+``NFT_E2E_TRAIN_BATCH`` (training micro-batch, default 8); ``--stream PATH`` appends each record to a
+JSON-lines file as it is measured (``bench.gpu_check``).
 
 Run: ``python -m bench.bench_e2e`` (prints the table; writes ``bench/results/e2e-<device>.json`` on a GPU or
 with ``--write``), or under pytest (``python -m pytest bench/bench_e2e.py``).
@@ -565,11 +566,13 @@ def write(records: list[dict], peak: dict, path=None):
 def run_all(rounds: int | None = None) -> tuple[list[dict], dict]:
     rounds = rounds or (5 if MODE == "full" else 1)
     peak = matmul_peak_tflops()
+    _common.stream_record("matmul_peak", peak)
     records = []
     for case in cases():
         setup = make_setup(case)
         for provider in providers():
             records.append(run_provider(setup, provider, rounds=rounds, peak=peak))
+            _common.stream_record("e2e", records[-1])
         del setup
         if CUDA:
             torch.cuda.empty_cache()
@@ -651,7 +654,14 @@ def main(argv=None) -> int:
     parser.add_argument("--write", action="store_true", help="write the results file even without a GPU")
     parser.add_argument("--out", default=None, help="results file (default bench/results/e2e-<device>.json)")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds per phase")
+    parser.add_argument(
+        "--stream", default=None, help="append each record to this JSON-lines file as it is measured"
+    )
     args = parser.parse_args(argv)
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds: expected a positive integer, got {args.rounds}")
+    if args.stream:
+        os.environ["NFT_BENCH_STREAM"] = args.stream
     records, peak = run_all(args.rounds)
     print(summary(records, peak))
     if CUDA or args.write or args.out:

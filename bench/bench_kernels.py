@@ -17,7 +17,9 @@ measured at the start of the same run, the speedup over ``torch`` and peak memor
 Without a GPU the suite runs in a quick mode (one small shape, fp32, the reference providers, a few rounds)
 so that ``python -m pytest`` over ``bench/`` stays fast and never fails for lack of a GPU.  Modes:
 ``NFT_BENCH_MODE=full|quick`` (default: full with CUDA, quick without); ``NFT_BENCH_PROVIDERS=torch,triton``
-picks providers.
+picks providers; ``NFT_BENCH_SHAPES``, ``NFT_BENCH_DTYPES`` and ``NFT_BENCH_ROUNDS`` narrow a run to a time
+budget (``bench.gpu_check``); ``NFT_BENCH_STREAM=path`` appends each record to a JSON-lines file as it is
+measured.
 
 Full GPU comparison and results file:  ``python -m bench.bench_kernels``  (see ``main``).
 """
@@ -49,6 +51,31 @@ else:
     SHAPES = {"quick": (2, 4, 16, 16)}
     DTYPES = {"fp32": torch.float32}
     ROUNDS, WARMUP, ITERATIONS = 3, 1, 1
+
+
+def _subset(var: str, table: dict) -> dict:
+    """``table`` restricted to the comma-separated names in the environment variable ``var`` (all if
+    unset)."""
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return table
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    unknown = [n for n in names if n not in table]
+    if unknown or not names:
+        raise ValueError(
+            f"{var}: expected comma-separated names from {sorted(table)} ({MODE} mode), got {value!r}"
+        )
+    return {n: table[n] for n in names}
+
+
+# budgets (bench.gpu_check): NFT_BENCH_SHAPES=sd35m_512  NFT_BENCH_DTYPES=bf16  NFT_BENCH_ROUNDS=20
+SHAPES = _subset("NFT_BENCH_SHAPES", SHAPES)
+DTYPES = _subset("NFT_BENCH_DTYPES", DTYPES)
+if os.environ.get("NFT_BENCH_ROUNDS"):
+    _rounds = os.environ["NFT_BENCH_ROUNDS"]
+    if not _rounds.isdigit() or int(_rounds) < 1:
+        raise ValueError(f"NFT_BENCH_ROUNDS: expected a positive integer, got {_rounds!r}")
+    ROUNDS = int(_rounds)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -428,6 +455,7 @@ def test_copy_bandwidth(benchmark):
     _common.COPY_BANDWIDTH.update(
         {"gbps": gbps, "bytes": moved, "median_ms": benchmark.stats.stats.median * 1e3}
     )
+    _common.stream_record("copy_bandwidth", dict(_common.COPY_BANDWIDTH))
     benchmark.extra_info.update({"gbps": gbps, "bytes": moved})
 
 
@@ -513,6 +541,7 @@ def test_kernel(benchmark, op, mode, shape_name, dtype_name, provider):
         }
     )
     _common.RECORDS.append(record)
+    _common.stream_record("kernel", record)
 
 
 def main(argv=None) -> int:

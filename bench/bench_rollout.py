@@ -15,13 +15,15 @@ paying: the point is to know, so every case is measured, whatever it shows.
 
 Without a GPU the suite runs a quick mode (the embedded default, batch 4, 2 steps, eager only) so that the
 ordinary ``pytest`` over ``bench/`` stays fast.  ``python -m bench.bench_rollout`` runs the full comparison
-and writes ``bench/results/rollout-<device>.json`` (device, versions, commit, date).
+and writes ``bench/results/rollout-<device>.json`` (device, versions, commit, date); ``--models``,
+``--batches``, ``--providers`` and ``--rounds`` narrow it to a time budget (``bench.gpu_check``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -180,6 +182,18 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _names(parser, option: str, value: str | None, allowed: list) -> list | None:
+    """The comma-separated ``value`` of ``option`` checked against ``allowed``; ``None`` when not given."""
+    if value is None:
+        return None
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    allowed_s = [str(a) for a in allowed]
+    if not names or any(n not in allowed_s for n in names):
+        parser.error(f"{option}: expected comma-separated values from {allowed_s} ({MODE} mode), "
+                     f"got {value!r}")
+    return names
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=10 if CUDA else 3)
@@ -187,8 +201,36 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--out", default=None, help="results file (default bench/results/rollout-<device>.json)"
     )
+    parser.add_argument("--models", default=None, help="only these models, e.g. sd3.5-medium")
+    parser.add_argument("--batches", default=None, help="only these batch sizes, e.g. 16")
+    parser.add_argument("--providers", default=None, help="only these providers, e.g. eager,cuda_graphs")
+    parser.add_argument(
+        "--stream", default=None, help="append each record to this JSON-lines file as it is measured"
+    )
     args = parser.parse_args(argv)
-    records = [measure(c, p, args.rounds) for c in cases() for p in providers()]
+    if args.rounds < 1:
+        parser.error(f"--rounds: expected a positive integer, got {args.rounds}")
+    all_cases = cases()
+    want_models = _names(parser, "--models", args.models, sorted({c.model for c in all_cases}))
+    want_batches = _names(parser, "--batches", args.batches, sorted({c.batch for c in all_cases}))
+    chosen_providers = _names(parser, "--providers", args.providers, providers()) or providers()
+    chosen = [
+        c
+        for c in all_cases
+        if (want_models is None or c.model in want_models)
+        and (want_batches is None or str(c.batch) in want_batches)
+    ]
+    if not chosen:
+        parser.error(
+            f"--models / --batches: expected a case that exists, got {args.models!r} / {args.batches!r}"
+        )
+    if args.stream:
+        os.environ["NFT_BENCH_STREAM"] = args.stream
+    records = []
+    for c in chosen:
+        for p in chosen_providers:
+            records.append(measure(c, p, args.rounds))
+            _common.stream_record("rollout", records[-1])
     print(summary(records))
     if CUDA or args.write or args.out:
         path = (
