@@ -543,7 +543,8 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
 def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> bool:
     """Resuming on another world size keeps the global samples per optimizer step
     (``batch_size * grad_accum * world``) by rescaling ``grad_accum`` when it divides; the step sets, and so
-    the run, then continue as they would have (up to float reduction order)."""
+    the run, then continue as they would have (up to float reduction order).  train.nft has no
+    ``grad_accum``: its ``--train.steps-per-iter`` fixes the step sets whatever the world size."""
     if saved_world == world:
         return False
     tc = cfg.train

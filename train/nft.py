@@ -260,10 +260,12 @@ class NFTTrainer(Trainer):
         t_idx = torch.stack(
             [torch.randperm(sc.num_steps, generator=g)[:n_train] for _ in range(n)]
         )  # [n, n_train] per global sample
-        # without a KL term the KL is still measured, on the first batch-size samples of the training order
-        # at their first trained timestep: the same samples whatever the world size or the step count
+        # without a KL term the KL is still measured, on the first min(batch size, step size) samples of the
+        # training order at their first trained timestep: the same samples whatever the world size.  v_ref
+        # runs on every rank's first micro-batch of the first step (they hold those samples; under FSDP every
+        # forward is a collective, so each rank runs the same ones)
         measured = torch.zeros(n, dtype=torch.bool)
-        measured[plan.order[: tc.batch_size]] = True
+        measured[plan.order[: min(tc.batch_size, n // tc.steps_per_iter)]] = True
         # sums stay on the device: one host read per iteration, not one per forward
         loss_sum = torch.zeros((), device=dev)
         kl_sum = torch.zeros((), device=dev)
@@ -271,7 +273,7 @@ class NFTTrainer(Trainer):
         micro = 0
         steps = plan.steps(tc.batch_size)
         self.opt.zero_grad(set_to_none=True)
-        for mbs in self.progress(steps, "train"):
+        for si, mbs in enumerate(self.progress(steps, "train")):
             for mi, mb in enumerate(mbs):
                 idx = mb.rows.to(dev)
                 cond = self.policy.encode([plan.prompts[i] for i in mb.gidx.tolist()])
@@ -289,7 +291,7 @@ class NFTTrainer(Trainer):
                     x_t = kernels.interpolate(xb, noise, t)
                     ts = 1000.0 * t
                     last = mi == len(mbs) - 1 and j == n_train - 1
-                    want_ref = tc.kl_coef > 0 or (j == 0 and bool(keep.any()))
+                    want_ref = tc.kl_coef > 0 or (si == 0 and mi == 0 and j == 0)
                     with torch.no_grad():
                         with self.policy.adapter("old"):
                             v_old = self.policy.denoiser(x_t, ts, cond)
