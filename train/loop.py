@@ -200,10 +200,10 @@ class Trainer:
         if full:
             state["policy"] = self.policy.adapter_state()
             state["optimizer"] = self.opt.state_dict()
-        if self.scaler is not None:
-            state["grad_scaler"] = self.scaler.state_dict()
         else:
             state["eval_ema_updates"] = self.policy.eval_ema.num_updates
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
