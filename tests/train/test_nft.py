@@ -189,7 +189,7 @@ def test_short_run_raises_the_reward(tmp_path):
     compressibility gives a dense signal from the first iteration, which keeps the run short.  Calibrated on
     the 4-block stage-1 checkpoint: a gain of 0.122 kB at lr 6e-3 (3e-3, the rate calibrated on the checkpoint
     before it, gives 0.070 there); on the shipped 8-block model the gain is 0.174 kB.  Two optimizer steps
-    of 8 images per iteration, as when this was calibrated (one step per micro-batch of 8 until 2026-12-03)."""
+    of 8 images per iteration, as when this was calibrated (a step per micro-batch of 8 until 2026-12-03)."""
     argv = [
         "--reward",
         "jpeg_compressibility",

@@ -162,6 +162,11 @@ def test_fp16_ddpo_trains_two_iterations_with_finite_weights(tmp_path):
     assert max(float(t.abs().max()) for t in default[1::2]) > 0  # lora_B started at 0: it moved
     for s in state["optimizer"]["state"].values():
         assert s["exp_avg"].dtype == torch.float32 and torch.isfinite(s["exp_avg_sq"]).all()
+    # the scaler's state resumes with the run
+    assert ddpo.main(["--resume", str(run), "--max-iters", "3"]) == 0
+    state = common.load_checkpoint(run)
+    assert state["iteration"] == 3 and state["grad_scaler"]["scale"] > 0
+    assert all(torch.isfinite(t).all() for t in state["policy"]["default"])
 
 
 NFT_SMALL = [
