@@ -132,12 +132,19 @@ def add_adapters(
     target_modules: Iterable[str] | None = None,
     init: str | bool = "gaussian",
     adapters: Iterable[str] = ("default", "old"),
+    lora_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Add LoRA adapters (peft ``LoraConfig(r=rank, lora_alpha=alpha)``, scale ``alpha / rank``) in place.
 
     The first adapter is active and trainable; the others start as copies of it and are frozen; the base
     weights are frozen. ``target_modules`` defaults to SPEC §2 step 8's list for SD3 (same names for FLUX;
     q/k/v/out for a UNet). ``init``: peft's ``init_lora_weights`` ("gaussian": A ~ N(0, 1/r), B = 0).
+
+    Every adapter's weights are ``lora_dtype`` (fp32) whatever the base weights' dtype: they are the master
+    weights the optimizer updates, and a bf16/fp16 LoRA loses small updates (bf16 keeps 8 bits of mantissa:
+    an update below ~1/256 of an entry rounds away) or, in fp16 with AdamW's eps, turns into NaN.  peft's
+    LoRA forward casts its input to the adapter's dtype and its output back to the base layer's; under
+    ``torch.autocast`` (the policy's forward, train.policy) the matmuls run in the autocast dtype.
     """
     from peft import LoraConfig
 
@@ -160,6 +167,10 @@ def add_adapters(
         for name in adapters:
             model.add_adapter(config, adapter_name=name)
     _invalidate(model)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if _adapter_of(n) in adapters and p.dtype != lora_dtype:
+                p.data = p.data.to(lora_dtype)
     for other in adapters[1:]:
         copy_adapter(model, src=adapters[0], dst=other)
     for n, p in model.named_parameters():
@@ -243,7 +254,10 @@ def old_adapter_decay(step: int, *, flat: int = 0, uprate: float = 1e-3, uphold:
 
 class EMA:
     """Evaluation EMA: ``shadow <- d * shadow + (1 - d) * param``, ``d = min((1+s)/(10+s), max_decay)``,
-    ``s`` the number of previous updates (SPEC §2 step 7). The shadow is kept in fp32; updates are foreach.
+    ``s`` the optimizer steps taken so far including the one just taken (1 at the first update), as the
+    reference counts it (SPEC §2 step 7; NVlabs/DiffusionNFT@24af5554 flow_grpo/ema.py ``EMAModuleWrapper``,
+    called with ``global_step`` after its increment in scripts/train_nft_sd3.py).  The shadow is kept in
+    fp32; updates are foreach.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], max_decay: float = 0.9):
@@ -255,12 +269,15 @@ class EMA:
         self.num_updates = 0
 
     def decay(self, step: int | None = None) -> float:
-        s = self.num_updates if step is None else step
+        """The decay of the update at optimizer step ``step`` (default: the next update, ``num_updates +
+        1``)."""
+        s = self.num_updates + 1 if step is None else step
         return min((1 + s) / (10 + s), self.max_decay)
 
     @torch.no_grad()
     def update(self, step: int | None = None) -> float:
-        """One EMA step; returns the decay used."""
+        """One EMA step after optimizer step ``step`` (1 at the first; default: ``num_updates + 1``);
+        returns the decay used."""
         d = self.decay(step)
         current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in self.params]
         torch._foreach_lerp_(_local(self.shadow), _local(current), 1.0 - d)

@@ -10,7 +10,8 @@
   of that step's samples, so every rank does the same work; rewards are all-gathered so advantages are
   computed over whole groups, then each rank keeps its slice.
 * :meth:`IterationPlan.steps`: the micro-batches of every optimizer step.  A step's sample set is a fixed
-  chunk of the global training order (``batch_size * grad_accum * world`` samples), so one process with
+  chunk of the global training order (``batch_size * grad_accum * world`` samples; train.nft: the iteration's
+  samples / ``--train.steps-per-iter``, whatever the world size), so one process with
   ``grad_accum * world`` accumulation steps trains on exactly the same sets as ``world`` processes: the runs
   are equivalent up to float reduction order.  Micro-batch losses are weighted so that a step's gradient is
   the mean over the step's samples whatever their split across ranks.
@@ -287,7 +288,7 @@ class IterationPlan:
     owned: list  # per rank: global indices in the order that rank rolls out and trains them
     rank: int
     world: int
-    per_rank_step: int  # samples per optimizer step per rank: batch_size * grad_accum
+    per_rank_step: int  # samples per optimizer step per rank (Trainer.per_rank_step)
 
     @classmethod
     def build(

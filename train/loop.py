@@ -153,7 +153,16 @@ class Trainer:
         self.dist = dist if dist is not None else Dist()
         tc = cfg.train
         self.params = policy.trainable_parameters()
+        low = sorted({str(p.dtype) for p in self.params if p.dtype != torch.float32})
+        if low:  # models.lora keeps adapters fp32: the optimizer updates fp32 master weights, state in fp32
+            raise ValueError(f"policy: expected fp32 trainable LoRA parameters, got {', '.join(low)}")
         self.opt = torch.optim.AdamW(self.params, lr=tc.lr, weight_decay=tc.weight_decay)
+        # fp16 forwards: a gradient scaler (its scale enters at the denoiser's output, train.policy)
+        self.scaler = None
+        if policy.dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(policy.device.type)
+            self.scaler.scale(torch.zeros((), device=policy.device))  # creates its scale tensor
+            self._publish_grad_scale()
         self.iteration = 0  # iterations completed
         self.opt_step = 0
         self.elapsed_offset = 0.0
@@ -193,6 +202,8 @@ class Trainer:
             state["optimizer"] = self.opt.state_dict()
         else:
             state["eval_ema_updates"] = self.policy.eval_ema.num_updates
+        if self.scaler is not None:
+            state["grad_scaler"] = self.scaler.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -210,6 +221,9 @@ class Trainer:
         else:
             self.policy.load_adapter_state(state["policy"])
             self.opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+            self._publish_grad_scale()
         self.iteration, self.opt_step = state["iteration"], state["opt_step"]
         self.elapsed_offset = state["elapsed_s"]
         common.set_rng_state(state["rng"])
@@ -240,7 +254,8 @@ class Trainer:
     def save_checkpoint(self, iteration: int, elapsed: float) -> None:
         """Rank 0 writes the replicated (DDP / single-process) state atomically; under FSDP2 every rank writes
         its shards through ``torch.distributed.checkpoint``.  Every rank returns once the checkpoint is
-        whole."""
+        whole.  Weights holding a NaN/inf are never written (:func:`check_finite_weights`)."""
+        check_finite_weights(self.policy, self.dist, iteration, self.run_dir)
         if self.dist.fsdp_root is not None:
             meta = self.state_dict(elapsed, full=False)
             common.save_sharded_checkpoint(
@@ -267,7 +282,7 @@ class Trainer:
         """Iteration ``it``'s global batch (its prompts, ``images_per_prompt`` images each, one rollout seed
         per image, the training order) and this rank's share; drawn from ``(seed, it)`` alone, so a resumed
         run and a run on another world size draw the same (see :mod:`train.distributed`)."""
-        sc, tc, seed = self.cfg.sample, self.cfg.train, self.cfg.seed
+        sc, seed = self.cfg.sample, self.cfg.seed
         prompts = self.policy.sample_train_prompts(
             sc.prompts_per_iter, common.derive_seed(seed, it, "prompts")
         )
@@ -280,10 +295,16 @@ class Trainer:
             group_ids,
             seeds,
             order=order,
-            per_rank_step=tc.batch_size * tc.grad_accum,
+            per_rank_step=self.per_rank_step(len(batch_prompts)),
             rank=self.dist.rank,
             world=self.dist.world,
         )
+
+    def per_rank_step(self, n: int) -> int:
+        """Samples per optimizer step per rank, for an iteration of ``n`` samples: ``batch_size *
+        grad_accum`` (an algorithm may size it from the iteration instead, as train.nft does)."""
+        tc = self.cfg.train
+        return tc.batch_size * tc.grad_accum
 
     def await_rewards(self, futures) -> tuple[torch.Tensor, dict]:
         """This rank's ``(rewards, components)`` from its reward futures.  A reward failure on any rank raises
@@ -293,6 +314,7 @@ class Trainer:
             out = wait_for_rewards(futures)
         except RewardError as e:
             err = str(e)
+        self.check_finite_rollouts()
         failed = [(r, e) for r, e in enumerate(self.dist.all_gather_object(err)) if e is not None]
         if failed:
             r, e = failed[0]
@@ -306,21 +328,56 @@ class Trainer:
 
     def optimizer_step(self) -> None:
         """Clip, step, zero, count, and update the eval EMA; a non-finite gradient stops the run before the
-        step, so the parameters never take a NaN."""
+        step, so the parameters never take a NaN.  With a gradient scaler (fp16) the gradients are unscaled
+        before clipping and a step with an inf/NaN gradient is skipped (the scale backs off), as
+        ``torch.amp.GradScaler`` and the reference (NVlabs/DiffusionNFT@24af5554 scripts/train_nft_sd3.py)
+        do; it still counts as a step there, and here."""
         tc = self.cfg.train
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
         gn = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip)
         if hasattr(gn, "full_tensor"):  # FSDP2: a replicated DTensor
             gn = gn.full_tensor()
-        if not torch.isfinite(gn):
+        if self.scaler is not None:
+            self.scaler.step(self.opt)  # skipped when the unscaled gradients hold an inf/NaN
+            self.scaler.update()
+            self._publish_grad_scale()
+        elif not torch.isfinite(gn):
             raise common.TrainingStopped(
                 f"non-finite gradient norm ({float(gn)}) at optimizer step {self.opt_step}; "
                 f"the last checkpoint "
                 f"under {self.run_dir / 'checkpoints'} is intact (resume with --resume {self.run_dir})"
             )
-        self.opt.step()
+        else:
+            self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.opt_step += 1
         self.policy.update_eval_ema(self.opt_step)
+
+    def _publish_grad_scale(self) -> None:
+        """The scaler's current scale to the policy's forward (one host read per optimizer step)."""
+        den = self.policy.denoiser
+        while den is not None and not hasattr(den, "set_grad_scale"):
+            den = getattr(den, "inner", None)
+        if den is None:
+            raise ValueError("policy: an fp16 policy needs its AutocastDenoiser (train.policy.build_policy)")
+        den.set_grad_scale(self.scaler.get_scale())
+
+    def check_finite_rollouts(self) -> None:
+        """Stop the run (on every rank) when a rollout since the iteration began produced a NaN/inf latent or
+        image, before its rewards are used: like a non-finite reward, but no checkpoint is written (the
+        weights that produced it may be the cause)."""
+        lat, img, total = self.policy.take_nonfinite()
+        counts = self.dist.all_gather_object((lat, img, total))
+        bad = [(r, c) for r, c in enumerate(counts) if c[0] or c[1]]
+        if bad:
+            lat, img, total = (sum(c[i] for c in counts) for i in range(3))
+            where = f" (ranks {[r for r, _ in bad]})" if self.dist.enabled else ""
+            raise common.TrainingStopped(
+                f"non-finite rollout at iteration {self.iteration + 1}: {lat} of {total} latents and {img} "
+                f"decoded images hold NaN/inf{where} (with --models.dtype float16/bfloat16 try float32); "
+                f"the last checkpoint under {self.run_dir / 'checkpoints'} is intact"
+            )
 
     def progress(self, it, desc):
         if not self.cfg.log.progress or not self.dist.is_main:
@@ -363,6 +420,7 @@ class Trainer:
                     break
                 it = self.iteration + 1
                 t0 = time.perf_counter()
+                self.policy.take_nonfinite()  # count this iteration's rollouts only (not the evaluation's)
                 try:
                     vals, summary = self.train_iteration(it)
                 except RewardError as e:  # raised before any update: the state is still iteration it - 1
@@ -408,6 +466,28 @@ class Trainer:
             f"peak memory {common.peak_memory_mb(dev):.0f} MB "
             f"({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})",
             flush=True,
+        )
+
+
+def check_finite_weights(policy: Policy, dist: Dist, iteration: int, run_dir) -> None:
+    """Refuse to write a checkpoint whose LoRA weights (``default``, ``old``, eval EMA) hold a NaN/inf: stop
+    the run on every rank with a message; the previous checkpoint stays the latest."""
+    tensors = {
+        "default": policy.trainable_parameters(),
+        "old": policy.old_parameters(),
+        "eval_ema": policy.eval_ema.shadow,
+    }
+    bad = []
+    for name, ts in tensors.items():
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in ts]  # FSDP2 shards
+        n = sum(int(not torch.isfinite(t.detach()).all()) for t in local)
+        if n:
+            bad.append(f"{n} {name}")
+    if dist.any(bool(bad)):
+        what = ", ".join(bad) if bad else "another rank's shards"
+        raise common.TrainingStopped(
+            f"refusing to write the checkpoint of iteration {iteration}: LoRA tensors hold NaN/inf ({what}); "
+            f"the last checkpoint under {common.Path(run_dir) / 'checkpoints'} is intact"
         )
 
 
@@ -463,10 +543,18 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
 def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> bool:
     """Resuming on another world size keeps the global samples per optimizer step
     (``batch_size * grad_accum * world``) by rescaling ``grad_accum`` when it divides; the step sets, and so
-    the run, then continue as they would have (up to float reduction order)."""
+    the run, then continue as they would have (up to float reduction order).  train.nft has no
+    ``grad_accum``: its ``--train.steps-per-iter`` fixes the step sets whatever the world size."""
     if saved_world == world:
         return False
     tc = cfg.train
+    if not hasattr(tc, "grad_accum"):  # train.nft: --train.steps-per-iter does not depend on the world size
+        say(
+            f"resume: world size {saved_world} -> {world}; "
+            f"{tc.steps_per_iter} optimizer step(s) per iteration, as before",
+            flush=True,
+        )
+        return False
     total = tc.grad_accum * saved_world
     if total % world == 0:
         say(

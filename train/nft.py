@@ -9,6 +9,15 @@ Per iteration:
      ``v`` (trainable ``default`` adapter), ``v_ref`` (adapters disabled) when ``kl_coef > 0``;
   5-6. the fused ``kernels.nft_loss`` (positive / implicit-negative blend, adaptive weighting);
   gradient accumulation, clipping, AdamW;  7. old-adapter EMA; eval EMA; evaluation; checkpoint.
+
+Optimizer steps per iteration (``--train.steps-per-iter``, default 1, as the reference): the iteration's
+samples (in the global training order) are split into that many equal steps; every sample and trained
+timestep of a step accumulates into it, in micro-batches of ``--train.batch-size`` per process, and the
+accumulated gradient is the mean over the step's samples and timesteps, whatever the world size.  The
+old-adapter decay and the eval EMA count these steps (NVlabs/DiffusionNFT@24af5554 scripts/train_nft_sd3.py:
+``effective_grad_accum_steps = gradient_accumulation_steps * num_train_timesteps``, with
+``gradient_accumulation_steps`` sized by config/nft.py so that an epoch takes ``gradient_step_per_epoch``
+steps: 1, or 2 for OCR).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from models.lora import old_adapter_decay
 from . import common
 from .advantages import group_advantages, nft_optimality
 from .config import ConfigError
+from .distributed import launched_world_size
 from .evaluation import EvalConfig
 from .loop import RunConfig, Trainer, check_at_least_one, validate_run
 from .loop import main as loop_main
@@ -54,8 +64,17 @@ class TrainConfig:
     lr: float = field(default=3e-4, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay"})
     grad_clip: float = field(default=1.0, metadata={"help": "gradient-norm clip"})
-    batch_size: int = field(default=32, metadata={"help": "training micro-batch (images)"})
-    grad_accum: int = field(default=1, metadata={"help": "micro-batches per optimizer step"})
+    batch_size: int = field(
+        default=32, metadata={"help": "training micro-batch per process (images; memory, not the step size)"}
+    )
+    steps_per_iter: int = field(
+        default=1,
+        metadata={
+            "help": "optimizer steps per iteration: the iteration's images split evenly into this many "
+            "gradient-accumulated steps, whatever --train.batch-size and the world size (reference: 1; "
+            "its OCR recipe: 2); must divide the images per iteration / world size"
+        },
+    )
     old_flat: int = field(default=0, metadata={"help": "old-adapter EMA: steps before decay starts"})
     old_uprate: float = field(default=1e-3, metadata={"help": "old-adapter EMA: decay growth per step"})
     old_uphold: float = field(default=0.5, metadata={"help": "old-adapter EMA: maximum decay"})
@@ -73,23 +92,34 @@ def preset_tiny() -> NFTConfig:
     peaked lower on an earlier checkpoint and 6e-3 lost score on its stage-1 weights), no KL term (it costs a
     third forward per sample-timestep); evaluation on 192 held-out prompts every 10 iterations; one torch
     thread (12.9 s per iteration on the shipped 8-block model against 21.2 s with two, 6.9 against 10.9 s on
-    the 4-block one: its ops are too small to split, and the reward worker takes the other core)."""
+    the 4-block one: its ops are too small to split, and the reward worker takes the other core).
+
+    Deliberate difference from the reference recipe: 8 optimizer steps of 16 images per iteration
+    (``--train.steps-per-iter 8``), not one.  The default run's learning rate and its 15-minute target were
+    calibrated with these 8 steps (the loop took one step per 16-image micro-batch until 2026-12-03); one
+    step per iteration would give the ~60 iterations that fit in its budget 60 updates instead of ~500.  The
+    reference takes one step per iteration over 1152 images (48 prompts x 24), as ``sd3.5-m`` does."""
     cfg = NFTConfig()
     cfg.threads = 1
     cfg.models.lora_rank, cfg.models.lora_alpha = 32, 32.0
     cfg.train.lr, cfg.train.batch_size, cfg.train.kl_coef = 1.5e-3, 16, 0.0
+    cfg.train.steps_per_iter = 8
     cfg.eval.every = 10
     return cfg
 
 
 def preset_sd35m() -> NFTConfig:
-    """SPEC §2.8 reference recipe for SD3.5-M at 512 px (pass the local directory with --model)."""
+    """SPEC §2.8 reference recipe for SD3.5-M at 512 px (pass the local directory with --model): one
+    optimizer step per iteration over its 48 x 24 = 1152 images and 9 trained timesteps each, on one process
+    or on any world size dividing 1152 (NVlabs/DiffusionNFT@24af5554 config/nft.py, ``gradient_step_per_epoch
+    = 1``; its OCR recipe: ``--train.steps-per-iter 2 --train.old-flat 75 --train.old-uprate 0.0075
+    --train.old-uphold 0.999 --train.beta 0.1``).  ``--train.batch-size 8`` is the micro-batch per process."""
     cfg = NFTConfig(preset="sd3.5-m", reward="clip_score", max_iters=1000)
     cfg.models = ModelConfig(dtype="bfloat16", lora_rank=32, lora_alpha=64.0)
     cfg.sample = SampleConfig(
         solver="dpm2", num_steps=10, shift=3.0, prompts_per_iter=48, images_per_prompt=24, rollout_batch=16
     )
-    cfg.train = TrainConfig(kl_coef=1e-4, lr=3e-4, batch_size=8, grad_accum=12)
+    cfg.train = TrainConfig(kl_coef=1e-4, lr=3e-4, batch_size=8, steps_per_iter=1)
     cfg.eval = EvalConfig(every=50, num_steps=40, cfg_scale=4.5)
     return cfg
 
@@ -110,9 +140,10 @@ def validate(cfg: NFTConfig) -> None:
             ("--sample.images-per-prompt", sc.images_per_prompt),
             ("--sample.rollout-batch", sc.rollout_batch),
             ("--train.batch-size", tc.batch_size),
-            ("--train.grad-accum", tc.grad_accum),
+            ("--train.steps-per-iter", tc.steps_per_iter),
         ]
     )
+    check_steps_per_iter(cfg, launched_world_size())
     if tc.beta <= 0:
         raise ConfigError(f"--train.beta: expected a value > 0, got {tc.beta}")
     if tc.adv_clip_max <= 0:
@@ -130,6 +161,19 @@ def validate(cfg: NFTConfig) -> None:
     validate_run(cfg)
 
 
+def check_steps_per_iter(cfg: NFTConfig, world: int) -> None:
+    """Every optimizer step takes the same number of images on every process: ``--train.steps-per-iter``
+    must divide the images per iteration per process."""
+    n = cfg.sample.prompts_per_iter * cfg.sample.images_per_prompt
+    s = cfg.train.steps_per_iter
+    if n % world == 0 and (n // world) % s:
+        ranks = f" / {world} processes" if world > 1 else ""
+        raise ConfigError(
+            f"--train.steps-per-iter: expected a divisor of the images per iteration{ranks} "
+            f"(--sample.prompts-per-iter x --sample.images-per-prompt = {n}{ranks} = {n // world}), got {s}"
+        )
+
+
 def old_decay(step: int, tc: TrainConfig) -> float:
     """SPEC §2 step 7: ``d = min(max(step - flat, 0) * uprate, uphold)``, ``step`` = optimizer steps so
     far."""
@@ -139,6 +183,11 @@ def old_decay(step: int, tc: TrainConfig) -> float:
 # ------------------------------------------------------------------------------------------------------------
 class NFTTrainer(Trainer):
     algo = "nft"
+
+    def per_rank_step(self, n: int) -> int:
+        """``n / (steps_per_iter * world)``: ``--train.steps-per-iter`` steps per iteration on any world
+        size."""
+        return n // (self.cfg.train.steps_per_iter * self.dist.world)
 
     def train_iteration(self, it: int) -> tuple[dict, str]:
         cfg = self.cfg
@@ -194,9 +243,14 @@ class NFTTrainer(Trainer):
         return plan, torch.cat(x0s), rewards, comps
 
     def train_on(self, it: int, plan, x0: torch.Tensor, r: torch.Tensor) -> dict:
-        """Steps 4-6 over this rank's samples (``x0`` / ``r`` in the plan's local order), one optimizer step
-        per chunk of the global training order; returns loss/kl means.  Trained timesteps and noise are keyed
-        by the global sample index, so any world size draws the same."""
+        """Steps 4-6 over this rank's samples (``x0`` / ``r`` in the plan's local order): ``--train.steps-per-
+        iter`` optimizer steps, each over an equal chunk of the global training order, in micro-batches of
+        ``--train.batch-size``; each micro-batch's loss is weighted by ``mb.weight / n_train`` so that the
+        accumulated gradient is the mean over the step's samples and trained timesteps (the reference divides
+        by ``gradient_accumulation_steps * num_train_timesteps``; DDP averages over ranks).  Returns loss/kl
+        means.  Trained timesteps and noise are keyed by the global sample index, so any world size draws
+        the same.  ``x0``, the noise and ``x_t`` stay fp32 (the reference's ``x_t`` is fp32 too); the
+        forwards run in the policy's precision."""
         cfg, tc, sc = self.cfg, self.cfg.train, self.cfg.sample
         dev = x0.device
         n = len(plan.prompts)
@@ -206,34 +260,41 @@ class NFTTrainer(Trainer):
         t_idx = torch.stack(
             [torch.randperm(sc.num_steps, generator=g)[:n_train] for _ in range(n)]
         )  # [n, n_train] per global sample
+        # without a KL term the KL is still measured, on the first min(batch size, step size) samples of the
+        # training order at their first trained timestep: the same samples whatever the world size.  v_ref
+        # runs on every rank's first micro-batch of the first step (they hold those samples; under FSDP every
+        # forward is a collective, so each rank runs the same ones)
+        measured = torch.zeros(n, dtype=torch.bool)
+        measured[plan.order[: min(tc.batch_size, n // tc.steps_per_iter)]] = True
         # sums stay on the device: one host read per iteration, not one per forward
         loss_sum = torch.zeros((), device=dev)
         kl_sum = torch.zeros((), device=dev)
-        kl_count, micro = 0, 0
+        kl_count = torch.zeros((), device=dev)
+        micro = 0
         steps = plan.steps(tc.batch_size)
         self.opt.zero_grad(set_to_none=True)
         for si, mbs in enumerate(self.progress(steps, "train")):
             for mi, mb in enumerate(mbs):
                 idx = mb.rows.to(dev)
                 cond = self.policy.encode([plan.prompts[i] for i in mb.gidx.tolist()])
-                xb, rb = x0[idx], r[mb.rows].to(dev)
+                xb, rb = x0[idx].float(), r[mb.rows].to(dev)
                 # every trained timestep's noise, [b, n_train, ...], from a generator per sample keyed by its
                 # global index: the same numbers whatever the batch split or the world size
                 shape = (n_train, *xb.shape[1:])
                 gens = [common.iteration_generator(cfg.seed, it, f"noise/{i}", dev) for i in mb.gidx.tolist()]
-                noises = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens]).to(xb.dtype)
+                noises = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
+                keep = torch.ones(len(idx), dtype=torch.bool) if tc.kl_coef > 0 else measured[mb.gidx]
+                keep = keep & (not mb.dummy)
                 for j in range(n_train):
                     t = sigmas[t_idx[mb.gidx, j].to(dev)]
                     noise = noises[:, j]
                     x_t = kernels.interpolate(xb, noise, t)
                     ts = 1000.0 * t
                     last = mi == len(mbs) - 1 and j == n_train - 1
+                    want_ref = tc.kl_coef > 0 or (si == 0 and mi == 0 and j == 0)
                     with torch.no_grad():
                         with self.policy.adapter("old"):
                             v_old = self.policy.denoiser(x_t, ts, cond)
-                        # without a KL term, the KL is still measured: on the first step's samples at their
-                        # first timestep (the same samples whatever the world size)
-                        want_ref = tc.kl_coef > 0 or (si == 0 and j == 0)
                         v_ref = None
                         if want_ref:
                             with self.policy.adapters_disabled():
@@ -257,11 +318,17 @@ class NFTTrainer(Trainer):
                     if not mb.dummy:
                         loss_sum += loss.detach()
                         micro += 1
-                        if v_ref is not None:
-                            kl_sum += ((v.detach().float() - v_ref.float()) ** 2).mean()
-                            kl_count += 1
+                    if v_ref is not None:
+                        per_sample = ((v.detach().float() - v_ref.float()) ** 2).flatten(1).mean(1)
+                        k = keep.to(dev)
+                        kl_sum += (per_sample * k).sum()
+                        kl_count += k.sum()
             self.optimizer_step()
-        return {"train/loss": float(loss_sum) / max(micro, 1), "train/kl": float(kl_sum) / max(kl_count, 1)}
+        kl_sum, kl_count = self.dist.all_gather(torch.stack([kl_sum, kl_count])).sum(0)
+        return {
+            "train/loss": float(loss_sum) / max(micro, 1),
+            "train/kl": float(kl_sum) / max(float(kl_count), 1.0),
+        }
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,13 @@ the prompts.
 
 Adapters (SPEC §2): ``default`` is trained, ``old`` (frozen) drives rollouts, and the reference model is the
 transformer with adapters disabled.  The eval EMA of ``default`` (SPEC §2 step 7) lives here too.
+
+Precision (``--models.dtype``): the frozen weights (transformer, text encoders, VAE) are stored in that dtype;
+the LoRA adapters and so the optimizer state are fp32 whatever it is (models.lora); every denoiser forward
+runs under ``torch.autocast`` in that dtype (:class:`AutocastDenoiser`), as the reference code does with its
+fp32 model.  For fp16 the trainer adds a gradient scaler whose scale enters at the denoiser's output
+(:meth:`AutocastDenoiser.set_grad_scale`): the loss is computed in fp32 from that output, so scaling the
+gradient there is scaling the loss where fp16 starts.
 """
 
 from __future__ import annotations
@@ -18,7 +25,14 @@ import models
 from engine import rollout, sd3_sigmas
 from models.conditioning import Conditioning
 
-__all__ = ["ModelConfig", "Policy", "build_policy", "check_model_path", "SD3_LORA_TARGETS"]
+__all__ = [
+    "ModelConfig",
+    "Policy",
+    "AutocastDenoiser",
+    "build_policy",
+    "check_model_path",
+    "SD3_LORA_TARGETS",
+]
 
 SD3_LORA_TARGETS = (
     "attn.to_q",
@@ -60,6 +74,54 @@ def check_model_path(path: str | None, *, preset: str) -> None:
     resolve_model_dir(path)
 
 
+class _ScaleGrad(torch.autograd.Function):
+    """Identity forward; the backward multiplies the incoming gradient by ``scale`` (a GradScaler's)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+class AutocastDenoiser(torch.nn.Module):
+    """``denoiser(x, timestep, cond)`` under ``torch.autocast(dtype)`` (frozen weights stored in ``dtype``,
+    fp32 LoRA weights cast per matmul), its prediction returned in ``dtype``.  ``prediction_type`` and the
+    CUDA-graph key are the wrapped denoiser's (plus the dtype).  With a gradient scale set (fp16 training),
+    a gradient flowing back into the prediction is multiplied by it."""
+
+    def __init__(self, inner: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner = inner
+        self.autocast_dtype = dtype
+        self.prediction_type = getattr(inner, "prediction_type", "flow")
+        self.grad_scale: float | None = None
+
+    def set_grad_scale(self, scale: float | None) -> None:
+        self.grad_scale = None if scale is None else float(scale)
+
+    def graph_key(self):
+        gk = getattr(self.inner, "graph_key", None)
+        key = gk() if callable(gk) else getattr(self.inner, "active_adapter", None)
+        return (key if not isinstance(key, list) else tuple(key), str(self.autocast_dtype))
+
+    def forward(self, x: torch.Tensor, timestep, cond) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+            out = self.inner(x, timestep, cond)
+        out = out.to(self.autocast_dtype)
+        if self.grad_scale is not None and out.requires_grad:
+            out = _ScaleGrad.apply(out, self.grad_scale)
+        return out
+
+
+def _count_nonfinite(t: torch.Tensor) -> torch.Tensor:
+    """Rows of ``t`` holding a NaN or inf (a 0-d tensor on ``t``'s device)."""
+    return (~torch.isfinite(t)).flatten(1).any(1).sum()
+
+
 class Policy:
     def __init__(
         self,
@@ -86,6 +148,7 @@ class Policy:
         self.train_prompts, self.test_prompts = train_prompts, test_prompts
         self.prompt_text = prompt_text
         self._prompt_sampler = prompt_sampler
+        self._nonfinite = None  # [latents, images, total] rows with NaN/inf since take_nonfinite()
         self.refresh_parameters()
 
     def refresh_parameters(self) -> None:
@@ -126,7 +189,8 @@ class Policy:
         models.ema_update_adapter(self.transformer, decay, src="default", dst="old")
 
     def update_eval_ema(self, step: int) -> None:
-        self.eval_ema.update()
+        """The eval EMA after optimizer step ``step`` (1 at the first: the reference's count)."""
+        self.eval_ema.update(step)
 
     @contextlib.contextmanager
     def eval_weights(self):
@@ -155,7 +219,19 @@ class Policy:
         return self.encoder.encode([self.prompt_text(p) for p in prompts]).to(self.device)
 
     def decode(self, x0: torch.Tensor) -> torch.Tensor:
-        return self._decode(x0)
+        """Images in [-1, 1] from clean latents.  Rows with a NaN/inf latent or image are counted (without a
+        host read) for :meth:`take_nonfinite`: a clamp would turn an inf latent into a valid-looking image,
+        and a reward may score a NaN image, so the trainer checks the count before training."""
+        images = self._decode(x0)
+        rows = torch.tensor(len(x0), device=x0.device)
+        counts = torch.stack([_count_nonfinite(x0), _count_nonfinite(images).to(x0.device), rows])
+        self._nonfinite = counts if self._nonfinite is None else self._nonfinite + counts
+        return images
+
+    def take_nonfinite(self) -> tuple[int, int, int]:
+        """``(latent rows, image rows with a NaN/inf, rows decoded)`` since the last call; resets them."""
+        counts, self._nonfinite = self._nonfinite, None
+        return (0, 0, 0) if counts is None else tuple(int(c) for c in counts.tolist())
 
     def sample_train_prompts(self, n: int, seed: int) -> list:
         """``n`` training prompts drawn from a generator seeded with ``seed`` (uniform, or the benchmark's own
@@ -271,6 +347,8 @@ def build_policy(
     if mc.gradient_checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
     denoiser = models.as_denoiser(transformer)
+    if dtype != torch.float32:  # fp32 LoRA (models.lora) on frozen weights in ``dtype``: mixed precision
+        denoiser = AutocastDenoiser(denoiser, dtype)
     return Policy(
         transformer=transformer,
         denoiser=denoiser,

@@ -223,12 +223,12 @@ def _assert_same_run(a, b, *, keys, rtol):
 
 @pytest.fixture(scope="module")
 def nft_runs(tmp_path_factory):
-    """train.nft for 2 iterations: 2 processes (DDP, micro-batch 4, no accumulation) and one process
-    accumulating 2 micro-batches: the same 8 samples per optimizer step, 2 steps per iteration."""
+    """train.nft for 2 iterations, 2 optimizer steps of 8 samples each: 2 processes (DDP, micro-batch 4, one
+    per step and process) and one process accumulating 2 micro-batches per step."""
     base = tmp_path_factory.mktemp("nft")
-    common_args = [*SMALL, "--max-iters", "2", "--train.batch-size", "4"]
+    common_args = [*SMALL, "--max-iters", "2", "--train.batch-size", "4", "--train.steps-per-iter", "2"]
     _torchrun("train.nft", 2, [*common_args, "--run-dir", str(base / "ddp")])
-    _single("train.nft", [*common_args, "--train.grad-accum", "2", "--run-dir", str(base / "one")])
+    _single("train.nft", [*common_args, "--run-dir", str(base / "one")])
     return base
 
 
@@ -245,14 +245,14 @@ def test_nft_two_processes_match_one(nft_runs):
 
 
 def test_nft_resume_on_another_world_size(nft_runs, tmp_path):
-    """Iteration 1 on two processes, iteration 2 resumed on one: the same as two iterations on one."""
+    """Iteration 1 on two processes, iteration 2 resumed on one: the same as two iterations on one (the
+    steps per iteration do not depend on the world size: nothing to rescale)."""
     run = tmp_path / "resume"
-    args = [*SMALL, "--train.batch-size", "4"]
+    args = [*SMALL, "--train.batch-size", "4", "--train.steps-per-iter", "2"]
     _torchrun("train.nft", 2, [*args, "--max-iters", "1", "--run-dir", str(run)])
     out = _single("train.nft", ["--resume", str(run), "--max-iters", "2"])
-    assert "resumed" in out.stdout and "--train.grad-accum 1 -> 2" in out.stdout
-    # recorded, so that a further --resume on one process keeps 8 samples per step
-    assert json.loads((run / "config.json").read_text())["train"]["grad_accum"] == 2
+    assert "resumed" in out.stdout and "2 optimizer step(s) per iteration, as before" in out.stdout
+    assert json.loads((run / "config.json").read_text())["train"]["steps_per_iter"] == 2
     keys = ["train/reward_mean", "train/loss"]
     _assert_same_run(run, nft_runs / "one", keys=keys, rtol=1e-3)
 
@@ -272,7 +272,7 @@ def test_fsdp2_on_cpu_matches_ddp_and_resumes(nft_runs, tmp_path):
     """FSDP2 (fully_shard over gloo): sharded LoRA and optimizer state, DCP checkpoints; the run equals the
     DDP one, and a resume from the sharded checkpoint continues it."""
     run = tmp_path / "fsdp"
-    args = [*SMALL, "--train.batch-size", "4", "--dist.strategy", "fsdp"]
+    args = [*SMALL, "--train.batch-size", "4", "--train.steps-per-iter", "2", "--dist.strategy", "fsdp"]
     _torchrun("train.nft", 2, [*args, "--max-iters", "1", "--run-dir", str(run)])
     ck = common.latest_checkpoint(run)
     assert ck.name == "iter_000001.dcp" and (ck / "meta.pt").exists() and ck.is_dir()

@@ -24,6 +24,8 @@ SMALL = [
     "4",
     "--train.batch-size",
     "8",
+    "--train.steps-per-iter",
+    "1",
     "--eval.num-prompts",
     "6",
     "--eval.every",
@@ -186,7 +188,8 @@ def test_short_run_raises_the_reward(tmp_path):
     from the seed and the iteration), so the difference is the effect of the updates alone.  JPEG
     compressibility gives a dense signal from the first iteration, which keeps the run short.  Calibrated on
     the 4-block stage-1 checkpoint: a gain of 0.122 kB at lr 6e-3 (3e-3, the rate calibrated on the checkpoint
-    before it, gives 0.070 there); on the shipped 8-block model the gain is 0.174 kB."""
+    before it, gives 0.070 there); on the shipped 8-block model the gain is 0.174 kB.  Two optimizer steps
+    of 8 images per iteration, as when this was calibrated (a step per micro-batch of 8 until 2026-12-03)."""
     argv = [
         "--reward",
         "jpeg_compressibility",
@@ -196,6 +199,8 @@ def test_short_run_raises_the_reward(tmp_path):
         "4",
         "--train.batch-size",
         "8",
+        "--train.steps-per-iter",
+        "2",
         "--eval.num-prompts",
         "6",
         "--eval.every",
