@@ -109,10 +109,13 @@ def test_ratio_is_exactly_one_on_a_unet_ddim(tmp_path, tiny_sd_pipeline):
     assert trainer.solver == "ddim" and trainer.policy.denoiser.prediction_type == "epsilon"
     traj = trainer.rollout_and_reward(1)
     assert traj.states.shape[-3:] == (4, 8, 8)
-    assert traj.train_steps == (0, 1, 2)  # the last DDIM step (to alpha_bar_prev = 1) has std 0: not trained
+    # SD1.5's scheduler (set_alpha_to_one=False): the last DDIM step goes to alphas_cumprod[0] = 0.99915, has
+    # noise and is trained, as in ddpo-pytorch; every step is trained (timestep_fraction 1.0, its default)
+    assert traj.alpha_bars[-1].item() == pytest.approx(1 - 0.00085) and traj.train_steps == (0, 1, 2, 3)
+    assert trainer.cfg.train.timestep_fraction == 1.0
     adv, mask, _ = trainer.advantages(traj)
     stats = trainer.train_on(1, traj, adv, mask)
-    assert stats["ratio/first_count"] == len(traj) * 2 and stats["ratio/first_abs_dev"] == 0.0
+    assert stats["ratio/first_count"] == len(traj) * 4 and stats["ratio/first_abs_dev"] == 0.0
 
 
 # ---------------------------------------------------------------------------------------------- formulas
