@@ -188,6 +188,7 @@ class _StepFn:
         eta: float,
         latent_shape: tuple,
         noise_dtype,
+        cps_log_prob: str = "reference",
     ):
         self.denoiser = denoiser
         self.kind = kind
@@ -198,6 +199,7 @@ class _StepFn:
         self.eta = eta
         self.latent_shape = latent_shape
         self.noise_dtype = noise_dtype
+        self.cps_log_prob = cps_log_prob
 
     def _predict(self, x, timestep, inputs):
         cond = _cond_from_inputs("cond", self.cond_cls, inputs)
@@ -249,7 +251,13 @@ class _StepFn:
             )
         elif kind == "cps":
             x_next, log_prob, _, _ = kernels.cps_step(
-                x, pred, inputs["sigma"], inputs["sigma_next"], noise_level=self.noise_level, noise=noise
+                x,
+                pred,
+                inputs["sigma"],
+                inputs["sigma_next"],
+                noise_level=self.noise_level,
+                noise=noise,
+                log_prob_form=self.cps_log_prob,
             )
         elif kind == "ddim":
             x_next, log_prob, _, _ = kernels.ddim_step(
@@ -333,6 +341,8 @@ class RolloutEngine:
         return_trajectory: bool = False,
         return_log_probs: bool = False,
         sde_window: tuple[int, int] | None = None,
+        scheduler_config=None,
+        cps_log_prob: str = "reference",
     ) -> RolloutBatch:
         """Sample ``len(cond)`` latents with ``solver`` in ``num_steps`` steps (see :func:`rollout`)."""
         # ---------------------------------------------------------------- validation (host only)
@@ -388,12 +398,14 @@ class RolloutEngine:
         if sde_window is not None and solver not in STOCHASTIC_SOLVERS:
             raise ValueError(f"sde_window: expected a stochastic solver {STOCHASTIC_SOLVERS}, got {solver!r}")
         window = _check_window(sde_window, num_steps)
+        if cps_log_prob not in kernels.CPS_LOG_PROB_FORMS:
+            raise ValueError(f"cps_log_prob: expected 'reference' or 'gaussian', got {cps_log_prob!r}")
         seeds = sample_seeds(seed, batch)
         device = torch.device(device) if device is not None else cond.prompt_embeds.device
 
         # ---------------------------------------------------------------- schedule (host), then device rows
         if solver == "ddim":
-            ts_int, alpha_bars = ddim_alpha_bars(num_steps)
+            ts_int, alpha_bars = ddim_alpha_bars(num_steps, scheduler_config=scheduler_config)
             model_t = ts_int.to(torch.float32)
             sigmas_cpu = None
         else:
@@ -444,6 +456,7 @@ class RolloutEngine:
             float(guidance_scale) if use_cfg else None,
             float(noise_level),
             float(eta),
+            cps_log_prob,
         )
         step_fns = {}
         for kind in set(kinds):
@@ -457,6 +470,7 @@ class RolloutEngine:
                 eta=float(eta),
                 latent_shape=latent_shape,
                 noise_dtype=dtype,
+                cps_log_prob=cps_log_prob,
             )
 
         # ---------------------------------------------------------------- the loop (no host reads inside)
@@ -535,12 +549,18 @@ def rollout(
     return_trajectory: bool = False,
     return_log_probs: bool = False,
     sde_window: tuple[int, int] | None = None,
+    scheduler_config=None,
+    cps_log_prob: str = "reference",
     engine: RolloutEngine | None = None,
 ) -> RolloutBatch:
     """Sample ``len(cond)`` latents of ``latent_shape`` from ``denoiser`` (SPEC §0-§1) -> a RolloutBatch.
 
     Flow solvers use the SD3 schedule ``sd3_sigmas(num_steps, shift)`` or the given ``sigmas`` [N+1] (a
-    tensor passed as ``shift`` is taken as ``sigmas``); ``ddim`` uses the SD1.5 DDPM schedule, DDIM spacing.
+    tensor passed as ``shift`` is taken as ``sigmas``); ``ddim`` uses the DDIM schedule diffusers'
+    ``DDIMScheduler`` gives for the epsilon model's ``scheduler_config`` (None: SD1.5's;
+    ``engine.schedules.ddim_alpha_bars``), whose last step goes to the scheduler's ``final_alpha_cumprod``.
+    ``cps_log_prob``: ``"reference"`` (flow_grpo's ``-mean_dims (x' - mean)^2``, the default) or
+    ``"gaussian"`` (the Gaussian log-density) for the ``cps`` log-probs (``kernels.cps_step``).
     ``noise_level`` is the SDE's ``a`` (flow-sde, cps; ref default 0.7), ``eta`` DDIM's.
     ``guidance_scale != 1`` runs CFG with ``uncond`` batched into the same forward; scale 1 skips the uncond
     pass.  ``seed`` is an int or one int per sample (:func:`sample_seeds`).  ``sde_window=(start, end)``
@@ -566,4 +586,6 @@ def rollout(
         return_trajectory=return_trajectory,
         return_log_probs=return_log_probs,
         sde_window=sde_window,
+        scheduler_config=scheduler_config,
+        cps_log_prob=cps_log_prob,
     )

@@ -78,25 +78,75 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000, steps_offset
     return ts
 
 
-def ddim_alpha_bars(
-    num_steps: int,
-    *,
-    num_train_timesteps: int = 1000,
-    beta_start: float = 0.00085,
-    beta_end: float = 0.012,
-    steps_offset: int = 1,
-    final_alpha_bar: float = 1.0,
-    device=None,
-):
-    """SPEC §1 DDIM schedule -> ``(timesteps int64 [N], alpha_bars fp32 [N+1])``.
+# SD1.5's scheduler (runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json, a PNDMScheduler
+# config that DDIMScheduler.from_config reads, as ddpo-pytorch does): the DDIM schedule of an epsilon model
+# that ships no scheduler config.  ``set_alpha_to_one=False``: the last step goes to
+# ``alphas_cumprod[0] = 0.99915``.
+SD15_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
 
-    ``alpha_bars[i]`` is ``ab`` of the state entering step ``i`` and ``alpha_bars[i+1]`` its ``ab_prev``; the
-    last entry is ``final_alpha_bar`` (1.0: the last step lands on ``x0_hat``,
-    diffusers' ``set_alpha_to_one``; SD1.5's config uses ``alpha_bar[0]``).
+
+def ddim_alpha_bars(num_steps: int, *, scheduler_config=None, device=None):
+    """SPEC §1 DDIM schedule of an epsilon model -> ``(timesteps int64 [N], alpha_bars fp32 [N+1])``, computed
+    by diffusers: ``DDIMScheduler.from_config(scheduler_config).set_timesteps(N)``.
+
+    ``scheduler_config`` is the model's scheduler config (a dict, e.g. a pipeline's
+    ``scheduler/scheduler_config.json``; any diffusers DDPM-family config, as ddpo-pytorch builds its
+    ``DDIMScheduler`` from SD1.x's ``PNDMScheduler`` config), or a scheduler object (its config is used); None
+    is SD1.5's (:data:`SD15_SCHEDULER_CONFIG`).  ``alpha_bars[i]`` is ``alphas_cumprod`` at step ``i``'s
+    timestep and ``alpha_bars[i+1]`` its ``ab_prev``: ``alphas_cumprod[t - T // N]``, and for the last step
+    the scheduler's ``final_alpha_cumprod`` (``set_alpha_to_one=False``: ``alphas_cumprod[0]``, 0.99915 for
+    SD1.x, so the last step is stochastic under ``eta > 0`` and trained, as in ddpo-pytorch; ``True``: 1.0,
+    a deterministic last step landing on ``x0_hat``).
     """
-    ts = ddim_timesteps(num_steps, num_train_timesteps, steps_offset)
-    ab = ddpm_alpha_bars(num_train_timesteps, beta_start, beta_end)
-    if not 0 < final_alpha_bar <= 1:
-        raise ValueError(f"final_alpha_bar: expected a value in (0, 1], got {final_alpha_bar}")
-    out = torch.cat([ab[ts], torch.tensor([final_alpha_bar], dtype=torch.float32)])
+    from diffusers import DDIMScheduler
+
+    n = _check_num_steps(num_steps)
+    if scheduler_config is None:
+        config = dict(SD15_SCHEDULER_CONFIG)
+    elif hasattr(scheduler_config, "config") and not isinstance(scheduler_config, dict):
+        config = dict(scheduler_config.config)
+    elif isinstance(scheduler_config, dict):
+        config = dict(scheduler_config)
+    else:
+        raise ValueError(
+            f"scheduler_config: expected a diffusers scheduler config dict or scheduler, "
+            f"got {type(scheduler_config).__name__}"
+        )
+    sched = DDIMScheduler.from_config(config)
+    c = sched.config
+    if c.prediction_type != "epsilon":
+        raise ValueError(
+            f"scheduler_config: expected prediction_type 'epsilon' (the DDIM step predicts noise), "
+            f"got {c.prediction_type!r}"
+        )
+    if c.clip_sample or c.thresholding:
+        raise ValueError(
+            "scheduler_config: expected clip_sample=False and thresholding=False (the fused DDIM step does "
+            f"not clip x0_hat), got clip_sample={c.clip_sample}, thresholding={c.thresholding}"
+        )
+    if n > c.num_train_timesteps:
+        raise ValueError(f"num_steps: expected at most num_train_timesteps={c.num_train_timesteps}, got {n}")
+    sched.set_timesteps(n)
+    ts = sched.timesteps.to(torch.int64)
+    acp = sched.alphas_cumprod.to(torch.float32)
+    prev = ts - c.num_train_timesteps // n
+    if bool((ts[1:] != prev[:-1]).any()):
+        raise ValueError(
+            f"scheduler_config: expected timesteps {c.num_train_timesteps // n} apart (DDIM prev_timestep), "
+            f"got {ts.tolist()} with timestep_spacing {c.timestep_spacing!r}"
+        )
+    final = torch.tensor([float(sched.final_alpha_cumprod)], dtype=torch.float32)
+    last = acp[prev[-1]] if int(prev[-1]) >= 0 else final[0]
+    out = torch.cat([acp[ts], last.reshape(1)])
     return ts.to(device), out.to(device)

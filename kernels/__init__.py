@@ -53,6 +53,7 @@ __all__ = [
     "euler_step",
     "sde_step",
     "cps_step",
+    "CPS_LOG_PROB_FORMS",
     "ddim_step",
     "dpm2_step",
     "gaussian_log_prob",
@@ -207,24 +208,56 @@ def sde_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None
     )
 
 
-def _transition(x, v, p0, p1, p2, noise, prev_sample, kind, level):
+def _transition(x, v, p0, p1, p2, noise, prev_sample, kind, level, logp_mode=0):
     if noise is not None:
-        return _ops.transition_sample_op(x, v, p0, p1, p2, noise, kind, level)
-    log_prob, mean, std = _ops.transition_score_op(x, v, p0, p1, p2, prev_sample, kind, level)
+        return _ops.transition_sample_op(x, v, p0, p1, p2, noise, kind, level, logp_mode)
+    log_prob, mean, std = _ops.transition_score_op(x, v, p0, p1, p2, prev_sample, kind, level, logp_mode)
     return prev_sample, log_prob, mean, std
 
 
-def cps_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None, prev_sample=None):
-    """SPEC §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``."""
+CPS_LOG_PROB_FORMS = ("reference", "gaussian")
+
+
+def cps_step(
+    x,
+    v,
+    sigma,
+    sigma_next,
+    *,
+    noise_level,
+    sigma_max=None,
+    noise=None,
+    prev_sample=None,
+    log_prob_form="reference",
+):
+    """SPEC §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``.
+
+    ``log_prob_form="reference"`` (default): flow_grpo's ``sde_type='cps'`` log-prob
+    ``-mean_dims (prev - mean)^2`` (no variance, no constants), the scale CPS recipes tune their PPO clip
+    range for; ``"gaussian"``: the true Gaussian log-density ``mean_dims log N(prev; mean, std^2)``.  Either
+    form is 0 on a point mass (``std == 0``, the step to ``sigma_next == 0``).
+    """
     sigma, sigma_next = _solver_common(x, v, sigma, sigma_next)
     a = check_nonneg_number("noise_level", noise_level)
     check_noise_xor_prev(noise, prev_sample, x)
+    if log_prob_form not in CPS_LOG_PROB_FORMS:
+        raise ValueError(f"log_prob_form: expected 'reference' or 'gaussian', got {log_prob_form!r}")
     if _triton(x):
         _no_grad_to(sigma=sigma, sigma_next=sigma_next)
+        mode = _ops.LOGP_SQUARED if log_prob_form == "reference" else _ops.LOGP_GAUSSIAN
         return _transition(
-            x, v, sigma, sigma_next, sigma, noise, prev_sample, _ops.KIND_CPS, _ops.cps_level(a)
+            x, v, sigma, sigma_next, sigma, noise, prev_sample, _ops.KIND_CPS, _ops.cps_level(a), mode
         )
-    return reference.cps_step(x, v, sigma, sigma_next, noise_level=a, noise=noise, prev_sample=prev_sample)
+    return reference.cps_step(
+        x,
+        v,
+        sigma,
+        sigma_next,
+        noise_level=a,
+        noise=noise,
+        prev_sample=prev_sample,
+        log_prob_form=log_prob_form,
+    )
 
 
 def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample=None):

@@ -130,14 +130,20 @@ def euler_step(x, v, sigma, sigma_next):
     return (x.float() + dt * v.float()).to(x.dtype)
 
 
-def _transition(x, mean, std, noise, prev_sample):
-    """Sample (or take the given) next state, round it to storage, and score it under N(mean, std^2)."""
+def _transition(x, mean, std, noise, prev_sample, log_prob_form="gaussian"):
+    """Sample (or take the given) next state, round it to storage, and score it: under N(mean, std^2)
+    (``"gaussian"``) or as ``-mean_dims (prev - mean)^2`` (``"reference"``, flow_grpo's CPS log-prob); both 0
+    where ``std == 0`` (a point mass)."""
     stdc = _col(std, x.ndim)
     if prev_sample is None:
         prev = (mean + stdc * noise.float()).to(x.dtype)
     else:
         prev = prev_sample
-    log_prob = gaussian_log_prob(prev, mean, std, reduce="mean")
+    if log_prob_form == "gaussian":
+        log_prob = gaussian_log_prob(prev, mean, std, reduce="mean")
+    else:
+        sq = -_reduce_rows((prev.float() - mean) ** 2, "mean")
+        log_prob = torch.where(std == 0, torch.zeros_like(sq), sq)
     return prev, log_prob, mean, std
 
 
@@ -166,11 +172,24 @@ def sde_step(x, v, sigma, sigma_next, *, noise_level, sigma_max, noise=None, pre
     return _transition(x, mean, std, noise, prev_sample)
 
 
-def cps_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None, prev_sample=None):
+def cps_step(
+    x,
+    v,
+    sigma,
+    sigma_next,
+    *,
+    noise_level,
+    sigma_max=None,
+    noise=None,
+    prev_sample=None,
+    log_prob_form="reference",
+):
     """SPEC §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``.
 
     ``std = sigma_next sin(a pi / 2)``; ``x0_hat = x - sigma v``; ``x1_hat = x + (1 - sigma) v``;
     ``mean = x0_hat (1 - sigma_next) + x1_hat sqrt(sigma_next^2 - std^2)``.  ``sigma_max`` is unused.
+    ``log_prob_form``: ``"reference"`` ``-mean_dims (prev - mean)^2`` (flow_grpo's ``sde_type='cps'``) or
+    ``"gaussian"`` (the Gaussian log-density).
     """
     nd = x.ndim
     std = sigma_next * math.sin(noise_level * math.pi / 2.0)
@@ -180,7 +199,7 @@ def cps_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None
     x1_hat = xf + (1.0 - s) * vf
     coef = torch.sqrt(torch.clamp_min(sigma_next**2 - std**2, 0.0))
     mean = x0_hat * (1.0 - sn) + x1_hat * _col(coef, nd)
-    return _transition(x, mean, std, noise, prev_sample)
+    return _transition(x, mean, std, noise, prev_sample, log_prob_form)
 
 
 def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample=None):

@@ -59,12 +59,19 @@ class DDPOSampleConfig(PGSampleConfig):
 
 @dataclass
 class DDPOTrainConfig(PGTrainConfig):
+    """Defaults: ddpo-pytorch's (kvablack/ddpo-pytorch@1958463f config/base.py): every step trained
+    (timestep_fraction 1.0), PPO clip 1e-4, advantages clipped to 5, per-prompt statistics with a buffer of 16
+    rewards and a minimum count of 16, AdamW lr 3e-4 / wd 1e-4, grad clip 1.0, one inner epoch."""
+
     loss: str = field(default="is", metadata={"help": "is (DDPO-IS, PPO clip per step) or sf (DDPO-SF)"})
     kl_beta: float = field(
         default=0.0, metadata={"help": "DPOK: beta of sum_t KL(p_theta || p_ref) (0: off)"}
     )
+    timestep_fraction: float = field(
+        default=1.0, metadata={"help": "fraction of the SDE steps trained per sample (ddpo-pytorch: all)"}
+    )
     per_prompt_stats: bool = field(default=True, metadata={"help": "per-prompt reward statistics baseline"})
-    stat_buffer: int = field(default=32, metadata={"help": "rewards kept per prompt"})
+    stat_buffer: int = field(default=16, metadata={"help": "rewards kept per prompt"})
     stat_min_count: int = field(default=16, metadata={"help": "rewards a prompt needs before its own stats"})
 
 
@@ -78,10 +85,15 @@ def preset_tiny() -> DDPOConfig:
     """DDPO-IS on the embedded default: 16 prompts x 8 images per iteration, 10 ``cps`` SDE steps, 20 ODE
     steps for evaluation; two optimizer steps of 64 samples per iteration, lr 1e-3, clip 1e-3 (the settings
     of train.grpo's tiny preset, where cps rather than flow-sde rollouts is what moved the held-out score).
-    The per-prompt statistics need 8 rewards (one iteration's group of a prompt) instead of 16: with 16, a
-    prompt's first group is scored against the whole batch, which mixes easy and hard task types, and on
-    ``--tasks counting,two_object`` 10 iterations went 0.281 -> 0.250; with 8, 0.281 -> 0.438
-    (tests/train/test_pg_heldout.py)."""
+
+    Deliberate differences from ddpo-pytorch's config/base.py, for a CPU budget: lr 1e-3 and clip 1e-3
+    (reference 3e-4 and 1e-4: too slow to move anything in 10 iterations here), and the per-prompt statistics
+    need 8 rewards (one iteration's group of a prompt) instead of 16: with 16, a prompt's first group is
+    scored against the whole batch, which mixes easy and hard task types, and on ``--tasks
+    counting,two_object`` 10 iterations went 0.281 -> 0.250; with 8, 0.281 -> 0.438 (tests/train/
+    test_pg_heldout.py, measured with a 32-reward buffer and the Gaussian cps log-prob; 0.281 -> 0.359 with
+    the reference's buffer of 16, every step trained and flow_grpo's cps log-prob).  The buffer (16), the
+    timestep fraction (1.0: every step with noise) and the advantage clip (5) are the reference's."""
     cfg = apply_tiny_settings(DDPOConfig())
     cfg.train.stat_min_count = cfg.sample.images_per_prompt
     return cfg
@@ -97,8 +109,11 @@ def preset_dpok() -> DDPOConfig:
 
 
 def preset_sd15() -> DDPOConfig:
-    """DDPO's SD1.5 recipe (pass an SD1.5-style directory with --model): DDIM 50 steps, eta 1, CFG 5,
-    LoRA r 4, lr 3e-4, clip 1e-4, advantages clipped to 5, 512 px."""
+    """DDPO's SD1.5 recipe (pass an SD1.5-style directory with --model; kvablack/ddpo-pytorch@1958463f
+    config/base.py and config/dgx.py ``compressibility``): DDIM 50 steps (the model's scheduler config, last
+    step to its ``final_alpha_cumprod``), eta 1, CFG 5 at rollout and training, every step trained, 256
+    samples per iteration in 4 optimizer steps of 64, LoRA r 4, lr 3e-4, clip 1e-4, advantages clipped to 5,
+    per-prompt statistics (buffer 16, min count 16), 512 px."""
     cfg = DDPOConfig(preset="sd1.5", reward="jpeg_compressibility", max_iters=100)
     cfg.models = ModelConfig(dtype="float16", lora_rank=4, lora_alpha=4.0, resolution=512)
     cfg.sample = DDPOSampleConfig(
@@ -111,7 +126,7 @@ def preset_sd15() -> DDPOConfig:
         rollout_batch=16,
         forward_chunk=8,
     )
-    cfg.train = DDPOTrainConfig(lr=3e-4, batch_size=8, grad_accum=32, clip_range=1e-4, adv_clip_max=5.0)
+    cfg.train = DDPOTrainConfig(lr=3e-4, batch_size=8, grad_accum=8, clip_range=1e-4, adv_clip_max=5.0)
     cfg.eval = EvalConfig(every=10, num_steps=50, cfg_scale=5.0)
     return cfg
 
@@ -153,7 +168,7 @@ class DDPOTrainer(PolicyGradientTrainer):
             adv = self.stats.update(texts, traj.rewards)
         else:
             r = traj.rewards.float()
-            adv = (r - r.mean()) / (r.std(unbiased=False) + 1e-6)
+            adv = (r - r.mean()) / (r.std(unbiased=False) + 1e-8)  # ddpo-pytorch scripts/train.py
         adv = adv.clamp(-tc.adv_clip_max, tc.adv_clip_max)
         mask = torch.ones(len(traj), dtype=torch.bool)
         return (

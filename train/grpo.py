@@ -11,8 +11,13 @@ Per iteration:
      groups whose rewards are all equal carry no signal and are masked out;
   4. for each sample a random ``timestep_fraction`` of its SDE steps, re-scored with the trainable adapter:
      ``ratio = exp(logp - logp_old)``, ``policy = mean_b max(-A ratio, -A clamp(ratio, 1 - eps, 1 + eps))``,
-     ``KL = mean_b[mean_dims (mean_theta - mean_ref)^2 / (2 std_t^2)]`` (reference = adapters disabled),
+     ``KL = mean_b[mean_dims (mean_theta - mean_ref)^2 / (2 std_t^2)]`` (reference = adapters disabled) with
+     ``std_t`` flow_grpo's ``std_dev_t`` (flow-sde: ``a sqrt(sigma / (1 - sigma))``, without the step's
+     ``sqrt(-dt)``; cps: ``sigma_next sin(a pi / 2)``), so ``kl_beta`` means what it means in flow_grpo
+     (``--train.kl-form gaussian``: the exact KL of the two step Gaussians instead);
      ``loss = policy + kl_beta KL`` per step, averaged over the trained steps; AdamW with gradient clipping;
+     cps log-probs are flow_grpo's ``-mean_dims (x' - mean)^2`` (``--sample.cps-log-prob gaussian``: the
+     Gaussian log-density), the scale its clip range is tuned for;
   5. eval EMA, evaluation (ODE, more steps), sample grid, checkpoint.
 ``ratio/first_abs_dev`` (``max |ratio - 1|`` before the first update) is 0 exactly: rollout and training
 evaluate the denoiser in the same fixed-size chunks (``engine.BatchInvariantDenoiser``).
@@ -48,6 +53,12 @@ from .policy_gradient import (
 class GRPOTrainConfig(PGTrainConfig):
     kl_beta: float = field(
         default=0.04, metadata={"help": "KL-to-reference coefficient (0.04 GenEval/OCR, 0.01 PickScore)"}
+    )
+    kl_form: str = field(
+        default="reference",
+        metadata={
+            "help": "KL scale: reference (flow_grpo: / 2 std_dev_t^2, no sqrt(-dt)) or gaussian (step KL)"
+        },
     )
 
 
@@ -103,6 +114,8 @@ PRESETS = {"tiny": preset_tiny, "sd3.5-m": preset_sd35m, "sd3.5-m-fast": preset_
 def validate(cfg: GRPOConfig) -> None:
     if cfg.sample.solver not in ("flow-sde", "cps"):
         raise ConfigError(f"--sample.solver: expected flow-sde or cps (Flow-GRPO), got {cfg.sample.solver!r}")
+    if cfg.train.kl_form not in ("reference", "gaussian"):
+        raise ConfigError(f"--train.kl-form: expected reference or gaussian, got {cfg.train.kl_form!r}")
     validate_common(cfg)
 
 
@@ -122,13 +135,15 @@ class GRPOTrainer(PolicyGradientTrainer):
         )
 
     def step_loss(self, score: StepScore, old_log_prob, adv, n_steps: int):
-        """SPEC §3 per trained step: ``(policy + kl_beta KL) / n_steps``."""
+        """SPEC §3 per trained step: ``(policy + kl_beta KL) / n_steps``; the KL divides by flow_grpo's
+        ``2 std_dev_t^2`` (``--train.kl-form reference``) or the step's variance (``gaussian``)."""
         tc = self.cfg.train
         policy, ratio = ppo_clip_loss(score.log_prob, old_log_prob, adv, tc.clip_range)
         loss = policy
         parts = {"ratio": ratio.detach(), "policy": policy.detach()}
         if tc.kl_beta > 0:
-            kl = flow_grpo_kl(score.mean, score.mean_ref, score.std).mean()
+            std = score.std_dev_t if tc.kl_form == "reference" else score.std
+            kl = flow_grpo_kl(score.mean, score.mean_ref, std).mean()
             loss = loss + tc.kl_beta * kl
             parts["kl"] = kl.detach()
         return loss / n_steps, parts

@@ -275,6 +275,8 @@ class Policy:
             seed=[int(s) for s in seeds],
             dtype=self.dtype,
             device=self.device,
+            # an epsilon model's DDIM schedule from its scheduler config (engine.schedules.ddim_alpha_bars)
+            scheduler_config=getattr(self, "scheduler_config", None) if solver == "ddim" else None,
         )
         return out.x0
 

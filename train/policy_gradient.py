@@ -64,6 +64,12 @@ class PGSampleConfig:
     num_steps: int = field(default=10, metadata={"help": "sampler steps per training rollout"})
     shift: float = field(default=3.0, metadata={"help": "SD3 sigma-schedule shift"})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (flow-sde / cps)"})
+    cps_log_prob: str = field(
+        default="reference",
+        metadata={
+            "help": "cps log-prob: reference (flow_grpo's -mean (x' - mean)^2) or gaussian (Gaussian density)"
+        },
+    )
     eta: float = field(default=1.0, metadata={"help": "DDIM eta (ddim solver; 0 has no policy gradient)"})
     guidance_scale: float = field(
         default=1.0, metadata={"help": "CFG scale at rollout and training (1: none)"}
@@ -142,6 +148,8 @@ def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
                 f"--sample.sde-window: expected start,end with 0 <= start < end <= --sample.num-steps "
                 f"({sc.num_steps}), got {','.join(map(str, sc.sde_window))}"
             )
+    if sc.cps_log_prob not in kernels.CPS_LOG_PROB_FORMS:
+        raise ConfigError(f"--sample.cps-log-prob: expected reference or gaussian, got {sc.cps_log_prob!r}")
     if sc.noise_level <= 0 and sc.solver in FLOW_SOLVERS:
         raise ConfigError(f"--sample.noise-level: expected a value > 0 (an SDE), got {sc.noise_level}")
     if sc.eta <= 0 and sc.solver in ("ddim", "auto"):
@@ -201,6 +209,7 @@ class Trajectories:
     rewards: torch.Tensor
     reward_components: dict
     plan: object = None  # the IterationPlan these (local) rollouts belong to (train.distributed)
+    cps_log_prob: str = "reference"  # the cps log-prob form of ``log_probs`` (kernels.cps_step)
 
     def __len__(self) -> int:
         return self.states.shape[0]
@@ -219,15 +228,30 @@ class GroupBatch:
         return len(self.prompts)
 
 
-def _transition(solver, x, pred, p0, p1, *, noise_level, eta, sigma_max, prev_sample):
+def _transition(
+    solver, x, pred, p0, p1, *, noise_level, eta, sigma_max, prev_sample, cps_log_prob="reference"
+):
     """The rollout's SDE step (SPEC §1) re-scored at ``prev_sample`` -> ``(_, log_prob, mean, std)``."""
     if solver == "flow-sde":
         return kernels.sde_step(
             x, pred, p0, p1, noise_level=noise_level, sigma_max=sigma_max, prev_sample=prev_sample
         )
     if solver == "cps":
-        return kernels.cps_step(x, pred, p0, p1, noise_level=noise_level, prev_sample=prev_sample)
+        return kernels.cps_step(
+            x, pred, p0, p1, noise_level=noise_level, prev_sample=prev_sample, log_prob_form=cps_log_prob
+        )
     return kernels.ddim_step(x, pred, p0, p1, eta=eta, prev_sample=prev_sample)
+
+
+def reference_std_dev_t(solver, p0, p1, *, noise_level, sigma_max=None, std=None):
+    """flow_grpo's ``std_dev_t`` of a step ``[b]`` (yifan123/flow_grpo@54809b5f
+    flow_grpo/diffusers_patch/sd3_sde_with_logprob.py): flow-sde ``a sqrt(sigma / (1 - sigma'))`` with
+    ``sigma' = sigma_max`` where ``sigma == 1``, WITHOUT the step's ``sqrt(-dt)`` (SPEC §3); cps
+    ``sigma_next sin(a pi / 2)``, the transition's own std (``std``, as ddim's)."""
+    if solver == "flow-sde":
+        smax = sigma_max if sigma_max is not None else torch.zeros_like(p0)
+        return kernels.reference.sde_std(p0.float(), p1.float(), float(noise_level), smax.float())
+    return std
 
 
 def _schedule(traj_or_batch, steps: torch.Tensor):
@@ -237,8 +261,9 @@ def _schedule(traj_or_batch, steps: torch.Tensor):
 
 
 def _stochastic_steps(batch, sde_steps) -> tuple[int, ...]:
-    """The SDE steps whose transition std is > 0 (DDIM's last step to ``ab_prev = 1`` and CPS's last step to
-    ``sigma_next = 0`` are deterministic: no density, no gradient)."""
+    """The SDE steps whose transition std is > 0 (CPS's last step to ``sigma_next = 0``, and DDIM's last step
+    where the scheduler's ``final_alpha_cumprod`` is 1, are deterministic: no density, no gradient; SD1.x's
+    DDIM last step, to ``alphas_cumprod[0]``, is stochastic and trained, as in ddpo-pytorch)."""
     keep = []
     for i in sde_steps:
         step = torch.tensor([i], device=batch.x0.device)
@@ -303,6 +328,8 @@ def collect_rollouts(
                 return_trajectory=True,
                 return_log_probs=True,
                 sde_window=window,
+                scheduler_config=getattr(policy, "scheduler_config", None) if solver == "ddim" else None,
+                cps_log_prob=sc.cps_log_prob,
             )
             states.append(last.trajectory)
             log_probs.append(last.log_probs)
@@ -329,18 +356,21 @@ def collect_rollouts(
         train_steps=_stochastic_steps(last, last.sde_steps),
         rewards=rewards,
         reward_components=components,
+        cps_log_prob=sc.cps_log_prob,
     )
 
 
 @dataclass
 class StepScore:
-    """A re-scored transition: ``log_prob [b]`` (differentiable), ``mean`` fp32 ``[b, ...]``, ``std [b]``,
-    and ``mean_ref`` (adapters disabled, no grad) when asked for."""
+    """A re-scored transition: ``log_prob [b]`` (differentiable), ``mean`` fp32 ``[b, ...]``, ``std [b]`` (the
+    transition's), ``std_dev_t [b]`` (flow_grpo's, :func:`reference_std_dev_t`) and ``mean_ref`` (adapters
+    disabled, no grad) when asked for."""
 
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
     mean_ref: torch.Tensor | None = None
+    std_dev_t: torch.Tensor | None = None
 
 
 def score_steps(
@@ -361,7 +391,13 @@ def score_steps(
     sigma_max = (
         torch.full((len(rows),), traj.sigma_max, dtype=torch.float32, device=dev) if traj.sigma_max else None
     )
-    kw = dict(noise_level=traj.noise_level, eta=traj.eta, sigma_max=sigma_max, prev_sample=prev)
+    kw = dict(
+        noise_level=traj.noise_level,
+        eta=traj.eta,
+        sigma_max=sigma_max,
+        prev_sample=prev,
+        cps_log_prob=traj.cps_log_prob,
+    )
 
     def predict(denoiser):
         return guided_prediction(
@@ -376,7 +412,10 @@ def score_steps(
     if with_ref:
         with torch.no_grad(), policy.adapters_disabled():
             _, _, mean_ref, _ = _transition(traj.solver, x, predict(policy.denoiser), p0, p1, **kw)
-    return StepScore(log_prob=log_prob, mean=mean, std=std, mean_ref=mean_ref)
+    std_dev_t = reference_std_dev_t(
+        traj.solver, p0, p1, noise_level=traj.noise_level, sigma_max=sigma_max, std=std
+    )
+    return StepScore(log_prob=log_prob, mean=mean, std=std, mean_ref=mean_ref, std_dev_t=std_dev_t)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -397,8 +436,14 @@ def reinforce_loss(log_prob, advantages):
 
 
 def flow_grpo_kl(mean, mean_ref, std):
-    """SPEC §3 closed-form KL of two SDE transitions with the same std, per sample ``[b]``:
-    ``mean_dims (mean_theta - mean_ref)^2 / (2 std_t^2)`` (``std_t`` the transition's std)."""
+    """SPEC §3 KL term per sample ``[b]``: ``mean_dims (mean_theta - mean_ref)^2 / (2 std^2)``.
+
+    With ``std`` flow_grpo's ``std_dev_t`` (:attr:`StepScore.std_dev_t`; yifan123/flow_grpo@ac4c86e8
+    scripts/train_sd3.py: ``((prev_sample_mean - prev_sample_mean_ref) ** 2).mean(dim=(1,2,3), keepdim=True)
+    / (2 * std_dev_t ** 2)``) it is the reference's KL, on the scale its ``kl_beta`` values are tuned for;
+    with the transition's std (:attr:`StepScore.std`, ``std_t sqrt(-dt)`` for flow-sde) it is the exact KL of
+    the two step Gaussians (``--train.kl-form gaussian``).  For cps both stds are ``sigma_next sin(a pi/2)``.
+    """
     diff = (mean.float() - mean_ref.float()).flatten(1)
     return (diff**2).mean(1) / (2.0 * std.float() ** 2)
 

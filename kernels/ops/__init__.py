@@ -10,7 +10,16 @@ from .elementwise import dpm2_step_op, euler_step_op, interpolate_op, paired_int
 from .gaussian import gaussian_kl_op, gaussian_log_prob_op
 from .nft import nft_loss_op
 from .random import randn_op
-from .transition import KIND_CPS, KIND_DDIM, KIND_SDE, cps_level, transition_sample_op, transition_score_op
+from .transition import (
+    KIND_CPS,
+    KIND_DDIM,
+    KIND_SDE,
+    LOGP_GAUSSIAN,
+    LOGP_SQUARED,
+    cps_level,
+    transition_sample_op,
+    transition_score_op,
+)
 
 __all__ = [
     "interpolate_op",
@@ -23,6 +32,8 @@ __all__ = [
     "KIND_SDE",
     "KIND_CPS",
     "KIND_DDIM",
+    "LOGP_GAUSSIAN",
+    "LOGP_SQUARED",
     "cps_level",
     "gaussian_log_prob_op",
     "gaussian_kl_op",

@@ -17,9 +17,14 @@ computed in-kernel from ``[B]`` fp32 buffers ``(p0, p1, p2)`` and one float ``le
   ``A = sqrt(ab_prev / ab_t)``, ``C = dir - sqrt(ab_prev) sqrt(1 - ab_t) / sqrt(ab_t)``.
 
 Two modes: *sample* (rollout: ``noise`` given; ``prev = round_to_dtype(mean + S noise)``) and *score*
-(training: the stored ``prev_sample`` given).  Either way the log-prob is taken of the state *as stored*:
-``log_prob = mean_dims[-(prev - mean)^2 / (2 S^2)] - log S - log sqrt(2 pi)`` (0 where ``S == 0``), reduced
-per row with the fixed two-stage order of ``_common``, so rollout and training give the same bits.
+(training: the stored ``prev_sample`` given).  Either way the log-prob is taken of the state *as stored*,
+reduced per row with the fixed two-stage order of ``_common``, so rollout and training give the same bits.
+Two log-prob forms (``LOGP``, a ``tl.constexpr``; 0 where ``S == 0``, a point mass, in both):
+
+* ``LOGP_GAUSSIAN``: the Gaussian log-density
+  ``mean_dims[-(prev - mean)^2 / (2 S^2)] - log S - log sqrt(2 pi)`` (SDE and DDIM always; CPS on request);
+* ``LOGP_SQUARED``: ``-mean_dims (prev - mean)^2``, no variance, no constants: flow_grpo's ``sde_type='cps'``
+  log-prob (SPEC §1), the default of CPS.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from ._common import (
 
 _NS = "nft_kernels"
 KIND_SDE, KIND_CPS, KIND_DDIM = 0, 1, 2
+LOGP_GAUSSIAN, LOGP_SQUARED = 0, 1
 
 
 @triton.jit
@@ -149,6 +155,7 @@ def _transition_reduce_kernel(
     NCHUNK,
     level,
     KIND: tl.constexpr,
+    LOGP: tl.constexpr,
     LOG_SQRT_2PI: tl.constexpr,
     NITER: tl.constexpr,
     PBLOCK: tl.constexpr,
@@ -158,8 +165,11 @@ def _transition_reduce_kernel(
     _, _, std = _coefs(p0_ptr, p1_ptr, p2_ptr, row, level, KIND)
     sumsq = row_sum(part_ptr + row * NCHUNK, NCHUNK, NITER, PBLOCK)
     point = std == 0.0
-    s = tl.where(point, 1.0, std)
-    logp = -sumsq / (2.0 * s * s * N) - tl.log(s) - LOG_SQRT_2PI
+    if LOGP == 0:
+        s = tl.where(point, 1.0, std)
+        logp = -sumsq / (2.0 * s * s * N) - tl.log(s) - LOG_SQRT_2PI
+    else:
+        logp = -sumsq / N
     tl.store(logp_ptr + row, tl.where(point, 0.0, logp))
     tl.store(std_ptr + row, std)
 
@@ -181,6 +191,7 @@ def _transition_bwd_kernel(
     N,
     level,
     KIND: tl.constexpr,
+    LOGP: tl.constexpr,
     SAMPLE: tl.constexpr,
     HAS_GPREV: tl.constexpr,
     HAS_GLOGP: tl.constexpr,
@@ -205,13 +216,16 @@ def _transition_bwd_kernel(
     g_prev = tl.zeros([BLOCK], dtype=tl.float32)
     if HAS_GPREV:
         g_prev += tl.load(gprev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    # lp_coef = g_logp / (S^2 N): log_prob's gradient is -lp_coef (prev - mean) w.r.t. prev and
-    # +lp_coef (prev - mean) w.r.t. mean; a point mass (S == 0) has none.  NEED_DIFF: load prev / mean
-    # only where that is used.
+    # lp_coef = g_logp / (S^2 N) (Gaussian) or 2 g_logp / N (squared): log_prob's gradient is
+    # -lp_coef (prev - mean) w.r.t. prev and +lp_coef (prev - mean) w.r.t. mean; a point mass (S == 0) has
+    # none.  NEED_DIFF: load prev / mean only where that is used.
     lp_coef = 0.0
     if HAS_GLOGP:
-        s = tl.where(std == 0.0, 1.0, std)
-        lp_coef = tl.where(std == 0.0, 0.0, tl.load(glogp_ptr + row) / (s * s * N))
+        if LOGP == 0:
+            s = tl.where(std == 0.0, 1.0, std)
+            lp_coef = tl.where(std == 0.0, 0.0, tl.load(glogp_ptr + row) / (s * s * N))
+        else:
+            lp_coef = tl.where(std == 0.0, 0.0, 2.0 * tl.load(glogp_ptr + row) / N)
     diff = tl.zeros([BLOCK], dtype=tl.float32)
     if NEED_DIFF:
         prev_f = tl.load(prev_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -234,7 +248,7 @@ def _transition_bwd_kernel(
         tl.store(gv_ptr + offs, (c_coef * g_total).to(gv_ptr.dtype.element_ty), mask=mask)
 
 
-def transition_forward(x, v, p0, p1, p2, z, prev_sample, kind, level):
+def transition_forward(x, v, p0, p1, p2, z, prev_sample, kind, level, logp_mode=LOGP_GAUSSIAN):
     """Launch both stages -> ``(prev, log_prob [B], mean fp32, std [B])``; ``prev`` is None in score mode."""
     x, v, z, prev_sample = contig(x), contig(v), contig(z), contig(prev_sample)
     sample = z is not None
@@ -264,6 +278,7 @@ def transition_forward(x, v, p0, p1, p2, z, prev_sample, kind, level):
             nck,
             float(level),
             KIND=kind,
+            LOGP=logp_mode,
             SAMPLE=sample,
             CHUNK=CHUNK,
             BLOCK=BLOCK,
@@ -285,6 +300,7 @@ def transition_forward(x, v, p0, p1, p2, z, prev_sample, kind, level):
         max(nck, 1),
         float(level),
         KIND=kind,
+        LOGP=logp_mode,
         LOG_SQRT_2PI=LOG_SQRT_2PI,
         NITER=n_iter(nck),
         PBLOCK=PBLOCK,
@@ -304,6 +320,7 @@ def transition_backward(
     p2,
     kind,
     level,
+    logp_mode,
     sample,
     need_xv,
     need_z,
@@ -335,6 +352,7 @@ def transition_backward(
             n,
             float(level),
             KIND=kind,
+            LOGP=logp_mode,
             SAMPLE=sample,
             HAS_GPREV=g_prev is not None,
             HAS_GLOGP=g_logp is not None,
@@ -362,12 +380,13 @@ def transition_sample_op(
     noise: torch.Tensor,
     kind: int,
     level: float,
+    logp_mode: int = LOGP_GAUSSIAN,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return transition_forward(x, v, p0, p1, p2, noise, None, kind, level)
+    return transition_forward(x, v, p0, p1, p2, noise, None, kind, level, logp_mode)
 
 
 @transition_sample_op.register_fake
-def _(x, v, p0, p1, p2, noise, kind, level):
+def _(x, v, p0, p1, p2, noise, kind, level, logp_mode=LOGP_GAUSSIAN):
     b = x.shape[0]
     return (
         x.new_empty(x.shape),
@@ -387,13 +406,14 @@ def transition_score_op(
     prev_sample: torch.Tensor,
     kind: int,
     level: float,
+    logp_mode: int = LOGP_GAUSSIAN,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, logp, mean, std = transition_forward(x, v, p0, p1, p2, None, prev_sample, kind, level)
+    _, logp, mean, std = transition_forward(x, v, p0, p1, p2, None, prev_sample, kind, level, logp_mode)
     return logp, mean, std
 
 
 @transition_score_op.register_fake
-def _(x, v, p0, p1, p2, prev_sample, kind, level):
+def _(x, v, p0, p1, p2, prev_sample, kind, level, logp_mode=LOGP_GAUSSIAN):
     b = x.shape[0]
     return (
         x.new_empty((b,), dtype=torch.float32),
@@ -414,6 +434,7 @@ def transition_backward_op(
     p2: torch.Tensor,
     kind: int,
     level: float,
+    logp_mode: int,
     sample: bool,
     need_xv: bool,
     need_z: bool,
@@ -432,6 +453,7 @@ def transition_backward_op(
         p2,
         kind,
         level,
+        logp_mode,
         sample,
         need_xv,
         need_z,
@@ -453,6 +475,7 @@ def _(
     p2,
     kind,
     level,
+    logp_mode,
     sample,
     need_xv,
     need_z,
@@ -470,36 +493,36 @@ def _(
 
 _BACKWARD_DOC = """Hand-derived backward of a Gaussian transition (see the module docstring for A, C, S).
 
-    ``mean = A x + C v``; ``d = prev - mean``; ``log_prob = -sum(d^2) / (2 S^2 N) - log S - log sqrt(2 pi)``,
-    so ``d log_prob / d prev = -d / (S^2 N)`` and ``d log_prob / d mean = +d / (S^2 N)``
-    (both 0 where S == 0).
+    ``mean = A x + C v``; ``d = prev - mean``; ``log_prob = -sum(d^2) / (2 S^2 N) - log S - log sqrt(2 pi)``
+    (Gaussian form; ``k = 1 / (S^2 N)``) or ``-sum(d^2) / N`` (squared form; ``k = 2 / N``),
+    so ``d log_prob / d prev = -k d`` and ``d log_prob / d mean = +k d`` (both 0 where S == 0).
 
     sample mode (``prev = mean + S noise``, rounding to the storage dtype passed straight through):
         ``G = g_mean + g_prev`` (log_prob's two paths through mean cancel),
-        ``dL/dnoise = S g_prev - g_logp S d / (S^2 N)``.
+        ``dL/dnoise = S g_prev - g_logp S k d``.
     score mode (``prev`` is the input ``prev_sample``):
-        ``G = g_mean + g_logp d / (S^2 N)``, ``dL/dprev_sample = -g_logp d / (S^2 N)``.
+        ``G = g_mean + g_logp k d``, ``dL/dprev_sample = -g_logp k d``.
     Both: ``dL/dx = A G``, ``dL/dv = C G``.  ``std`` depends only on the per-sample scalars (no grad here).
 """
 
 
 def _sample_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused output's grad stays None: no zero tensor to read
-    x, v, p0, p1, p2, noise, kind, level = inputs
+    x, v, p0, p1, p2, noise, kind, level, *mode = inputs
     prev, _, mean, _ = output
     ctx.save_for_backward(prev, mean, p0, p1, p2)
-    ctx.meta = (kind, level, x.dtype, v.dtype, noise.dtype)
+    ctx.meta = (kind, level, mode[0] if mode else LOGP_GAUSSIAN, x.dtype, v.dtype, noise.dtype)
 
 
 def _sample_backward(ctx, g_prev, g_logp, g_mean, g_std):
     if g_prev is None and g_logp is None and g_mean is None:
-        return (None,) * 8
+        return (None,) * 9
     prev, mean, p0, p1, p2 = ctx.saved_tensors
-    kind, level, dx, dv, dz = ctx.meta
+    kind, level, mode, dx, dv, dz = ctx.meta
     need_xv = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
     need_z = ctx.needs_input_grad[5]
     gx, gv, gz = transition_backward_op(
-        prev, mean, g_prev, g_logp, g_mean, p0, p1, p2, kind, level, True, need_xv, need_z, dx, dv, dz
+        prev, mean, g_prev, g_logp, g_mean, p0, p1, p2, kind, level, mode, True, need_xv, need_z, dx, dv, dz
     )
     return (
         gx if need_xv else None,
@@ -508,6 +531,7 @@ def _sample_backward(ctx, g_prev, g_logp, g_mean, g_std):
         None,
         None,
         gz if need_z else None,
+        None,
         None,
         None,
     )
@@ -518,21 +542,21 @@ _sample_backward.__doc__ = _BACKWARD_DOC
 
 def _score_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused output's grad stays None: no zero tensor to read
-    x, v, p0, p1, p2, prev_sample, kind, level = inputs
+    x, v, p0, p1, p2, prev_sample, kind, level, *mode = inputs
     _, mean, _ = output
     ctx.save_for_backward(prev_sample, mean, p0, p1, p2)
-    ctx.meta = (kind, level, x.dtype, v.dtype, prev_sample.dtype)
+    ctx.meta = (kind, level, mode[0] if mode else LOGP_GAUSSIAN, x.dtype, v.dtype, prev_sample.dtype)
 
 
 def _score_backward(ctx, g_logp, g_mean, g_std):
     if g_logp is None and g_mean is None:
-        return (None,) * 8
+        return (None,) * 9
     prev, mean, p0, p1, p2 = ctx.saved_tensors
-    kind, level, dx, dv, dp = ctx.meta
+    kind, level, mode, dx, dv, dp = ctx.meta
     need_xv = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
     need_z = ctx.needs_input_grad[5]
     gx, gv, gz = transition_backward_op(
-        prev, mean, None, g_logp, g_mean, p0, p1, p2, kind, level, False, need_xv, need_z, dx, dv, dp
+        prev, mean, None, g_logp, g_mean, p0, p1, p2, kind, level, mode, False, need_xv, need_z, dx, dv, dp
     )
     return (
         gx if need_xv else None,
@@ -541,6 +565,7 @@ def _score_backward(ctx, g_logp, g_mean, g_std):
         None,
         None,
         gz if need_z else None,
+        None,
         None,
         None,
     )
@@ -561,6 +586,8 @@ __all__ = [
     "KIND_SDE",
     "KIND_CPS",
     "KIND_DDIM",
+    "LOGP_GAUSSIAN",
+    "LOGP_SQUARED",
     "transition_sample_op",
     "transition_score_op",
     "cps_level",

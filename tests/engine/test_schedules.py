@@ -52,10 +52,13 @@ def test_ddpm_scaled_linear_alpha_bars():
 def test_ddim_spacing_and_alpha_bars():
     ts = ddim_timesteps(50)
     assert ts.tolist()[:3] == [981, 961, 941] and ts.tolist()[-1] == 1
-    ts2, ab = ddim_alpha_bars(50)
+    ts2, ab = ddim_alpha_bars(50)  # SD1.5's scheduler config (diffusers' DDIMScheduler computes it)
     assert torch.equal(ts, ts2)
-    assert ab.shape == (51,) and float(ab[-1]) == 1.0
-    assert torch.equal(ab[:-1], ddpm_alpha_bars()[ts])
+    # set_alpha_to_one=False: the last step goes to alphas_cumprod[0] = 1 - beta_0, not 1 (SPEC §1)
+    assert ab.shape == (51,) and float(ab[-1]) == pytest.approx(1 - 0.00085, abs=1e-7)
+    torch.testing.assert_close(ab[:-1], ddpm_alpha_bars()[ts], rtol=1e-5, atol=0)
+    _, ab_one = ddim_alpha_bars(50, scheduler_config={"set_alpha_to_one": True, "clip_sample": False})
+    assert float(ab_one[-1]) == 1.0
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2.5, True])

@@ -71,15 +71,17 @@ def _variants():
             (False, True, False, False, True, False),
             (True, False, True, False, True, True),
         ):
-            yield (
-                transition._transition_bwd_kernel,
-                {"KIND": kind, "SAMPLE": sample, **dict(zip(flags, on, strict=True)), **blk},
-                storage,
-            )
-    for kind in (0, 1, 2):
+            for logp in (0, 1) if kind == 1 else (0,):  # CPS: Gaussian and flow_grpo's squared log-prob
+                yield (
+                    transition._transition_bwd_kernel,
+                    {"KIND": kind, "LOGP": logp, "SAMPLE": sample, **dict(zip(flags, on, strict=True))}
+                    | blk,
+                    storage,
+                )
+    for kind, logp in ((0, 0), (1, 0), (1, 1), (2, 0)):
         yield (
             transition._transition_reduce_kernel,
-            {"KIND": kind, "LOG_SQRT_2PI": LOG_SQRT_2PI, "NITER": 1, "PBLOCK": 128},
+            {"KIND": kind, "LOGP": logp, "LOG_SQRT_2PI": LOG_SQRT_2PI, "NITER": 1, "PBLOCK": 128},
             {},
         )
     yield gaussian._sqdiff_partial_kernel, {"CHUNK": 4096, **blk}, {"a_ptr": bf16}

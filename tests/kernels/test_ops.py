@@ -144,15 +144,19 @@ def _transition_case(kind, b, *, noise_level=0.7):
             return ref.sde_step(
                 x, v, sigma, sigma_next, noise_level=noise_level, sigma_max=torch.full((b,), sigma_max), **kw
             )
-    elif kind == "cps":
+    elif kind.startswith("cps"):
+        # "cps": flow_grpo's log-prob -mean (prev - mean)^2 (the default); "cps-gaussian": the Gaussian one
+        form = "gaussian" if kind == "cps-gaussian" else "reference"
         sigma, sigma_next = _sigmas(b)
         sigma_next[-1] = 0.0  # last CPS step: std 0, a point mass (log-prob 0)
 
         def api(x, v, **kw):
+            if form == "gaussian":
+                kw["log_prob_form"] = form
             return kernels.cps_step(x, v, sigma, sigma_next, noise_level=noise_level, **kw)
 
         def expected(x, v, **kw):
-            return ref.cps_step(x, v, sigma, sigma_next, noise_level=noise_level, **kw)
+            return ref.cps_step(x, v, sigma, sigma_next, noise_level=noise_level, log_prob_form=form, **kw)
     else:
         ab = torch.linspace(0.2, 0.7, b)
         abp = ab + torch.linspace(0.05, 0.25, b)
@@ -169,8 +173,8 @@ def _transition_case(kind, b, *, noise_level=0.7):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["sample", "score"])
-@pytest.mark.parametrize("kind", ["sde", "cps", "ddim"])
-@pytest.mark.parametrize("shape", SHAPES[:2], ids=str)
+@pytest.mark.parametrize("kind", ["sde", "cps", "cps-gaussian", "ddim"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_transition(backend, dtype, mode, kind, shape):
     api, expected = _transition_case(kind, shape[0])
     x, v, z = make(shape, dtype, seed=1), make(shape, dtype, seed=2), make(shape, dtype, seed=3)
@@ -199,7 +203,7 @@ def test_transition(backend, dtype, mode, kind, shape):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("kind", ["sde", "ddim"])
+@pytest.mark.parametrize("kind", ["sde", "cps", "cps-gaussian", "ddim"])
 def test_transition_zero_noise_level_is_a_point_mass(backend, kind):
     """noise_level / eta = 0: deterministic step, std 0, log-prob 0 by convention, no gradient from it."""
     shape = SHAPES[0]
@@ -378,6 +382,16 @@ def test_reference_math_against_closed_forms():
     xf, vf = x.float(), m.float()
     prev, _, _, _ = ref.sde_step(xf, vf, s, sn, noise_level=0.0, sigma_max=torch.zeros(4), noise=vf)
     torch.testing.assert_close(prev, ref.euler_step(xf, vf, s, sn))
+    # CPS: the reference form is -mean (prev - mean)^2, the Gaussian form the Normal log-density; both 0 at
+    # the point mass (sigma_next = 0)
+    z = make(shape, torch.float32, seed=3)
+    prev, lp, mean, sd = ref.cps_step(xf, vf, s, sn, noise_level=0.7, noise=z)
+    sq = -((prev - mean) ** 2).flatten(1).mean(1)
+    assert float(sd[-1]) == 0.0 and float(lp[-1]) == 0.0
+    torch.testing.assert_close(lp[:-1], sq[:-1])
+    _, lp_g, _, _ = ref.cps_step(xf, vf, s, sn, noise_level=0.7, prev_sample=prev, log_prob_form="gaussian")
+    normal = torch.distributions.Normal(mean[:-1], sd[:-1].view(-1, 1, 1, 1)).log_prob(prev[:-1])
+    torch.testing.assert_close(lp_g[:-1], normal.flatten(1).mean(1))
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton")

@@ -153,6 +153,11 @@ def test_custom_ops_pass_opcheck():
         (ops.dpm2_step_op, (x, v, s, sn, z, torch.tensor([1.0, 0.7, 0.4]))),
         (ops.transition_sample_op, (x, v, s, sn, smax, z, ops.KIND_SDE, 0.7)),
         (ops.transition_score_op, (x, v, s, sn, smax, z.detach().requires_grad_(), ops.KIND_DDIM, 0.5)),
+        (ops.transition_sample_op, (x, v, s, sn, smax, z, ops.KIND_CPS, 0.8, ops.LOGP_SQUARED)),
+        (
+            ops.transition_score_op,
+            (x, v, s, sn, smax, z.detach().requires_grad_(), ops.KIND_CPS, 0.8, ops.LOGP_SQUARED),
+        ),
         (ops.gaussian_log_prob_op, (x, v, t, True)),
         (ops.gaussian_kl_op, (x, t, v, t + 0.5, False)),
         (ops.nft_loss_op, (x, v.detach(), z.detach(), z.detach(), t, t, v.detach(), 0.7, 5.0, True, 0.1)),

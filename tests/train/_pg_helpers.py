@@ -96,7 +96,8 @@ def bf16_autocast_ok() -> bool:
 
 def make_tiny_sd_pipeline(root: Path):
     """A random SD1.5-style pipeline (UNet2DConditionModel, CLIPTextModel + CLIPTokenizer from a written
-    letter vocabulary, AutoencoderKL with factor 2, DDIM scheduler) and a prompt file."""
+    letter vocabulary, AutoencoderKL with factor 2, a DDIM scheduler with SD1.5's config) and a prompt
+    file."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
@@ -143,7 +144,15 @@ def make_tiny_sd_pipeline(root: Path):
         norm_num_groups=4,
         layers_per_block=1,
     )
-    scheduler = DDIMScheduler(steps_offset=1, clip_sample=False)
+    # SD1.5's: set_alpha_to_one=False, the last DDIM step goes to alphas_cumprod[0]
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        set_alpha_to_one=False,
+        steps_offset=1,
+        clip_sample=False,
+    )
     StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -38,6 +38,7 @@ EXACT_CASES = {
     "cfg": ["--sample.guidance-scale", "3.0"],
     "fast-window": ["--sample.sde-window", "1,3"],
     "cps": ["--sample.solver", "cps"],
+    "cps-gaussian": ["--sample.solver", "cps", "--sample.cps-log-prob", "gaussian"],
 }
 
 
@@ -183,20 +184,42 @@ def test_flow_grpo_kl_by_hand_and_equals_gaussian_kl():
     assert torch.all(pg.flow_grpo_kl(mean, mean, std) == 0)
 
 
-def test_grpo_step_loss_combines_policy_and_kl():
-    cfg = parse_cli(
-        grpo.GRPOConfig, ["--train.kl-beta", "0.5"], prog="t", description="", presets=grpo.PRESETS
-    )
+@pytest.mark.parametrize("form", ["reference", "gaussian"])
+def test_grpo_step_loss_combines_policy_and_kl(form):
+    """``--train.kl-form reference`` (the default) divides by flow_grpo's ``2 std_dev_t^2``, ``gaussian`` by
+    the step's variance ``2 std^2``."""
+    argv = ["--train.kl-beta", "0.5"] + (["--train.kl-form", form] if form != "reference" else [])
+    cfg = parse_cli(grpo.GRPOConfig, argv, prog="t", description="", presets=grpo.PRESETS)
     trainer = SimpleNamespace(cfg=cfg)
-    mean, mean_ref, std = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2), torch.tensor([1.0, 2.0])
-    score = pg.StepScore(log_prob=torch.tensor([0.0, 0.0]), mean=mean, std=std, mean_ref=mean_ref)
+    mean, mean_ref = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    std, std_dev_t = torch.tensor([1.0, 2.0]), torch.tensor([4.0, 0.5])
+    score = pg.StepScore(
+        log_prob=torch.tensor([0.0, 0.0]), mean=mean, std=std, mean_ref=mean_ref, std_dev_t=std_dev_t
+    )
     loss, parts = grpo.GRPOTrainer.step_loss(
         trainer, score, torch.zeros(2), torch.tensor([1.0, -3.0]), n_steps=4
     )
     policy = (-1.0 + 3.0) / 2
-    kl = (1 / 2 + 1 / 8) / 2
+    s = std_dev_t if form == "reference" else std
+    kl = (1 / (2 * s[0].item() ** 2) + 1 / (2 * s[1].item() ** 2)) / 2
     assert loss.item() == pytest.approx((policy + 0.5 * kl) / 4)
     assert parts["kl"].item() == pytest.approx(kl)
+
+
+def test_score_steps_gives_flow_grpos_std_dev_t(tmp_path):
+    """The re-scored step carries flow_grpo's std_dev_t: ``a sqrt(sigma / (1 - sigma))`` (sigma_max where
+    sigma == 1) for flow-sde, without the step's sqrt(-dt) that the transition's std has."""
+    argv = [*SMALL, "--reward", "jpeg_compressibility", "--sample.solver", "flow-sde"]
+    trainer = build_trainer(grpo, tmp_path, argv)
+    traj = trainer.rollout_and_reward(1)
+    assert traj.solver == "flow-sde"
+    rows, steps = torch.arange(4), torch.tensor([0, 1, 2, 3])
+    score = pg.score_steps(trainer.policy, traj, rows, steps)
+    sig, nxt, smax = traj.sigmas[steps].double(), traj.sigmas[steps + 1].double(), traj.sigmas[1].double()
+    denom = torch.where(sig == 1.0, smax, sig)
+    std_dev_t = 0.7 * torch.sqrt(sig / (1 - denom))
+    torch.testing.assert_close(score.std_dev_t.double(), std_dev_t, rtol=1e-6, atol=0)
+    torch.testing.assert_close(score.std.double(), std_dev_t * torch.sqrt(sig - nxt), rtol=1e-5, atol=0)
 
 
 def test_equal_reward_groups_are_masked_out(tmp_path):
@@ -226,6 +249,8 @@ def test_equal_reward_groups_are_masked_out(tmp_path):
         (["--sample.sde-window", "3,2"], "--sample.sde-window: expected start,end"),
         (["--train.autocast", "fp8"], "--train.autocast: expected none, bfloat16 or float16"),
         (["--train.clip-range", "0"], "--train.clip-range: expected a value > 0"),
+        (["--train.kl-form", "exact"], "--train.kl-form: expected reference or gaussian, got 'exact'"),
+        (["--sample.cps-log-prob", "x"], "--sample.cps-log-prob: expected reference or gaussian, got 'x'"),
         (["--preset", "sd3.5-m"], "--model: expected a local diffusers directory"),
     ],
 )
