@@ -103,6 +103,11 @@ PRESETS = {"tiny": preset_tiny, "sd3.5-m": preset_sd35m, "sd3.5-m-fast": preset_
 def validate(cfg: GRPOConfig) -> None:
     if cfg.sample.solver not in ("flow-sde", "cps"):
         raise ConfigError(f"--sample.solver: expected flow-sde or cps (Flow-GRPO), got {cfg.sample.solver!r}")
+    if cfg.sample.images_per_prompt < 2:
+        raise ConfigError(
+            f"--sample.images-per-prompt: expected an integer >= 2 (group-relative advantages: with one "
+            f"image per prompt every advantage is 0), got {cfg.sample.images_per_prompt}"
+        )
     validate_common(cfg)
 
 
