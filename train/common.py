@@ -36,6 +36,7 @@ import socket
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -638,7 +639,7 @@ def _candidates(ckdir: Path) -> tuple[list[Path], str | None]:
 
 def verify_checkpoint(path: Path) -> str | None:
     """``None`` when ``path``'s bytes match the checksum written with it, else what is wrong; a checkpoint
-    written before checksums existed has none and passes (its load still has to succeed)."""
+    written before checksums existed is checked against its zip archive's CRC-32s instead."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -658,8 +659,13 @@ def verify_checkpoint(path: Path) -> str | None:
         if path.stat().st_size == 0:
             return "the file is empty"
         sums = _checksum_path(path)
-        if not sums.exists():
-            return None
+        if not sums.exists():  # written before checksums: the zip archive's own CRC-32s
+            try:
+                with zipfile.ZipFile(path) as zf:
+                    bad = zf.testzip()
+            except (zipfile.BadZipFile, EOFError) as e:
+                return f"not a whole checkpoint archive ({e}; it has no .sha256 to check)"
+            return None if bad is None else f"{bad} fails its CRC-32 (it has no .sha256 to check)"
         want = sums.read_text(encoding="utf-8", errors="replace").split()
         if not want:
             return f"{sums.name} is empty"
