@@ -149,11 +149,13 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
                 raise ConfigError(f"{_opt(name)}: expected a finite number, got {shown}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
+    if cfg.threads < 0:
+        raise ConfigError(f"--threads: expected an integer >= 0 (0: torch's default), got {cfg.threads}")
     cores = os.cpu_count() or 1
-    if not 0 <= cfg.threads <= 4 * cores:
+    if cfg.threads > 4 * cores:
         raise ConfigError(
-            f"--threads: expected an integer in [0, {4 * cores}] (0: torch's default; at most 4 x the "
-            f"{cores} CPU cores), got {cfg.threads}"
+            f"--threads: expected at most {4 * cores} (4 x the {cores} CPU cores; 0: torch's default), "
+            f"got {cfg.threads}"
         )
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: expected a machine with CUDA for 'cuda', found none")
