@@ -244,6 +244,24 @@ def test_truncated_empty_and_unpointed_checkpoints_are_reported_by_path(tmp_path
     assert common.intact_note(run).startswith("no checkpoint")
 
 
+def test_damaged_fsdp_shard_is_detected(tmp_path):
+    """An FSDP2 checkpoint directory carries the SHA-256 of each of its files (written by rank 0 once every
+    rank's shards are in); one flipped byte in a shard sends the resume to the previous checkpoint."""
+    run = common.prepare_run_dir(tmp_path / "r", algo="t")
+    for it in (1, 2):
+        sharded = {"default": {"0": torch.arange(5000.0) * it}}
+        meta = {"iteration": it}
+        common.save_sharded_checkpoint(run, it, sharded, meta, is_main=True, barrier=lambda: None)
+    shard = next((run / "checkpoints" / "iter_000002.dcp").glob("*.distcp"))
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    said = []
+    state = common.load_checkpoint(run, report=said.append)
+    assert state["meta"]["iteration"] == 1 and state["dcp_path"].name == "iter_000001.dcp"
+    assert any(f"{shard.name} does not match its SHA-256" in m and "iter_000002.dcp" in m for m in said)
+
+
 # --- 4. metrics that survive a crash, and a full disk -------------------------------------------------------
 def test_truncated_last_metrics_line_is_dropped_on_resume(reference, tmp_path, capsys):
     """A crash while iteration 3's checkpoint was being written, and its last row cut short."""
