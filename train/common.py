@@ -816,8 +816,8 @@ class GracefulInterrupt:
         if self.verbose:
             again = "Ctrl-C" if signum == signal.SIGINT else name
             print(
-                f"\n{name}: stopping after this iteration's update (a rollout in progress is abandoned), "
-                f"writing a checkpoint, then exiting with code {INTERRUPTED_EXIT} ({again} again aborts now)",
+                f"\n{name}: finishing this iteration (or dropping its rollout), writing a checkpoint, then "
+                f"exiting with code {INTERRUPTED_EXIT} ({again} again aborts now)",
                 file=sys.stderr,
                 flush=True,
             )

@@ -28,6 +28,7 @@ micro-batching) and refused by name otherwise.  A new run refuses a directory th
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -183,6 +184,10 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
     for name in cfg.log.loggers:
         if name not in ("tensorboard", "wandb"):
             raise ConfigError(f"--log.loggers: expected tensorboard and/or wandb, got {name!r}")
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"--log.loggers {name}: expected {name} installed (pip install '.[log]'), found none"
+            )
     mc = cfg.models
     if mc.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--models.dtype: expected float32, bfloat16 or float16, got {mc.dtype!r}")
@@ -885,7 +890,7 @@ def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report
     except common.Interrupted as e:
         trainer.say(str(e), flush=True)
         return common.INTERRUPTED_EXIT
-    except common.WriteError as e:
+    except OSError as e:  # a failed write (disk full, I/O error): WriteError names the file, others do too
         report(f"error: {e}; {common.intact_note(run_dir)}")
         return 1
     except KeyboardInterrupt as e:  # a second stop signal

@@ -399,6 +399,22 @@ def test_ctrl_c_during_the_first_evaluation(tmp_path, monkeypatch, capsys):
     assert [r["iteration"] for r in common.read_metrics(run)] == [0]
 
 
+def test_sigusr1_asks_for_a_stop_like_sigterm_and_handlers_are_restored(capsys):
+    """SLURM's advance warning (``--signal=USR1@120``) is a stop request too; a second signal of any kind
+    aborts with the shell's code for it."""
+    before = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
+    with common.GracefulInterrupt() as g:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.1)
+        assert g.requested and g.signame == "SIGUSR1"
+        with pytest.raises(common.Aborted) as e:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert e.value.exit_code == 128 + signal.SIGTERM
+    assert "SIGUSR1: finishing this iteration" in capsys.readouterr().err
+    assert {s: signal.getsignal(s) for s in common.STOP_SIGNALS} == before
+
+
 def test_a_second_signal_aborts(tmp_path, monkeypatch, capsys):
     def run_then_signal_twice(self, *args, **kwargs):
         _require_handler(signal.SIGTERM)
