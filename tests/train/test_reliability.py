@@ -244,6 +244,7 @@ def test_truncated_empty_and_unpointed_checkpoints_are_reported_by_path(tmp_path
     assert common.intact_note(run).startswith("no checkpoint")
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # one process, no process group
 def test_damaged_fsdp_shard_is_detected(tmp_path):
     """An FSDP2 checkpoint directory carries the SHA-256 of each of its files (written by rank 0 once every
     rank's shards are in); one flipped byte in a shard sends the resume to the previous checkpoint."""
