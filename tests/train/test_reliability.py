@@ -405,6 +405,7 @@ def test_sigusr1_asks_for_a_stop_like_sigterm_and_handlers_are_restored(capsys):
     aborts with the shell's code for it."""
     before = {s: signal.getsignal(s) for s in common.STOP_SIGNALS}
     with common.GracefulInterrupt() as g:
+        _require_handler(signal.SIGUSR1)
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.1)
         assert g.requested and g.signame == "SIGUSR1"
