@@ -15,7 +15,8 @@ the same measurement: GenEval-mini's strict held-out score, CFG-free, eval-EMA w
 
 The budget is training time.  Each run trains until its cumulative ``train/iter_s`` (rollout + reward +
 update, from ``metrics.jsonl``; evaluation and checkpoints excluded) reaches ``--minutes``; the harness then
-sends the run SIGINT, which the loops treat as Ctrl-C: finish the iteration, checkpoint, evaluate, exit.  A
+sends the run SIGINT, which the loops treat as Ctrl-C: finish the iteration (or drop its rollout),
+checkpoint, exit with code 3; the harness then resumes the run at that iteration for its final evaluation.  A
 run may so train one iteration past the budget; its actual training seconds are reported.  Evaluation is
 excluded because it is identical work for every method but is scheduled in iterations, so a method with cheap
 iterations evaluates more often; the curves are given against total elapsed seconds as well.
@@ -56,6 +57,7 @@ from pathlib import Path
 from bench import _common
 
 ROOT = _common.ROOT
+INTERRUPTED_EXIT = 3  # a train.* loop stopped by a signal, checkpoint written (train/loop.py)
 
 
 @dataclass(frozen=True)
@@ -466,6 +468,22 @@ def execute(spec: RunSpec, cmd: list[str], env: dict, run_dir: Path, budget_s: f
                     proc.send_signal(signal.SIGINT)
                     signalled = True
             rc = proc.wait()
+            if signalled and rc == INTERRUPTED_EXIT:
+                # the loop stops on SIGINT without an off-schedule evaluation; resumed at the iteration it
+                # reached, it adds the run's final one and exits 0
+                rows, offset = _read_rows(metrics_path, offset)
+                last_iter = max([last_iter] + [int(r["iteration"]) for r in rows if "train/iter_s" in r])
+                fin = subprocess.run(
+                    [*cmd, "--resume", str(run_dir), "--max-iters", str(last_iter)],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+                log.write(fin.stdout)
+                print("".join(f"[{spec.name}] {ln}" for ln in fin.stdout.splitlines(keepends=True)), end="")
+                rc = fin.returncode
         except KeyboardInterrupt:
             proc.send_signal(signal.SIGINT)  # the loop checkpoints and exits
             try:
@@ -549,8 +567,9 @@ def run_all(args) -> dict:
             "train_minutes_per_run": args.minutes,
             "train_s_per_run": budget_s,
             "enforced_on": "cumulative train/iter_s (rollout + reward + update; evaluation excluded): the "
-            "harness sends SIGINT once it is reached, the loop finishes that iteration, checkpoints, "
-            "evaluates and exits",
+            "harness sends SIGINT once it is reached, the loop finishes that iteration (or drops its "
+            "rollout), checkpoints and exits; the harness resumes it at that iteration for its final "
+            "evaluation",
             "max_minutes_cap": args.max_minutes,
             "max_iters": max_iters,
         },

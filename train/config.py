@@ -5,7 +5,8 @@ A config is a dataclass whose fields are scalars or nested dataclasses (sections
 * ``--section.field VALUE`` sets a nested field (``--train.lr 1e-4``); ``--field VALUE`` a top-level one
   (``--max-iters 10``; dashes and underscores are interchangeable);
 * ``--preset NAME`` starts from a named preset instead of the defaults; later flags override it;
-* booleans take ``true/false/1/0/yes/no``; tuples/lists take comma-separated values;
+* booleans take ``true/false/1/0/yes/no`` (a boolean option alone means ``true``: ``--overwrite``);
+  tuples/lists take comma-separated values;
 * ``--help`` lists every option with its default and help text.
 
 Unknown options and malformed values are errors that name the option, what was expected and what was given.
@@ -20,7 +21,16 @@ import types
 import typing
 from typing import Any, Callable
 
-__all__ = ["ConfigError", "parse_cli", "to_dict", "from_dict", "format_help", "set_field"]
+__all__ = [
+    "ConfigError",
+    "parse_cli",
+    "cli_pairs",
+    "to_dict",
+    "from_dict",
+    "format_help",
+    "set_field",
+    "leaf_values",
+]
 
 
 class ConfigError(ValueError):
@@ -41,6 +51,11 @@ def _iter_fields(cfg, prefix=""):
             yield from _iter_fields(value, prefix=f"{name}.")
         else:
             yield name, f, cfg, hints[f.name]
+
+
+def leaf_values(cfg) -> dict[str, Any]:
+    """``{dotted name: value}`` of every leaf field (``train.lr``, ``max_iters`` ...)."""
+    return {name: getattr(owner, f.name) for name, f, owner, _ in _iter_fields(cfg)}
 
 
 def _strip_optional(tp):
@@ -141,12 +156,13 @@ def format_help(cfg, prog: str, description: str, presets: dict[str, Callable]) 
     return "\n".join(lines)
 
 
-def parse_cli(cls, argv: list[str] | None, *, prog: str, description: str, presets: dict[str, Callable]):
-    """Parse ``argv`` into an instance of ``cls``: ``--preset`` first, then every override in order."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(format_help(presets[next(iter(presets))](), prog, description, presets))
-        raise SystemExit(0)
+def _bool_options(cfg) -> set[str]:
+    return {name for name, _, _, tp in _iter_fields(cfg) if _strip_optional(tp)[0] is bool}
+
+
+def cli_pairs(argv: list[str], *, flags: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """``argv`` as ``(--option, raw value)`` pairs in order; an option in ``flags`` (boolean fields, dotted
+    names) may stand alone, meaning ``true``."""
     pairs: list[tuple[str, str]] = []
     i = 0
     while i < len(argv):
@@ -156,12 +172,25 @@ def parse_cli(cls, argv: list[str] | None, *, prog: str, description: str, prese
         if "=" in tok:
             key, val = tok.split("=", 1)
             i += 1
+        elif _normalise(tok) in flags and (i + 1 >= len(argv) or argv[i + 1].startswith("--")):
+            key, val = tok, "true"
+            i += 1
         else:
             if i + 1 >= len(argv):
                 raise ConfigError(f"{tok}: expected a value after it, got nothing")
             key, val = tok, argv[i + 1]
             i += 2
         pairs.append((key, val))
+    return pairs
+
+
+def parse_cli(cls, argv: list[str] | None, *, prog: str, description: str, presets: dict[str, Callable]):
+    """Parse ``argv`` into an instance of ``cls``: ``--preset`` first, then every override in order."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(format_help(presets[next(iter(presets))](), prog, description, presets))
+        raise SystemExit(0)
+    pairs = cli_pairs(argv, flags=_bool_options(presets[next(iter(presets))]()))
     preset = next(iter(presets))
     rest = []
     for key, val in pairs:

@@ -116,6 +116,11 @@ def validate(cfg: GRPOConfig) -> None:
         raise ConfigError(f"--sample.solver: expected flow-sde or cps (Flow-GRPO), got {cfg.sample.solver!r}")
     if cfg.train.kl_form not in ("reference", "gaussian"):
         raise ConfigError(f"--train.kl-form: expected reference or gaussian, got {cfg.train.kl_form!r}")
+    if cfg.sample.images_per_prompt < 2:
+        raise ConfigError(
+            f"--sample.images-per-prompt: expected an integer >= 2 (group-relative advantages: with one "
+            f"image per prompt every advantage is 0), got {cfg.sample.images_per_prompt}"
+        )
     validate_common(cfg)
 
 

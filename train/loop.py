@@ -6,13 +6,29 @@
 * :class:`Trainer`: optimizer, counters, checkpoint state, the iteration loop (stop conditions, reward
   failures, metrics, evaluation, checkpoints, Ctrl-C) and evaluation; an algorithm implements
   :meth:`Trainer.train_iteration` (rollout -> reward -> advantage -> update) and nothing else.
-* :func:`main`: the command line: parse, validate before any work, build the policy, resume, run.
-  Exit codes: 0 done, 1 training stopped (reward failure, non-finite loss), 2 bad input.
+* :func:`main`: the command line: parse, validate before any work, take the run directory, resume, build
+  the policy, run.
+
+Exit codes:
+
+* 0: done (``--max-iters`` or ``--max-minutes`` reached);
+* 1: training stopped (a reward failure, a non-finite loss, a failed write such as a full disk): the message
+  names the cause and, when there is one, the intact checkpoint to resume from;
+* 2: bad input, refused before any work (an option, the run directory, a damaged or mismatched checkpoint);
+* 3: interrupted by SIGINT (Ctrl-C), SIGTERM or SIGUSR1: the iteration in progress was finished (or, during
+  its rollout, abandoned), a checkpoint written, and ``--resume RUN_DIR`` continues bit-identically;
+* 128 + N: aborted by a second signal N (130 for Ctrl-C, 143 for SIGTERM): the previous checkpoint is intact.
+
+``--resume DIR`` continues the run in ``DIR`` (wherever it now lives), from its newest intact checkpoint, or
+from the start when it stopped before its first; options given with it are applied when they cannot change
+what the run trains (:data:`RESUME_SAFE`: budgets, threads, device, logging, evaluation cadence,
+micro-batching) and refused by name otherwise.  A new run refuses a directory that holds a run unless
+``--overwrite``.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -26,7 +42,7 @@ import torch
 from engine import nvtx_range
 
 from . import common
-from .config import ConfigError, from_dict, parse_cli, to_dict
+from .config import ConfigError, cli_pairs, from_dict, leaf_values, parse_cli, set_field, to_dict
 from .distributed import (
     Dist,
     DistConfig,
@@ -42,7 +58,16 @@ from .evaluation import EvalConfig, Evaluator
 from .policy import ModelConfig, Policy, build_policy, check_model_path, read_prompt_file
 from .rewards.registry import RewardError, build_reward
 
-__all__ = ["LogConfig", "RunConfig", "validate_run", "check_at_least_one", "Trainer", "main"]
+__all__ = [
+    "LogConfig",
+    "RunConfig",
+    "RESUME_SAFE",
+    "validate_run",
+    "check_at_least_one",
+    "resume_config",
+    "Trainer",
+    "main",
+]
 
 
 def _h(text):
@@ -75,7 +100,11 @@ class RunConfig:
     reward_aggregation: str = field(default="zmean", metadata={"help": "zmean, min or mean_minus_std"})
     reward_clip_path: str | None = _h("local CLIP directory for the clip_score reward")
     run_dir: str | None = _h("run directory (default: runs/<algorithm>-<timestamp>)")
-    resume: str | None = _h("resume the run in this directory")
+    resume: str | None = _h("continue the run in this directory (from its newest intact checkpoint)")
+    overwrite: bool = field(
+        default=False,
+        metadata={"help": "start over in a --run-dir that holds a run (deletes its checkpoints and metrics)"},
+    )
     max_minutes: float | None = _h("stop after this many minutes of this invocation")
     max_iters: int | None = field(default=100, metadata={"help": "stop after this many iterations in total"})
     seed: int = field(default=0, metadata={"help": "seed of every random draw"})
@@ -105,18 +134,75 @@ def check_at_least_one(pairs) -> None:
             raise ConfigError(f"{name}: expected an integer >= 1, got {val}")
 
 
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
 def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
-    """The checks every loop shares, run before any work: device, and for a ``--model`` run (or a preset other
-    than ``embedded_presets``, which run the embedded default) the model directory and the prompt files."""
+    """The checks every loop shares, run before any work: every number finite, budgets, threads, device, the
+    evaluation, logging and LoRA sections, the optimizer's and the sampler's common fields, and for a
+    ``--model`` run (or a preset other than ``embedded_presets``, which run the embedded default) the model
+    directory and the prompt files."""
+    for name, val in leaf_values(cfg).items():
+        for v in val if isinstance(val, (tuple, list)) else (val,):
+            if isinstance(v, float) and not math.isfinite(v):
+                shown = ",".join(map(str, val)) if isinstance(val, (tuple, list)) else val
+                raise ConfigError(f"{_opt(name)}: expected a finite number, got {shown}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
     if cfg.threads < 0:
         raise ConfigError(f"--threads: expected an integer >= 0 (0: torch's default), got {cfg.threads}")
+    cores = os.cpu_count() or 1
+    if cfg.threads > 4 * cores:
+        raise ConfigError(
+            f"--threads: expected at most {4 * cores} (4 x the {cores} CPU cores; 0: torch's default), "
+            f"got {cfg.threads}"
+        )
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: expected a machine with CUDA for 'cuda', found none")
+    if cfg.max_iters is not None and cfg.max_iters < 1:
+        raise ConfigError(f"--max-iters: expected an integer >= 1 (or none: no limit), got {cfg.max_iters}")
+    if cfg.max_minutes is not None and not cfg.max_minutes > 0:
+        raise ConfigError(f"--max-minutes: expected a value > 0 (or none: no limit), got {cfg.max_minutes}")
+    ev = cfg.eval
     check_at_least_one(
-        [("--eval.every", cfg.eval.every), ("--log.checkpoint-every", cfg.log.checkpoint_every)]
+        [
+            ("--eval.every", ev.every),
+            ("--log.checkpoint-every", cfg.log.checkpoint_every),
+            ("--eval.images-per-prompt", ev.images_per_prompt),
+            ("--eval.num-steps", ev.num_steps),
+            ("--eval.batch", ev.batch),
+        ]
     )
+    for name, val in (("--eval.num-prompts", ev.num_prompts), ("--eval.grid-images", ev.grid_images)):
+        if val < 0:
+            raise ConfigError(f"{name}: expected an integer >= 0 (0: all), got {val}")
+    if ev.solver not in ("dpm2", "euler"):
+        raise ConfigError(
+            f"--eval.solver: expected a deterministic ODE solver (dpm2 or euler), got {ev.solver!r}"
+        )
+    for name in cfg.log.loggers:
+        if name not in ("tensorboard", "wandb"):
+            raise ConfigError(f"--log.loggers: expected tensorboard and/or wandb, got {name!r}")
+        if importlib.util.find_spec(name) is None:
+            raise ConfigError(
+                f"--log.loggers {name}: expected {name} installed (pip install '.[log]'), found none"
+            )
+    mc = cfg.models
+    if mc.dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"--models.dtype: expected float32, bfloat16 or float16, got {mc.dtype!r}")
+    check_at_least_one([("--models.lora-rank", mc.lora_rank)])
+    if not mc.lora_alpha > 0:
+        raise ConfigError(f"--models.lora-alpha: expected a value > 0, got {mc.lora_alpha}")
+    tc, sc = getattr(cfg, "train", None), getattr(cfg, "sample", None)
+    if tc is not None:
+        for name, val in (("--train.lr", tc.lr), ("--train.grad-clip", tc.grad_clip)):
+            if not val > 0:
+                raise ConfigError(f"{name}: expected a value > 0, got {val}")
+        if tc.weight_decay < 0:
+            raise ConfigError(f"--train.weight-decay: expected a value >= 0, got {tc.weight_decay}")
+    if sc is not None and not sc.shift > 0:
+        raise ConfigError(f"--sample.shift: expected a value > 0, got {sc.shift}")
     embedded = cfg.preset in embedded_presets and not cfg.model
     if cfg.tasks:
         from .data import TASKS
@@ -166,6 +252,10 @@ class Trainer:
         self.iteration = 0  # iterations completed
         self.opt_step = 0
         self.elapsed_offset = 0.0
+        self.last_eval = None  # iteration of the last evaluation logged (checkpointed: never repeated)
+        self.saved_iteration = None  # iteration of the checkpoint on disk that this process wrote or loaded
+        self.interrupt = common.GracefulInterrupt()  # main() installs a live one around the run
+        self.metrics = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
     # --- what an algorithm provides -------------------------------------------------------------------------
@@ -196,6 +286,7 @@ class Trainer:
             "config": to_dict(self.cfg),
             "extra": self.extra_state(),
             "world_size": self.dist.world,
+            "last_eval": self.last_eval,
         }
         if full:
             state["policy"] = self.policy.adapter_state()
@@ -226,6 +317,9 @@ class Trainer:
             self._publish_grad_scale()
         self.iteration, self.opt_step = state["iteration"], state["opt_step"]
         self.elapsed_offset = state["elapsed_s"]
+        # older checkpoints do not record it: a checkpoint is always written after its iteration's evaluation
+        self.last_eval = state.get("last_eval", state["iteration"])
+        self.saved_iteration = state["iteration"]
         common.set_rng_state(state["rng"])
         if "eval_ema_updates" in state:
             self.policy.eval_ema.num_updates = int(state["eval_ema_updates"])
@@ -254,8 +348,12 @@ class Trainer:
     def save_checkpoint(self, iteration: int, elapsed: float) -> None:
         """Rank 0 writes the replicated (DDP / single-process) state atomically; under FSDP2 every rank writes
         its shards through ``torch.distributed.checkpoint``.  Every rank returns once the checkpoint is
-        whole.  Weights holding a NaN/inf are never written (:func:`check_finite_weights`)."""
+        whole.  The metrics logged so far are fsynced first (a resume keeps the rows the checkpoint covers);
+        a failed write (:class:`common.WriteError`) raises on every rank.  Weights holding a NaN/inf are
+        never written (:func:`check_finite_weights`)."""
         check_finite_weights(self.policy, self.dist, iteration, self.run_dir)
+        if self.metrics is not None and self.dist.is_main:
+            self.metrics.sync()
         if self.dist.fsdp_root is not None:
             meta = self.state_dict(elapsed, full=False)
             common.save_sharded_checkpoint(
@@ -266,11 +364,21 @@ class Trainer:
                 is_main=self.dist.is_main,
                 barrier=self.dist.barrier,
             )
+            self.saved_iteration = iteration
             return
         state = self.state_dict(elapsed)
+        err = None
         if self.dist.is_main:
-            common.save_checkpoint(self.run_dir, iteration, state)
-        self.dist.barrier()
+            try:
+                common.save_checkpoint(self.run_dir, iteration, state)
+            except common.WriteError as e:
+                err = e
+        failed = self.dist.all_gather_object(str(err) if err is not None else None)[0]  # also the barrier
+        if err is not None:
+            raise err
+        if failed:
+            raise common.TrainingStopped(f"rank 0: {failed}")
+        self.saved_iteration = iteration
 
     def say(self, *args, **kwargs) -> None:
         """``print`` on rank 0 only."""
@@ -345,8 +453,7 @@ class Trainer:
         elif not torch.isfinite(gn):
             raise common.TrainingStopped(
                 f"non-finite gradient norm ({float(gn)}) at optimizer step {self.opt_step}; "
-                f"the last checkpoint "
-                f"under {self.run_dir / 'checkpoints'} is intact (resume with --resume {self.run_dir})"
+                f"{common.intact_note(self.run_dir)}"
             )
         else:
             self.opt.step()
@@ -376,15 +483,30 @@ class Trainer:
             raise common.TrainingStopped(
                 f"non-finite rollout at iteration {self.iteration + 1}: {lat} of {total} latents and {img} "
                 f"decoded images hold NaN/inf{where} (with --models.dtype float16/bfloat16 try float32); "
-                f"the last checkpoint under {self.run_dir / 'checkpoints'} is intact"
+                f"{common.intact_note(self.run_dir)}"
             )
 
     def progress(self, it, desc):
         if not self.cfg.log.progress or not self.dist.is_main:
-            return it
+            return self._stop_points(it, desc)
         from tqdm.auto import tqdm
 
-        return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+        return self._stop_points(tqdm(it, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr), desc)
+
+    def _stop_points(self, iterable, desc):
+        """A rollout's micro-batch boundaries are where a stop signal abandons the iteration: nothing has been
+        updated yet (the loop then checkpoints the previous iteration's state).  Single process only: ranks
+        would have to agree on the boundary, so under torchrun the iteration is finished instead."""
+        if desc != "rollout" or self.dist.enabled:
+            return iterable
+
+        def checked():
+            for item in iterable:
+                if self.interrupt.requested:
+                    raise common.IterationAbandoned
+                yield item
+
+        return checked()
 
     def evaluate(self, it, clock, metrics, base=False) -> None:
         """Held-out evaluation (eval-EMA weights, CFG-free); with ``base`` also the base model with CFG."""
@@ -398,65 +520,89 @@ class Trainer:
                 )
                 vals.update({f"eval/base_cfg/{k}": v for k, v in base_res.items()})
         metrics.log(it, clock(), vals)
+        self.last_eval = it
         partial = f" | partial {vals['eval/score_partial']:.3f}" if "eval/score_partial" in vals else ""
         extra = f" | base CFG {vals['eval/base_cfg/score']:.3f}" if base else ""
         self.say(f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra}", flush=True)
 
+    # --- stopping -------------------------------------------------------------------------------------------
+    def checkpoint_now(self, clock):
+        """A checkpoint of the current iteration (unless this process already wrote or loaded it) -> its path
+        (its directory under FSDP2)."""
+        if self.saved_iteration != self.iteration:
+            self.save_checkpoint(self.iteration, clock())
+        ext = "dcp" if self.dist.fsdp_root is not None else "pt"
+        return self.run_dir / "checkpoints" / f"iter_{self.iteration:06d}.{ext}"
+
+    def stop_on_signal(self, clock):
+        """Checkpoint the completed iteration, end the run with :class:`common.Interrupted` (exit code 3)."""
+        path = self.checkpoint_now(clock)
+        raise common.Interrupted(
+            f"interrupted: checkpoint of iteration {self.iteration} written to {path} "
+            f"({self.interrupt.signame or 'stop signal'}); continue with --resume {self.run_dir}"
+        )
+
     # --- the loop -------------------------------------------------------------------------------------------
     def run(self, metrics: common.MetricsLogger) -> None:
+        """Iterate until ``--max-iters`` / ``--max-minutes``, evaluating and checkpointing on schedule.  A
+        stop signal (see :class:`common.GracefulInterrupt`) ends the run at the next iteration boundary with a
+        checkpoint and :class:`common.Interrupted`; no off-schedule evaluation is added."""
         cfg, dist = self.cfg, self.dist
+        self.metrics = metrics
         clock = common.Stopwatch(self.elapsed_offset)
         t_start = time.perf_counter()
         iter_times = []
-        if self.iteration == 0:
+        if self.iteration == 0 and self.last_eval is None:
             self.evaluate(0, clock, metrics, base=True)
-        with common.GracefulInterrupt() as interrupt:
-            while cfg.max_iters is None or self.iteration < cfg.max_iters:
-                out_of_time = (
-                    cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes
+        while True:
+            if dist.any(self.interrupt.requested):  # every rank stops at the same iteration
+                self.stop_on_signal(clock)
+            if cfg.max_iters is not None and self.iteration >= cfg.max_iters:
+                break
+            out_of_time = (
+                cfg.max_minutes is not None and (time.perf_counter() - t_start) / 60 >= cfg.max_minutes
+            )
+            if dist.any(out_of_time):
+                self.say(f"stopping: --max-minutes {cfg.max_minutes} reached", flush=True)
+                break
+            it = self.iteration + 1
+            t0 = time.perf_counter()
+            self.policy.take_nonfinite()  # count this iteration's rollouts only (not the evaluation's)
+            try:
+                vals, summary = self.train_iteration(it)
+            except common.IterationAbandoned:  # a stop signal during the rollout: nothing was updated
+                self.say(f"{self.interrupt.signame}: iteration {it}'s rollout abandoned", flush=True)
+                continue
+            except RewardError as e:  # raised before any update: the state is still iteration it - 1
+                path = self.checkpoint_now(clock)
+                raise common.TrainingStopped(
+                    f"{e}. Checkpoint of iteration {self.iteration} written to {path}; "
+                    f"resume with --resume {self.run_dir}"
+                ) from None
+            vals = dist.reduce_metrics(vals)
+            if not math.isfinite(vals.get("train/loss", 0.0)):
+                raise common.TrainingStopped(
+                    f"non-finite loss at iteration {it}; {common.intact_note(self.run_dir)}"
                 )
-                if dist.any(out_of_time):  # every rank stops at the same iteration
-                    self.say(f"stopping: --max-minutes {cfg.max_minutes} reached", flush=True)
-                    break
-                it = self.iteration + 1
-                t0 = time.perf_counter()
-                self.policy.take_nonfinite()  # count this iteration's rollouts only (not the evaluation's)
-                try:
-                    vals, summary = self.train_iteration(it)
-                except RewardError as e:  # raised before any update: the state is still iteration it - 1
-                    self.save_checkpoint(self.iteration, clock())
-                    raise common.TrainingStopped(
-                        f"{e}. Checkpoint of iteration {self.iteration} written to "
-                        f"{self.run_dir / 'checkpoints'}; resume with --resume {self.run_dir}"
-                    ) from None
-                vals = dist.reduce_metrics(vals)
-                if not math.isfinite(vals.get("train/loss", 0.0)):
-                    raise common.TrainingStopped(
-                        f"non-finite loss at iteration {it}; the last checkpoint under "
-                        f"{self.run_dir / 'checkpoints'} is intact"
-                    )
-                self.iteration = it
-                iter_times.append(time.perf_counter() - t0)
-                vals["train/iter_s"] = iter_times[-1]
-                metrics.log(it, clock(), vals)
-                self.say(
-                    f"iter {it:4d} | {summary} | {iter_times[-1]:.1f}s | {clock() / 60:.1f} min", flush=True
-                )
-                if it % cfg.eval.every == 0:
-                    self.evaluate(it, clock, metrics)
-                stop = dist.any(interrupt.requested)
-                if it % cfg.log.checkpoint_every == 0 or stop:
-                    self.save_checkpoint(it, clock())
-                if stop:
-                    self.say(
-                        f"interrupted: checkpoint of iteration {it} written; "
-                        f"resume with --resume {self.run_dir}"
-                    )
-                    break
-            # still under the Ctrl-C handler: a SIGINT here only asks for what happens anyway
-            if self.iteration % cfg.eval.every != 0:
-                self.evaluate(self.iteration, clock, metrics)
+            self.iteration = it
+            iter_times.append(time.perf_counter() - t0)
+            vals["train/iter_s"] = iter_times[-1]
+            metrics.log(it, clock(), vals)
+            self.say(
+                f"iter {it:4d} | {summary} | {iter_times[-1]:.1f}s | {clock() / 60:.1f} min", flush=True
+            )
+            if it % cfg.eval.every == 0:
+                self.evaluate(it, clock, metrics)
+            if it % cfg.log.checkpoint_every == 0:
+                self.save_checkpoint(it, clock())
+        # the run's end: a last evaluation unless this iteration has one, and a checkpoint that records it
+        if self.last_eval != self.iteration:
+            self.evaluate(self.iteration, clock, metrics)
             self.save_checkpoint(self.iteration, clock())
+        else:
+            self.checkpoint_now(clock)
+        if dist.any(self.interrupt.requested):  # a signal during the last evaluation: the run is whole anyway
+            self.stop_on_signal(clock)
         self.pool.shutdown()
         dev = self.policy.device
         mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
@@ -487,36 +633,174 @@ def check_finite_weights(policy: Policy, dist: Dist, iteration: int, run_dir) ->
         what = ", ".join(bad) if bad else "another rank's shards"
         raise common.TrainingStopped(
             f"refusing to write the checkpoint of iteration {iteration}: LoRA tensors hold NaN/inf ({what}); "
-            f"the last checkpoint under {common.Path(run_dir) / 'checkpoints'} is intact"
+            f"{common.intact_note(common.Path(run_dir))}"
+        )
+
+
+# Options --resume applies: they change how the run is carried out (budgets, threads, device, logging, the
+# evaluation and checkpoint cadence, memory-bound micro-batching), not what it trains.  Every other option is
+# refused by name when it differs from the run's config.json; config.json itself must match the checkpoint in
+# every other field (an edited LoRA rank would not fit the saved tensors).
+RESUME_SAFE = frozenset(
+    {
+        "max_iters",
+        "max_minutes",
+        "threads",
+        "device",
+        "log.progress",
+        "log.loggers",
+        "log.checkpoint_every",
+        "eval.every",
+        "eval.batch",
+        "eval.grid_images",
+        "sample.rollout_batch",
+        "sample.forward_chunk",
+        "dist.timeout_s",
+        "dist.fsdp_reshard",
+    }
+)
+# Recorded but not compared with the checkpoint: where the run lives, and grad_accum, which a resume on
+# another world size rescales (see rescale_accumulation).
+_NOT_COMPARED = frozenset({"run_dir", "resume", "overwrite", "train.grad_accum"})
+
+
+def _say_main(*args) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, flush=True)
+
+
+def resume_config(config_cls, argv: list[str], resume: str, *, say=_say_main):
+    """The config of the run in ``resume`` (its ``config.json``) with the options of ``argv`` applied where
+    :data:`RESUME_SAFE` allows (each said) -> ``(config, run directory)``.  An option that would change what
+    the run trains is refused by name; the run continues in ``resume`` wherever the directory now lives."""
+    run_dir = common.Path(resume)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(
+            f"--resume: expected an existing run directory, got {resume!r} (not a directory)"
+        )
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.exists():
+        raise ConfigError(f"--resume: expected {cfg_file} (the run's config), found none")
+    try:
+        data = json.loads(cfg_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{cfg_file}: expected the run's JSON config, got bytes that are not UTF-8 ({e})"
+        ) from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(
+            f"{cfg_file}: expected the run's JSON config, got invalid JSON ({e.msg} at line {e.lineno}, "
+            f"column {e.colno})"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cfg_file}: expected a JSON object (the run's config), got {type(data).__name__}")
+    try:
+        cfg = from_dict(config_cls, data)
+    except (ConfigError, TypeError) as e:
+        raise ConfigError(f"{cfg_file}: {e}") from None
+    recorded = cfg.run_dir
+    cfg.resume, cfg.run_dir, cfg.overwrite = None, str(run_dir), False
+    flags = {n for n, v in leaf_values(cfg).items() if isinstance(v, bool)}
+    applied = []
+    for key, raw in cli_pairs(argv, flags=flags):
+        name = key.lstrip("-").replace("-", "_")
+        if name == "resume":
+            continue
+        if name == "run_dir":
+            if common.Path(raw).resolve() != run_dir.resolve():
+                raise ConfigError(
+                    f"--run-dir: a resumed run continues in its own directory {run_dir}, got --run-dir {raw}"
+                )
+            continue
+        if name == "overwrite":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                raise ConfigError("--overwrite: starts a new run; expected it without --resume, got both")
+            continue
+        if name == "preset":
+            if raw != cfg.preset:
+                raise ConfigError(
+                    f"--preset: cannot change on --resume (the run in {run_dir} uses {cfg.preset!r}, "
+                    f"got {raw!r})"
+                )
+            continue
+        before = leaf_values(cfg).get(name)
+        set_field(cfg, key, raw)
+        after = leaf_values(cfg)[name]
+        if after == before:
+            continue
+        if name not in RESUME_SAFE:
+            safe = ", ".join(_opt(n) for n in sorted(RESUME_SAFE & set(leaf_values(cfg))))
+            raise ConfigError(
+                f"{_opt(name)}: cannot change on --resume: it changes what the run trains (the run in "
+                f"{run_dir} has {before!r}, got {after!r}); start a new run for it. --resume applies {safe}"
+            )
+        applied.append(f"{_opt(name)} {before} -> {after}")
+    if recorded and common.Path(recorded).resolve() != run_dir.resolve():
+        say(f"resume: {cfg_file} was written in {recorded}; the run continues in {run_dir}")
+    if applied:
+        say(f"resume: applying {', '.join(applied)}")
+    return cfg, run_dir
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = tuple(v) if isinstance(v, list) else v
+    return out
+
+
+def check_resumable(cfg, state: dict, path) -> None:
+    """``config.json`` (``cfg``) must be the config the checkpoint at ``path`` was trained with in every
+    field that shapes the run (an edited LoRA rank would not fit the saved tensors), and ``--max-iters`` must
+    not lie behind it."""
+    meta = state.get("meta", state)
+    saved = meta.get("config")
+    if isinstance(saved, dict):
+        then, now = _flat(saved), _flat(to_dict(cfg))
+        compared = [n for n in now if n in then and n not in RESUME_SAFE and n not in _NOT_COMPARED]
+        diffs = [
+            f"{name} is {now[name]!r} there but {then[name]!r} in the checkpoint"
+            for name in compared
+            if now[name] != then[name]
+        ]
+        if diffs:
+            raise ConfigError(
+                f"{common.Path(cfg.run_dir) / 'config.json'}: expected the config the checkpoint {path} was "
+                f"trained with, got a different one: {'; '.join(diffs)} (restore it, or start a new run)"
+            )
+    if cfg.max_iters is not None and cfg.max_iters < meta["iteration"]:
+        raise ConfigError(
+            f"--max-iters: expected at least the resumed iteration {meta['iteration']} ({path}), "
+            f"got {cfg.max_iters}"
         )
 
 
 def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) -> int:
-    """The command line of a training module: 0 done, 1 training stopped, 2 bad input (before any work)."""
+    """The command line of a training module; returns the exit code (see the module docstring)."""
     algo = trainer_cls.algo
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = parse_cli(
             config_cls, argv, prog=f"train.{algo}", description=doc.split("\n")[0], presets=presets
         )
         resume_dir = None
         if cfg.resume:
-            cfg_file = common.Path(cfg.resume) / "config.json"
-            if not cfg_file.exists():
-                raise ConfigError(f"--resume: expected {cfg_file}, found none")
-            overrides = {"max_iters": cfg.max_iters, "max_minutes": cfg.max_minutes}
-            cfg = dataclasses.replace(from_dict(config_cls, json.loads(cfg_file.read_text())), **overrides)
-            cfg.resume = None
-            resume_dir = common.Path(cfg.run_dir)
+            cfg, resume_dir = resume_config(config_cls, argv, cfg.resume)
         validate(cfg)
         validate_dist(cfg.dist, algo=algo)
         check_world_divides(cfg.sample.prompts_per_iter * cfg.sample.images_per_prompt, launched_world_size())
+        if resume_dir is None and cfg.run_dir:
+            common.check_new_run_dir(cfg.run_dir, overwrite=cfg.overwrite)
         reward = build_reward(
             cfg.reward,
             weights=cfg.reward_weights,
             aggregation=cfg.reward_aggregation,
             clip_path=cfg.reward_clip_path,
         )
-    except (ConfigError, ValueError, FileNotFoundError, PermissionError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
         return 2
@@ -526,6 +810,10 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
         torch.set_num_threads(cfg.threads)
     try:
         return _run(cfg, dist, reward, algo=algo, resume_dir=resume_dir, trainer_cls=trainer_cls)
+    except KeyboardInterrupt:  # Ctrl-C before the loop installed its handler: nothing was trained
+        if dist.is_main:
+            print("\ninterrupted before training started", file=sys.stderr, flush=True)
+        return 130
     except DistributedError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 1
@@ -577,24 +865,50 @@ def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> bool:
 
 
 def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
-    """Everything after the argument checks, on every rank; rank 0 owns the run directory and the metrics."""
-    err, run_dir = None, None
+    """Everything after the argument checks, on every rank; rank 0 owns the run directory (its lock, held
+    until this returns) and the metrics."""
+    report = (lambda msg: print(msg, file=sys.stderr, flush=True)) if dist.is_main else (lambda msg: None)
+    err, run_dir, lock = None, None, None
     if dist.is_main:
         try:
-            run_dir = common.prepare_run_dir(
-                cfg.run_dir, algo=algo, resume=str(resume_dir) if resume_dir else None
+            run_dir, lock = common.open_run_dir(
+                cfg.run_dir, algo=algo, resume=resume_dir, overwrite=cfg.overwrite, report=report
             )
-        except (FileNotFoundError, PermissionError) as e:
+        except (FileNotFoundError, FileExistsError, PermissionError, common.RunDirBusy) as e:
             err = str(e)
     err, run_dir = dist.all_gather_object((err, str(run_dir) if run_dir else None))[0]
     if err:
-        if dist.is_main:
-            print(f"error: {err}", file=sys.stderr)
+        report(f"error: {err}")
         return 2
-    run_dir = common.Path(run_dir)
+    try:
+        return _run_owned(cfg, dist, reward, common.Path(run_dir), resume_dir, trainer_cls, report)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report) -> int:
     cfg.run_dir = str(run_dir)
-    if dist.is_main:
-        common.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+    found = None
+    if resume_dir is not None:
+        try:
+            found = common.find_checkpoint(run_dir, report=report)
+            if found is not None:
+                check_resumable(cfg, found[1], found[0])
+        except (common.CheckpointError, ConfigError) as e:
+            report(f"error: {e}")
+            return 2
+        if found is None:
+            report(
+                f"resume: no checkpoint under {run_dir / 'checkpoints'} (the run stopped before its first): "
+                f"starting it over"
+            )
+    try:
+        if dist.is_main:
+            common.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
+    except common.WriteError as e:
+        report(f"error: {e}")
+        return 1
     torch.manual_seed(cfg.seed)
     device = dist.device(cfg.device)
     try:
@@ -612,42 +926,68 @@ def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
         evaluator = Evaluator(cfg.eval, seed=cfg.seed, reward=reward)
         trainer = trainer_cls(cfg, run_dir, policy, reward, evaluator, dist=dist)
     except (ConfigError, ValueError) as e:
-        if dist.is_main:
-            print(f"error: {e}", file=sys.stderr)
+        report(f"error: {e}")
         return 2
     resume_iter = None
-    if resume_dir is not None:
+    if found is not None:
+        path, state = found
         try:
-            state = common.load_checkpoint(run_dir)
             trainer.load_state_dict(state)
         except ValueError as e:
-            if dist.is_main:
-                print(f"error: {e}", file=sys.stderr)
+            report(f"error: {e}")
+            return 2
+        except RuntimeError as e:  # tensors that do not fit the model (a distributed failure is re-raised)
+            if dist.enabled:
+                raise
+            report(f"error: --resume: {path} does not fit the model of {run_dir / 'config.json'}: {e}")
             return 2
         if rescale_accumulation(cfg, state.get("meta", state).get("world_size", 1), dist.world, trainer.say):
             if dist.is_main:  # a later --resume reads the rescaled value with this world size
                 common.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
         resume_iter = trainer.iteration
-        trainer.say(f"resumed {run_dir} at iteration {trainer.iteration}", flush=True)
-    if dist.is_main:
-        metrics = common.MetricsLogger(
-            run_dir, loggers=cfg.log.loggers, config=to_dict(cfg), resume_iteration=resume_iter
-        )
-    else:
-        metrics = common.NullMetricsLogger()
+        trainer.say(f"resumed {run_dir} at iteration {trainer.iteration} ({path.name})", flush=True)
+    elif resume_dir is not None:
+        resume_iter = -1  # from the start: every row is logged again
+    try:
+        if dist.is_main:
+            metrics = common.MetricsLogger(
+                run_dir,
+                loggers=cfg.log.loggers,
+                config=to_dict(cfg),
+                resume_iteration=resume_iter,
+                report=report,
+            )
+        else:
+            metrics = common.NullMetricsLogger()
+    except common.WriteError as e:
+        report(f"error: {e}")
+        return 1
     extra = trainer.describe()
     procs = f" | {dist.world} processes ({cfg.dist.strategy})" if dist.enabled else ""
-    trainer.say(
-        f"run dir: {run_dir} | device {device} | preset {cfg.preset} | reward {cfg.reward}"
-        f"{' | ' + extra if extra else ''}{procs}",
-        flush=True,
-    )
     try:
-        trainer.run(metrics)
+        with common.GracefulInterrupt(verbose=dist.is_main) as interrupt:
+            trainer.interrupt = interrupt
+            trainer.say(
+                f"run dir: {run_dir} | device {device} | preset {cfg.preset} | reward {cfg.reward}"
+                f"{' | ' + extra if extra else ''}{procs}",
+                flush=True,
+            )
+            trainer.run(metrics)
     except common.TrainingStopped as e:
-        if dist.is_main:
-            print(f"error: training stopped: {e}", file=sys.stderr)
+        report(f"error: training stopped: {e}")
         return 1
+    except common.Interrupted as e:
+        trainer.say(str(e), flush=True)
+        return common.INTERRUPTED_EXIT
+    except OSError as e:  # a failed write (disk full, I/O error): WriteError names the file, others do too
+        report(f"error: {e}; {common.intact_note(run_dir)}")
+        return 1
+    except KeyboardInterrupt as e:  # a second stop signal
+        code = e.exit_code if isinstance(e, common.Aborted) else 130
+        name = e.args[0] if isinstance(e, common.Aborted) else "SIGINT"
+        report(f"\naborted by a second {name}: {common.intact_note(run_dir)}")
+        return code
     finally:
         metrics.close()
+        trainer.pool.shutdown(wait=False, cancel_futures=True)
     return 0

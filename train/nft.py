@@ -144,6 +144,11 @@ def validate(cfg: NFTConfig) -> None:
         ]
     )
     check_steps_per_iter(cfg, launched_world_size())
+    if sc.images_per_prompt < 2:
+        raise ConfigError(
+            f"--sample.images-per-prompt: expected an integer >= 2 (advantages are centred within each "
+            f"prompt's group: with one image every advantage is 0), got {sc.images_per_prompt}"
+        )
     if tc.beta <= 0:
         raise ConfigError(f"--train.beta: expected a value > 0, got {tc.beta}")
     if tc.adv_clip_max <= 0:
