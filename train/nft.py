@@ -143,12 +143,12 @@ def validate(cfg: NFTConfig) -> None:
             ("--train.steps-per-iter", tc.steps_per_iter),
         ]
     )
-    check_steps_per_iter(cfg, launched_world_size())
     if sc.images_per_prompt < 2:
         raise ConfigError(
             f"--sample.images-per-prompt: expected an integer >= 2 (advantages are centred within each "
             f"prompt's group: with one image every advantage is 0), got {sc.images_per_prompt}"
         )
+    check_steps_per_iter(cfg, launched_world_size())
     if tc.beta <= 0:
         raise ConfigError(f"--train.beta: expected a value > 0, got {tc.beta}")
     if tc.adv_clip_max <= 0:
@@ -175,7 +175,8 @@ def check_steps_per_iter(cfg: NFTConfig, world: int) -> None:
         ranks = f" / {world} processes" if world > 1 else ""
         raise ConfigError(
             f"--train.steps-per-iter: expected a divisor of the images per iteration{ranks} "
-            f"(--sample.prompts-per-iter x --sample.images-per-prompt = {n}{ranks} = {n // world}), got {s}"
+            f"(--sample.prompts-per-iter x --sample.images-per-prompt = {n}"
+            f"{f'{ranks} = {n // world}' if world > 1 else ''}), got {s}"
         )
 
 
