@@ -62,7 +62,7 @@ class RunConfig:
 
     preset: str = field(default="tiny", metadata={"help": "named setup (see the preset list above)"})
     model: str | None = _h(
-        "local diffusers directory (SD3/SD3.5/FLUX pipeline or transformer; UNet for DDPO)"
+        "local diffusers pipeline directory (SD3/SD3.5/FLUX; an SD1.5-style UNet pipeline for DDPO)"
     )
     prompts: str | None = _h("training prompts for a --model run: a text file, one prompt per line")
     eval_prompts: str | None = _h("held-out prompts for a --model run (default: --prompts)")
@@ -70,7 +70,13 @@ class RunConfig:
         default=(),
         metadata={"help": "embedded default only: GenEval-mini task types to train and evaluate on (all)"},
     )
-    reward: str = field(default="geneval_mini", metadata={"help": "reward name(s), comma separated"})
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "reward name(s), comma separated (default: geneval_mini on the embedded default; "
+            "a --model run names its own, e.g. jpeg_compressibility or clip_score)"
+        },
+    )
     reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "one weight per reward"})
     reward_aggregation: str = field(default="zmean", metadata={"help": "zmean, min or mean_minus_std"})
     reward_clip_path: str | None = _h("local CLIP directory for the clip_score reward")
@@ -105,9 +111,30 @@ def check_at_least_one(pairs) -> None:
             raise ConfigError(f"{name}: expected an integer >= 1, got {val}")
 
 
-def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
-    """The checks every loop shares, run before any work: device, and for a ``--model`` run (or a preset other
-    than ``embedded_presets``, which run the embedded default) the model directory and the prompt files."""
+def resolve_reward(cfg: RunConfig, *, embedded: bool) -> None:
+    """``--reward``'s default is the embedded default's benchmark (GenEval-mini), which scores its own prompt
+    records only: a ``--model`` run must name a reward for its text prompts."""
+    geneval = ("geneval_mini", "geneval_mini_partial")
+    if cfg.reward is None:
+        if not embedded:
+            raise ConfigError(
+                "--reward: expected a reward for a --model run's prompts (e.g. jpeg_compressibility, or "
+                "clip_score with --reward-clip-path), got none (the default, geneval_mini, scores only the "
+                "embedded default's GenEval-mini prompts)"
+            )
+        cfg.reward = "geneval_mini"
+    names = [n.strip() for n in cfg.reward.split(",")]
+    if not embedded and any(n in geneval for n in names):
+        raise ConfigError(
+            f"--reward: expected a reward for a --model run's text prompts (e.g. jpeg_compressibility or "
+            f"clip_score), got {cfg.reward!r} (GenEval-mini scores only the embedded default's prompts)"
+        )
+
+
+def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = False) -> None:
+    """The checks every loop shares, run before any work: device, the reward, and for a ``--model`` run (or a
+    preset other than ``embedded_presets``, which run the embedded default) the model directory (a UNet only
+    where ``unet_ok``: DDPO) and the prompt files."""
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
     if cfg.threads < 0:
@@ -132,9 +159,10 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
                 f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
             )
     if not embedded:
-        check_model_path(cfg.model, preset=cfg.preset)
+        check_model_path(cfg.model, preset=cfg.preset, unet_ok=unet_ok)
         read_prompt_file(cfg.prompts, "--prompts")
         read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
+    resolve_reward(cfg, embedded=embedded)
 
 
 class Trainer:
