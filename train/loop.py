@@ -20,6 +20,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -279,11 +280,22 @@ class Trainer:
                 is_main=self.dist.is_main,
                 barrier=self.dist.barrier,
             )
+            self.export_adapters()  # every rank: the shards are gathered
             return
         state = self.state_dict(elapsed)
         if self.dist.is_main:
             common.save_checkpoint(self.run_dir, iteration, state)
+            self.export_adapters()
         self.dist.barrier()
+
+    def export_adapters(self) -> None:
+        """The trained adapter and its evaluation EMA in diffusers' LoRA format, ``<run>/lora/`` and
+        ``<run>/lora_ema/`` (``pytorch_lora_weights.safetensors``; ``pipe.load_lora_weights(dir)``)."""
+        from .export import LORA_DIR, LORA_EMA_DIR, export_adapters
+
+        export_adapters(
+            self.policy, self.run_dir / LORA_DIR, self.run_dir / LORA_EMA_DIR, write=self.dist.is_main
+        )
 
     def say(self, *args, **kwargs) -> None:
         """``print`` on rank 0 only."""
@@ -351,7 +363,8 @@ class Trainer:
         self.policy.update_eval_ema(self.opt_step)
 
     def progress(self, it, desc):
-        if not self.cfg.log.progress or not self.dist.is_main:
+        """tqdm bars on rank 0 when stderr is a terminal; a log file gets the one line per iteration only."""
+        if not self.cfg.log.progress or not self.dist.is_main or not sys.stderr.isatty():
             return it
         from tqdm.auto import tqdm
 
@@ -428,15 +441,54 @@ class Trainer:
                 self.evaluate(self.iteration, clock, metrics)
             self.save_checkpoint(self.iteration, clock())
         self.pool.shutdown()
-        dev = self.policy.device
-        mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
-        world = f" x {dist.world} processes" if dist.enabled else ""
-        self.say(
-            f"done: {self.iteration} iterations, {clock() / 60:.1f} min, {mean_it:.2f} s/iteration{world}, "
-            f"peak memory {common.peak_memory_mb(dev):.0f} MB "
-            f"({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})",
-            flush=True,
+        if dist.is_main:
+            print(summarise_run(self, metrics_path=metrics.path, minutes=clock() / 60, iter_times=iter_times),
+                  flush=True)
+
+
+def summarise_run(trainer: Trainer, *, metrics_path, minutes: float, iter_times: list[float]) -> str:
+    """The verdict a run ends with: the held-out score before -> after (eval-EMA weights, CFG-free), the base
+    model with CFG, minutes, seconds per iteration, peak memory, and where the sample grids and the exported
+    LoRA are.  Scores come from ``metrics.jsonl`` (a resumed run reports from its first evaluation)."""
+    from .export import LORA_DIR, LORA_EMA_DIR
+
+    run_dir, dist, dev = trainer.run_dir, trainer.dist, trainer.policy.device
+    evals = []
+    if metrics_path is not None and Path(metrics_path).exists():
+        evals = [m for m in common.read_metrics(Path(metrics_path).parent) if m.get("eval/score") is not None]
+    mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
+    world = f" x {dist.world} processes" if dist.enabled else ""
+    mem = f"{common.peak_memory_mb(dev):.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})"
+    lines = [
+        f"done: {trainer.iteration} iterations, {minutes:.1f} min, {mean_it:.2f} s/iteration{world}, "
+        f"peak memory {mem}"
+    ]
+    samples = run_dir / "samples"
+    if evals:
+        first, last = evals[0], evals[-1]
+        what = "GenEval-mini" if "eval/score_partial" in last else f"reward {trainer.cfg.reward}"
+        a, b = first["eval/score"], last["eval/score"]
+        line = (
+            f"held-out score ({what}, eval EMA, CFG-free): {a:.3f} at iteration {first['iteration']} -> "
+            f"{b:.3f} at iteration {last['iteration']} ({b - a:+.3f})"
         )
+        bases = [m["eval/base_cfg/score"] for m in evals if m.get("eval/base_cfg/score") is not None]
+        base = bases[0] if bases else None
+        if base is not None:
+            line += f"; base model with CFG {trainer.cfg.eval.cfg_scale:g}: {base:.3f}"
+        lines.append(line)
+        grids = [samples / f"iter_{m['iteration']:06d}.png" for m in (first, last)]
+        grids = [str(g) for g in dict.fromkeys(grids) if g.exists()]
+        if (samples / "base_cfg.png").exists():
+            grids.append(f"{samples / 'base_cfg.png'} (base with CFG)")
+        lines.append(f"samples: {', '.join(grids) or samples}")
+    else:
+        lines.append(f"held-out score: none measured in this run; samples: {samples}")
+    lines.append(
+        f"LoRA: {run_dir / LORA_DIR} (trained), {run_dir / LORA_EMA_DIR} (eval EMA, the scored weights); "
+        f"load with pipe.load_lora_weights(DIR)"
+    )
+    return "\n".join(lines)
 
 
 def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) -> int:
