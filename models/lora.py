@@ -321,8 +321,9 @@ def _pipeline(model: nn.Module):
 
 def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
     """Adapter ``adapter``'s weights under peft's own names (``get_peft_model_state_dict``: the module path
-    and ``lora_A.weight`` / ``lora_B.weight``, no adapter name), as whole CPU tensors.  Under FSDP2 the
-    parameters are sharded DTensors and each is gathered: then every rank must call this, in the same order.
+    and ``lora_A.weight`` / ``lora_B.weight``, no adapter name), as whole CPU copies (a snapshot: peft returns
+    the live parameters, which e.g. an EMA swap restores afterwards).  Under FSDP2 the parameters are sharded
+    DTensors and each is gathered: then every rank must call this, in the same order.
     """
     from peft.utils import get_peft_model_state_dict
 
@@ -333,7 +334,7 @@ def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, tor
         v = v.detach()
         if hasattr(v, "full_tensor"):
             v = v.full_tensor()
-        out[k] = v.cpu().contiguous()
+        out[k] = v.to("cpu", copy=True).contiguous()
     return out
 
 

@@ -1,4 +1,4 @@
-"""Every run exports its adapter in diffusers' LoRA format: one iteration of train.nft through its command line
+"""Every run exports its adapter in diffusers' LoRA format: one iteration of train.nft through its CLI
 on tiny random SD3 and FLUX pipelines (train.ddpo on an SD1.5-style UNet one), then the exported
 ``<run>/lora`` and ``<run>/lora_ema`` loaded into a fresh pipeline instance with ``pipe.load_lora_weights``
 give the pipeline's denoiser the engine's adapter output on the same inputs; ``python -m train.export`` writes
