@@ -568,6 +568,16 @@ def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> bool:
         return False
 
 
+def _no_library_progress_bars() -> None:
+    """diffusers' and transformers' loading bars (``Loading pipeline components...``) write carriage returns:
+    off when the output is a log file, like the loop's own bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
     """Everything after the argument checks, on every rank; rank 0 owns the run directory and the metrics."""
     err, run_dir = None, None
@@ -588,6 +598,8 @@ def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
     if dist.is_main:
         common.atomic_write_text(run_dir / "config.json", json.dumps(to_dict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
+    if not sys.stderr.isatty():
+        _no_library_progress_bars()
     device = dist.device(cfg.device)
     try:
         policy = build_policy(

@@ -65,8 +65,11 @@ def _max_ulp_tol(want: torch.Tensor, reduction: int) -> float:
 def test_exported_lora_loads_into_a_diffusers_pipeline(tmp_path, capsys, family):
     pipe_cls, root, prompts = _pipeline(family, tmp_path)
     run = tmp_path / "run"
+    capsys.readouterr()
     _train_one_iteration(family, root, prompts, run)
-    out = capsys.readouterr().out
+    cap = capsys.readouterr()
+    out = cap.out
+    assert "\r" not in cap.err  # no loading bars from diffusers / transformers in a log
     assert f"LoRA: {run / 'lora'} (trained), {run / 'lora_ema'} (eval EMA" in out
     assert "held-out score (reward jpeg_compressibility" in out
 
