@@ -312,7 +312,10 @@ class EMA:
 def _pipeline(model: nn.Module):
     import diffusers
 
-    cls_name = type(model).__name__
+    # FSDP2's fully_shard swaps in a subclass (FSDPSD3Transformer2DModel): look the class up through the MRO
+    cls_name = next(
+        (c.__name__ for c in type(model).__mro__ if c.__name__ in _PIPELINES), type(model).__name__
+    )
     if cls_name not in _PIPELINES:
         raise ValueError(f"model: expected one of {sorted(_PIPELINES)} for LoRA save/load, got {cls_name}")
     pipe_name, prefix = _PIPELINES[cls_name]

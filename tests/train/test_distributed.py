@@ -290,6 +290,16 @@ def test_fsdp2_on_cpu_matches_ddp_and_resumes(nft_runs, tmp_path):
     for it in (1, 2):
         for k in ("train/reward_mean", "train/loss"):
             assert ma[it][k] == pytest.approx(mb[it][k], rel=1e-4, abs=1e-7), (it, k)
+    # the sharded adapter is gathered and exported whole, named as the DDP run's, and the same update up to
+    # reduction order (1% of the relative Frobenius norm, as _assert_same_run)
+    from safetensors.torch import load_file
+
+    for sub in ("lora", "lora_ema"):
+        a = load_file(run / sub / "pytorch_lora_weights.safetensors")
+        b = load_file(nft_runs / "ddp" / sub / "pytorch_lora_weights.safetensors")
+        assert a.keys() == b.keys() and a
+        diff = torch.cat([(a[k] - b[k]).flatten() for k in a]).norm()
+        assert diff < 0.01 * torch.cat([b[k].flatten() for k in b]).norm(), sub
 
 
 def test_a_killed_rank_ends_the_job(tmp_path):
