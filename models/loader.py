@@ -31,20 +31,21 @@ def _read_json(path: Path) -> dict:
     return data
 
 
-def resolve_model_dir(path: str | Path) -> tuple[Path, str]:
+def resolve_model_dir(path: str | Path, *, option: str = "path_or_preset") -> tuple[Path, str]:
     """``(directory holding config.json + weights, diffusers class name)`` for a pipeline or model folder.
 
     A pipeline folder has ``model_index.json`` and a ``transformer/`` (or ``unet/``) subfolder; a model folder
-    has a ``config.json`` whose ``_class_name`` is one of :data:`SUPPORTED_CLASSES`.
+    has a ``config.json`` whose ``_class_name`` is one of :data:`SUPPORTED_CLASSES`.  ``option`` names the
+    argument in errors (``--model`` for the command line).
     """
     root = Path(path).expanduser()
     if not root.exists():
-        raise FileNotFoundError(
-            f"path_or_preset: expected a local diffusers directory or a preset ({', '.join(PRESETS)}), "
-            f"got {str(path)!r}, which does not exist"
-        )
+        what = "a local diffusers directory"
+        if option == "path_or_preset":
+            what += f" or a preset ({', '.join(PRESETS)})"
+        raise FileNotFoundError(f"{option}: expected {what}, got {str(path)!r}, which does not exist")
     if not root.is_dir():
-        raise ValueError(f"path_or_preset: expected a directory, got the file {str(root)!r}")
+        raise ValueError(f"{option}: expected a directory, got the file {str(root)!r}")
     if (root / "model_index.json").is_file():
         index = _read_json(root / "model_index.json")
         component = next((c for c in _DENOISER_COMPONENTS if index.get(c) and index[c][0] is not None), None)
@@ -63,7 +64,7 @@ def resolve_model_dir(path: str | Path) -> tuple[Path, str]:
         model_dir = root
     else:
         raise FileNotFoundError(
-            f"path_or_preset: expected {str(root)!r} to hold model_index.json (a diffusers pipeline) or "
+            f"{option}: expected {str(root)!r} to hold model_index.json (a diffusers pipeline) or "
             "config.json (a diffusers model), found neither"
         )
     config = _read_json(model_dir / "config.json")

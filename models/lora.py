@@ -329,30 +329,56 @@ class EMA:
 def _pipeline(model: nn.Module):
     import diffusers
 
-    cls_name = type(model).__name__
+    # FSDP2's fully_shard swaps in a subclass (FSDPSD3Transformer2DModel): look the class up through the MRO
+    cls_name = next(
+        (c.__name__ for c in type(model).__mro__ if c.__name__ in _PIPELINES), type(model).__name__
+    )
     if cls_name not in _PIPELINES:
         raise ValueError(f"model: expected one of {sorted(_PIPELINES)} for LoRA save/load, got {cls_name}")
     pipe_name, prefix = _PIPELINES[cls_name]
     return getattr(diffusers, pipe_name), prefix
 
 
-def save_lora(model: nn.Module, path: str | Path, adapter: str = "default") -> Path:
-    """Write adapter ``adapter`` to ``path/pytorch_lora_weights.safetensors`` the way diffusers pipelines save
-    LoRAs (keys ``transformer.<module>.lora_A.weight``; rank/alpha in the metadata), so
-    ``StableDiffusion3Pipeline.load_lora_weights(path)`` / ``FluxPipeline.load_lora_weights(path)`` load it.
+def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
+    """Adapter ``adapter``'s weights under peft's own names (``get_peft_model_state_dict``: the module path
+    and ``lora_A.weight`` / ``lora_B.weight``, no adapter name), as whole CPU copies (a snapshot: peft returns
+    the live parameters, which e.g. an EMA swap restores afterwards).  Under FSDP2 the parameters are sharded
+    DTensors and each is gathered: then every rank must call this, in the same order.
     """
     from peft.utils import get_peft_model_state_dict
 
     _check_adapter(model, adapter, "adapter")
-    pipe_cls, prefix = _pipeline(model)
     state = get_peft_model_state_dict(model, adapter_name=adapter)
-    state = {k: v.detach().contiguous() for k, v in state.items()}
+    out = {}
+    for k, v in state.items():
+        v = v.detach()
+        if hasattr(v, "full_tensor"):
+            v = v.full_tensor()
+        out[k] = v.to("cpu", copy=True).contiguous()
+    return out
+
+
+def write_lora(model: nn.Module, state: dict[str, torch.Tensor], path: str | Path,
+               adapter: str = "default") -> Path:
+    """Write ``state`` (from :func:`lora_state_dict`) with the pipeline class's own ``save_lora_weights``
+    (it adds the component prefix, ``transformer.`` or ``unet.``, and the adapter's rank/alpha as metadata)
+    to ``path/pytorch_lora_weights.safetensors``."""
+    pipe_cls, prefix = _pipeline(model)
     metadata = model.peft_config[adapter].to_dict()
     path = Path(path)
     pipe_cls.save_lora_weights(
         path, **{f"{prefix}_lora_layers": state, f"{prefix}_lora_adapter_metadata": metadata}
     )
     return path / LORA_WEIGHT_NAME
+
+
+def save_lora(model: nn.Module, path: str | Path, adapter: str = "default") -> Path:
+    """Write adapter ``adapter`` to ``path/pytorch_lora_weights.safetensors`` the way diffusers pipelines save
+    LoRAs (keys ``transformer.<module>.lora_A.weight``; rank/alpha in the metadata), so
+    ``StableDiffusion3Pipeline.load_lora_weights(path)`` / ``FluxPipeline.load_lora_weights(path)`` load it
+    (``StableDiffusionPipeline`` for a UNet).
+    """
+    return write_lora(model, lora_state_dict(model, adapter), path, adapter)
 
 
 def load_lora(model: nn.Module, path: str | Path, adapter: str = "default") -> nn.Module:

@@ -144,11 +144,27 @@ def from_dict(cls, data: dict):
     return cls(**kwargs)
 
 
-def format_help(cfg, prog: str, description: str, presets: dict[str, Callable]) -> str:
+def _preset_in(argv: list[str]) -> str | None:
+    """The last ``--preset NAME`` / ``--preset=NAME`` in ``argv`` (None without one)."""
+    found = None
+    for i, tok in enumerate(argv):
+        if tok.startswith("--") and _normalise(tok.split("=", 1)[0]) == "preset":
+            if "=" in tok:
+                found = tok.split("=", 1)[1]
+            elif i + 1 < len(argv):
+                found = argv[i + 1]
+    return found
+
+
+def format_help(
+    cfg, prog: str, description: str, presets: dict[str, Callable], shown: str | None = None
+) -> str:
+    """``--help``: every option with its value in ``cfg`` (the preset ``shown``, default the first one)."""
+    shown = shown or next(iter(presets))
     lines = [f"usage: python -m {prog} [--preset NAME] [--option VALUE ...]", "", description, ""]
     lines.append(f"presets: {', '.join(presets)} (default: {next(iter(presets))})")
     lines.append("")
-    lines.append("options (default in brackets):")
+    lines.append(f"options (in brackets: the value under --preset {shown}):")
     for name, f, owner, _ in _iter_fields(cfg):
         default = getattr(owner, f.name)
         flag = "--" + name.replace("_", "-")
@@ -188,7 +204,13 @@ def parse_cli(cls, argv: list[str] | None, *, prog: str, description: str, prese
     """Parse ``argv`` into an instance of ``cls``: ``--preset`` first, then every override in order."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print(format_help(presets[next(iter(presets))](), prog, description, presets))
+        name = _preset_in(argv) or next(iter(presets))
+        if name not in presets:
+            raise ConfigError(f"--preset: expected one of {', '.join(presets)}, got {name!r}")
+        cfg = presets[name]()
+        if hasattr(cfg, "preset"):
+            cfg.preset = name
+        print(format_help(cfg, prog, description, presets, shown=name))
         raise SystemExit(0)
     pairs = cli_pairs(argv, flags=_bool_options(presets[next(iter(presets))]()))
     preset = next(iter(presets))

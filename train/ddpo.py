@@ -143,7 +143,7 @@ def validate(cfg: DDPOConfig) -> None:
             f"--train.stat-buffer / --train.stat-min-count: expected integers >= 1, "
             f"got {tc.stat_buffer} / {tc.stat_min_count}"
         )
-    validate_common(cfg, embedded_presets=("tiny", "dpok"))
+    validate_common(cfg, embedded_presets=("tiny", "dpok"), unet_ok=True)
 
 
 class DDPOTrainer(PolicyGradientTrainer):

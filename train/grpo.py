@@ -63,8 +63,15 @@ class GRPOTrainConfig(PGTrainConfig):
 
 
 @dataclass
+class GRPOSampleConfig(PGSampleConfig):
+    solver: str = field(
+        default="flow-sde", metadata={"help": "rollout SDE: flow-sde or cps (Flow-GRPO runs flow models)"}
+    )
+
+
+@dataclass
 class GRPOConfig(PGRunConfig):
-    sample: PGSampleConfig = field(default_factory=PGSampleConfig)
+    sample: GRPOSampleConfig = field(default_factory=GRPOSampleConfig)
     train: GRPOTrainConfig = field(default_factory=GRPOTrainConfig)
 
 
@@ -85,7 +92,7 @@ def preset_sd35m() -> GRPOConfig:
     (noise level 0.7) with CFG 4.5 for training, 40 steps for evaluation; LoRA r 32 / alpha 64."""
     cfg = GRPOConfig(preset="sd3.5-m", reward="clip_score", max_iters=1000)
     cfg.models = ModelConfig(dtype="bfloat16", lora_rank=32, lora_alpha=64.0)
-    cfg.sample = PGSampleConfig(
+    cfg.sample = GRPOSampleConfig(
         solver="flow-sde",
         num_steps=10,
         noise_level=0.7,

@@ -36,6 +36,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -87,7 +88,7 @@ class RunConfig:
 
     preset: str = field(default="tiny", metadata={"help": "named setup (see the preset list above)"})
     model: str | None = _h(
-        "local diffusers directory (SD3/SD3.5/FLUX pipeline or transformer; UNet for DDPO)"
+        "local diffusers pipeline directory (SD3/SD3.5/FLUX; an SD1.5-style UNet pipeline for DDPO)"
     )
     prompts: str | None = _h("training prompts for a --model run: a text file, one prompt per line")
     eval_prompts: str | None = _h("held-out prompts for a --model run (default: --prompts)")
@@ -95,7 +96,13 @@ class RunConfig:
         default=(),
         metadata={"help": "embedded default only: GenEval-mini task types to train and evaluate on (all)"},
     )
-    reward: str = field(default="geneval_mini", metadata={"help": "reward name(s), comma separated"})
+    reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "reward name(s), comma separated (default: geneval_mini on the embedded default; "
+            "a --model run names its own, e.g. jpeg_compressibility or clip_score)"
+        },
+    )
     reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "one weight per reward"})
     reward_aggregation: str = field(default="zmean", metadata={"help": "zmean, min or mean_minus_std"})
     reward_clip_path: str | None = _h("local CLIP directory for the clip_score reward")
@@ -138,11 +145,31 @@ def _opt(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
+def resolve_reward(cfg: RunConfig, *, embedded: bool) -> None:
+    """``--reward``'s default is the embedded default's benchmark (GenEval-mini), which scores its own prompt
+    records only: a ``--model`` run must name a reward for its text prompts."""
+    geneval = ("geneval_mini", "geneval_mini_partial")
+    if cfg.reward is None:
+        if not embedded:
+            raise ConfigError(
+                "--reward: expected a reward for a --model run's prompts (e.g. jpeg_compressibility, or "
+                "clip_score with --reward-clip-path), got none (the default, geneval_mini, scores only the "
+                "embedded default's GenEval-mini prompts)"
+            )
+        cfg.reward = "geneval_mini"
+    names = [n.strip() for n in cfg.reward.split(",")]
+    if not embedded and any(n in geneval for n in names):
+        raise ConfigError(
+            f"--reward: expected a reward for a --model run's text prompts (e.g. jpeg_compressibility or "
+            f"clip_score), got {cfg.reward!r} (GenEval-mini scores only the embedded default's prompts)"
+        )
+
+
+def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = False) -> None:
     """The checks every loop shares, run before any work: every number finite, budgets, threads, device, the
-    evaluation, logging and LoRA sections, the optimizer's and the sampler's common fields, and for a
-    ``--model`` run (or a preset other than ``embedded_presets``, which run the embedded default) the model
-    directory and the prompt files."""
+    evaluation, logging and LoRA sections, the optimizer's and the sampler's common fields, the reward, and
+    for a ``--model`` run (or a preset other than ``embedded_presets``, which run the embedded default) the
+    model directory (a UNet only where ``unet_ok``: DDPO) and the prompt files."""
     for name, val in leaf_values(cfg).items():
         for v in val if isinstance(val, (tuple, list)) else (val,):
             if isinstance(v, float) and not math.isfinite(v):
@@ -218,9 +245,10 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
                 f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
             )
     if not embedded:
-        check_model_path(cfg.model, preset=cfg.preset)
+        check_model_path(cfg.model, preset=cfg.preset, unet_ok=unet_ok)
         read_prompt_file(cfg.prompts, "--prompts")
         read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
+    resolve_reward(cfg, embedded=embedded)
 
 
 class Trainer:
@@ -365,6 +393,7 @@ class Trainer:
                 barrier=self.dist.barrier,
             )
             self.saved_iteration = iteration
+            self.export_adapters()  # every rank: the shards are gathered
             return
         state = self.state_dict(elapsed)
         err = None
@@ -379,6 +408,17 @@ class Trainer:
         if failed:
             raise common.TrainingStopped(f"rank 0: {failed}")
         self.saved_iteration = iteration
+        if self.dist.is_main:
+            self.export_adapters()
+
+    def export_adapters(self) -> None:
+        """The trained adapter and its evaluation EMA in diffusers' LoRA format, ``<run>/lora/`` and
+        ``<run>/lora_ema/`` (``pytorch_lora_weights.safetensors``; ``pipe.load_lora_weights(dir)``)."""
+        from .export import LORA_DIR, LORA_EMA_DIR, export_adapters
+
+        export_adapters(
+            self.policy, self.run_dir / LORA_DIR, self.run_dir / LORA_EMA_DIR, write=self.dist.is_main
+        )
 
     def say(self, *args, **kwargs) -> None:
         """``print`` on rank 0 only."""
@@ -487,7 +527,8 @@ class Trainer:
             )
 
     def progress(self, it, desc):
-        if not self.cfg.log.progress or not self.dist.is_main:
+        """tqdm bars on rank 0 when stderr is a terminal; a log file gets the one line per iteration only."""
+        if not self.cfg.log.progress or not self.dist.is_main or not sys.stderr.isatty():
             return self._stop_points(it, desc)
         from tqdm.auto import tqdm
 
@@ -604,15 +645,54 @@ class Trainer:
         if dist.any(self.interrupt.requested):  # a signal during the last evaluation: the run is whole anyway
             self.stop_on_signal(clock)
         self.pool.shutdown()
-        dev = self.policy.device
-        mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
-        world = f" x {dist.world} processes" if dist.enabled else ""
-        self.say(
-            f"done: {self.iteration} iterations, {clock() / 60:.1f} min, {mean_it:.2f} s/iteration{world}, "
-            f"peak memory {common.peak_memory_mb(dev):.0f} MB "
-            f"({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})",
-            flush=True,
+        if dist.is_main:
+            print(summarise_run(self, metrics_path=metrics.path, minutes=clock() / 60, iter_times=iter_times),
+                  flush=True)
+
+
+def summarise_run(trainer: Trainer, *, metrics_path, minutes: float, iter_times: list[float]) -> str:
+    """The verdict a run ends with: the held-out score before -> after (eval-EMA weights, CFG-free), the base
+    model with CFG, minutes, seconds per iteration, peak memory, and where the sample grids and the exported
+    LoRA are.  Scores come from ``metrics.jsonl`` (a resumed run reports from its first evaluation)."""
+    from .export import LORA_DIR, LORA_EMA_DIR
+
+    run_dir, dist, dev = trainer.run_dir, trainer.dist, trainer.policy.device
+    evals = []
+    if metrics_path is not None and Path(metrics_path).exists():
+        evals = [m for m in common.read_metrics(Path(metrics_path).parent) if m.get("eval/score") is not None]
+    mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
+    world = f" x {dist.world} processes" if dist.enabled else ""
+    mem = f"{common.peak_memory_mb(dev):.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})"
+    lines = [
+        f"done: {trainer.iteration} iterations, {minutes:.1f} min, {mean_it:.2f} s/iteration{world}, "
+        f"peak memory {mem}"
+    ]
+    samples = run_dir / "samples"
+    if evals:
+        first, last = evals[0], evals[-1]
+        what = "GenEval-mini" if "eval/score_partial" in last else f"reward {trainer.cfg.reward}"
+        a, b = first["eval/score"], last["eval/score"]
+        line = (
+            f"held-out score ({what}, eval EMA, CFG-free): {a:.3f} at iteration {first['iteration']} -> "
+            f"{b:.3f} at iteration {last['iteration']} ({b - a:+.3f})"
         )
+        bases = [m["eval/base_cfg/score"] for m in evals if m.get("eval/base_cfg/score") is not None]
+        base = bases[0] if bases else None
+        if base is not None:
+            line += f"; base model with CFG {trainer.cfg.eval.cfg_scale:g}: {base:.3f}"
+        lines.append(line)
+        grids = [samples / f"iter_{m['iteration']:06d}.png" for m in (first, last)]
+        grids = [str(g) for g in dict.fromkeys(grids) if g.exists()]
+        if (samples / "base_cfg.png").exists():
+            grids.append(f"{samples / 'base_cfg.png'} (base with CFG)")
+        lines.append(f"samples: {', '.join(grids) or samples}")
+    else:
+        lines.append(f"held-out score: none measured in this run; samples: {samples}")
+    lines.append(
+        f"LoRA: {run_dir / LORA_DIR} (trained), {run_dir / LORA_EMA_DIR} (eval EMA, the scored weights); "
+        f"load with pipe.load_lora_weights(DIR)"
+    )
+    return "\n".join(lines)
 
 
 def check_finite_weights(policy: Policy, dist: Dist, iteration: int, run_dir) -> None:
@@ -864,6 +944,16 @@ def rescale_accumulation(cfg, saved_world: int, world: int, say=print) -> bool:
         return False
 
 
+def _no_library_progress_bars() -> None:
+    """diffusers' and transformers' loading bars (``Loading pipeline components...``) write carriage returns:
+    off when the output is a log file, like the loop's own bars."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+
+
 def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
     """Everything after the argument checks, on every rank; rank 0 owns the run directory (its lock, held
     until this returns) and the metrics."""
@@ -910,6 +1000,8 @@ def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report
         report(f"error: {e}")
         return 1
     torch.manual_seed(cfg.seed)
+    if not sys.stderr.isatty():
+        _no_library_progress_bars()
     device = dist.device(cfg.device)
     try:
         policy = build_policy(

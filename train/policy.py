@@ -65,13 +65,33 @@ class ModelConfig:
     )
 
 
-def check_model_path(path: str | None, *, preset: str) -> None:
-    """Fail before any work if ``--model`` is not a diffusers directory."""
+def check_model_path(path: str | None, *, preset: str, unet_ok: bool = False) -> None:
+    """Fail before any work unless ``--model`` is a diffusers pipeline directory (a training run needs its
+    text encoders and VAE too, not only the denoiser) whose denoiser this loop trains: SD3/SD3.5/FLUX
+    transformers, and an SD1.5-style UNet only where ``unet_ok`` (DDPO; the flow-matching loops have no
+    epsilon-prediction rollout or evaluation)."""
     if not path:
         raise ValueError(f"--model: expected a local diffusers directory for preset {preset!r}, got none")
     from models.loader import resolve_model_dir
 
-    resolve_model_dir(path)
+    root = Path(path).expanduser()
+    model_dir, cls_name = resolve_model_dir(root, option="--model")
+    if model_dir == root:  # a model folder, not a pipeline
+        parent = root.resolve().parent
+        hint = (
+            f"; {str(parent)!r} is the pipeline: pass that"
+            if (parent / "model_index.json").is_file()
+            else ""
+        )
+        raise ValueError(
+            f"--model: expected a diffusers pipeline directory (model_index.json with the text encoders "
+            f"and VAE a run needs), got the {cls_name} model folder {path!r}{hint}"
+        )
+    if cls_name == "UNet2DConditionModel" and not unet_ok:
+        raise ValueError(
+            f"--model: expected an SD3/SD3.5/FLUX pipeline (a flow-matching transformer) for this loop, got "
+            f"the UNet pipeline {path!r}; UNets (epsilon prediction) train with python -m train.ddpo"
+        )
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -375,7 +395,14 @@ def read_prompt_file(path: str | None, option: str) -> list[str]:
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{option}: expected a text file with one prompt per line, got {path!r}")
-    prompts = [ln.strip() for ln in p.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{option}: expected a UTF-8 text file with one prompt per line, got {path!r}, whose byte "
+            f"{e.start} ({e.object[e.start : e.start + 1]!r}) is not UTF-8"
+        ) from None
+    prompts = [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts:
         raise ValueError(f"{option}: expected at least one prompt in {path!r}, found none")
     return prompts

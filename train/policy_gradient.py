@@ -124,9 +124,9 @@ def apply_tiny_settings(cfg):
     return cfg
 
 
-def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
+def validate_common(cfg, *, embedded_presets=("tiny",), unet_ok: bool = False) -> None:
     """Checks every policy-gradient config shares (the algorithm adds its own); presets other than
-    ``embedded_presets`` (which run the embedded default) need ``--model``."""
+    ``embedded_presets`` (which run the embedded default) need ``--model`` (a UNet only where ``unet_ok``)."""
     sc, tc = cfg.sample, cfg.train
     if sc.solver not in ("auto", "flow-sde", "cps", "ddim"):
         raise ConfigError(f"--sample.solver: expected auto, flow-sde, cps or ddim, got {sc.solver!r}")
@@ -167,7 +167,7 @@ def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
         )
     if tc.autocast not in ("none", "bfloat16", "float16"):
         raise ConfigError(f"--train.autocast: expected none, bfloat16 or float16, got {tc.autocast!r}")
-    validate_run(cfg, embedded_presets=embedded_presets)
+    validate_run(cfg, embedded_presets=embedded_presets, unet_ok=unet_ok)
 
 
 def resolve_solver(solver: str, denoiser) -> str:

@@ -132,9 +132,19 @@ def test_unet_pipeline_folder(tmp_path):
     _write_pipeline(tmp_path, unet, component="unet")
     loaded = models.load_transformer(tmp_path)
     x, t, cond = torch.randn(1, 4, 8, 8), torch.tensor([10.0]), models.Conditioning(torch.randn(1, 3, 32))
+    # the reload is exact (safetensors round-trip); the forward is not guaranteed bit-equal across two module
+    # instances (kernel choice, memory layout), so the outputs agree to fp32 rounding over the reductions: a
+    # few ulps of the largest activation per level of the 2-level UNet, with room for the attention/conv sums
+    want_sd, got_sd = unet.state_dict(), loaded.state_dict()
+    assert want_sd.keys() == got_sd.keys()
+    for k, v in want_sd.items():
+        torch.testing.assert_close(got_sd[k], v, rtol=0, atol=0, msg=k)
     with torch.no_grad():
         want = models.as_denoiser(unet)(x, t, cond)
-        torch.testing.assert_close(models.as_denoiser(loaded)(x, t, cond), want, rtol=0, atol=0)
+        got = models.as_denoiser(loaded)(x, t, cond)
+    eps = torch.finfo(torch.float32).eps
+    reduction = 3 * 3 * 16  # the widest conv: 3x3 kernel over 16 channels
+    torch.testing.assert_close(got, want, rtol=0, atol=eps * reduction**0.5 * 8 * float(want.abs().max()))
 
 
 def test_compiled_model_is_recognised():

@@ -1,0 +1,173 @@
+"""A new user's bad input is refused before any work, with one message that names the CLI option, what was
+expected and what was given: a --model run without a reward (or with the embedded default's), a transformer
+folder instead of its pipeline, a UNet for a flow-matching loop, a wrong --model path, a non-UTF-8 prompts
+file; --help matches what is accepted and shows the chosen preset's defaults; a ``models/`` folder in the
+working directory that shadows the package is named in one sentence."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import train.grpo as grpo
+import train.nft as nft
+from train.config import parse_cli
+
+from ._pg_helpers import make_tiny_sd_pipeline
+
+ROOT = Path(__file__).resolve().parents[2]
+JPEG = "jpeg_compressibility"
+
+
+@pytest.fixture(scope="module")
+def sd3_pipeline(tmp_path_factory):
+    from tests.models.test_text_vae import _sd3_pipeline
+
+    tmp = tmp_path_factory.mktemp("sd3")
+    _sd3_pipeline(tmp).save_pretrained(tmp / "pipe")
+    (tmp / "prompts.txt").write_text("a red cat\na blue dog\n")
+    return tmp / "pipe", tmp / "prompts.txt"
+
+
+@pytest.fixture(scope="module")
+def unet_pipeline(tmp_path_factory):
+    return make_tiny_sd_pipeline(tmp_path_factory.mktemp("sd15"))
+
+
+def _refused(main, tmp_path, capsys, argv) -> str:
+    """``main(argv)`` exits 2 before any work (no run directory) -> its stderr."""
+    run = tmp_path / "run"
+    assert main(["--run-dir", str(run), *argv]) == 2
+    assert not run.exists()
+    return capsys.readouterr().err
+
+
+def test_model_run_needs_a_reward(tmp_path, capsys, sd3_pipeline):
+    pipe, prompts = sd3_pipeline
+    err = _refused(nft.main, tmp_path, capsys, ["--model", str(pipe), "--prompts", str(prompts)])
+    assert "--reward: expected a reward for a --model run's prompts" in err and "got none" in err
+    argv = ["--model", str(pipe), "--prompts", str(prompts), "--reward", "geneval_mini"]
+    err = _refused(nft.main, tmp_path, capsys, argv)
+    assert "--reward: expected a reward for a --model run's text prompts" in err and "'geneval_mini'" in err
+
+
+def test_embedded_default_keeps_geneval_mini_as_default_reward():
+    cfg = parse_cli(nft.NFTConfig, [], prog="train.nft", description="", presets=nft.PRESETS)
+    assert cfg.reward is None
+    nft.validate(cfg)
+    assert cfg.reward == "geneval_mini"
+
+
+def test_transformer_folder_is_refused_naming_its_pipeline(tmp_path, capsys, sd3_pipeline):
+    pipe, prompts = sd3_pipeline
+    argv = ["--model", str(pipe / "transformer"), "--prompts", str(prompts), "--reward", JPEG]
+    err = _refused(nft.main, tmp_path, capsys, argv)
+    assert "--model: expected a diffusers pipeline directory" in err
+    assert "SD3Transformer2DModel model folder" in err and f"{str(pipe.resolve())!r} is the pipeline" in err
+
+
+@pytest.mark.parametrize("module", [nft, grpo], ids=["nft", "grpo"])
+def test_unet_is_refused_by_the_flow_loops(tmp_path, capsys, unet_pipeline, module):
+    pipe, prompts = unet_pipeline
+    argv = ["--model", str(pipe), "--prompts", str(prompts), "--reward", "jpeg_compressibility"]
+    if module is grpo:
+        argv += ["--preset", "sd3.5-m"]
+    err = _refused(module.main, tmp_path, capsys, argv)
+    assert "--model: expected an SD3/SD3.5/FLUX pipeline" in err and "train.ddpo" in err and str(pipe) in err
+
+
+def test_wrong_model_path_names_the_option(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    argv = ["--model", str(tmp_path / "nowhere"), "--prompts", str(prompts), "--reward", JPEG]
+    err = _refused(nft.main, tmp_path, capsys, argv)
+    assert err.startswith("error: --model: expected a local diffusers directory") and "nowhere" in err
+    assert "path_or_preset" not in err
+
+
+def test_non_utf8_prompts_file_is_named(tmp_path, capsys, sd3_pipeline):
+    pipe, _ = sd3_pipeline
+    bad = tmp_path / "latin1.txt"
+    bad.write_bytes("a caf\xe9 at night\n".encode("latin-1"))
+    argv = ["--model", str(pipe), "--prompts", str(bad), "--reward", "jpeg_compressibility"]
+    err = _refused(nft.main, tmp_path, capsys, argv)
+    assert f"--prompts: expected a UTF-8 text file with one prompt per line, got {str(bad)!r}" in err
+
+
+def _help(module, *argv) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", module, *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def _option_line(text: str, option: str) -> str:
+    return next(ln for ln in text.splitlines() if ln.strip().startswith(option + " "))
+
+
+def test_grpo_help_offers_only_the_solvers_it_accepts(tmp_path):
+    line = _option_line(_help("train.grpo"), "--sample.solver")
+    assert "flow-sde" in line and "cps" in line and "ddim" not in line and "auto" not in line
+    for solver in ("flow-sde", "cps"):  # what the help offers is accepted
+        cfg = parse_cli(grpo.GRPOConfig, ["--sample.solver", solver], prog="", description="",
+                        presets=grpo.PRESETS)
+        grpo.validate(cfg)
+
+
+def test_help_shows_the_chosen_presets_defaults():
+    tiny, big = _help("train.nft"), _help("train.nft", "--preset", "sd3.5-m")
+    want = nft.preset_sd35m()
+    assert _option_line(big, "--max-iters").endswith(f"[{want.max_iters}]")
+    assert _option_line(big, "--models.dtype").endswith(f"[{want.models.dtype}]")
+    assert _option_line(big, "--reward").endswith(f"[{want.reward}]")
+    assert _option_line(tiny, "--models.dtype").endswith(f"[{nft.preset_tiny().models.dtype}]")
+    assert _option_line(tiny, "--max-iters") != _option_line(big, "--max-iters")
+    assert "under --preset sd3.5-m" in big
+    bad = subprocess.run([sys.executable, "-m", "train.nft", "--preset", "sd9", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--preset: expected one of tiny, sd3.5-m, got 'sd9'" in bad.stderr
+
+
+# An editable install puts the project behind a meta-path finder that Python consults after the working
+# directory, so a plain ``models/`` folder there (a namespace package) wins.  The launcher reproduces that.
+_EDITABLE_LAUNCHER = textwrap.dedent(
+    """
+    import importlib.machinery, runpy, sys
+    ROOT = sys.argv.pop(1)
+    class Editable:
+        @classmethod
+        def find_spec(cls, name, path=None, target=None):
+            if name in ("kernels", "engine", "models", "train", "tests"):
+                return importlib.machinery.PathFinder.find_spec(name, [ROOT])
+            return None
+    # right after the path finder (before any installed editable finder of another checkout)
+    sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder) + 1, Editable)
+    sys.argv[0] = "-m"
+    runpy.run_module(sys.argv.pop(1), run_name="__main__", alter_sys=True)
+    """
+)
+
+
+def test_models_folder_in_the_working_directory_is_named(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "weights.safetensors").write_bytes(b"")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    # the project reaches the interpreter only through the launcher's finder, as with an editable install
+    cmd = [sys.executable, "-c", _EDITABLE_LAUNCHER, str(ROOT), "train.nft", "--max-iters", "1"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and "AttributeError" not in out.stderr
+    assert f"the package 'models' resolves to the folder {tmp_path / 'models'}" in out.stderr
+    assert "rename that folder or run from another directory" in out.stderr
+    # the control: without the folder the same launcher gets past the import check
+    (tmp_path / "models" / "weights.safetensors").unlink()
+    (tmp_path / "models").rmdir()
+    cmd = [sys.executable, "-c", _EDITABLE_LAUNCHER, str(ROOT), "train.nft", "--help"]
+    out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0 and "--max-iters" in out.stdout, out.stderr[-2000:]
