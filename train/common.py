@@ -117,7 +117,7 @@ def _warn(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------------------
 LOCK_NAME = ".lock"
 # What a run writes at the top of its directory; ``--overwrite`` removes exactly these.
-RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoints", "samples", "tb", "wandb")
+RUN_OUTPUTS = ("config.json", "metrics.jsonl", "checkpoints", "samples", "tb", "wandb", "lora", "lora_ema")
 _RUN_MARKERS = ("config.json", "metrics.jsonl", "checkpoints")
 
 
