@@ -38,8 +38,8 @@ from .distributed import (
     validate_dist,
     wrap_policy,
 )
-from .evaluation import EvalConfig, Evaluator
-from .policy import ModelConfig, Policy, build_policy, check_model_path, read_prompt_file
+from .evaluation import EvalConfig, Evaluator, validate_eval
+from .policy import ModelConfig, Policy, build_policy, check_model_path, check_schedule, read_prompt_file
 from .rewards.registry import RewardError, build_reward
 
 __all__ = ["LogConfig", "RunConfig", "validate_run", "check_at_least_one", "Trainer", "main"]
@@ -135,6 +135,8 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",)) -> None:
         check_model_path(cfg.model, preset=cfg.preset)
         read_prompt_file(cfg.prompts, "--prompts")
         read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
+    validate_eval(cfg.eval)
+    check_schedule(None if embedded else cfg.model, cfg.sample.shift)  # the model's scheduler config
 
 
 class Trainer:
@@ -330,20 +332,26 @@ class Trainer:
         return tqdm(it, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
     def evaluate(self, it, clock, metrics, base=False) -> None:
-        """Held-out evaluation (eval-EMA weights, CFG-free); with ``base`` also the base model with CFG."""
+        """Held-out evaluation (eval-EMA weights, ``--eval.cfg-scale``); with ``base`` also the base model at
+        ``--eval.base-cfg-scale``.  The protocol is logged beside the scores (``protocol/eval``)."""
         shift = self.cfg.sample.shift
         with nvtx_range("eval"), torch.no_grad():
             res = self.evaluator.run(self.policy, it, self.run_dir, shift=shift, dist=self.dist)
             vals = {f"eval/{k}": v for k, v in res.items()}
+            vals["protocol/eval"] = self.evaluator.protocol(self.policy)
             if base:
                 base_res = self.evaluator.run(
                     self.policy, it, self.run_dir, base_cfg=True, shift=shift, dist=self.dist
                 )
                 vals.update({f"eval/base_cfg/{k}": v for k, v in base_res.items()})
+                vals["protocol/base_cfg"] = self.evaluator.protocol(self.policy, base_cfg=True)
         metrics.log(it, clock(), vals)
         partial = f" | partial {vals['eval/score_partial']:.3f}" if "eval/score_partial" in vals else ""
         extra = f" | base CFG {vals['eval/base_cfg/score']:.3f}" if base else ""
-        self.say(f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra}", flush=True)
+        self.say(
+            f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra} | {vals['protocol/eval']}",
+            flush=True,
+        )
 
     # --- the loop -------------------------------------------------------------------------------------------
     def run(self, metrics: common.MetricsLogger) -> None:
