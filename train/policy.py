@@ -352,8 +352,11 @@ def check_schedule(model_path: str | None, shift: float | None, *, option: str =
     try:
         scheduler_sigmas(config, 1, family=family, image_seq_len=1, shift=shift)
     except ValueError as e:
-        where = "the embedded default" if model_path is None else model_path
-        raise ValueError(f"{option} / the scheduler config of {where}: {e}") from None
+        where = "the embedded default" if model_path is None else str(model_path)
+        msg = str(e)
+        if msg.startswith("shift: "):
+            raise ValueError(f"{option} ({where}): {msg[len('shift: '):]}") from None
+        raise ValueError(f"the scheduler config of {where}: {msg}") from None
 
 
 def read_prompt_file(path: str | None, option: str) -> list[str]:
