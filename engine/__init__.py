@@ -19,7 +19,15 @@ from .rollout import (
     rollout,
     sample_seeds,
 )
-from .schedules import ddim_alpha_bars, ddim_timesteps, ddpm_alpha_bars, sd3_sigmas, timesteps_from_sigmas
+from .schedules import (
+    FLOW_FAMILIES,
+    ddim_alpha_bars,
+    ddim_timesteps,
+    ddpm_alpha_bars,
+    scheduler_sigmas,
+    sd3_sigmas,
+    timesteps_from_sigmas,
+)
 
 __all__ = [
     "BatchInvariantDenoiser",
@@ -34,6 +42,8 @@ __all__ = [
     "per_sample_randn",
     "rollout",
     "sample_seeds",
+    "FLOW_FAMILIES",
+    "scheduler_sigmas",
     "sd3_sigmas",
     "timesteps_from_sigmas",
     "ddpm_alpha_bars",

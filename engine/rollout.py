@@ -555,12 +555,17 @@ def rollout(
 ) -> RolloutBatch:
     """Sample ``len(cond)`` latents of ``latent_shape`` from ``denoiser`` (SPEC §0-§1) -> a RolloutBatch.
 
-    Flow solvers use the SD3 schedule ``sd3_sigmas(num_steps, shift)`` or the given ``sigmas`` [N+1] (a
-    tensor passed as ``shift`` is taken as ``sigmas``); ``ddim`` uses the DDIM schedule diffusers'
-    ``DDIMScheduler`` gives for the epsilon model's ``scheduler_config`` (None: SD1.5's;
-    ``engine.schedules.ddim_alpha_bars``), whose last step goes to the scheduler's ``final_alpha_cumprod``.
-    ``cps_log_prob``: ``"reference"`` (flow_grpo's ``-mean_dims (x' - mean)^2``, the default) or
-    ``"gaussian"`` (the Gaussian log-density) for the ``cps`` log-probs (``kernels.cps_step``).
+    Flow solvers run on the given ``sigmas`` [N+1] (the model's own schedule, SPEC §0:
+    :func:`engine.schedules.scheduler_sigmas` from its diffusers scheduler config, as the training policy
+    passes it; a tensor passed as ``shift`` is taken as ``sigmas``), else on SD3's ``sd3_sigmas(num_steps,
+    shift)``, i.e. ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(N).sigmas``.
+    The model's timestep input is ``1000 * sigma`` as a float (the references truncate it at rollout; we do
+    not, so rollout and training see the same input).
+    ``ddim`` uses the DDIM schedule diffusers' ``DDIMScheduler`` gives for the epsilon model's
+    ``scheduler_config`` (None: SD1.5's; ``engine.schedules.ddim_alpha_bars``), whose last step goes to the
+    scheduler's ``final_alpha_cumprod``.  ``cps_log_prob``: ``"reference"`` (flow_grpo's
+    ``-mean_dims (x' - mean)^2``, the default) or ``"gaussian"`` (the Gaussian log-density) for the ``cps``
+    log-probs (``kernels.cps_step``).
     ``noise_level`` is the SDE's ``a`` (flow-sde, cps; ref default 0.7), ``eta`` DDIM's.
     ``guidance_scale != 1`` runs CFG with ``uncond`` batched into the same forward; scale 1 skips the uncond
     pass.  ``seed`` is an int or one int per sample (:func:`sample_seeds`).  ``sde_window=(start, end)``

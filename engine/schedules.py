@@ -1,22 +1,33 @@
-"""Noise schedules: SD3-family sigmas for flow models (SPEC §0) and DDPM/DDIM alpha-bars for epsilon models.
+"""Noise schedules: flow-model sigmas from the model's own diffusers scheduler (SPEC §0) and DDPM/DDIM
+alpha-bars for epsilon models.
 
-Schedules are built in float64 on the host and returned as fp32 on ``device``: the rollout reads per-step
-flags (first step, last step) from a CPU copy, never from the device.
+Flow sigmas are computed BY diffusers (``FlowMatchEulerDiscreteScheduler.set_timesteps``, with the arguments
+the model's pipeline passes), never re-derived here, so a scheduler config saved beside a model gives exactly
+the schedule its pipeline samples on.  Schedules are returned as fp32 on ``device``: the rollout reads
+per-step flags (first step, last step) from a CPU copy, never from the device.
 """
 
 from __future__ import annotations
 
 import numbers
+from collections.abc import Mapping
 
 import torch
 
 __all__ = [
+    "FLOW_FAMILIES",
+    "scheduler_sigmas",
     "sd3_sigmas",
     "timesteps_from_sigmas",
     "ddpm_alpha_bars",
     "ddim_timesteps",
     "ddim_alpha_bars",
 ]
+
+# whose pipeline drives the scheduler: "sd3" (StableDiffusion3Pipeline: ``set_timesteps(N)``, ``mu`` only
+# under dynamic shifting) or "flux" (FluxPipeline: ``sigmas = linspace(1, 1/N, N)`` and ``mu`` always)
+FLOW_FAMILIES = ("sd3", "flux")
+_FLOW_SCHEDULER = "FlowMatchEulerDiscreteScheduler"
 
 
 def _check_num_steps(num_steps) -> int:
@@ -27,15 +38,123 @@ def _check_num_steps(num_steps) -> int:
     return int(num_steps)
 
 
-def sd3_sigmas(num_steps: int, shift: float = 3.0, device=None) -> torch.Tensor:
-    """SPEC §0: ``s_i = 1 - i/N`` (i = 0..N), shifted ``shift s / (1 + (shift - 1) s)``; fp32 ``[N+1]``."""
-    n = _check_num_steps(num_steps)
+def _check_shift(shift) -> float:
     if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not shift > 0:
         raise ValueError(f"shift: expected a float > 0, got {shift!r}")
-    s = 1.0 - torch.arange(n + 1, dtype=torch.float64) / n
-    sigmas = shift * s / (1.0 + (shift - 1.0) * s)
-    sigmas[-1] = 0.0
-    return sigmas.to(device=device, dtype=torch.float32)
+    return float(shift)
+
+
+def scheduler_sigmas(
+    scheduler,
+    num_steps: int,
+    *,
+    family: str = "sd3",
+    image_seq_len: int | None = None,
+    shift: float | None = None,
+    device=None,
+) -> torch.Tensor:
+    """SPEC §0: the sigmas ``[N+1]`` (fp32, decreasing from 1, final 0) that the model's pipeline samples on,
+    computed by diffusers' ``FlowMatchEulerDiscreteScheduler`` from ``scheduler`` (its config dict, e.g. a
+    pipeline's ``scheduler/scheduler_config.json``, or a scheduler object, whose config is used; the object
+    is not modified).
+
+    ``family`` names the pipeline whose ``set_timesteps`` call is reproduced:
+
+    * ``"sd3"`` (diffusers@v0.42 ``StableDiffusion3Pipeline.__call__`` step 5): ``set_timesteps(N)``; under
+      ``use_dynamic_shifting`` also ``mu = calculate_shift(image_seq_len, base_image_seq_len,
+      max_image_seq_len, base_shift, max_shift)`` (that pipeline's function and defaults).
+    * ``"flux"`` (``FluxPipeline.__call__`` step 5): ``set_timesteps(sigmas=linspace(1, 1/N, N), mu=mu)``
+      with ``mu`` from the FLUX pipeline's ``calculate_shift`` (ignored by a scheduler without dynamic
+      shifting, e.g. FLUX.1-schnell's).
+
+    ``image_seq_len`` is the transformer's image token count, ``(H/2) * (W/2)`` for a latent ``H x W`` with
+    patch size 2 (FLUX's packed tokens); it is required where ``mu`` is.  ``shift`` (None: the config's)
+    overrides the config's static shift as ``from_config(config, shift=shift)`` does, so ``sd3_sigmas(N, s)``
+    is ``FlowMatchEulerDiscreteScheduler(shift=s).set_timesteps(N).sigmas``; it has no meaning under
+    dynamic shifting and is refused there.  The model's timestep input is ``1000 * sigma``
+    (:func:`timesteps_from_sigmas`), as the scheduler's ``timesteps``.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    n = _check_num_steps(num_steps)
+    if family not in FLOW_FAMILIES:
+        raise ValueError(f"family: expected one of {FLOW_FAMILIES}, got {family!r}")
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        config = dict(scheduler.config)
+    elif isinstance(scheduler, Mapping):
+        config = dict(scheduler)
+        name = config.get("_class_name", _FLOW_SCHEDULER)
+        if name != _FLOW_SCHEDULER:
+            raise ValueError(
+                f"scheduler: expected a {_FLOW_SCHEDULER} config (flow models), got _class_name {name!r}"
+            )
+    else:
+        raise ValueError(
+            f"scheduler: expected a {_FLOW_SCHEDULER} or its config dict, got {type(scheduler).__name__}"
+        )
+    if config.get("invert_sigmas"):
+        raise ValueError("scheduler: invert_sigmas=True (ascending sigmas) is not a text-to-image schedule")
+    if config.get("num_train_timesteps", 1000) != 1000:
+        raise ValueError(
+            "scheduler: expected num_train_timesteps 1000 (the model's timestep input is 1000 * sigma), "
+            f"got {config['num_train_timesteps']}"
+        )
+    dynamic = bool(config.get("use_dynamic_shifting", False))
+    overrides = {}
+    if shift is not None:
+        if dynamic:
+            raise ValueError(
+                f"shift: the model's scheduler shifts by the image size (use_dynamic_shifting), a fixed "
+                f"shift does not apply; expected None, got {shift!r}"
+            )
+        overrides["shift"] = _check_shift(shift)
+    sched = FlowMatchEulerDiscreteScheduler.from_config(config, **overrides)
+
+    kwargs = {}
+    if family == "flux" or dynamic:
+        seq = image_seq_len
+        if isinstance(seq, bool) or not isinstance(seq, numbers.Integral) or seq < 1:
+            raise ValueError(
+                f"image_seq_len: expected the image token count (an int >= 1) for a {family} schedule"
+                f"{' with dynamic shifting' if dynamic else ''}, got {image_seq_len!r}"
+            )
+        if family == "flux":
+            from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+            max_shift = 1.15
+        else:
+            from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+            max_shift = 1.16
+        kwargs["mu"] = calculate_shift(
+            int(image_seq_len),
+            sched.config.get("base_image_seq_len", 256),
+            sched.config.get("max_image_seq_len", 4096),
+            sched.config.get("base_shift", 0.5),
+            sched.config.get("max_shift", max_shift),
+        )
+    if family == "flux" and not getattr(sched.config, "use_flow_sigmas", False):
+        import numpy as np
+
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n), device="cpu", **kwargs)
+    else:
+        sched.set_timesteps(n, device="cpu", **kwargs)
+    sigmas = sched.sigmas.to(torch.float32)
+    if sigmas.shape != (n + 1,) or not (
+        float(sigmas[0]) <= 1.0 and float(sigmas[-1]) == 0.0 and bool((sigmas[1:] < sigmas[:-1]).all())
+    ):
+        raise ValueError(
+            f"scheduler: expected {n + 1} strictly decreasing sigmas from <= 1 to 0, got {sigmas.tolist()}"
+        )
+    return sigmas.to(device=device).clone()
+
+
+def sd3_sigmas(num_steps: int, shift: float = 3.0, device=None) -> torch.Tensor:
+    """SPEC §0, SD3 / SD3.5: ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(N).sigmas``, fp32
+    ``[N+1]``: ``sigma_min = shift(1/1000)``, ``s = linspace(1, sigma_min, N)``, ``sigmas = shift(s)``, then 0
+    (``shift(s) = shift s / (1 + (shift - 1) s)``).  N = 10, shift 3: ``1.0, 0.9601, ..., 0.2780, 0.0089, 0``.
+    """
+    return scheduler_sigmas({"shift": _check_shift(shift)}, num_steps, device=device)
 
 
 def timesteps_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ from .conditioning import Conditioning
 _LAZY = {
     "load_transformer": "loader",
     "build_preset": "loader",
+    "load_scheduler_config": "loader",
     "PRESETS": "presets",
     "as_denoiser": "denoiser",
     "SD3Denoiser": "denoiser",

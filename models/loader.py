@@ -1,4 +1,5 @@
-"""Load a diffusion transformer (or UNet) from a local diffusers directory, or build a named preset."""
+"""Load a diffusion transformer (or UNet) from a local diffusers directory, or build a named preset; read the
+scheduler config saved beside it (:func:`load_scheduler_config`)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,30 @@ SUPPORTED_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel", "UNet2DC
 # pipeline component that holds the denoiser, in the order they are looked for
 _DENOISER_COMPONENTS = ("transformer", "unet")
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+SCHEDULER_CONFIG_NAME = "scheduler_config.json"
+# The schedulers a flow model without a saved scheduler config falls back to, by transformer class:
+# stabilityai/stable-diffusion-3.5-medium scheduler/scheduler_config.json (SD3 and SD3.5 ship this one) and
+# black-forest-labs/FLUX.1-dev's (dynamic shifting; FLUX.1-schnell's has none and shift 1: save a pipeline).
+SD3_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+}
+FLUX_SCHEDULER_CONFIG = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "max_image_seq_len": 4096,
+    "max_shift": 1.15,
+    "num_train_timesteps": 1000,
+    "shift": 3.0,
+    "use_dynamic_shifting": True,
+}
+_FALLBACK_SCHEDULERS = {
+    "SD3Transformer2DModel": SD3_SCHEDULER_CONFIG,
+    "FluxTransformer2DModel": FLUX_SCHEDULER_CONFIG,
+}
+_warned_fallback: set[str] = set()
 
 
 def _read_json(path: Path) -> dict:
@@ -126,3 +151,38 @@ def load_transformer(path_or_preset: str | Path, *, dtype: torch.dtype | None = 
         model = model.to(device)
     logger.info("loaded %s from %s", cls_name, model_dir)
     return model.eval()
+
+
+def load_scheduler_config(path: str | Path) -> dict | None:
+    """The diffusers scheduler config saved with the model at ``path`` (a dict, as ``scheduler_config.json``
+    holds it): a pipeline folder's ``scheduler/scheduler_config.json``, or a ``scheduler_config.json`` beside
+    a model folder's ``config.json`` (the embedded default ships one).
+
+    Without one, a flow transformer falls back to its family's reference scheduler (SD3: shift 3; FLUX:
+    FLUX.1-dev's dynamic shifting), logged once per folder; an epsilon UNet gets ``None`` (its DDIM schedule's
+    defaults apply).  A pipeline whose ``model_index.json`` names no scheduler is treated the same way.
+    """
+    root = Path(path).expanduser()
+    candidates = [root / SCHEDULER_CONFIG_NAME]
+    if (root / "model_index.json").is_file():
+        candidates.insert(0, root / "scheduler" / SCHEDULER_CONFIG_NAME)
+    for cand in candidates:
+        if cand.is_file():
+            return _read_json(cand)
+    model_dir, cls_name = resolve_model_dir(root)
+    fallback = _FALLBACK_SCHEDULERS.get(cls_name)
+    key = str(model_dir.resolve())
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        what = (
+            f"{fallback['_class_name']} {json.dumps({k: v for k, v in fallback.items() if k[0] != '_'})}"
+            if fallback
+            else "the DDIM defaults (SD1.5)"
+        )
+        logger.warning(
+            "%s has no scheduler config (looked for %s); sampling and training on %s",
+            root,
+            " and ".join(str(c) for c in candidates),
+            what,
+        )
+    return dict(fallback) if fallback is not None else None

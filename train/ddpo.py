@@ -127,7 +127,7 @@ def preset_sd15() -> DDPOConfig:
         forward_chunk=8,
     )
     cfg.train = DDPOTrainConfig(lr=3e-4, batch_size=8, grad_accum=8, clip_range=1e-4, adv_clip_max=5.0)
-    cfg.eval = EvalConfig(every=10, num_steps=50, cfg_scale=5.0)
+    cfg.eval = EvalConfig(every=10, num_steps=50, base_cfg_scale=5.0)
     return cfg
 
 

@@ -1,4 +1,10 @@
-"""Held-out evaluation: a deterministic ODE sampler, CFG-free, on fixed seeds, with the eval-EMA weights.
+"""Held-out evaluation: a deterministic ODE sampler on fixed seeds, with the eval-EMA weights.
+
+The protocol is ``--eval.solver`` (dpm2 or euler; epsilon models: DDIM eta 0), ``--eval.num-steps`` and
+``--eval.cfg-scale`` (1: CFG-free) on the model's own sigma schedule; it is logged with the metrics
+(``protocol/eval``, and ``protocol/base_cfg`` for the one-off base-model evaluation with
+``--eval.base-cfg-scale``).  The papers' protocols are the real-model presets' defaults: Flow-GRPO evaluates
+with a 40-step Euler ODE at CFG 4.5, DiffusionNFT with a 40-step Euler ODE CFG-free.
 
 On the embedded default the score is GenEval-mini's (strict, overall = mean over task types, plus the partial
 score and one number per task); for other prompt sets it is the training reward's mean.  Each evaluation
@@ -23,22 +29,48 @@ class EvalConfig:
     every: int = field(default=5, metadata={"help": "iterations between evaluations"})
     num_prompts: int = field(default=0, metadata={"help": "held-out prompts to evaluate (0: all)"})
     images_per_prompt: int = field(default=1, metadata={"help": "samples per held-out prompt"})
-    solver: str = field(default="dpm2", metadata={"help": "deterministic ODE solver: dpm2 or euler"})
+    solver: str = field(
+        default="dpm2",
+        metadata={"help": "deterministic ODE solver: dpm2 or euler (epsilon models: DDIM eta 0)"},
+    )
     num_steps: int = field(default=10, metadata={"help": "sampler steps at evaluation"})
     cfg_scale: float = field(
-        default=4.5, metadata={"help": "CFG scale of the one-off base-model CFG evaluation"}
+        default=1.0,
+        metadata={"help": "CFG scale of the held-out evaluation of the policy (1: CFG-free)"},
+    )
+    base_cfg_scale: float = field(
+        default=4.5,
+        metadata={"help": "CFG scale of the one-off evaluation of the base model at iteration 0"},
     )
     batch: int = field(default=128, metadata={"help": "images per evaluation micro-batch"})
     grid_images: int = field(default=32, metadata={"help": "images in the sample grid"})
 
 
+def validate_eval(cfg: EvalConfig) -> None:
+    """The evaluation protocol's checks, run before any work."""
+    if cfg.solver not in ("dpm2", "euler"):
+        raise ValueError(
+            f"--eval.solver: expected a deterministic ODE solver (dpm2 or euler), got {cfg.solver!r}"
+        )
+    if isinstance(cfg.num_steps, bool) or not isinstance(cfg.num_steps, int) or cfg.num_steps < 1:
+        raise ValueError(f"--eval.num-steps: expected an integer >= 1, got {cfg.num_steps!r}")
+    for option, val in (("--eval.cfg-scale", cfg.cfg_scale), ("--eval.base-cfg-scale", cfg.base_cfg_scale)):
+        if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val < float("inf"):
+            raise ValueError(f"{option}: expected a finite value >= 0 (1: CFG-free), got {val!r}")
+
+
 class Evaluator:
     def __init__(self, cfg: EvalConfig, *, seed: int, reward):
-        if cfg.solver not in ("dpm2", "euler"):
-            raise ValueError(
-                f"--eval.solver: expected a deterministic ODE solver (dpm2 or euler), got {cfg.solver!r}"
-            )
+        validate_eval(cfg)
         self.cfg, self.seed, self.reward = cfg, seed, reward
+
+    def protocol(self, policy, *, base_cfg: bool = False) -> str:
+        """The sampler of an evaluation in words, e.g. ``euler 40 steps, CFG 4.5``, logged with its scores."""
+        c = self.cfg
+        epsilon = getattr(policy.denoiser, "prediction_type", "flow") == "epsilon"
+        scale = float(c.base_cfg_scale if base_cfg else c.cfg_scale)
+        solver = "ddim eta 0" if epsilon else c.solver
+        return f"{solver} {c.num_steps} steps, " + ("CFG-free" if scale == 1.0 else f"CFG {scale:g}")
 
     def _prompts(self, policy) -> list:
         prompts = list(policy.test_prompts)
@@ -49,10 +81,13 @@ class Evaluator:
         return [p for p in prompts for _ in range(self.cfg.images_per_prompt)]
 
     @torch.no_grad()
-    def sample(self, policy, prompts: list, *, base_cfg: bool, shift: float, index=None) -> torch.Tensor:
-        """Decoded samples of ``prompts``; ``index`` (default ``0..len-1``) are their positions in the
-        held-out list, which key the per-image seeds (so a sharded evaluation draws what a single process
-        draws)."""
+    def sample(
+        self, policy, prompts: list, *, base_cfg: bool, shift: float | None = None, index=None
+    ) -> torch.Tensor:
+        """Decoded samples of ``prompts`` (the policy's eval-EMA weights at ``--eval.cfg-scale``, or with
+        ``base_cfg`` the base model at ``--eval.base-cfg-scale``); ``index`` (default ``0..len-1``) are their
+        positions in the held-out list, which key the per-image seeds (so a sharded evaluation draws what a
+        single process draws).  ``shift`` (None: the model's scheduler's) as ``--sample.shift``."""
         c = self.cfg
         index = range(len(prompts)) if index is None else index
         seeds = [common.derive_seed(self.seed, "eval", int(i)) for i in index]
@@ -65,16 +100,28 @@ class Evaluator:
             if base_cfg:
                 with policy.adapters_disabled():
                     x0 = policy.sample(
-                        prompts[lo : lo + c.batch], seeds[lo : lo + c.batch], guidance_scale=c.cfg_scale, **kw
+                        prompts[lo : lo + c.batch],
+                        seeds[lo : lo + c.batch],
+                        guidance_scale=c.base_cfg_scale,
+                        **kw,
                     )
             else:
                 with policy.adapter("default"), policy.eval_weights():
-                    x0 = policy.sample(prompts[lo : lo + c.batch], seeds[lo : lo + c.batch], **kw)
+                    x0 = policy.sample(
+                        prompts[lo : lo + c.batch], seeds[lo : lo + c.batch], guidance_scale=c.cfg_scale, **kw
+                    )
             out.append(policy.decode(x0).cpu())
         return torch.cat(out)
 
     def run(
-        self, policy, iteration: int, run_dir: Path, *, base_cfg: bool = False, shift: float = 3.0, dist=None
+        self,
+        policy,
+        iteration: int,
+        run_dir: Path,
+        *,
+        base_cfg: bool = False,
+        shift: float | None = None,
+        dist=None,
     ) -> dict:
         """Evaluate and (rank 0) write the grid.  Under ``dist`` each rank samples an equal contiguous share
         of the held-out list (padded by repeating the last prompt, so every rank runs the same forwards) and

@@ -89,7 +89,11 @@ def preset_tiny() -> GRPOConfig:
 
 def preset_sd35m() -> GRPOConfig:
     """Flow-GRPO's GenEval recipe for SD3.5-M at 512 px (pass the local directory with --model): 10 SDE steps
-    (noise level 0.7) with CFG 4.5 for training, 40 steps for evaluation; LoRA r 32 / alpha 64."""
+    (noise level 0.7) with CFG 4.5 for training; evaluation as the reference's: a 40-step Euler ODE at CFG 4.5
+    (yifan123/flow_grpo@ac4c86e8 scripts/train_sd3.py ``eval``: ``pipeline_with_logprob(...,
+    num_inference_steps=config.sample.eval_num_steps, guidance_scale=config.sample.guidance_scale,
+    noise_level=0)``, the SDE step at noise level 0 being Euler; config/grpo.py: 40 and 4.5); LoRA r 32 /
+    alpha 64."""
     cfg = GRPOConfig(preset="sd3.5-m", reward="clip_score", max_iters=1000)
     cfg.models = ModelConfig(dtype="bfloat16", lora_rank=32, lora_alpha=64.0)
     cfg.sample = GRPOSampleConfig(
@@ -103,7 +107,7 @@ def preset_sd35m() -> GRPOConfig:
         forward_chunk=8,
     )
     cfg.train = GRPOTrainConfig(kl_beta=0.04, lr=3e-4, batch_size=8, grad_accum=72, clip_range=1e-4)
-    cfg.eval = EvalConfig(every=50, num_steps=40, cfg_scale=4.5)
+    cfg.eval = EvalConfig(every=50, solver="euler", num_steps=40, cfg_scale=4.5)
     return cfg
 
 

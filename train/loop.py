@@ -55,8 +55,8 @@ from .distributed import (
     validate_dist,
     wrap_policy,
 )
-from .evaluation import EvalConfig, Evaluator
-from .policy import ModelConfig, Policy, build_policy, check_model_path, read_prompt_file
+from .evaluation import EvalConfig, Evaluator, validate_eval
+from .policy import ModelConfig, Policy, build_policy, check_model_path, check_schedule, read_prompt_file
 from .rewards.registry import RewardError, build_reward
 
 __all__ = [
@@ -228,7 +228,7 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
                 raise ConfigError(f"{name}: expected a value > 0, got {val}")
         if tc.weight_decay < 0:
             raise ConfigError(f"--train.weight-decay: expected a value >= 0, got {tc.weight_decay}")
-    if sc is not None and not sc.shift > 0:
+    if sc is not None and sc.shift is not None and not sc.shift > 0:
         raise ConfigError(f"--sample.shift: expected a value > 0, got {sc.shift}")
     embedded = cfg.preset in embedded_presets and not cfg.model
     if cfg.tasks:
@@ -248,6 +248,8 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=unet_ok)
         read_prompt_file(cfg.prompts, "--prompts")
         read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
+    validate_eval(cfg.eval)
+    check_schedule(None if embedded else cfg.model, cfg.sample.shift)  # the model's scheduler config
     resolve_reward(cfg, embedded=embedded)
 
 
@@ -550,21 +552,27 @@ class Trainer:
         return checked()
 
     def evaluate(self, it, clock, metrics, base=False) -> None:
-        """Held-out evaluation (eval-EMA weights, CFG-free); with ``base`` also the base model with CFG."""
+        """Held-out evaluation (eval-EMA weights, ``--eval.cfg-scale``); with ``base`` also the base model at
+        ``--eval.base-cfg-scale``.  The protocol is logged beside the scores (``protocol/eval``)."""
         shift = self.cfg.sample.shift
         with nvtx_range("eval"), torch.no_grad():
             res = self.evaluator.run(self.policy, it, self.run_dir, shift=shift, dist=self.dist)
             vals = {f"eval/{k}": v for k, v in res.items()}
+            vals["protocol/eval"] = self.evaluator.protocol(self.policy)
             if base:
                 base_res = self.evaluator.run(
                     self.policy, it, self.run_dir, base_cfg=True, shift=shift, dist=self.dist
                 )
                 vals.update({f"eval/base_cfg/{k}": v for k, v in base_res.items()})
+                vals["protocol/base_cfg"] = self.evaluator.protocol(self.policy, base_cfg=True)
         metrics.log(it, clock(), vals)
         self.last_eval = it
         partial = f" | partial {vals['eval/score_partial']:.3f}" if "eval/score_partial" in vals else ""
         extra = f" | base CFG {vals['eval/base_cfg/score']:.3f}" if base else ""
-        self.say(f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra}", flush=True)
+        self.say(
+            f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra} | {vals['protocol/eval']}",
+            flush=True,
+        )
 
     # --- stopping -------------------------------------------------------------------------------------------
     def checkpoint_now(self, clock):
@@ -672,14 +680,15 @@ def summarise_run(trainer: Trainer, *, metrics_path, minutes: float, iter_times:
         first, last = evals[0], evals[-1]
         what = "GenEval-mini" if "eval/score_partial" in last else f"reward {trainer.cfg.reward}"
         a, b = first["eval/score"], last["eval/score"]
+        protocol = first.get("protocol/eval", "CFG-free")
         line = (
-            f"held-out score ({what}, eval EMA, CFG-free): {a:.3f} at iteration {first['iteration']} -> "
+            f"held-out score ({what}, eval EMA, {protocol}): {a:.3f} at iteration {first['iteration']} -> "
             f"{b:.3f} at iteration {last['iteration']} ({b - a:+.3f})"
         )
         bases = [m["eval/base_cfg/score"] for m in evals if m.get("eval/base_cfg/score") is not None]
         base = bases[0] if bases else None
         if base is not None:
-            line += f"; base model with CFG {trainer.cfg.eval.cfg_scale:g}: {base:.3f}"
+            line += f"; base model with CFG {trainer.cfg.eval.base_cfg_scale:g}: {base:.3f}"
         lines.append(line)
         grids = [samples / f"iter_{m['iteration']:06d}.png" for m in (first, last)]
         grids = [str(g) for g in dict.fromkeys(grids) if g.exists()]

@@ -45,7 +45,13 @@ from .policy import ModelConfig
 class SampleConfig:
     solver: str = field(default="dpm2", metadata={"help": "rollout solver: dpm2, euler, flow-sde, cps"})
     num_steps: int = field(default=10, metadata={"help": "sampler steps per rollout"})
-    shift: float = field(default=3.0, metadata={"help": "SD3 sigma-schedule shift"})
+    shift: float | None = field(
+        default=None,
+        metadata={
+            "help": "sigma-schedule shift; none: the model's diffusers scheduler config (SD3/SD3.5 and the "
+            "embedded default: 3.0); a value overrides the config's static shift (not under dynamic shifting)"
+        },
+    )
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level (flow-sde / cps solvers)"})
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG scale at rollout (1 = CFG-free)"})
     prompts_per_iter: int = field(default=16, metadata={"help": "distinct prompts per iteration"})
@@ -121,14 +127,19 @@ def preset_sd35m() -> NFTConfig:
     optimizer step per iteration over its 48 x 24 = 1152 images and 9 trained timesteps each, on one process
     or on any world size dividing 1152 (NVlabs/DiffusionNFT@24af5554 config/nft.py, ``gradient_step_per_epoch
     = 1``; its OCR recipe: ``--train.steps-per-iter 2 --train.old-flat 75 --train.old-uprate 0.0075
-    --train.old-uphold 0.999 --train.beta 0.1``).  ``--train.batch-size 8`` is the micro-batch per process."""
+    --train.old-uphold 0.999 --train.beta 0.1``).  ``--train.batch-size 8`` is the micro-batch per process.
+    Evaluation as the reference's: a 40-step Euler ODE, CFG-free (NVlabs/DiffusionNFT@24af5554
+    scripts/train_nft_sd3.py ``eval_fn``: ``pipeline_with_logprob(..., deterministic=True, solver="flow")``
+    with ``num_inference_steps=config.sample.eval_num_steps`` and ``config.sample.guidance_scale``, whose
+    "flow" step at eta 0 is Euler (flow_grpo/diffusers_patch/solver.py ``flow_grpo_step``); config/nft.py:
+    eval_num_steps 40, guidance_scale 1.0)."""
     cfg = NFTConfig(preset="sd3.5-m", reward="clip_score", max_iters=1000)
     cfg.models = ModelConfig(dtype="bfloat16", lora_rank=32, lora_alpha=64.0)
     cfg.sample = SampleConfig(
-        solver="dpm2", num_steps=10, shift=3.0, prompts_per_iter=48, images_per_prompt=24, rollout_batch=16
+        solver="dpm2", num_steps=10, prompts_per_iter=48, images_per_prompt=24, rollout_batch=16
     )
     cfg.train = TrainConfig(kl_coef=1e-4, lr=3e-4, batch_size=8, steps_per_iter=1)
-    cfg.eval = EvalConfig(every=50, num_steps=40, cfg_scale=4.5)
+    cfg.eval = EvalConfig(every=50, solver="euler", num_steps=40, cfg_scale=1.0)
     return cfg
 
 

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 import models
-from engine import rollout, sd3_sigmas
+from engine import rollout, scheduler_sigmas
 from models.conditioning import Conditioning
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "AutocastDenoiser",
     "build_policy",
     "check_model_path",
+    "check_schedule",
     "SD3_LORA_TARGETS",
 ]
 
@@ -157,8 +158,14 @@ class Policy:
         test_prompts: list,
         prompt_text: Callable = str,
         prompt_sampler: Callable | None = None,
+        scheduler_config: dict | None = None,
+        schedule_family: str = "sd3",
+        image_seq_len: int | None = None,
     ):
         self.transformer, self.denoiser, self.encoder = transformer, denoiser, encoder
+        # SPEC §0: the model's own diffusers scheduler (None: SD3's, shift 3) and the pipeline that drives it
+        self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
+        self.schedule_family, self.image_seq_len = schedule_family, image_seq_len
         # the forward that carries gradients (DistributedDataParallel under torchrun; else the denoiser
         # itself)
         self.train_denoiser = denoiser
@@ -262,8 +269,14 @@ class Policy:
         idx = torch.randint(len(self.train_prompts), (n,), generator=g)
         return [self.train_prompts[i] for i in idx.tolist()]
 
-    def sigmas(self, num_steps: int, shift: float) -> torch.Tensor:
-        return sd3_sigmas(num_steps, shift)
+    def sigmas(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
+        """SPEC §0: the ``[N+1]`` sigmas (last 0) the model's diffusers scheduler gives for ``num_steps``
+        (FLUX: dynamic shifting from this policy's image token count); ``shift`` (None: the config's)
+        overrides a static shift.  Rollouts and NFT's trained timesteps both read it."""
+        config = self.scheduler_config if self.scheduler_config is not None else {"shift": 3.0}
+        return scheduler_sigmas(
+            config, num_steps, family=self.schedule_family, image_seq_len=self.image_seq_len, shift=shift
+        )
 
     @torch.no_grad()
     def sample(
@@ -273,12 +286,13 @@ class Policy:
         *,
         solver: str,
         num_steps: int,
-        shift: float,
+        shift: float | None = None,
         noise_level: float = 0.7,
         guidance_scale: float = 1.0,
         eta: float = 1.0,
     ) -> torch.Tensor:
-        """Clean samples of ``prompts`` (one Philox seed each) with the active adapter; ``eta`` is DDIM's."""
+        """Clean samples of ``prompts`` (one Philox seed each) with the active adapter on the model's schedule
+        (:meth:`sigmas`; ``shift`` overrides its static shift); ``eta`` is DDIM's."""
         cond = self.encode(prompts)
         uncond = self.encode([""] * len(prompts)) if guidance_scale != 1.0 else None
         out = rollout(
@@ -287,7 +301,7 @@ class Policy:
             num_steps=num_steps,
             latent_shape=self.latent_shape,
             solver=solver,
-            shift=shift,
+            sigmas=self.sigmas(num_steps, shift) if solver != "ddim" else None,
             noise_level=noise_level,
             eta=eta,
             guidance_scale=guidance_scale,
@@ -323,11 +337,12 @@ def build_policy(
     if model_path is None:
         import numpy as np
 
-        from models.embedded import load_default
+        from models.embedded import DEFAULT_DIR, load_default
         from train.data import geneval_mini
 
         bundle = load_default(device=device, dtype=dtype)
         transformer, encoder = bundle.transformer, bundle.text_encoder
+        scheduler_config = models.load_scheduler_config(DEFAULT_DIR)  # SD3's, shift 3 (shipped)
         latent_shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)
         decode = _identity_decode
         tasks = tuple(tasks) or geneval_mini.TASKS
@@ -339,6 +354,7 @@ def build_policy(
         )
     else:
         transformer = models.load_transformer(model_path, dtype=dtype, device=device)
+        scheduler_config = models.load_scheduler_config(model_path)
         root = Path(model_path)
         encoder = models.TextEncoder.from_pretrained(root, device=device, dtype=dtype)
         vae = models.Vae.from_pretrained(root, device=device, dtype=dtype)
@@ -371,6 +387,7 @@ def build_policy(
     denoiser = models.as_denoiser(transformer)
     if dtype != torch.float32:  # fp32 LoRA (models.lora) on frozen weights in ``dtype``: mixed precision
         denoiser = AutocastDenoiser(denoiser, dtype)
+    family = _schedule_family(transformer)
     return Policy(
         transformer=transformer,
         denoiser=denoiser,
@@ -383,7 +400,57 @@ def build_policy(
         test_prompts=test_p,
         prompt_text=prompt_text,
         prompt_sampler=sampler,
+        scheduler_config=scheduler_config,
+        schedule_family=family,
+        image_seq_len=_image_seq_len(transformer, latent_shape, family),
     )
+
+
+def _schedule_family(transformer) -> str:
+    """Whose pipeline drives the scheduler (engine.schedules.FLOW_FAMILIES): FLUX's or SD3's."""
+    return "flux" if type(transformer).__name__ == "FluxTransformer2DModel" else "sd3"
+
+
+def _image_seq_len(transformer, latent_shape, family: str) -> int:
+    """The image token count diffusers' pipelines compute ``mu`` from: FLUX packs 2x2 latent patches,
+    ``(H/2) (W/2)``; SD3 ``(H/p) (W/p)`` with the transformer's patch size."""
+    _, h, w = latent_shape
+    config = getattr(transformer, "config", None)
+    p = 2 if family == "flux" else int(getattr(config, "patch_size", None) or 1)
+    return (h // p) * (w // p)
+
+
+def check_schedule(model_path: str | None, shift: float | None, *, option: str = "--sample.shift") -> None:
+    """Fail before any work if the model's scheduler config gives no flow schedule, or ``shift`` (the CLI
+    ``option``) is not None / > 0 or does not apply (an epsilon UNet, or dynamic shifting)."""
+    from models.loader import load_scheduler_config, resolve_model_dir
+
+    bad = isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0
+    if shift is not None and bad:
+        raise ValueError(f"{option}: expected a float > 0 (or none: the model's scheduler's), got {shift!r}")
+    if model_path is None:
+        from models.embedded import DEFAULT_DIR
+
+        config, family = load_scheduler_config(DEFAULT_DIR), "sd3"
+    else:
+        _, cls_name = resolve_model_dir(model_path)
+        if cls_name == "UNet2DConditionModel":  # epsilon model: the DDIM schedule
+            if shift is not None:
+                raise ValueError(
+                    f"{option}: shifts a flow model's sigma schedule; {model_path} is an epsilon UNet "
+                    f"(DDIM schedule), expected none, got {shift}"
+                )
+            return
+        config = load_scheduler_config(model_path)
+        family = "flux" if cls_name == "FluxTransformer2DModel" else "sd3"
+    try:
+        scheduler_sigmas(config, 1, family=family, image_seq_len=1, shift=shift)
+    except ValueError as e:
+        where = "the embedded default" if model_path is None else str(model_path)
+        msg = str(e)
+        if msg.startswith("shift: "):
+            raise ValueError(f"{option} ({where}): {msg[len('shift: '):]}") from None
+        raise ValueError(f"the scheduler config of {where}: {msg}") from None
 
 
 def read_prompt_file(path: str | None, option: str) -> list[str]:

@@ -62,7 +62,13 @@ class PGSampleConfig:
         metadata={"help": "rollout SDE: flow-sde or cps (flow models), ddim (epsilon UNets); auto picks"},
     )
     num_steps: int = field(default=10, metadata={"help": "sampler steps per training rollout"})
-    shift: float = field(default=3.0, metadata={"help": "SD3 sigma-schedule shift"})
+    shift: float | None = field(
+        default=None,
+        metadata={
+            "help": "sigma-schedule shift; none: the model's diffusers scheduler config (SD3/SD3.5 and the "
+            "embedded default: 3.0); a value overrides the config's static shift (not under dynamic shifting)"
+        },
+    )
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (flow-sde / cps)"})
     cps_log_prob: str = field(
         default="reference",
@@ -317,7 +323,7 @@ def collect_rollouts(
                 num_steps=sc.num_steps,
                 latent_shape=policy.latent_shape,
                 solver=solver,
-                shift=sc.shift,
+                sigmas=policy.sigmas(sc.num_steps, sc.shift) if solver != "ddim" else None,
                 noise_level=sc.noise_level,
                 eta=sc.eta,
                 guidance_scale=g,

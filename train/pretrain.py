@@ -26,7 +26,7 @@ prompt of the same task type (:func:`mismatch_captions`), the label noise of web
 much worse than guided ones, as with SD3.5-M.  Everything is seeded; on a CPU with the same thread count a
 run is reproducible bit for bit.
 
-``evaluate`` samples the held-out test prompts with a plain Euler ODE on the SD3 shifted schedule
+``evaluate`` samples the held-out test prompts with a plain Euler ODE on SD3's diffusers schedule
 (CFG-free or with a guidance scale) and scores them with the GenEval-mini verifier; ``restart_scores`` finds
 the noise levels at which the model decides its images; ``relation_response`` measures whether it places
 objects by the relation words.
@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from engine.schedules import sd3_sigmas
 from models.embedded import DEFAULT_DIR, TRANSFORMER_CONFIG, EmbeddedConfig, EmbeddedDefault, PromptEncoder
 from models.lora import EMA
 from train.data import (
@@ -81,11 +82,13 @@ __all__ = [
 
 
 def sigma_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SPEC §0: ``s_i = 1 - i/N`` (i = 0..N) shifted by ``shift * s / (1 + (shift - 1) * s)``; ``[N + 1]``."""
+    """SPEC §0: the sampler's schedule, the engine's :func:`engine.schedules.sd3_sigmas` (SD3's diffusers
+    scheduler, the embedded default's shipped config); ``[N + 1]``.  The shipped checkpoint's recorded
+    evaluations (``pretrain.json``) were taken on the hand-made ``shift(1 - i/N)`` schedule used until
+    2026-12."""
     if steps < 1:
         raise ValueError(f"steps: expected >= 1, got {steps}")
-    s = 1.0 - torch.arange(steps + 1, dtype=torch.float64) / steps
-    return (shift * s / (1.0 + (shift - 1.0) * s)).float()
+    return sd3_sigmas(steps, shift)
 
 
 @torch.no_grad()
