@@ -217,7 +217,9 @@ NEEDS_CHECKPOINT = "needs the stage-1 embedded checkpoint (models/embedded/stage
 def test_short_run_raises_the_reward(tmp_path):
     """DDPO-IS on the embedded default with JPEG compressibility (DDPO's dense reward): over the last 5 of 20
     iterations the training reward beats an lr-0 control run on the same prompts and seeds by a clear margin
-    (calibrated on the stage-1 embedded checkpoint: gain 0.08 for Flow-GRPO, 0.10 for DDPO-IS)."""
-    argv = JPEG_SHORT_RUN
+    (calibrated on the stage-1 embedded checkpoint: gain 0.10 with 6 steps on the old ``shift(1 - i/N)``
+    schedule).  10 SDE steps on the diffusers schedule (SPEC §0), as train.grpo's test: with 6 (``..., 0.432,
+    0.0089, 0``) the gain fell to 0.036; with 10 it is 0.087 (seed 0)."""
+    argv = [*JPEG_SHORT_RUN, "--sample.num-steps", "10"]
     gain = paired_reward_gain(ddpo, tmp_path, argv, iters=20, last=5)
     assert gain > 0.04, gain
