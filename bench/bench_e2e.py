@@ -1,11 +1,11 @@
-"""End-to-end benchmark: one DiffusionNFT iteration (SPEC §2) on SD3.5-M and FLUX shapes, three providers.
+"""End-to-end benchmark: one DiffusionNFT iteration (math.md §2) on SD3.5-M and FLUX shapes, three providers.
 
 Providers, side by side in one run, on the same model instance and the same inputs:
 
 * ``reference``      the baseline kept here: DiffusionNFT as the public reference code runs it -- a diffusers
   transformer, peft LoRA with ``default`` / ``old`` adapters, bf16 autocast over bf16 base weights and fp32
   LoRA weights, an eager Python DPM-Solver++(2M) loop (``kernels.reference.dpm2_step``: plain tensor ops),
-  ``x_t`` and the loss written with plain tensor ops as in SPEC §2 step 6, default (SDPA) attention, no
+  ``x_t`` and the loss written with plain tensor ops as in math.md §2 step 6, default (SDPA) attention, no
   fused kernels, no graphs;
 * ``torch_compile``  the same baseline with the denoiser under ``torch.compile`` (compile time apart);
 * ``engine``         this project: CUDA-graph rollouts (``engine.rollout``, solver ``dpm2``), the fused
@@ -14,7 +14,7 @@ Providers, side by side in one run, on the same model instance and the same inpu
 
 Models: random-weight presets fed by fixed random prompt embeddings (no text encoder): ``sd3.5-medium`` at
 512 px (latents ``[B, 16, 64, 64]``, 333 text tokens) and ``flux-dev`` at 512 px (same latents, 512 text
-tokens) with gradient checkpointing.  LoRA: SPEC §2 step 8 (rank 32, alpha 64, attention projections).
+tokens) with gradient checkpointing.  LoRA: math.md §2 step 8 (rank 32, alpha 64, attention projections).
 
 Reported per (model, provider): rollout images/s (10-step dpm2, batch 16); training samples/s, one sample =
 one sample-timestep = three forwards (``v_old``, ``v_ref``, ``v``) and one backward; seconds per iteration of
@@ -66,7 +66,7 @@ MODE = os.environ.get("NFT_BENCH_MODE", "full" if CUDA else "quick")
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 PROVIDERS_ALL = ("reference", "torch_compile", "engine")
 
-# DiffusionNFT reference recipe (SPEC §2): 48 prompts x 24 images per iteration, 10 dpm2 steps, 99% of them
+# DiffusionNFT reference recipe (math.md §2): 48 prompts x 24 images per iteration, 10 dpm2 steps, 99% of them
 RECIPE_IMAGES = 48 * 24
 RECIPE_STEPS = 10
 RECIPE_TRAIN_TIMESTEPS = int(0.99 * RECIPE_STEPS)
@@ -190,7 +190,7 @@ def autocast(case: E2ECase):
 # The baseline iteration (reference code, eager)
 # ----------------------------------------------------------------------------------------------------------
 def reference_rollout(den, model, case: E2ECase, cond, seed: int = 0):
-    """The old policy samples ``x0`` with an eager DPM-Solver++(2M) loop (SPEC §1), no CFG."""
+    """The old policy samples ``x0`` with an eager DPM-Solver++(2M) loop (math.md §1), no CFG."""
     b = len(cond)
     g = torch.Generator(device=DEVICE).manual_seed(seed)
     x = torch.randn((b, *case.latent), generator=g, device=DEVICE).to(case.dtype)
@@ -206,7 +206,7 @@ def reference_rollout(den, model, case: E2ECase, cond, seed: int = 0):
 
 
 def reference_train_step(den, model, case: E2ECase, cond, x0, noise, t, r):
-    """SPEC §2 steps 4-6 on one micro-batch, as the reference code writes them: 3 forwards, 1 backward."""
+    """math.md §2 steps 4-6 on one micro-batch, as the reference code writes them: 3 forwards, 1 backward."""
     tc = t.view(-1, 1, 1, 1)
     with autocast(case):
         x_t = (1.0 - tc) * x0 + tc * noise

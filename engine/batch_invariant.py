@@ -1,5 +1,5 @@
 """A batch-invariant denoiser forward: the same sample gives the same prediction bit for bit, whatever batch
-it is evaluated in (SPEC §3: ``logp_new == logp_old`` exactly before the first update).
+it is evaluated in (math.md §3: ``logp_new == logp_old`` exactly before the first update).
 
 GEMM, attention and normalisation kernels pick their blocking, vector paths and reduction order from the
 *shape* of the call (a batch of 1 takes a GEMV path, for example), so a row's result can change with the

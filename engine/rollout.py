@@ -1,9 +1,9 @@
-"""Rollouts: the solver loop over a denoiser through the fused kernels (SPEC §0-§1), CUDA graphs on CUDA.
+"""Rollouts: the solver loop over a denoiser through the fused kernels (math.md §0-§1), CUDA graphs on CUDA.
 
 ``rollout(denoiser, cond, num_steps=..., latent_shape=..., solver=...)`` returns a :class:`RolloutBatch`.
-Solvers: ``dpm2`` (DPM-Solver++ 2M, SPEC §1; DiffusionNFT's default, SPEC §2), ``euler``, ``flow-sde``
-(Flow-GRPO, SPEC §3), ``cps`` (coefficient-preserving SDE) for flow models and ``ddim`` (with ``eta``,
-DDPO, SPEC §4) for epsilon models.
+Solvers: ``dpm2`` (DPM-Solver++ 2M, math.md §1; DiffusionNFT's default, math.md §2), ``euler``, ``flow-sde``
+(Flow-GRPO, math.md §3), ``cps`` (coefficient-preserving SDE) for flow models and ``ddim`` (with ``eta``,
+DDPO, math.md §4) for epsilon models.
 
 Noise depends only on ``(seed of the sample, step)``: sample ``i``'s initial noise is
 ``kernels.randn(latent_shape, seed_i, offset=0)`` and the noise of step ``k`` uses ``offset=(k+1) * numel``,
@@ -49,7 +49,8 @@ class RolloutBatch:
 
     ``x0`` ``[B, C, H, W]`` clean samples (in ``dtype``); ``seeds`` int64 ``[B]`` (per-sample Philox keys);
     ``timesteps`` fp32 ``[N]``: the model's timestep input at each step (``1000 sigma`` for flow models,
-    SPEC §0; the integer DDPM timestep as float for ``ddim``); ``sigmas`` fp32 ``[N+1]`` (flow solvers, else
+    math.md §0; the integer DDPM timestep as float for ``ddim``); ``sigmas`` fp32 ``[N+1]`` (flow solvers,
+    else
     None); ``alpha_bars`` fp32 ``[N+1]`` (``ddim``: ``alpha_bars[i]`` / ``alpha_bars[i+1]`` are step ``i``'s
     ``ab`` and ``ab_prev``, else None); ``sde_steps``: the steps that injected noise (log-prob 0 elsewhere);
     ``trajectory`` ``[B, N+1, C, H, W]`` states (``trajectory[:, 0]`` the initial noise, ``trajectory[:, -1]``
@@ -301,7 +302,8 @@ def _check_window(sde_window, num_steps: int) -> tuple[int, int]:
 
 def _step_kinds(solver: str, num_steps: int, window: tuple[int, int], noisy: bool) -> list[str]:
     """Per-step kernels.  Outside the SDE window, or with zero noise (``noise_level == 0`` / ``eta == 0``),
-    a stochastic solver takes its ODE step: Euler for flow-sde and cps (both reduce to it exactly, SPEC §1),
+    a stochastic solver takes its ODE step: Euler for flow-sde and cps (both reduce to it exactly, math.md
+    §1),
     DDIM with eta 0 for ddim; no noise is drawn there and the log-prob is 0 (a point mass)."""
     if solver == "dpm2":
         return ["dpm2-first"] + ["dpm2"] * (num_steps - 1)
@@ -553,9 +555,9 @@ def rollout(
     cps_log_prob: str = "reference",
     engine: RolloutEngine | None = None,
 ) -> RolloutBatch:
-    """Sample ``len(cond)`` latents of ``latent_shape`` from ``denoiser`` (SPEC §0-§1) -> a RolloutBatch.
+    """Sample ``len(cond)`` latents of ``latent_shape`` from ``denoiser`` (math.md §0-§1) -> a RolloutBatch.
 
-    Flow solvers run on the given ``sigmas`` [N+1] (the model's own schedule, SPEC §0:
+    Flow solvers run on the given ``sigmas`` [N+1] (the model's own schedule, math.md §0:
     :func:`engine.schedules.scheduler_sigmas` from its diffusers scheduler config, as the training policy
     passes it; a tensor passed as ``shift`` is taken as ``sigmas``), else on SD3's ``sd3_sigmas(num_steps,
     shift)``, i.e. ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(N).sigmas``.

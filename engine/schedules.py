@@ -1,4 +1,4 @@
-"""Noise schedules: flow-model sigmas from the model's own diffusers scheduler (SPEC §0) and DDPM/DDIM
+"""Noise schedules: flow-model sigmas from the model's own diffusers scheduler (math.md §0) and DDPM/DDIM
 alpha-bars for epsilon models.
 
 Flow sigmas are computed BY diffusers (``FlowMatchEulerDiscreteScheduler.set_timesteps``, with the arguments
@@ -53,7 +53,8 @@ def scheduler_sigmas(
     shift: float | None = None,
     device=None,
 ) -> torch.Tensor:
-    """SPEC §0: the sigmas ``[N+1]`` (fp32, decreasing from 1, final 0) that the model's pipeline samples on,
+    """math.md §0: the sigmas ``[N+1]`` (fp32, decreasing from 1, final 0) that the model's pipeline samples
+    on,
     computed by diffusers' ``FlowMatchEulerDiscreteScheduler`` from ``scheduler`` (its config dict, e.g. a
     pipeline's ``scheduler/scheduler_config.json``, or a scheduler object, whose config is used; the object
     is not modified).
@@ -150,7 +151,7 @@ def scheduler_sigmas(
 
 
 def sd3_sigmas(num_steps: int, shift: float = 3.0, device=None) -> torch.Tensor:
-    """SPEC §0, SD3 / SD3.5: ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(N).sigmas``, fp32
+    """math.md §0, SD3 / SD3.5: ``FlowMatchEulerDiscreteScheduler(shift=shift).set_timesteps(N).sigmas``, fp32
     ``[N+1]``: ``sigma_min = shift(1/1000)``, ``s = linspace(1, sigma_min, N)``, ``sigmas = shift(s)``, then 0
     (``shift(s) = shift s / (1 + (shift - 1) s)``).  N = 10, shift 3: ``1.0, 0.9601, ..., 0.2780, 0.0089, 0``.
     """
@@ -158,7 +159,7 @@ def sd3_sigmas(num_steps: int, shift: float = 3.0, device=None) -> torch.Tensor:
 
 
 def timesteps_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
-    """SPEC §0: the transformer's timestep is ``1000 * sigma`` as a float, never truncated."""
+    """math.md §0: the transformer's timestep is ``1000 * sigma`` as a float, never truncated."""
     if not isinstance(sigmas, torch.Tensor) or not sigmas.is_floating_point():
         raise ValueError(f"sigmas: expected a floating-point tensor, got {type(sigmas).__name__}")
     return sigmas.float() * 1000.0
@@ -216,7 +217,8 @@ SD15_SCHEDULER_CONFIG = {
 
 
 def ddim_alpha_bars(num_steps: int, *, scheduler_config=None, device=None):
-    """SPEC §1 DDIM schedule of an epsilon model -> ``(timesteps int64 [N], alpha_bars fp32 [N+1])``, computed
+    """math.md §1 DDIM schedule of an epsilon model -> ``(timesteps int64 [N], alpha_bars fp32 [N+1])``,
+    computed
     by diffusers: ``DDIMScheduler.from_config(scheduler_config).set_timesteps(N)``.
 
     ``scheduler_config`` is the model's scheduler config (a dict, e.g. a pipeline's

@@ -1,4 +1,4 @@
-"""Fused ops for diffusion / flow-matching RL and preference training (formulas: shared/SPEC.md §0-§2).
+"""Fused ops for diffusion / flow-matching RL and preference training (formulas: docs/math.md §0-§2).
 
 Importable on its own, with no dependency on the rest of the project; the only side effect of importing it
 is the registration of its ``nft_kernels::*`` ops with ``torch.library`` (where triton is installed).
@@ -84,7 +84,7 @@ def _no_grad_to(**tensors) -> None:
 
 
 def interpolate(x0, noise, t):
-    """SPEC §0: ``x_t = (1 - t) x0 + t noise``; output in ``x0``'s dtype."""
+    """math.md §0: ``x_t = (1 - t) x0 + t noise``; output in ``x0``'s dtype."""
     check_tensor("x0", x0)
     check_like("noise", noise, "x0", x0)
     t = per_sample("t", t, x0.shape[0], x0.device)
@@ -95,7 +95,7 @@ def interpolate(x0, noise, t):
 
 
 def paired_interpolate(x0_w, x0_l, noise, t):
-    """SPEC §6: ``(x_t_w, x_t_l)`` from the same ``noise`` and ``t`` in one pass."""
+    """math.md §6: ``(x_t_w, x_t_l)`` from the same ``noise`` and ``t`` in one pass."""
     check_tensor("x0_w", x0_w)
     check_like("x0_l", x0_l, "x0_w", x0_w)
     check_like("noise", noise, "x0_w", x0_w)
@@ -175,7 +175,7 @@ def _solver_common(x, v, sigma, sigma_next, v_name="v"):
 
 
 def euler_step(x, v, sigma, sigma_next):
-    """SPEC §1 Euler ODE step: ``x' = x + (sigma_next - sigma) v``."""
+    """math.md §1 Euler ODE step: ``x' = x + (sigma_next - sigma) v``."""
     sigma, sigma_next = _solver_common(x, v, sigma, sigma_next)
     if _triton(x):
         _no_grad_to(sigma=sigma, sigma_next=sigma_next)
@@ -184,7 +184,7 @@ def euler_step(x, v, sigma, sigma_next):
 
 
 def sde_step(x, v, sigma, sigma_next, *, noise_level, sigma_max=None, noise=None, prev_sample=None):
-    """SPEC §1 Flow-GRPO SDE step -> ``(prev_sample, log_prob [B] fp32, mean fp32, std [B] fp32)``.
+    """math.md §1 Flow-GRPO SDE step -> ``(prev_sample, log_prob [B] fp32, mean fp32, std [B] fp32)``.
 
     Rollout passes ``noise``; training passes the stored ``prev_sample`` and gets its log-prob.  The sampled
     state is rounded to ``x``'s dtype before it is scored, so both give the same log-prob bit for bit.
@@ -230,7 +230,7 @@ def cps_step(
     prev_sample=None,
     log_prob_form="reference",
 ):
-    """SPEC §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``.
+    """math.md §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``.
 
     ``log_prob_form="reference"`` (default): flow_grpo's ``sde_type='cps'`` log-prob
     ``-mean_dims (prev - mean)^2`` (no variance, no constants), the scale CPS recipes tune their PPO clip
@@ -261,7 +261,7 @@ def cps_step(
 
 
 def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample=None):
-    """SPEC §1 DDIM step with ``eta`` for epsilon models -> ``(prev_sample, log_prob, mean, std)``."""
+    """math.md §1 DDIM step with ``eta`` for epsilon models -> ``(prev_sample, log_prob, mean, std)``."""
     check_tensor("x", x)
     check_like("eps", eps, "x", x)
     b = x.shape[0]
@@ -284,7 +284,7 @@ def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample
 
 
 def dpm2_step(x, v, sigma, sigma_next, *, x0_prev=None, sigma_prev=None):
-    """SPEC §1 DPM-Solver++(2M) step -> ``(x_next, x0_pred)``.
+    """math.md §1 DPM-Solver++(2M) step -> ``(x_next, x0_pred)``.
 
     ``x0_pred = x - sigma v``: pass it as ``x0_prev`` (and this ``sigma`` as ``sigma_prev``) to the next step.
     The first step (``x0_prev=None``), a step from ``sigma_prev == 1`` and the last step (``sigma_next == 0``)
@@ -307,7 +307,7 @@ def dpm2_step(x, v, sigma, sigma_next, *, x0_prev=None, sigma_prev=None):
 
 
 def gaussian_log_prob(x, mean, std, reduce="mean"):
-    """SPEC §1 Gaussian log-density of ``x`` under ``N(mean, std^2)`` reduced per row -> fp32 ``[B]``."""
+    """math.md §1 Gaussian log-density of ``x`` under ``N(mean, std^2)`` reduced per row -> fp32 ``[B]``."""
     check_tensor("x", x)
     check_like("mean", mean, "x", x)
     std = per_sample("std", std, x.shape[0], x.device)
@@ -320,7 +320,7 @@ def gaussian_log_prob(x, mean, std, reduce="mean"):
 
 
 def gaussian_kl(mean_p, std_p, mean_q, std_q, reduce="mean"):
-    """SPEC §1 closed-form ``KL(N(mean_p, std_p^2) || N(mean_q, std_q^2))`` per row -> fp32 ``[B]``."""
+    """math.md §1 closed-form ``KL(N(mean_p, std_p^2) || N(mean_q, std_q^2))`` per row -> fp32 ``[B]``."""
     check_tensor("mean_p", mean_p)
     check_like("mean_q", mean_q, "mean_p", mean_p)
     b = mean_p.shape[0]
@@ -338,7 +338,7 @@ def gaussian_kl(mean_p, std_p, mean_q, std_q, reduce="mean"):
 def nft_loss(
     v, v_old, x0, noise, t, r, *, beta, adv_clip_max=5.0, weighting="adaptive", v_ref=None, kl_coef=0.0
 ):
-    """SPEC §2 step 6 DiffusionNFT loss (scalar fp32), differentiable in ``v`` only.
+    """math.md §2 step 6 DiffusionNFT loss (scalar fp32), differentiable in ``v`` only.
 
     ``v_pos = beta v + (1 - beta) v_old``, ``v_neg = (1 + beta) v_old - beta v``; adaptive weighting divides
     each row's squared x0-error by its detached mean absolute error; ``weighting="none"`` is the paper's plain

@@ -1,4 +1,4 @@
-"""Plain-PyTorch references for every fused op (the math is ``shared/SPEC.md``; sections cited per op).
+"""Plain-PyTorch references for every fused op (the math is ``docs/math.md``; sections cited per op).
 
 These are the ground truth the Triton kernels are tested against and the path CPU tensors take
 outside the Triton interpreter.  Conventions shared by every function here:
@@ -48,16 +48,16 @@ def _reduce_rows(x: torch.Tensor, reduce: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC §0: forward process
+# math.md §0: forward process
 # ----------------------------------------------------------------------------------------------------------
 def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """SPEC §0: ``x_t = (1 - t) * x0 + t * noise`` (fp32 math, output in ``x0``'s dtype)."""
+    """math.md §0: ``x_t = (1 - t) * x0 + t * noise`` (fp32 math, output in ``x0``'s dtype)."""
     tc = _col(t, x0.ndim)
     return ((1.0 - tc) * x0.float() + tc * noise.float()).to(x0.dtype)
 
 
 def paired_interpolate(x0_w, x0_l, noise, t):
-    """SPEC §6 paired noise: the same ``noise`` and ``t`` noise the winner and the loser."""
+    """math.md §6 paired noise: the same ``noise`` and ``t`` noise the winner and the loser."""
     return interpolate(x0_w, noise, t), interpolate(x0_l, noise, t)
 
 
@@ -122,10 +122,10 @@ def randn(shape, seed, offset=0, *, device=None, dtype=torch.float32) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC §1: solver steps.  ``sigma``/``sigma_next`` are [B] fp32; dt = sigma_next - sigma < 0.
+# math.md §1: solver steps.  ``sigma``/``sigma_next`` are [B] fp32; dt = sigma_next - sigma < 0.
 # ----------------------------------------------------------------------------------------------------------
 def euler_step(x, v, sigma, sigma_next):
-    """SPEC §1 Euler ODE: ``x' = x + (sigma_next - sigma) * v``."""
+    """math.md §1 Euler ODE: ``x' = x + (sigma_next - sigma) * v``."""
     dt = _col(sigma_next - sigma, x.ndim)
     return (x.float() + dt * v.float()).to(x.dtype)
 
@@ -148,13 +148,13 @@ def _transition(x, mean, std, noise, prev_sample, log_prob_form="gaussian"):
 
 
 def sde_std(sigma, sigma_next, noise_level, sigma_max):
-    """SPEC §1 Flow-GRPO: ``std_t = a sqrt(sigma / (1 - (sigma == 1 ? sigma_max : sigma)))``."""
+    """math.md §1 Flow-GRPO: ``std_t = a sqrt(sigma / (1 - (sigma == 1 ? sigma_max : sigma)))``."""
     denom_sigma = torch.where(sigma == 1.0, sigma_max, sigma)
     return noise_level * torch.sqrt(sigma / (1.0 - denom_sigma))
 
 
 def sde_step(x, v, sigma, sigma_next, *, noise_level, sigma_max, noise=None, prev_sample=None):
-    """SPEC §1 Flow-GRPO SDE step -> ``(prev_sample, log_prob [B], mean (fp32), std [B])``.
+    """math.md §1 Flow-GRPO SDE step -> ``(prev_sample, log_prob [B], mean (fp32), std [B])``.
 
     ``std_t = a sqrt(sigma / (1 - sigma'))`` with ``sigma' = sigma_max`` where ``sigma == 1``;
     ``mean = x (1 + std_t^2 dt / (2 sigma)) + v (1 + std_t^2 (1 - sigma) / (2 sigma)) dt``;
@@ -184,7 +184,7 @@ def cps_step(
     prev_sample=None,
     log_prob_form="reference",
 ):
-    """SPEC §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``.
+    """math.md §1 coefficient-preserving SDE step -> ``(prev_sample, log_prob, mean, std)``.
 
     ``std = sigma_next sin(a pi / 2)``; ``x0_hat = x - sigma v``; ``x1_hat = x + (1 - sigma) v``;
     ``mean = x0_hat (1 - sigma_next) + x1_hat sqrt(sigma_next^2 - std^2)``.  ``sigma_max`` is unused.
@@ -203,7 +203,7 @@ def cps_step(
 
 
 def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample=None):
-    """SPEC §1 DDIM with eta (epsilon models) -> ``(prev_sample, log_prob, mean, std)``.
+    """math.md §1 DDIM with eta (epsilon models) -> ``(prev_sample, log_prob, mean, std)``.
 
     ``x0_hat = (x - sqrt(1 - ab_t) eps) / sqrt(ab_t)``; ``var = (1 - ab_prev)/(1 - ab_t) (1 - ab_t/ab_prev)``;
     ``std = eta sqrt(var)``; ``mean = sqrt(ab_prev) x0_hat + sqrt(1 - ab_prev - std^2) eps``.
@@ -220,7 +220,7 @@ def ddim_step(x, eps, alpha_bar, alpha_bar_prev, *, eta, noise=None, prev_sample
 
 
 def dpm2_coefficients(sigma, sigma_next, sigma_prev):
-    """SPEC §1 DPM-Solver++(2M) on rectified flow, per sample, written without infinities.
+    """math.md §1 DPM-Solver++(2M) on rectified flow, per sample, written without infinities.
 
     With ``alpha = 1 - sigma``, ``lambda = log(alpha / sigma)``, ``h = lambda_next - lambda``:
     ``x' = (sigma_next / sigma) x + alpha_next (1 - e^{-h}) D`` with
@@ -246,7 +246,7 @@ def dpm2_coefficients(sigma, sigma_next, sigma_prev):
 
 
 def dpm2_step(x, v, sigma, sigma_next, x0_prev=None, sigma_prev=None):
-    """SPEC §1 DPM-Solver++(2M) step for a velocity model -> ``(x_next, x0_pred)``.
+    """math.md §1 DPM-Solver++(2M) step for a velocity model -> ``(x_next, x0_pred)``.
 
     ``x0_pred = x - sigma v`` is this step's data prediction ``D_s``; pass it back as ``x0_prev`` (with this
     step's ``sigma`` as ``sigma_prev``) on the next call.  ``sigma_prev`` is ``[B]``; ``x0_prev=None`` means
@@ -266,10 +266,10 @@ def dpm2_step(x, v, sigma, sigma_next, x0_prev=None, sigma_prev=None):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC §1: Gaussian log-prob and KL
+# math.md §1: Gaussian log-prob and KL
 # ----------------------------------------------------------------------------------------------------------
 def gaussian_log_prob(x, mean, std, reduce="mean"):
-    """SPEC §1: ``log N(x; m, s^2) = -(x - m)^2 / (2 s^2) - log s - log sqrt(2 pi)``, reduced per row.
+    """math.md §1: ``log N(x; m, s^2) = -(x - m)^2 / (2 s^2) - log s - log sqrt(2 pi)``, reduced per row.
 
     ``std`` is ``[B]``.  Rows with ``std == 0`` are point masses: log-prob 0 by convention.
     """
@@ -284,7 +284,7 @@ def gaussian_log_prob(x, mean, std, reduce="mean"):
 
 
 def gaussian_kl(mean_p, std_p, mean_q, std_q, reduce="mean"):
-    """SPEC §1: ``KL(p||q) = log(s_q/s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2`` per element."""
+    """math.md §1: ``KL(p||q) = log(s_q/s_p) + (s_p^2 + (m_p - m_q)^2) / (2 s_q^2) - 1/2`` per element."""
     nd = mean_p.ndim
     sp, sq = _col(std_p, nd), _col(std_q, nd)
     diff = mean_p.float() - mean_q.float()
@@ -293,10 +293,10 @@ def gaussian_kl(mean_p, std_p, mean_q, std_q, reduce="mean"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# SPEC §2 step 5-6: DiffusionNFT loss
+# math.md §2 step 5-6: DiffusionNFT loss
 # ----------------------------------------------------------------------------------------------------------
 def nft_row_losses(v, v_old, x0, noise, t, *, beta, weighting="adaptive"):
-    """Per-row ``(L_pos, L_neg)`` of SPEC §2 step 6 (gradient flows through ``v`` only).
+    """Per-row ``(L_pos, L_neg)`` of math.md §2 step 6 (gradient flows through ``v`` only).
 
     ``v_pos = beta v + (1 - beta) v_old``; ``v_neg = (1 + beta) v_old - beta v``; target ``u = noise - x0``.
     adaptive: ``d = t (u - v_*)``, ``L = mean d^2 / stopgrad(mean |d|).clamp_min(1e-5)``.
@@ -319,7 +319,7 @@ def nft_row_losses(v, v_old, x0, noise, t, *, beta, weighting="adaptive"):
 def nft_loss(
     v, v_old, x0, noise, t, r, *, beta, adv_clip_max=5.0, weighting="adaptive", v_ref=None, kl_coef=0.0
 ):
-    """SPEC §2 step 6: ``mean_b[m (r L_pos + (1 - r) L_neg) / beta]``
+    """math.md §2 step 6: ``mean_b[m (r L_pos + (1 - r) L_neg) / beta]``
     ``+ kl_coef mean_b mean_dims (v - v_ref)^2``."""
     l_pos, l_neg = nft_row_losses(v, v_old, x0, noise, t, beta=beta, weighting=weighting)
     loss = (adv_clip_max * (r * l_pos + (1.0 - r) * l_neg) / beta).mean()

@@ -2,7 +2,7 @@
 
 A *denoiser* in this project is any callable ``denoiser(x, timestep, cond) -> prediction`` where ``x`` is
 ``[B, C, H, W]`` (latents or pixels), ``timestep`` is a float ``[B]`` tensor equal to ``1000 * sigma``
-(SPEC §0, never truncated), ``cond`` is a :class:`Conditioning` of batch ``B``, and the prediction has
+(math.md §0, never truncated), ``cond`` is a :class:`Conditioning` of batch ``B``, and the prediction has
 ``x``'s shape: a velocity for flow models (``prediction_type == "flow"``) or a noise estimate for epsilon
 models (``prediction_type == "epsilon"``).
 """

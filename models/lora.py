@@ -1,4 +1,4 @@
-"""LoRA adapters through peft (SPEC §2 step 8): a trainable ``default``, a frozen ``old`` copy, the
+"""LoRA adapters through peft (math.md §2 step 8): a trainable ``default``, a frozen ``old`` copy, the
 reference model as "adapters disabled"; old-adapter EMA and an evaluation EMA with multi-tensor (foreach)
 updates; saving and loading in the ``pytorch_lora_weights.safetensors`` format diffusers pipelines load.
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# SPEC §2 step 8 (DiffusionNFT reference, SD3.5-M): the joint attention projections of every MMDiT block.
+# math.md §2 step 8 (DiffusionNFT reference, SD3.5-M): the joint attention projections of every MMDiT block.
 SD3_TARGET_MODULES = (
     "attn.to_q",
     "attn.to_k",
@@ -137,7 +137,7 @@ def add_adapters(
     """Add LoRA adapters (peft ``LoraConfig(r=rank, lora_alpha=alpha)``, scale ``alpha / rank``) in place.
 
     The first adapter is active and trainable; the others start as copies of it and are frozen; the base
-    weights are frozen. ``target_modules`` defaults to SPEC §2 step 8's list for SD3 (same names for FLUX;
+    weights are frozen. ``target_modules`` defaults to math.md §2 step 8's list for SD3 (same names for FLUX;
     q/k/v/out for a UNet). ``init``: peft's ``init_lora_weights`` ("gaussian": A ~ N(0, 1/r), B = 0).
 
     Every adapter's weights are ``lora_dtype`` (fp32) whatever the base weights' dtype: they are the master
@@ -240,7 +240,7 @@ def copy_adapter(model: nn.Module, src: str = "default", dst: str = "old") -> No
 
 @torch.no_grad()
 def ema_update_adapter(model: nn.Module, decay: float, src: str = "default", dst: str = "old") -> None:
-    """``dst <- decay * dst + (1 - decay) * src`` (SPEC §2 step 7); one foreach lerp over cached lists."""
+    """``dst <- decay * dst + (1 - decay) * src`` (math.md §2 step 7); one foreach lerp over cached lists."""
     if not 0.0 <= decay <= 1.0:
         raise ValueError(f"decay: expected a value in [0, 1], got {decay}")
     src_params, dst_params = _adapter_pairs(model, src, dst)
@@ -248,14 +248,15 @@ def ema_update_adapter(model: nn.Module, decay: float, src: str = "default", dst
 
 
 def old_adapter_decay(step: int, *, flat: int = 0, uprate: float = 1e-3, uphold: float = 0.5) -> float:
-    """``d = min(max(step - flat, 0) * uprate, uphold)`` (SPEC §2 step 7, ref defaults)."""
+    """``d = min(max(step - flat, 0) * uprate, uphold)`` (math.md §2 step 7, ref defaults)."""
     return min(max(step - flat, 0) * uprate, uphold)
 
 
 class EMA:
     """Evaluation EMA: ``shadow <- d * shadow + (1 - d) * param``, ``d = min((1+s)/(10+s), max_decay)``,
     ``s`` the optimizer steps taken so far including the one just taken (1 at the first update), as the
-    reference counts it (SPEC §2 step 7; NVlabs/DiffusionNFT@24af5554 flow_grpo/ema.py ``EMAModuleWrapper``,
+    reference counts it (math.md §2 step 7; NVlabs/DiffusionNFT@24af5554 flow_grpo/ema.py
+    ``EMAModuleWrapper``,
     called with ``global_step`` after its increment in scripts/train_nft_sd3.py).  The shadow is kept in
     fp32; updates are foreach.
     """

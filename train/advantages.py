@@ -1,4 +1,4 @@
-"""Per-prompt advantages (SPEC §2 steps 2-3, SPEC §3) and DiffusionNFT's map from advantage to ``r``."""
+"""Per-prompt advantages (math.md §2 steps 2-3, math.md §3) and DiffusionNFT's map from advantage to ``r``."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def group_advantages(
 
 
 def equal_reward_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
-    """Bool ``[B]``: True where the sample's prompt group has all-equal rewards (no signal; SPEC §3 masks
+    """Bool ``[B]``: True where the sample's prompt group has all-equal rewards (no signal; math.md §3 masks
     them)."""
     inv, n = _group_index(group_ids)
     big = torch.finfo(torch.float32).max
@@ -46,7 +46,7 @@ def equal_reward_groups(rewards: torch.Tensor, group_ids: torch.Tensor) -> torch
 
 
 def nft_optimality(advantages: torch.Tensor, adv_clip_max: float) -> torch.Tensor:
-    """SPEC §2 step 3: ``r = clamp(clamp(A, -m, m) / m / 2 + 0.5, 0, 1)``."""
+    """math.md §2 step 3: ``r = clamp(clamp(A, -m, m) / m / 2 + 0.5, 0, 1)``."""
     if not adv_clip_max > 0:
         raise ValueError(f"adv_clip_max: expected a value > 0, got {adv_clip_max}")
     a = advantages.clamp(-adv_clip_max, adv_clip_max)

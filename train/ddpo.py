@@ -1,4 +1,4 @@
-"""DDPO (arXiv 2305.13301) and DPOK (arXiv 2305.16381), exactly as SPEC §4 defines them.
+"""DDPO (arXiv 2305.13301) and DPOK (arXiv 2305.16381), exactly as math.md §4 defines them.
 ``python -m train.ddpo --help``.
 
 Per iteration:
@@ -161,7 +161,7 @@ class DDPOTrainer(PolicyGradientTrainer):
         self.stats.load_state_dict(state.get("stat_tracker", {}))
 
     def advantages(self, traj: Trajectories):
-        """SPEC §4: per-prompt statistics baseline (or the batch's), clipped to ``[-m, m]``."""
+        """math.md §4: per-prompt statistics baseline (or the batch's), clipped to ``[-m, m]``."""
         tc = self.cfg.train
         texts = [self.policy.prompt_text(p) for p in traj.prompts]
         if tc.per_prompt_stats:
@@ -178,7 +178,8 @@ class DDPOTrainer(PolicyGradientTrainer):
         )
 
     def step_loss(self, score: StepScore, old_log_prob, adv, n_steps: int):
-        """SPEC §4 per trained step: ``policy_t / n_steps + kl_beta KL_t`` (policy: mean over t; KL: sum)."""
+        """math.md §4 per trained step: ``policy_t / n_steps + kl_beta KL_t`` (policy: mean over t; KL:
+        sum)."""
         tc = self.cfg.train
         if tc.loss == "is":
             policy, ratio = ppo_clip_loss(score.log_prob, old_log_prob, adv, tc.clip_range)

@@ -1,4 +1,4 @@
-"""Flow-GRPO (arXiv 2505.05470), exactly as SPEC §3 defines it.  ``python -m train.grpo --help``.
+"""Flow-GRPO (arXiv 2505.05470), exactly as math.md §3 defines it.  ``python -m train.grpo --help``.
 
 Per iteration:
   1. rollouts with the current ``default`` adapter through the engine's SDE solver (``flow-sde``, noise level
@@ -139,7 +139,8 @@ class GRPOTrainer(PolicyGradientTrainer):
     algo = "grpo"
 
     def advantages(self, traj: Trajectories):
-        """SPEC §3: per-prompt centring, global or group std, clip to ``[-m, m]``; all-equal groups masked."""
+        """math.md §3: per-prompt centring, global or group std, clip to ``[-m, m]``; all-equal groups
+        masked."""
         tc = self.cfg.train
         adv = group_advantages(traj.rewards, traj.group_ids, std=tc.adv_std)
         adv = adv.clamp(-tc.adv_clip_max, tc.adv_clip_max)
@@ -151,7 +152,7 @@ class GRPOTrainer(PolicyGradientTrainer):
         )
 
     def step_loss(self, score: StepScore, old_log_prob, adv, n_steps: int):
-        """SPEC §3 per trained step: ``(policy + kl_beta KL) / n_steps``; the KL divides by flow_grpo's
+        """math.md §3 per trained step: ``(policy + kl_beta KL) / n_steps``; the KL divides by flow_grpo's
         ``2 std_dev_t^2`` (``--train.kl-form reference``) or the step's variance (``gaussian``)."""
         tc = self.cfg.train
         policy, ratio = ppo_clip_loss(score.log_prob, old_log_prob, adv, tc.clip_range)

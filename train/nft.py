@@ -1,4 +1,4 @@
-"""DiffusionNFT (arXiv 2509.16117), exactly as SPEC §2 defines it.  ``python -m train.nft --help``.
+"""DiffusionNFT (arXiv 2509.16117), exactly as math.md §2 defines it.  ``python -m train.nft --help``.
 
 Per iteration:
   1. rollout with the ``old`` adapter through the engine (any solver; default DPM-Solver++ 2M, 10 steps,
@@ -123,7 +123,7 @@ def preset_tiny() -> NFTConfig:
 
 
 def preset_sd35m() -> NFTConfig:
-    """SPEC §2.8 reference recipe for SD3.5-M at 512 px (pass the local directory with --model): one
+    """math.md §2.8 reference recipe for SD3.5-M at 512 px (pass the local directory with --model): one
     optimizer step per iteration over its 48 x 24 = 1152 images and 9 trained timesteps each, on one process
     or on any world size dividing 1152 (NVlabs/DiffusionNFT@24af5554 config/nft.py, ``gradient_step_per_epoch
     = 1``; its OCR recipe: ``--train.steps-per-iter 2 --train.old-flat 75 --train.old-uprate 0.0075
@@ -200,7 +200,7 @@ def check_steps_per_iter(cfg: NFTConfig, world: int) -> None:
 
 
 def old_decay(step: int, tc: TrainConfig) -> float:
-    """SPEC §2 step 7: ``d = min(max(step - flat, 0) * uprate, uphold)``, ``step`` = optimizer steps so
+    """math.md §2 step 7: ``d = min(max(step - flat, 0) * uprate, uphold)``, ``step`` = optimizer steps so
     far."""
     return old_adapter_decay(step, flat=tc.old_flat, uprate=tc.old_uprate, uphold=tc.old_uphold)
 

@@ -1,8 +1,9 @@
 """The policy every training loop drives: a transformer with LoRA adapters, its text encoder, its decoder and
 the prompts.
 
-Adapters (SPEC §2): ``default`` is trained, ``old`` (frozen) drives rollouts, and the reference model is the
-transformer with adapters disabled.  The eval EMA of ``default`` (SPEC §2 step 7) lives here too.
+Adapters (math.md §2): ``default`` is trained, ``old`` (frozen) drives rollouts, and the reference model is
+the
+transformer with adapters disabled.  The eval EMA of ``default`` (math.md §2 step 7) lives here too.
 
 Precision (``--models.dtype``): the frozen weights (transformer, text encoders, VAE) are stored in that dtype;
 the LoRA adapters and so the optimizer state are fp32 whatever it is (models.lora); every denoiser forward
@@ -163,7 +164,8 @@ class Policy:
         image_seq_len: int | None = None,
     ):
         self.transformer, self.denoiser, self.encoder = transformer, denoiser, encoder
-        # SPEC §0: the model's own diffusers scheduler (None: SD3's, shift 3) and the pipeline that drives it
+        # math.md §0: the model's own diffusers scheduler (None: SD3's, shift 3) and the pipeline that drives
+        # it
         self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
         self.schedule_family, self.image_seq_len = schedule_family, image_seq_len
         # the forward that carries gradients (DistributedDataParallel under torchrun; else the denoiser
@@ -212,7 +214,7 @@ class Policy:
 
     @torch.no_grad()
     def ema_old(self, decay: float) -> None:
-        """SPEC §2 step 7: ``old <- d old + (1 - d) default``."""
+        """math.md §2 step 7: ``old <- d old + (1 - d) default``."""
         models.ema_update_adapter(self.transformer, decay, src="default", dst="old")
 
     def update_eval_ema(self, step: int) -> None:
@@ -270,7 +272,7 @@ class Policy:
         return [self.train_prompts[i] for i in idx.tolist()]
 
     def sigmas(self, num_steps: int, shift: float | None = None) -> torch.Tensor:
-        """SPEC §0: the ``[N+1]`` sigmas (last 0) the model's diffusers scheduler gives for ``num_steps``
+        """math.md §0: the ``[N+1]`` sigmas (last 0) the model's diffusers scheduler gives for ``num_steps``
         (FLUX: dynamic shifting from this policy's image token count); ``shift`` (None: the config's)
         overrides a static shift.  Rollouts and NFT's trained timesteps both read it."""
         config = self.scheduler_config if self.scheduler_config is not None else {"shift": 3.0}

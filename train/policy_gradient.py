@@ -1,4 +1,4 @@
-"""What the policy-gradient loops share: Flow-GRPO (SPEC §3, ``train.grpo``) and DDPO / DPOK (SPEC §4,
+"""What the policy-gradient loops share: Flow-GRPO (math.md §3, ``train.grpo``) and DDPO / DPOK (math.md §4,
 ``train.ddpo``).
 
 * config sections (:class:`PGSampleConfig`, :class:`PGTrainConfig`) and the CLI entry point (:func:`main`);
@@ -12,7 +12,7 @@
   with the algorithm's advantage and per-step loss supplied by the subclass.
 
 The headline metric ``ratio/first_abs_dev`` is ``max |exp(logp_new - logp_old) - 1|`` over the first
-optimisation pass of an iteration, before any parameter changes: SPEC §3 requires it to be exactly 0.
+optimisation pass of an iteration, before any parameter changes: math.md §3 requires it to be exactly 0.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ class GroupBatch:
 def _transition(
     solver, x, pred, p0, p1, *, noise_level, eta, sigma_max, prev_sample, cps_log_prob="reference"
 ):
-    """The rollout's SDE step (SPEC §1) re-scored at ``prev_sample`` -> ``(_, log_prob, mean, std)``."""
+    """The rollout's SDE step (math.md §1) re-scored at ``prev_sample`` -> ``(_, log_prob, mean, std)``."""
     if solver == "flow-sde":
         return kernels.sde_step(
             x, pred, p0, p1, noise_level=noise_level, sigma_max=sigma_max, prev_sample=prev_sample
@@ -252,7 +252,7 @@ def _transition(
 def reference_std_dev_t(solver, p0, p1, *, noise_level, sigma_max=None, std=None):
     """flow_grpo's ``std_dev_t`` of a step ``[b]`` (yifan123/flow_grpo@54809b5f
     flow_grpo/diffusers_patch/sd3_sde_with_logprob.py): flow-sde ``a sqrt(sigma / (1 - sigma'))`` with
-    ``sigma' = sigma_max`` where ``sigma == 1``, WITHOUT the step's ``sqrt(-dt)`` (SPEC §3); cps
+    ``sigma' = sigma_max`` where ``sigma == 1``, WITHOUT the step's ``sqrt(-dt)`` (math.md §3); cps
     ``sigma_next sin(a pi / 2)``, the transition's own std (``std``, as ddim's)."""
     if solver == "flow-sde":
         smax = sigma_max if sigma_max is not None else torch.zeros_like(p0)
@@ -428,7 +428,7 @@ def score_steps(
 # Losses (per trained step; every reduction over the batch is a mean)
 # ------------------------------------------------------------------------------------------------------------
 def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float):
-    """SPEC §3 / §4 (DDPO-IS) PPO clip of one step -> ``(loss, ratio)``:
+    """math.md §3 / §4 (DDPO-IS) PPO clip of one step -> ``(loss, ratio)``:
     ``ratio = exp(logp - logp_old)``, ``loss = mean_b max(-A ratio, -A clamp(ratio, 1 - eps, 1 + eps))``."""
     ratio = torch.exp(log_prob - old_log_prob)
     unclipped = -advantages * ratio
@@ -437,12 +437,12 @@ def ppo_clip_loss(log_prob, old_log_prob, advantages, clip_range: float):
 
 
 def reinforce_loss(log_prob, advantages):
-    """SPEC §4 DDPO-SF (score function, REINFORCE) for one step: ``-mean_b(logp_t A)``."""
+    """math.md §4 DDPO-SF (score function, REINFORCE) for one step: ``-mean_b(logp_t A)``."""
     return -(log_prob * advantages).mean()
 
 
 def flow_grpo_kl(mean, mean_ref, std):
-    """SPEC §3 KL term per sample ``[b]``: ``mean_dims (mean_theta - mean_ref)^2 / (2 std^2)``.
+    """math.md §3 KL term per sample ``[b]``: ``mean_dims (mean_theta - mean_ref)^2 / (2 std^2)``.
 
     With ``std`` flow_grpo's ``std_dev_t`` (:attr:`StepScore.std_dev_t`; yifan123/flow_grpo@ac4c86e8
     scripts/train_sd3.py: ``((prev_sample_mean - prev_sample_mean_ref) ** 2).mean(dim=(1,2,3), keepdim=True)
@@ -455,7 +455,8 @@ def flow_grpo_kl(mean, mean_ref, std):
 
 
 def gaussian_step_kl(mean, mean_ref, std):
-    """SPEC §4 DPOK: ``KL(p_theta(.|x_t) || p_ref(.|x_t))`` per sample ``[b]`` with the closed form of SPEC §1
+    """math.md §4 DPOK: ``KL(p_theta(.|x_t) || p_ref(.|x_t))`` per sample ``[b]`` with the closed form of
+    math.md §1
     (``kernels.gaussian_kl``, averaged over dims like the log-probs); both transitions share the
     schedule's ``std``."""
     return kernels.gaussian_kl(mean, std, mean_ref, std, reduce="mean")
@@ -465,7 +466,7 @@ def gaussian_step_kl(mean, mean_ref, std):
 # DDPO's per-prompt reward statistics
 # ------------------------------------------------------------------------------------------------------------
 class PerPromptStatTracker:
-    """DDPO's baseline (SPEC §4): a running buffer of the last ``buffer_size`` rewards per prompt;
+    """DDPO's baseline (math.md §4): a running buffer of the last ``buffer_size`` rewards per prompt;
     ``A = (R - mean_prompt) / (std_prompt + 1e-6)`` from the buffer, or from the whole batch while the prompt
     has fewer than ``min_count`` rewards (population std)."""
 

@@ -1,4 +1,4 @@
-"""Pretrain the embedded default model on GenEval-mini renders with flow matching (SPEC §0).
+"""Pretrain the embedded default model on GenEval-mini renders with flow matching (math.md §0).
 
     python -m train.pretrain --steps 3000 --out models/embedded
 
@@ -82,7 +82,7 @@ __all__ = [
 
 
 def sigma_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SPEC §0: the sampler's schedule, the engine's :func:`engine.schedules.sd3_sigmas` (SD3's diffusers
+    """math.md §0: the sampler's schedule, the engine's :func:`engine.schedules.sd3_sigmas` (SD3's diffusers
     scheduler, the embedded default's shipped config); ``[N + 1]``.  The shipped checkpoint's recorded
     evaluations (``pretrain.json``) were taken on the hand-made ``shift(1 - i/N)`` schedule used until
     2026-12."""

@@ -1,4 +1,5 @@
-"""Element-wise ops: ``interpolate``, ``paired_interpolate``, ``euler_step``, ``dpm2_step`` (SPEC §0, §1, §6).
+"""Element-wise ops: ``interpolate``, ``paired_interpolate``, ``euler_step``, ``dpm2_step`` (math.md §0, §1,
+§6).
 
 Four layers per op (CONVENTIONS.md): ``@triton.jit`` kernels, ``<op>_forward`` / ``<op>_backward`` launchers,
 a ``torch.library.custom_op`` with ``register_fake`` and ``register_autograd`` (the hand-derived backward is

@@ -1,4 +1,4 @@
-"""``gaussian_log_prob`` and ``gaussian_kl`` (SPEC §1), reduced per row (``mean`` or ``sum`` over dims).
+"""``gaussian_log_prob`` and ``gaussian_kl`` (math.md §1), reduced per row (``mean`` or ``sum`` over dims).
 
 Both reduce ``sum((a - b)^2)`` per row with the deterministic two-stage order of ``_common`` and finish
 with per-row scalar math:

@@ -1,4 +1,4 @@
-"""DiffusionNFT loss (SPEC §2 steps 5-6): one fused pass forward, one element-wise pass backward
+"""DiffusionNFT loss (math.md §2 steps 5-6): one fused pass forward, one element-wise pass backward
 (gradient w.r.t. ``v`` only).
 
 With ``u = noise - x0``, ``v_pos = beta v + (1 - beta) v_old``, ``v_neg = (1 + beta) v_old - beta v``:

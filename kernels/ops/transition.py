@@ -1,4 +1,4 @@
-"""Gaussian solver transitions ``sde_step`` / ``cps_step`` / ``ddim_step`` (SPEC §1), one fused family.
+"""Gaussian solver transitions ``sde_step`` / ``cps_step`` / ``ddim_step`` (math.md §1), one fused family.
 
 All three are ``mean = A x + C v`` and ``prev = mean + S eps`` with per-row coefficients ``(A, C, S)``
 computed in-kernel from ``[B]`` fp32 buffers ``(p0, p1, p2)`` and one float ``level``:
@@ -24,7 +24,7 @@ Two log-prob forms (``LOGP``, a ``tl.constexpr``; 0 where ``S == 0``, a point ma
 * ``LOGP_GAUSSIAN``: the Gaussian log-density
   ``mean_dims[-(prev - mean)^2 / (2 S^2)] - log S - log sqrt(2 pi)`` (SDE and DDIM always; CPS on request);
 * ``LOGP_SQUARED``: ``-mean_dims (prev - mean)^2``, no variance, no constants: flow_grpo's ``sde_type='cps'``
-  log-prob (SPEC §1), the default of CPS.
+  log-prob (math.md §1), the default of CPS.
 """
 
 from __future__ import annotations

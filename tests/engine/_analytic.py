@@ -1,11 +1,12 @@
 """Closed-form denoisers for Gaussian data, where every rollout statistic has an exact answer.
 
-Flow (SPEC §0): ``x_t = (1 - t) x0 + t eps`` with ``x0 ~ N(mu, s^2)`` per dim; ``var_t = (1-t)^2 s^2 + t^2``,
+Flow (math.md §0): ``x_t = (1 - t) x0 + t eps`` with ``x0 ~ N(mu, s^2)`` per dim; ``var_t = (1-t)^2 s^2 +
+t^2``,
 ``E[x0|x_t] = mu + (1-t) s^2 r / var_t`` and ``E[eps|x_t] = t r / var_t`` with ``r = x_t - (1-t) mu``;
 the exact velocity is ``E[eps|x_t] - E[x0|x_t]``.  The probability-flow ODE maps the initial noise ``z`` to
 ``x0 = mu + s z`` (the monotone map between the two Gaussians).
 
-VP / epsilon (SPEC §1 DDIM): ``x_t = sqrt(ab) x0 + sqrt(1-ab) eps``; ``var = ab s^2 + 1 - ab``,
+VP / epsilon (math.md §1 DDIM): ``x_t = sqrt(ab) x0 + sqrt(1-ab) eps``; ``var = ab s^2 + 1 - ab``,
 ``E[eps|x_t] = sqrt(1-ab) (x_t - sqrt(ab) mu) / var``.
 """
 

@@ -50,7 +50,7 @@ def test_ode_solvers_reproduce_the_data(solver, num_steps, schedule):
 
 
 def test_flow_sde_marginals_match_the_ode():
-    """Flow-GRPO's SDE keeps the ODE's marginals (SPEC §3): checked at the end and along the trajectory."""
+    """Flow-GRPO's SDE keeps the ODE's marginals (math.md §3): checked at the end and along the trajectory."""
     n, batch = 100, 1000
     den = GaussianFlowDenoiser(MU, S)
     sde = rollout(
@@ -78,7 +78,7 @@ def test_flow_sde_marginals_match_the_ode():
 
 
 def test_cps_is_marginal_exact_for_a_point_mass_and_keeps_the_mean():
-    """CPS (SPEC §1) keeps the noise coefficient of x_t at sigma: exact marginals when x0_hat is exact."""
+    """CPS (math.md §1) keeps the noise coefficient of x_t at sigma: exact marginals when x0_hat is exact."""
     n = 10
     point = rollout(
         GaussianFlowDenoiser(MU, 0.0),
@@ -170,7 +170,7 @@ def test_dpm2_is_second_order_and_euler_first_order():
 
 def _ddim_moments(mu, s, num_steps, eta):
     """Exact (mean, var) per dim of the DDIM chain started from N(0, 1) with the exact eps model: each step
-    is affine in x plus independent noise (SPEC §1 formulas), so Gaussian moments propagate exactly."""
+    is affine in x plus independent noise (math.md §1 formulas), so Gaussian moments propagate exactly."""
     ts, ab = ddim_alpha_bars(num_steps)
     ab = ab.double().tolist()
     m, v = torch.zeros_like(mu, dtype=torch.float64), torch.ones_like(mu, dtype=torch.float64)
@@ -205,7 +205,7 @@ def test_ddim_reproduces_the_data(eta):
         return_log_probs=True,
     )
     m, sd = _ddim_moments(mu, s, n, eta)
-    # The sampled chain has exactly the moments the SPEC formulas predict ...
+    # The sampled chain has exactly the moments the docs/math.md formulas predict ...
     z = (out.x0.double() - m) / sd
     assert_moments(z, 0.0, 1.0, what=f"ddim eta={eta}")
     # ... and those converge to the data at O(1/N) (0.024 / 0.049 low on the std at N=50 for eta 0 / 1); the
@@ -215,6 +215,6 @@ def test_ddim_reproduces_the_data(eta):
     assert float((m_fine - mu).abs().max()) < 0.03 and float((sd_fine - s).abs().max()) < 0.01
     assert_moments(out.x0, mu, s, slack=0.03 + 3.0 / n, what=f"ddim eta={eta} vs data")
     if eta == 0.0:
-        assert torch.equal(out.log_probs, torch.zeros_like(out.log_probs))  # point masses (SPEC §1)
+        assert torch.equal(out.log_probs, torch.zeros_like(out.log_probs))  # point masses (math.md §1)
     else:
         assert bool((out.log_probs[:, :-1] != 0).all())

@@ -208,7 +208,7 @@ def _rescore(out, den, solver, rows):
     ],
 )
 def test_stored_log_probs_rescore_exactly(solver, dtype):
-    """SPEC §3: before the first update logp_new == logp_old bit for bit, whatever the training batch."""
+    """math.md §3: before the first update logp_new == logp_old bit for bit, whatever the training batch."""
     den = _den(solver)
     cond = dummy_cond(5)
     out = _run(

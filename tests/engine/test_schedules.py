@@ -15,7 +15,7 @@ from engine.schedules import (
 @pytest.mark.parametrize("num_steps", [1, 4, 10, 28])
 @pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])
 def test_sd3_sigmas_formula(num_steps, shift):
-    """SPEC §0 written out: ``sigma_min = shift(1/1000)``, ``s = linspace(1, sigma_min, N)``, ``shift(s)``,
+    """math.md §0 written out: ``sigma_min = shift(1/1000)``, ``s = linspace(1, sigma_min, N)``, ``shift(s)``,
     then 0 (fp32 from diffusers' float64 arithmetic: 1e-6)."""
     sigmas = sd3_sigmas(num_steps, shift)
     assert sigmas.dtype == torch.float32 and sigmas.shape == (num_steps + 1,)
@@ -36,7 +36,7 @@ def test_sd3_sigmas_shift_one_is_linear_to_one_thousandth():
 
 
 def test_sd3_sigmas_shift_three_values():
-    # SD3.5-M at 10 steps (SPEC §0): the hand-made shift(1 - i/N) ended 0.5625, 0.4286, 0.25, 0
+    # SD3.5-M at 10 steps (math.md §0): the hand-made shift(1 - i/N) ended 0.5625, 0.4286, 0.25, 0
     want = [1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.2780, 0.0089, 0.0]
     torch.testing.assert_close(sd3_sigmas(10, 3.0), torch.tensor(want), rtol=0, atol=6e-5)
 
@@ -45,7 +45,7 @@ def test_timesteps_are_not_truncated():
     sigmas = sd3_sigmas(10, 3.0)
     ts = timesteps_from_sigmas(sigmas)
     assert torch.equal(ts, sigmas * 1000.0)
-    assert not torch.equal(ts, ts.round())  # SPEC §0: floats, e.g. 960.1293...
+    assert not torch.equal(ts, ts.round())  # math.md §0: floats, e.g. 960.1293...
 
 
 FLUX_DEV = {
@@ -113,7 +113,7 @@ def test_ddim_spacing_and_alpha_bars():
     assert ts.tolist()[:3] == [981, 961, 941] and ts.tolist()[-1] == 1
     ts2, ab = ddim_alpha_bars(50)  # SD1.5's scheduler config (diffusers' DDIMScheduler computes it)
     assert torch.equal(ts, ts2)
-    # set_alpha_to_one=False: the last step goes to alphas_cumprod[0] = 1 - beta_0, not 1 (SPEC §1)
+    # set_alpha_to_one=False: the last step goes to alphas_cumprod[0] = 1 - beta_0, not 1 (math.md §1)
     assert ab.shape == (51,) and float(ab[-1]) == pytest.approx(1 - 0.00085, abs=1e-7)
     torch.testing.assert_close(ab[:-1], ddpm_alpha_bars()[ts], rtol=1e-5, atol=0)
     _, ab_one = ddim_alpha_bars(50, scheduler_config={"set_alpha_to_one": True, "clip_sample": False})

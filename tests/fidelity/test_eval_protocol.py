@@ -6,7 +6,7 @@ References (values transcribed from their configs and eval functions):
 - Flow-GRPO, yifan123/flow_grpo@ac4c86e8 scripts/train_sd3.py ``eval``: ``pipeline_with_logprob(...,
   num_inference_steps=config.sample.eval_num_steps, guidance_scale=config.sample.guidance_scale,
   noise_level=0)``; config/grpo.py: ``eval_num_steps = 40``, ``guidance_scale = 4.5``.  The SDE step at noise
-  level 0 is the Euler step (SPEC §1).
+  level 0 is the Euler step (math.md §1).
 - DiffusionNFT, NVlabs/DiffusionNFT@24af5554 scripts/train_nft_sd3.py ``eval_fn``:
   ``pipeline_with_logprob(..., num_inference_steps=config.sample.eval_num_steps,
   guidance_scale=config.sample.guidance_scale, deterministic=True, solver="flow")``; config/nft.py

@@ -1,4 +1,4 @@
-"""The engine's flow sigmas and model timesteps against diffusers' own (SPEC §0, issue 20 item 1).
+"""The engine's flow sigmas and model timesteps against diffusers' own (math.md §0, issue 20 item 1).
 
 Every reference method samples and trains on the model's diffusers scheduler as its pipeline drives it:
 flow_grpo (yifan123/flow_grpo@ac4c86e8 flow_grpo/diffusers_patch/sd3_pipeline_with_logprob.py) and
@@ -90,7 +90,7 @@ def test_sd3_config_sigmas_and_timesteps_are_diffusers(n):
 
 
 def test_sd3_values_at_ten_steps():
-    """SPEC §0's numbers, and how far the hand-made ``shift(1 - i/N)`` schedule was from them."""
+    """math.md §0's numbers, and how far the hand-made ``shift(1 - i/N)`` schedule was from them."""
     got = sd3_sigmas(10, 3.0)
     assert [round(v, 4) for v in got.tolist()] == [
         1.0, 0.9601, 0.9133, 0.8577, 0.7904, 0.7073, 0.6022, 0.4649, 0.278, 0.0089, 0.0

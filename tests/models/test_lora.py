@@ -40,7 +40,7 @@ def test_add_adapters_layout(sd3):
     assert trainable and all(".default." in n for n in trainable)
     n_default, n_old = len(lora.adapter_parameters(sd3, "default")), len(lora.adapter_parameters(sd3, "old"))
     assert len(trainable) == n_default == n_old
-    # the SPEC §2 targets, and nothing else (attn2 of the dual-attention block is not a target)
+    # the math.md §2 targets, and nothing else (attn2 of the dual-attention block is not a target)
     targeted = {n.split(".lora_A.")[0].split(".", 2)[-1] for n in trainable if ".lora_A." in n}
     assert targeted == set(lora.SD3_TARGET_MODULES)
     assert not any("attn2" in n for n in trainable)

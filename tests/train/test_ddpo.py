@@ -1,6 +1,6 @@
-"""train.ddpo (DDPO-SF, DDPO-IS, DPOK; SPEC §4): exact ratio before the first update on the flow SDE and on a
-UNet's DDIM (eta 1), the REINFORCE / per-step KL formulas by hand, DDPO's per-prompt statistics, the UNet path
-end to end on a tiny random SD1.5-style pipeline, resume, and a short run that raises the reward."""
+"""train.ddpo (DDPO-SF, DDPO-IS, DPOK; math.md §4): exact ratio before the first update on the flow SDE and
+on a UNet's DDIM (eta 1), the REINFORCE / per-step KL formulas by hand, DDPO's per-prompt statistics, the UNet
+path end to end on a tiny random SD1.5-style pipeline, resume, and a short run that raises the reward."""
 
 import math
 from types import SimpleNamespace
@@ -220,13 +220,10 @@ NEEDS_CHECKPOINT = "needs the stage-1 embedded checkpoint (models/embedded/stage
 def test_short_run_raises_the_reward(tmp_path):
     """DDPO-IS on the embedded default with JPEG compressibility (DDPO's dense reward): over the last 5 of 20
     iterations the training reward beats an lr-0 control run on the same prompts and seeds by a clear margin
-    (calibrated on the stage-1 embedded checkpoint: gain 0.08 for Flow-GRPO, 0.10 for DDPO-IS).
-
-    Pinned to the settings it was calibrated with, a random 5 of the 6 flow-sde steps and a 32-reward buffer
-    (seeds 0/1/2: gains 0.10/0.095/0.067, measured 2026-12-03).  With ddpo-pytorch's defaults (every step,
-    a 16-reward buffer) this short run is not a reliable signal: 0.020/0.082/-0.051 on seeds 0/1/2; every
-    step includes the last flow-sde step (sigma 0.375 -> 0 on this 6-step schedule, whose noise goes
-    straight into the image).  The held-out test (tests/train/test_pg_heldout.py) runs the defaults."""
-    argv = [*JPEG_SHORT_RUN, "--train.timestep-fraction", "0.99", "--train.stat-buffer", "32"]
+    (calibrated on the stage-1 embedded checkpoint: gain 0.10 with 6 steps on the old ``shift(1 - i/N)``
+    schedule).  10 SDE steps on the diffusers schedule (math.md §0), as train.grpo's test: with 6 steps
+    (``..., 0.432, 0.0089, 0``) the gain fell to 0.036; with 10 it was 0.087 (seed 0, a random 99% of the
+    steps, a 32-reward buffer)."""
+    argv = [*JPEG_SHORT_RUN, "--sample.num-steps", "10"]
     gain = paired_reward_gain(ddpo, tmp_path, argv, iters=20, last=5)
     assert gain > 0.04, gain

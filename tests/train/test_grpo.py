@@ -1,4 +1,4 @@
-"""train.grpo (Flow-GRPO, SPEC §3): the ratio is exactly 1 before the first update whatever the micro-batch
+"""train.grpo (Flow-GRPO, math.md §3): the ratio is exactly 1 before the first update whatever the micro-batch
 (fp32, bf16 autocast, CFG, the Fast window, cps), the PPO clip and KL formulas against hand computations,
 equal-reward groups masked, bad input fails fast, resume is exact, and a short run raises the reward."""
 
@@ -299,7 +299,8 @@ def test_short_run_raises_the_reward(tmp_path):
     """Flow-GRPO on the embedded default, JPEG compressibility (DDPO's dense reward): over the last 5 of 20
     iterations the training reward beats an lr-0 control run on the same prompts and seeds by a clear margin.
 
-    10 SDE steps (Flow-GRPO's training count), not the shared 6: on the diffusers schedule (SPEC §0) 6 steps
+    10 SDE steps (Flow-GRPO's training count), not the shared 6: on the diffusers schedule (math.md §0) 6
+    steps
     end ``0.432, 0.0089, 0``, so the penultimate SDE step injects noise of std ~0.4 that the last one cannot
     remove, and the gain fell to 0.006 (seed 0).  Measured on the stage-1 checkpoint with 10 steps: gain 0.058
     (seed 0) and 0.113 (seed 1); on the old ``shift(1 - i/N)`` schedule with 6 steps it was 0.08."""

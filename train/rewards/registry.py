@@ -1,4 +1,4 @@
-"""Reward registry and multi-reward aggregation (SPEC §8).
+"""Reward registry and multi-reward aggregation (math.md §8).
 
 ``build_reward(names, ...)`` returns a :class:`CombinedReward`: call it with ``(images, prompts)`` and it
 returns ``(reward [B], components {name: [B]})``.  A reward that raises, returns the wrong shape, or returns a
@@ -61,7 +61,7 @@ REWARD_NAMES = tuple(_FACTORIES)
 
 
 def aggregate(values: dict[str, torch.Tensor], weights: dict[str, float], how: str, k_std: float = 1.0):
-    """SPEC §8: z-score each reward over the batch, then a weighted mean (``zmean``), the minimum (``min``)
+    """math.md §8: z-score each reward over the batch, then a weighted mean (``zmean``), the minimum (``min``)
     or the weighted mean minus ``k_std`` times the spread across rewards (``mean_minus_std``).  One reward:
     returned as is."""
     names = list(values)
