@@ -337,7 +337,16 @@ def _pipeline(model: nn.Module):
     if cls_name not in _PIPELINES:
         raise ValueError(f"model: expected one of {sorted(_PIPELINES)} for LoRA save/load, got {cls_name}")
     pipe_name, prefix = _PIPELINES[cls_name]
-    return getattr(diffusers, pipe_name), prefix
+    # the pipeline module imports transformers' image processors, which warn once that torchvision is missing
+    # (this project uses none of them): keep that out of the run's log
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return getattr(diffusers, pipe_name), prefix
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def lora_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, torch.Tensor]:
