@@ -223,9 +223,10 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
         raise ConfigError(f"--models.lora-alpha: expected a value > 0, got {mc.lora_alpha}")
     tc, sc = getattr(cfg, "train", None), getattr(cfg, "sample", None)
     if tc is not None:
-        for name, val in (("--train.lr", tc.lr), ("--train.grad-clip", tc.grad_clip)):
-            if not val > 0:
-                raise ConfigError(f"{name}: expected a value > 0, got {val}")
+        if tc.lr < 0:  # 0 is allowed: the learning-rate-0 control run of a learning comparison
+            raise ConfigError(f"--train.lr: expected a value >= 0 (0: a control run), got {tc.lr}")
+        if not tc.grad_clip > 0:
+            raise ConfigError(f"--train.grad-clip: expected a value > 0, got {tc.grad_clip}")
         if tc.weight_decay < 0:
             raise ConfigError(f"--train.weight-decay: expected a value >= 0, got {tc.weight_decay}")
     if sc is not None and sc.shift is not None and not sc.shift > 0:

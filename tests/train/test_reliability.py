@@ -444,7 +444,7 @@ def test_a_second_signal_aborts(tmp_path, monkeypatch, capsys):
         (["--max-iters", "-1"], "--max-iters: expected an integer >= 1 (or none: no limit), got -1"),
         (["--train.beta", "nan"], "--train.beta: expected a finite number, got nan"),
         (["--eval.images-per-prompt", "0"], "--eval.images-per-prompt: expected an integer >= 1, got 0"),
-        (["--train.lr", "-1"], "--train.lr: expected a value > 0, got -1.0"),
+        (["--train.lr", "-1"], "--train.lr: expected a value >= 0 (0: a control run), got -1.0"),
         (["--reward-weights", "inf"], "--reward-weights: expected a finite number, got inf"),
     ],
 )
