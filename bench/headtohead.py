@@ -401,7 +401,8 @@ def run_command(spec: RunSpec, args, run_dir: Path) -> list[str]:
         # identical evaluation for every run (the presets differ: train.grpo's tiny one evaluates 20 steps)
         "--eval.solver": "dpm2",
         "--eval.num-steps": str(args.eval_steps),
-        "--eval.cfg-scale": "4.5",
+        "--eval.cfg-scale": "1",  # the runs are scored CFG-free; the base model once with CFG 4.5
+        "--eval.base-cfg-scale": "4.5",
         "--eval.images-per-prompt": "1",
         "--eval.every": str(args.eval_every),
         "--eval.num-prompts": str(args.eval_prompts),
@@ -409,6 +410,8 @@ def run_command(spec: RunSpec, args, run_dir: Path) -> list[str]:
     }
     if args.quick:
         opts.update(QUICK_OVERRIDES)
+        if spec.module == "train.nft":  # 4 images per iteration: the tiny preset's 8 steps do not divide them
+            opts["--train.steps-per-iter"] = "1"
     cmd = [sys.executable, "-m", spec.module, *spec.extra]
     for opt, val in opts.items():
         cmd += [opt, val]

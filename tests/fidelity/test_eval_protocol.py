@@ -103,11 +103,13 @@ def test_evaluator_samples_the_policy_at_cfg_scale_and_the_base_at_base_cfg_scal
 
 
 def test_protocol_is_logged_with_the_metrics(tmp_path, capsys):
-    argv = ["--run-dir", str(tmp_path / "r"), "--max-iters", "0", "--eval.num-prompts", "2"]
+    argv = ["--run-dir", str(tmp_path / "r"), "--max-iters", "1", "--eval.num-prompts", "2"]
+    argv += ["--sample.prompts-per-iter", "1", "--sample.images-per-prompt", "2", "--sample.num-steps", "2"]
+    argv += ["--train.steps-per-iter", "1"]
     argv += ["--eval.solver", "euler", "--eval.num-steps", "3", "--eval.cfg-scale", "2"]
     argv += ["--log.progress", "false"]
     assert nft.main(argv) == 0
-    (row,) = [r for r in common.read_metrics(tmp_path / "r") if "eval/score" in r]
+    row = [r for r in common.read_metrics(tmp_path / "r") if "eval/score" in r][0]  # iteration 0's
     assert row["protocol/eval"] == "euler 3 steps, CFG 2"
     assert row["protocol/base_cfg"] == "euler 3 steps, CFG 4.5"
     assert "| euler 3 steps, CFG 2" in capsys.readouterr().out
@@ -117,10 +119,10 @@ def test_protocol_is_logged_with_the_metrics(tmp_path, capsys):
     "argv, needle",
     [
         (["--eval.cfg-scale", "-1"], "--eval.cfg-scale: expected a finite value >= 0"),
-        (["--eval.base-cfg-scale", "inf"], "--eval.base-cfg-scale: expected a finite value >= 0"),
+        (["--eval.base-cfg-scale", "inf"], "--eval.base-cfg-scale: expected a finite number, got inf"),
         (["--eval.num-steps", "0"], "--eval.num-steps: expected an integer >= 1, got 0"),
         (["--eval.solver", "flow-sde"], "--eval.solver: expected a deterministic ODE solver"),
-        (["--sample.shift", "0"], "--sample.shift: expected a float > 0"),
+        (["--sample.shift", "0"], "--sample.shift: expected a value > 0, got 0.0"),
     ],
 )
 def test_bad_eval_options_fail_before_work(tmp_path, capsys, argv, needle):

@@ -101,7 +101,8 @@ def test_weight_ema_math_and_applied_restores():
             for p in net.parameters():
                 p.add_(0.1 * torch.randn_like(p))
         ema.update()
-        d = min(0.9, (1 + step) / (10 + step))
+        s = step + 1  # optimizer steps including this one, counted from 1 as DiffusionNFT's ema.py does
+        d = min(0.9, (1 + s) / (10 + s))
         expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, net.parameters(), strict=True)]
     for e, s in zip(expected, ema.shadow, strict=True):
         torch.testing.assert_close(s, e)

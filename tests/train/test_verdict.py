@@ -32,8 +32,8 @@ def test_run_ends_with_its_verdict_and_logs_without_progress_bars(tmp_path, caps
     assert re.match(r"done: 2 iterations, [\d.]+ min, [\d.]+ s/iteration, peak memory \d+ MB \(RSS\)$", done)
     score = next(ln for ln in lines if ln.startswith("held-out score"))
     assert score == (
-        f"held-out score (GenEval-mini, eval EMA, CFG-free): {before:.3f} at iteration 0 -> {after:.3f} at "
-        f"iteration 2 ({after - before:+.3f}); base model with CFG 4.5: {base:.3f}"
+        f"held-out score (GenEval-mini, eval EMA, dpm2 10 steps, CFG-free): {before:.3f} at iteration 0 -> "
+        f"{after:.3f} at iteration 2 ({after - before:+.3f}); base model with CFG 4.5: {base:.3f}"
     )
     samples = next(ln for ln in lines if ln.startswith("samples: "))
     grids = [run / "samples" / n for n in ("iter_000000.png", "iter_000002.png", "base_cfg.png")]
