@@ -103,8 +103,9 @@ class PairsConfig:
 
 
 def preset_tiny() -> PairsConfig:
-    """The embedded default: GenEval-mini training prompts and verifier, 8 dpm2 samples of 10 steps each."""
-    return PairsConfig()
+    """The embedded default: GenEval-mini training prompts and verifier, 8 dpm2 samples of 10 steps each, one
+    torch thread (as the training loops' tiny presets)."""
+    return PairsConfig(threads=1)
 
 
 def preset_sd35m() -> PairsConfig:

@@ -378,6 +378,15 @@ def test_cache_refusals(tmp_path):
 
 
 # --------------------------------------------------------------------------------------- Policy encode
+@pytest.fixture
+def one_thread():
+    """One torch thread (two threads on a shared CPU are slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def embedded_policy():
     from train.policy import ModelConfig, build_policy
@@ -385,7 +394,7 @@ def embedded_policy():
     return build_policy(ModelConfig(), preset="tiny", model_path=None, device=torch.device("cpu"), seed=0)
 
 
-def test_embedded_default_encode_is_the_identity(embedded_policy, tmp_path):
+def test_embedded_default_encode_is_the_identity(embedded_policy, tmp_path, one_thread):
     pol = embedded_policy
     assert pol.image_size == 32 and pol.vae_fingerprint == "identity:embedded-default:rgb-3x32x32"
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -423,7 +432,7 @@ def _vae_policy(path):
                         device=torch.device("cpu"), seed=0, prompts=str(path.parent / "prompts.txt"))
 
 
-def test_vae_encode_inverts_decode_as_the_pipeline_does(sd3_pipe, tmp_path):
+def test_vae_encode_inverts_decode_as_the_pipeline_does(sd3_pipe, tmp_path, one_thread):
     """z = (mu - shift) * scale (diffusers' StableDiffusion3Img2ImgPipeline._encode_vae_image) and
     Policy.decode(z) = D(z / scale + shift): encode then decode is the VAE's own reconstruction D(mu); with a
     generator, the reference's latent_dist.sample(generator) (SalesforceAIResearch/DiffusionDPO@5233e759
