@@ -210,12 +210,15 @@ def make_pairs_from_rollouts(
     noise_level: float = 0.7,
     eta: float = 0.0,
     batch: int = 32,
+    keep_ties: bool = False,
 ) -> list[RolloutPair]:
     """The online preference mode: ``k`` samples of each prompt with the policy's active adapter, scored by
     ``reward`` (``(images, prompts) -> (rewards [B], components)``, e.g. train.rewards.registry's); the best
     and worst of each prompt as ``(prompt, x0_w, x0_l, r_w, r_l)``, prompts in order, ties (best == worst)
     left out (``len(prompts) - len(pairs)`` of them).  Sample ``j`` of ``prompts[i]`` is seeded with
-    ``derive_seed(seed, "make_pairs", i, j)``: a loop passes a new ``seed`` each iteration."""
+    ``derive_seed(seed, "make_pairs", i, j)``: a loop passes a new ``seed`` each iteration.  ``keep_ties``
+    pairs a tied prompt's sample 1 (winner) with its sample 0 instead, as flow_grpo's online DPO does
+    (yifan123/flow_grpo@ac4c86e8 flow_grpo/stat_tracking.py, ``type == 'dpo'``)."""
     _check_k(k, "k")
     pairs = []
     for i, x0, _, r, _ in _rollout_groups(
@@ -224,6 +227,8 @@ def make_pairs_from_rollouts(
         quantize=False, keep_images=False,
     ):
         bw = _best_worst(r)
+        if bw is None and keep_ties:
+            bw = (1, 0)
         if bw is not None:
             w, l_ = bw
             pairs.append(RolloutPair(prompts[i], x0[w], x0[l_], float(r[w]), float(r[l_])))

@@ -114,6 +114,12 @@ def test_rollout_pairs_are_best_and_worst_of_the_seeds(policy, one_thread):
     torch.testing.assert_close(again[0].x0_w, pairs[0].x0_w, rtol=0, atol=1e-5)  # batching does not matter
     other = mp.make_pairs_from_rollouts(policy, _Brightness([tied]), prompts, 4, 12, num_steps=3)
     assert not torch.equal(other[0].x0_w, pairs[0].x0_w)
+    bright = _Brightness([tied])
+    kept = mp.make_pairs_from_rollouts(policy, bright, prompts, 4, 11, num_steps=3, keep_ties=True)
+    assert [str(p.prompt) for p in kept] == [str(p) for p in prompts] and kept[1].r_w == kept[1].r_l == 0
+    seeds = [derive_seed(11, "make_pairs", 1, j) for j in range(2)]
+    x0 = policy.sample([prompts[1]] * 2, seeds, solver="dpm2", num_steps=3)
+    torch.testing.assert_close(torch.stack([kept[1].x0_w, kept[1].x0_l]), x0[[1, 0]], rtol=0, atol=1e-5)
     with pytest.raises(ValueError, match="--k: expected an integer >= 2"):
         mp.make_pairs_from_rollouts(policy, _Brightness(), prompts, 1, 0)
 
