@@ -169,6 +169,10 @@ def test_model_run_writes_vae_images(tmp_path, capsys):
     assert mp.main([*base, "--out", str(tmp_path / "o")]) == 2
     assert "--reward: expected a reward for a --model run's prompts" in capsys.readouterr().err
     jpeg = ["--reward", "jpeg_compressibility"]
+    assert mp.main([*base, "--out", str(tmp_path / "o"), *jpeg, "--models.resolution", "15"]) == 2
+    assert "--models.resolution: expected a positive multiple of the VAE factor 2, got 15" in (
+        capsys.readouterr().err
+    )
     assert mp.main([*base, "--out", str(tmp_path / "o"), "--solver", "ddim", *jpeg]) == 2
     assert "--solver: expected dpm2, euler, flow-sde or cps (or auto) for a flow" in capsys.readouterr().err
     assert mp.main([*base, "--out", str(tmp_path / "o"), *jpeg]) == 0
