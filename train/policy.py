@@ -274,7 +274,8 @@ class Policy:
         latents ``(E(x) - shift_factor) * scaling_factor`` (fp32, on the policy's device), the VAE posterior's
         mean, or with ``generator`` a sample of it (as SalesforceAIResearch/DiffusionDPO@5233e759 train.py
         ``vae.encode(x).latent_dist.sample() * scaling_factor``); ``moments`` returns ``(mean, std)`` in
-        latent units instead.  The embedded default's latents are the images: identity (std 0)."""
+        latent units instead (math.md §6.1).  The embedded default's latents are the images: identity
+        (std 0)."""
         if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.image_size,) * 2:
             raise ValueError(
                 f"images: expected [B, 3, {self.image_size}, {self.image_size}] (the policy's resolution), "

@@ -17,7 +17,8 @@ on-disk cache of VAE latents.  The format is documented in docs/preference-data.
   image file's content hash, the VAE's fingerprint (``Policy.vae_fingerprint``), the resolution and the
   flip; a changed image or another VAE misses.  Entries hold the posterior's mean and standard deviation
   (latent units), so a caller can take the mean or, as the reference does at every step
-  (``vae.encode(x).latent_dist.sample() * scaling_factor``), a sample drawn from a seeded generator.
+  (``vae.encode(x).latent_dist.sample() * scaling_factor``), a sample drawn from a seeded generator
+  (math.md §6.1).
 """
 
 from __future__ import annotations
