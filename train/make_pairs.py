@@ -3,9 +3,9 @@
 For each prompt, ``--k`` samples (the engine's sampler through the policy, on the model's own schedule; one
 seed each), scored by ``--reward``; the best and the worst make a pair (winner, loser), and a prompt whose
 ``k`` rewards are all equal (best == worst) gives none (a tie; math.md §6.1).  The pairs are written in the
-preference JSONL format (docs/preference-data.md): ``<out>/pairs.jsonl`` with PNG images under ``<out>/images/``, or
-with ``--labels`` ``<out>/labels.jsonl`` (the winner desirable, the loser undesirable: Diffusion-KTO's
-unpaired form).  Each record's ``meta`` keeps both rewards and both seeds; ``<out>/make_pairs.json`` the
+preference JSONL format (docs/preference-data.md): ``<out>/pairs.jsonl`` with PNG images under
+``<out>/images/``, or with ``--labels`` ``<out>/labels.jsonl`` (the winner desirable, the loser undesirable:
+Diffusion-KTO's unpaired form).  Each record's ``meta`` keeps both rewards and both seeds; ``<out>/make_pairs.json`` the
 options and the pair statistics (prompts with ties, mean reward gap).
 
 On the embedded default with no arguments: GenEval-mini training prompts and its verifier, on a CPU, offline.
