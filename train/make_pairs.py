@@ -5,8 +5,8 @@ seed each), scored by ``--reward``; the best and the worst make a pair (winner, 
 ``k`` rewards are all equal (best == worst) gives none (a tie; math.md §6.1).  The pairs are written in the
 preference JSONL format (docs/preference-data.md): ``<out>/pairs.jsonl`` with PNG images under
 ``<out>/images/``, or with ``--labels`` ``<out>/labels.jsonl`` (the winner desirable, the loser undesirable:
-Diffusion-KTO's unpaired form).  Each record's ``meta`` keeps both rewards and both seeds; ``<out>/make_pairs.json`` the
-options and the pair statistics (prompts with ties, mean reward gap).
+Diffusion-KTO's unpaired form).  Each record's ``meta`` keeps both rewards and both seeds;
+``<out>/make_pairs.json`` the options and the pair statistics (prompts with ties, mean reward gap).
 
 On the embedded default with no arguments: GenEval-mini training prompts and its verifier, on a CPU, offline.
 A ``--model`` run names its prompts (``--prompts``) and reward (``--reward``).  Rewards are computed on the
