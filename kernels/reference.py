@@ -349,9 +349,14 @@ class PreferenceLoss(NamedTuple):
     err_l_ref: torch.Tensor | None = None
 
 
+def _at_least_f32(x):
+    return x if x.dtype == torch.float64 else x.float()
+
+
 def paired_errors(pred, target):
-    """math.md §6: ``err = mean_dims (pred - target)^2`` per row, fp32 ``[B]``."""
-    return _reduce_rows((pred.float() - target.float()) ** 2, "mean")
+    """math.md §6: ``err = mean_dims (pred - target)^2`` per row, fp32 ``[B]`` (float64 stays float64, so the
+    reference can be gradchecked)."""
+    return _reduce_rows((_at_least_f32(pred) - _at_least_f32(target)) ** 2, "mean")
 
 
 _MAPO_SERIES_BELOW = 0.5
