@@ -1,4 +1,4 @@
-"""Fused ops for diffusion / flow-matching RL and preference training (formulas: docs/math.md §0-§2).
+"""Fused ops for diffusion / flow-matching RL and preference training (formulas: docs/math.md §0-§2, §6).
 
 Importable on its own, with no dependency on the rest of the project; the only side effect of importing it
 is the registration of its ``nft_kernels::*`` ops with ``torch.library`` (where triton is installed).
