@@ -141,7 +141,7 @@ def _dpo_atol(temp, *errs):
     """fp32 summation order moves each error by a few ``eps * err``; ``Delta`` adds four of them, the logit
     multiplies by ``temp`` and ``-logsigmoid`` is 1-Lipschitz."""
     eps = torch.finfo(torch.float32).eps
-    return 16.0 * temp * eps * max(float(e.abs().max()) for e in errs)
+    return 16.0 * temp * eps * max(float(e.detach().abs().max()) for e in errs)
 
 
 def _grad(loss, pred):
