@@ -173,6 +173,42 @@ def _nft_inputs(shape, dtype, device):
     }
 
 
+def _pref_inputs(shape, dtype, device):
+    """A paired batch (winner / loser rows ``[B, ...]`` each): predictions near their targets, the frozen
+    reference model's predictions near them too."""
+    t_w, t_l = _t(shape, dtype, device, 1), _t(shape, dtype, device, 2)
+    return {
+        "pred_w": (t_w + 0.3 * _t(shape, dtype, device, 3)).to(dtype),
+        "pred_l": (t_l + 0.3 * _t(shape, dtype, device, 4)).to(dtype),
+        "target_w": t_w,
+        "target_l": t_l,
+        "ref_w": (t_w + 0.3 * _t(shape, dtype, device, 5)).to(dtype),
+        "ref_l": (t_l + 0.3 * _t(shape, dtype, device, 6)).to(dtype),
+    }
+
+
+def _dpo_ref(pred_w, pred_l, target_w, target_l, ref_w, ref_l):
+    return tuple(
+        ref.preference_loss(
+            pred_w, pred_l, target_w, target_l, form="dpo", beta=5000.0, ref_w=ref_w, ref_l=ref_l
+        )
+    )
+
+
+def _dpo_api(pred_w, pred_l, target_w, target_l, ref_w, ref_l):
+    return tuple(
+        kernels.preference_loss(pred_w, pred_l, target_w, target_l, form="dpo", ref_w=ref_w, ref_l=ref_l)
+    )
+
+
+def _mapo_ref(pred_w, pred_l, target_w, target_l, ref_w, ref_l):
+    return tuple(ref.preference_loss(pred_w, pred_l, target_w, target_l, form="mapo", beta=0.1))[:3]
+
+
+def _mapo_api(pred_w, pred_l, target_w, target_l, ref_w, ref_l):
+    return tuple(kernels.preference_loss(pred_w, pred_l, target_w, target_l, form="mapo"))[:3]
+
+
 def _gauss_inputs(shape, dtype, device):
     b = shape[0]
     return {
@@ -328,6 +364,28 @@ CASES = [
         lambda n, es: 6 * n * es,
         ("v",),
         quick_compile=True,
+    ),
+]
+# paired-error preference losses: forward reads 6 (DPO) / 4 (MaPO) tensors; backward re-reads the predictions
+# and targets and writes the two prediction gradients
+CASES += [
+    Case(
+        "preference_loss_dpo",
+        _pref_inputs,
+        _dpo_ref,
+        _dpo_api,
+        lambda n, es: 6 * n * es,
+        lambda n, es: 6 * n * es,
+        ("pred_w", "pred_l"),
+    ),
+    Case(
+        "preference_loss_mapo",
+        _pref_inputs,
+        _mapo_ref,
+        _mapo_api,
+        lambda n, es: 4 * n * es,
+        lambda n, es: 6 * n * es,
+        ("pred_w", "pred_l"),
     ),
 ]
 CASES_BY_NAME = {c.name: c for c in CASES}

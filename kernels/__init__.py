@@ -1,4 +1,4 @@
-"""Fused ops for diffusion / flow-matching RL and preference training (formulas: docs/math.md §0-§2).
+"""Fused ops for diffusion / flow-matching RL and preference training (formulas: docs/math.md §0-§2, §6).
 
 Importable on its own, with no dependency on the rest of the project; the only side effect of importing it
 is the registration of its ``nft_kernels::*`` ops with ``torch.library`` (where triton is installed).
@@ -59,6 +59,10 @@ __all__ = [
     "gaussian_log_prob",
     "gaussian_kl",
     "nft_loss",
+    "preference_loss",
+    "PreferenceLoss",
+    "PREFERENCE_FORMS",
+    "DPO_CONVENTIONS",
     "reference",
     "use_backend",
     "set_backend",
@@ -390,6 +394,128 @@ def nft_loss(
         weighting=weighting,
         v_ref=v_ref,
         kl_coef=kl_coef,
+    )
+
+
+PREFERENCE_FORMS = ("dpo", "mapo")
+DPO_CONVENTIONS = ("salesforce", "diffusers")
+PreferenceLoss = reference.PreferenceLoss
+# the reference implementations' defaults: SalesforceAIResearch/DiffusionDPO@5233e759 train.py --beta_dpo
+# 5000; huggingface/diffusers@071190da examples/research_projects/diffusion_dpo/train_diffusion_dpo.py
+# --beta_dpo 2500 (the same loss); mapo-t2i/mapo@374b3d3d args.py --beta_mapo 0.1, --snr_value 0.5, and
+# utils.py compute_loss's noise_scheduler.config.num_train_timesteps (1000 for SDXL).
+_DPO_BETA = {"salesforce": 5000.0, "diffusers": 2500.0}
+_MAPO_DEFAULTS = {"beta": 0.1, "snr_value": 0.5, "num_train_timesteps": 1000.0}
+
+
+def preference_loss(
+    pred_w,
+    pred_l,
+    target_w,
+    target_l,
+    *,
+    form="dpo",
+    ref_w=None,
+    ref_l=None,
+    beta=None,
+    dpo_convention=None,
+    snr_value=None,
+    num_train_timesteps=None,
+):
+    """math.md §6 paired-error losses in one fused pass -> ``PreferenceLoss(loss, err_w, err_l, err_w_ref,
+    err_l_ref)``; differentiable in ``pred_w`` and ``pred_l``.
+
+    ``err_* = mean_dims (pred_* - target_*)^2`` per sample (fp32 ``[B]``).  The target is the caller's:
+    ``noise`` for epsilon models, ``noise - x0`` for flow models (winner and loser share ``noise`` and ``t``,
+    see ``paired_interpolate``, but their targets differ where ``x0`` enters).
+
+    * ``form="dpo"`` (Diffusion-DPO; needs ``ref_w``, ``ref_l``, the frozen reference model's predictions):
+      ``Delta = (err_w - err_w_ref) - (err_l - err_l_ref)``, ``loss = mean_b -logsigmoid(-temp Delta)``.
+      ``dpo_convention="salesforce"`` (default; SalesforceAIResearch/DiffusionDPO train.py, flow_grpo's
+      scripts/train_sd3_dpo.py): ``temp = beta / 2``, default ``beta`` 5000 (SD1.5; flow_grpo's SD3 recipe
+      uses 100).  ``"diffusers"`` (diffusers' train_diffusion_dpo.py): ``temp = beta``, default ``beta``
+      2500 -- the same loss.  Implicit reward accuracy: the fraction of samples with ``Delta < 0``.
+    * ``form="mapo"`` (MaPO, no reference model): ``f(x) = x / (e^x - 1)`` (``f(0) = 1``),
+      ``loss = mean_b err_w - beta mean_b logsigmoid(T (f(s err_w) - f(s err_l)))`` with the reference's
+      defaults ``beta`` 0.1, ``s = snr_value`` 0.5, ``T = num_train_timesteps`` 1000.  ``f`` is evaluated
+      without the cancellation of ``e^x - 1`` (math.md §6).
+
+    Inputs: tensors of one shape ``[B, ...]`` (rank >= 2, ``B >= 1``) on one device, fp32 / fp16 / bf16
+    storage (math in fp32).  ``loss`` is 0-dim fp32; the errors are fp32 ``[B]``; the reference errors are
+    detached (None for MaPO).  The reference model's predictions are stop-gradients on every backend; the
+    Triton backend refuses a gradient request for the targets (detach them, or use the reference backend).
+    """
+    check_tensor("pred_w", pred_w)
+    for name, y in (("pred_l", pred_l), ("target_w", target_w), ("target_l", target_l)):
+        check_like(name, y, "pred_w", pred_w)
+    if pred_w.numel() == 0:
+        raise ValueError(
+            f"pred_w: expected at least one sample and one element, got shape {tuple(pred_w.shape)}"
+        )
+    if form not in PREFERENCE_FORMS:
+        raise ValueError(f"form: expected one of {PREFERENCE_FORMS}, got {form!r}")
+    if form == "dpo":
+        if ref_w is None or ref_l is None:
+            given = "ref_w only" if ref_w is not None else ("ref_l only" if ref_l is not None else "neither")
+            raise ValueError(
+                "ref_w / ref_l: expected both (the frozen reference model's predictions) for form='dpo', "
+                f"got {given}"
+            )
+        check_like("ref_w", ref_w, "pred_w", pred_w)
+        check_like("ref_l", ref_l, "pred_w", pred_w)
+        for name, val in (("snr_value", snr_value), ("num_train_timesteps", num_train_timesteps)):
+            if val is not None:
+                raise ValueError(f"{name}: a MaPO option; expected None for form='dpo', got {val!r}")
+        dpo_convention = "salesforce" if dpo_convention is None else dpo_convention
+        if dpo_convention not in DPO_CONVENTIONS:
+            raise ValueError(f"dpo_convention: expected one of {DPO_CONVENTIONS}, got {dpo_convention!r}")
+        beta = check_positive_number("beta", _DPO_BETA[dpo_convention] if beta is None else beta)
+        temp = 0.5 * beta if dpo_convention == "salesforce" else beta
+        snr_value, num_train_timesteps = _MAPO_DEFAULTS["snr_value"], _MAPO_DEFAULTS["num_train_timesteps"]
+    else:
+        for name, val in (("ref_w", ref_w), ("ref_l", ref_l), ("dpo_convention", dpo_convention)):
+            if val is not None:
+                raise ValueError(f"{name}: MaPO uses no reference model; expected None for form='mapo'")
+        beta = check_positive_number("beta", _MAPO_DEFAULTS["beta"] if beta is None else beta)
+        snr_value = check_positive_number(
+            "snr_value", _MAPO_DEFAULTS["snr_value"] if snr_value is None else snr_value
+        )
+        num_train_timesteps = check_positive_number(
+            "num_train_timesteps",
+            _MAPO_DEFAULTS["num_train_timesteps"] if num_train_timesteps is None else num_train_timesteps,
+        )
+        temp = 0.0
+    if _triton(pred_w):
+        _no_grad_to(target_w=target_w, target_l=target_l)
+        has_ref = form == "dpo"
+        loss, errs, _ = _ops.preference_loss_op(
+            pred_w,
+            pred_l,
+            target_w,
+            target_l,
+            ref_w.detach() if has_ref else None,
+            ref_l.detach() if has_ref else None,
+            _ops.FORM_DPO if has_ref else _ops.FORM_MAPO,
+            temp,
+            beta,
+            snr_value,
+            num_train_timesteps,
+        )
+        if has_ref:
+            return PreferenceLoss(loss, errs[0], errs[1], errs[2].detach(), errs[3].detach())
+        return PreferenceLoss(loss, errs[0], errs[1])
+    return reference.preference_loss(
+        pred_w,
+        pred_l,
+        target_w,
+        target_l,
+        form=form,
+        beta=beta,
+        ref_w=ref_w,
+        ref_l=ref_l,
+        dpo_convention=dpo_convention or "salesforce",
+        snr_value=snr_value,
+        num_train_timesteps=num_train_timesteps,
     )
 
 

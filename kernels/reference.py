@@ -16,8 +16,10 @@ outside the Triton interpreter.  Conventions shared by every function here:
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -34,6 +36,10 @@ __all__ = [
     "gaussian_kl",
     "nft_loss",
     "nft_row_losses",
+    "PreferenceLoss",
+    "paired_errors",
+    "mapo_f",
+    "preference_loss",
 ]
 
 
@@ -326,6 +332,84 @@ def nft_loss(
     if v_ref is not None and kl_coef != 0.0:
         loss = loss + kl_coef * _reduce_rows((v.float() - v_ref.float().detach()) ** 2, "mean").mean()
     return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# math.md §6: paired-error preference losses (Diffusion-DPO, MaPO)
+# ----------------------------------------------------------------------------------------------------------
+class PreferenceLoss(NamedTuple):
+    """``kernels.preference_loss``'s result: the scalar loss and the per-sample errors (fp32 ``[B]``).
+
+    ``err_w_ref`` / ``err_l_ref`` are the reference model's errors (DPO; None for MaPO), detached."""
+
+    loss: torch.Tensor
+    err_w: torch.Tensor
+    err_l: torch.Tensor
+    err_w_ref: torch.Tensor | None = None
+    err_l_ref: torch.Tensor | None = None
+
+
+def _at_least_f32(x):
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def paired_errors(pred, target):
+    """math.md §6: ``err = mean_dims (pred - target)^2`` per row, fp32 ``[B]`` (float64 stays float64, so the
+    reference can be gradchecked)."""
+    return _reduce_rows((_at_least_f32(pred) - _at_least_f32(target)) ** 2, "mean")
+
+
+_MAPO_SERIES_BELOW = 0.5
+
+
+def mapo_f(x):
+    """MaPO's ``f(x) = x / (e^x - 1)`` for ``x >= 0`` (``f(0) = 1``), accurate in fp32 everywhere.
+
+    Below 0.5 the Bernoulli series ``1 - x/2 + x^2/12 - x^4/720 + x^6/30240`` (truncation < 5e-9 relative:
+    the closed form loses ``eps / x`` there to the cancellation in ``e^x - 1``); above it
+    ``x e^-x / (1 - e^-x)``, which neither cancels nor overflows.  Differentiable, with a finite gradient
+    (``f'(0) = -1/2``) everywhere."""
+    small = x < _MAPO_SERIES_BELOW
+    x2 = x * x
+    f_small = 1.0 + x * (-0.5 + x * (1.0 / 12.0 + x2 * (-1.0 / 720.0 + x2 / 30240.0)))
+    xl = torch.where(small, torch.ones_like(x), x)
+    f_large = xl * torch.exp(-xl) / -torch.expm1(-xl)
+    return torch.where(small, f_small, f_large)
+
+
+def preference_loss(
+    pred_w,
+    pred_l,
+    target_w,
+    target_l,
+    *,
+    form,
+    beta,
+    ref_w=None,
+    ref_l=None,
+    dpo_convention="salesforce",
+    snr_value=0.5,
+    num_train_timesteps=1000.0,
+):
+    """math.md §6 paired-error losses -> ``PreferenceLoss``; every argument already validated.
+
+    DPO: ``Delta = (err_w - err_w_ref) - (err_l - err_l_ref)``,
+    ``loss = mean_b -logsigmoid(-temp Delta)``, ``temp = beta / 2`` (``"salesforce"``) or ``beta``
+    (``"diffusers"``); the reference errors carry no gradient.
+    MaPO: ``loss = mean_b err_w - beta mean_b logsigmoid(T (f(s err_w) - f(s err_l)))`` with
+    ``s = snr_value``, ``T = num_train_timesteps``.
+    """
+    err_w, err_l = paired_errors(pred_w, target_w), paired_errors(pred_l, target_l)
+    if form == "dpo":
+        err_w_ref = paired_errors(ref_w.detach(), target_w.detach()).detach()
+        err_l_ref = paired_errors(ref_l.detach(), target_l.detach()).detach()
+        temp = 0.5 * beta if dpo_convention == "salesforce" else beta
+        delta = (err_w - err_w_ref) - (err_l - err_l_ref)
+        loss = -F.logsigmoid(-temp * delta).mean()
+        return PreferenceLoss(loss, err_w, err_l, err_w_ref, err_l_ref)
+    ratio = F.logsigmoid(num_train_timesteps * (mapo_f(snr_value * err_w) - mapo_f(snr_value * err_l)))
+    loss = err_w.mean() - beta * ratio.mean()
+    return PreferenceLoss(loss, err_w, err_l)
 
 
 # ----------------------------------------------------------------------------------------------------------

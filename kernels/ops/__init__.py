@@ -9,6 +9,7 @@ It needs triton; ``kernels`` imports it only where triton is installed.
 from .elementwise import dpm2_step_op, euler_step_op, interpolate_op, paired_interpolate_op
 from .gaussian import gaussian_kl_op, gaussian_log_prob_op
 from .nft import nft_loss_op
+from .preference import FORM_DPO, FORM_MAPO, preference_loss_op
 from .random import randn_op
 from .transition import (
     KIND_CPS,
@@ -38,4 +39,7 @@ __all__ = [
     "gaussian_log_prob_op",
     "gaussian_kl_op",
     "nft_loss_op",
+    "preference_loss_op",
+    "FORM_DPO",
+    "FORM_MAPO",
 ]
