@@ -49,6 +49,6 @@ setup(
         "bench": ["pytest", "pytest-benchmark"],
         # train.data.preference.load_pickapic reads Pick-a-Pic-style parquet files
         "data": ["pyarrow"],
-        "dev": ["pytest", "pytest-benchmark", "ruff", "pyarrow"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ruff", "pyarrow"],
     },
 )

@@ -273,7 +273,9 @@ class Check:
         return stage.dry_budget_s if self.dry_run else stage.gpu_budget_s
 
     def env(self, **extra: str) -> dict:
-        env = dict(os.environ)
+        # Not the environment of a pytest-xdist worker that may have started this check (its test): a pytest
+        # child with PYTEST_XDIST_* set turns pytest-benchmark off, and --benchmark-only then refuses to run.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST_")}
         paths = ([str(self.site)] if self.site_ready else []) + [str(ROOT)]
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])

@@ -27,4 +27,9 @@ def interpret_mode(monkeypatch):
     yield
 
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (CI runs ``-n 2``) each worker gets one thread: two workers on a 2-core machine
+# would otherwise oversubscribe it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

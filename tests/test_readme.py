@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
 
 MAIN_COMMAND = "pip install torch==2.13.0 && pip install -e . && python -m train.nft"
-TEST_COMMAND = 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q'
+TEST_COMMAND = 'pip install torch==2.13.0 && pip install -e ".[dev]" && python -m pytest -q -n auto'
 
 _BLOCK = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 _MARKER = re.compile(r"<!-- readme-test: (run|skip)( \(([^)]*)\))? -->\s*$")
