@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -242,3 +243,32 @@ def test_evaluation_during_pretraining_goes_through_the_evaluator_and_changes_no
     assert {k: {m: round(v, 4) for m, v in r.items()} for k, r in again.items()} == {
         k: scores[-1][k] for k in ("cfg1", "cfg3")
     }
+
+
+def _documented_commands() -> list[str]:
+    """The train.pretrain command lines of models/embedded/pretrain.json and docs/embedded-model.md."""
+    record = json.loads((DEFAULT_DIR / "pretrain.json").read_text())
+    found = [*record["command"].split(" && "), *record["reproduce"].split(" && ")]
+    found += [stage["reproduce"] for stage in record["stages"]]
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "embedded-model.md").read_text()
+    for part in docs.split("python -m train.pretrain")[1:]:
+        end = min(i for i in (part.find("`"), part.find("\npython"), part.find("\n```"), len(part)) if i >= 0)
+        found.append("python -m train.pretrain" + part[:end].replace("\\\n", " ").replace("\n", " "))
+    return found
+
+
+def test_documented_recipes_use_the_new_option_names():
+    """The recipes were rewritten for the dataclass CLI; each parses (the --models.init-from directories are
+    earlier stages' outputs, so they are not validated here) and names the options it sets."""
+    from train.config import parse_cli
+    from train.pretrain import PRESETS, PretrainConfig
+
+    commands = _documented_commands()
+    assert len(commands) >= 3 + 3 + 3 + 3 + 1
+    for command in commands:
+        argv = shlex.split(command)[3:]
+        assert argv and not any(a in RENAMED for a in argv), command
+        cfg = parse_cli(PretrainConfig, argv, prog="train.pretrain", description="", presets=PRESETS)
+        assert cfg.train.steps in (2000, 8000, 10000, 16000), command
+    stage2 = parse_cli(PretrainConfig, shlex.split(commands[1])[3:], prog="", description="", presets=PRESETS)
+    assert (stage2.models.layers, stage2.text.freeze, stage2.train.ema) == (8, True, 0.998)
