@@ -1,245 +1,300 @@
-"""Pretrain the embedded default model on GenEval-mini renders with flow matching (math.md §0).
+"""Pretrain the embedded default model on GenEval-mini renders with flow matching (math.md §0, §A).
 
-    python -m train.pretrain --steps 3000 --out models/embedded
+    python -m train.pretrain --train.steps 3000 --out models/embedded        (--help lists every option)
 
-Per step: a batch of train prompts (``train.data.sample_prompts``) and their renders ``x0``; 10% of the
-prompts are replaced by ``""`` (so classifier-free guidance has an unconditional branch);
-``t = shift * u / (1 + (shift - 1) * u)`` with ``u ~ U(0, 1)`` (the sampler's shifted schedule, shift 3),
-``x_t = (1 - t) x0 + t noise``,
-loss ``mean (v(x_t, 1000 t, c) - (noise - x0))^2``;
-AdamW with a linear warm-up then a constant rate, so a run stopped at step k equals a run with ``--steps k``
-(``--cooldown N`` decays it to 0 over the last N steps).  ``--time-sampling logit-normal`` draws ``u`` from
-``sigmoid(N(0, 1))`` instead.  ``--ema D`` keeps an average of the weights; evaluations, snapshots and the
-saved model use it.  ``--width`` / ``--layers`` change the transformer's size; ``--init-from DIR``
-continues from a checkpoint with its architecture, or with ``--layers L`` grown to ``L`` blocks by
-:func:`grow_depth` (copies of its blocks that start as the identity).  ``--freeze-text-encoder`` trains the
-transformer only and keeps the prompt encoder at its initialisation (random, or ``--init-from``'s): trained
-jointly, the encoder merges words the transformer has not yet learned to use ("left" and "right" end at
-cosine 0.998; see the README), a frozen one keeps them apart (which alone did not make the transformer use
-them).
-``--text-pretrain-steps N`` first trains the prompt encoder alone on a text-only objective (each word's
-object: shape, colour, count and the side a position prompt puts it on; :func:`pretrain_text_encoder`), then
-freezes it, as SD3 trains on frozen pretrained text encoders: with it the transformer learns to place
-objects by the relation words (``relation_response``), which it never did with an encoder trained only
-through the denoising loss.  ``--caption-noise Q`` captions a share ``Q`` of the renders with another
-prompt of the same task type (:func:`mismatch_captions`), the label noise of web data: CFG-free samples get
-much worse than guided ones, as with SD3.5-M.  Everything is seeded; on a CPU with the same thread count a
-run is reproducible bit for bit.
+Per step: a batch of train prompts (``train.data.sample_prompts``) and their renders ``x0``; a share
+``--train.prompt-dropout`` (10%) of the prompts is replaced by ``""`` (so classifier-free guidance has an
+unconditional branch); ``t = shift * u / (1 + (shift - 1) * u)`` with ``u ~ U(0, 1)`` (``--train.time-shift``,
+3 like the sampler's schedule; ``--train.time-sampling logit-normal`` draws ``u`` from ``sigmoid(N(0, 1))``),
+``x_t = (1 - t) x0 + t noise``, loss ``mean (v(x_t, 1000 t, c) - (noise - x0))^2``; AdamW with a linear
+warm-up then a constant rate, so a run stopped at step k equals a run with ``--train.steps k``
+(``--train.cooldown N`` decays it to 0 over the last N steps).  ``--train.ema D`` keeps an average of the
+weights; evaluations, snapshots and the saved model use it.
 
-``evaluate`` samples the held-out test prompts with a plain Euler ODE on SD3's diffusers schedule
-(CFG-free or with a guidance scale) and scores them with the GenEval-mini verifier; ``restart_scores`` finds
-the noise levels at which the model decides its images; ``relation_response`` measures whether it places
-objects by the relation words.
+``--models.width`` / ``--models.layers`` change the transformer's size; ``--models.init-from DIR`` continues
+from a checkpoint with its architecture, or with ``--models.layers L`` grown to ``L`` blocks by
+:func:`grow_depth` (copies of its blocks that start as the identity).  ``--text.freeze`` trains the
+transformer only and keeps the prompt encoder at its initialisation (random, or ``--models.init-from``'s):
+trained jointly, the encoder merges words the transformer has not yet learned to use ("left" and "right" end
+at cosine 0.998; docs/embedded-model.md), a frozen one keeps them apart.  ``--text.pretrain-steps N`` first
+trains the prompt encoder alone on a text-only objective (each word's object: shape, colour, count and the
+side a position prompt puts it on; :func:`pretrain_text_encoder`), then freezes it, as SD3 trains on frozen
+pretrained text encoders.  ``--train.caption-noise Q`` captions a share ``Q`` of the renders with another
+prompt of the same task type (:func:`mismatch_captions`), the label noise of web data.  Everything is
+seeded; on a CPU with the same thread count a run is reproducible bit for bit.
+
+Held-out evaluation (``--eval.every N``) is the training loops': :class:`train.evaluation.Evaluator` samples
+through the engine (``train.policy.Policy.sample``: ``engine.rollout`` on the model's diffusers schedule,
+``models/embedded/scheduler_config.json``, per-image Philox seeds) with the weight EMA, once per
+``--eval.cfg-scales`` value, on ``--eval.per-task`` test prompts of each task type.  The research probes
+that used to live here (``restart_scores``, ``relation_response``) are in ``bench/embedded_probes.py``.
+
+The options were renamed for the project's dataclass CLI on 2026-12-03 (``--steps`` -> ``--train.steps``
+...); an old name is refused with its new one (:data:`RENAMED`).
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
 import os
 import shlex
 import sys
+import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from engine.schedules import sd3_sigmas
+import models
 from models.embedded import DEFAULT_DIR, TRANSFORMER_CONFIG, EmbeddedConfig, EmbeddedDefault, PromptEncoder
 from models.lora import EMA
+from train.config import ConfigError, leaf_values, parse_cli, to_dict
 from train.data import (
-    RELATIONS,
     STRUCTURE_FIELDS,
     Prompt,
-    all_prompts,
-    parse_prompt,
     render_batch,
     sample_prompts,
     split_prompts,
     structure_targets,
     test_prompts,
 )
-from train.rewards import GenEvalMini
+from train.evaluation import EvalConfig, Evaluator, validate_eval
+from train.policy import Policy
 
 __all__ = [
-    "sigma_schedule",
-    "sample",
+    "TrainConfig",
+    "ModelsConfig",
+    "TextConfig",
+    "PretrainEvalConfig",
+    "PretrainLogConfig",
+    "PretrainConfig",
+    "PRESETS",
+    "RENAMED",
+    "validate",
+    "parse_args",
     "sample_times",
-    "evaluate",
-    "restart_scores",
-    "relation_offsets",
-    "relation_response",
     "flow_matching_loss",
     "pretrain_text_encoder",
+    "mismatch_captions",
+    "model_config",
     "grow_depth",
+    "ModelPolicy",
+    "evaluate",
+    "build_model",
     "pretrain",
+    "reproduce_command",
     "main",
 ]
 
 
-def sigma_schedule(steps: int, shift: float = 3.0) -> torch.Tensor:
-    """math.md §0: the sampler's schedule, the engine's :func:`engine.schedules.sd3_sigmas` (SD3's diffusers
-    scheduler, the embedded default's shipped config); ``[N + 1]``.  The shipped checkpoint's recorded
-    evaluations (``pretrain.json``) were taken on the hand-made ``shift(1 - i/N)`` schedule used until
-    2026-12."""
-    if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
-    return sd3_sigmas(steps, shift)
+# ------------------------------------------------------------------------------------------------- config
+def _h(default, text: str):
+    return field(default=default, metadata={"help": text})
 
 
-@torch.no_grad()
-def sample(
-    model: EmbeddedDefault,
-    prompts: list[str],
-    generator: torch.Generator,
-    steps: int = 10,
-    shift: float = 3.0,
-    cfg_scale: float = 1.0,
-) -> torch.Tensor:
-    """Euler ODE samples ``[B, 3, 32, 32]`` in [-1, 1]; ``cfg_scale`` 1 is CFG-free,
-    otherwise ``v = v_uncond + cfg_scale * (v_cond - v_uncond)``."""
-    b, dev = len(prompts), model.device
-    x = torch.randn(b, 3, model.sample_size, model.sample_size, generator=generator).to(dev, model.dtype)
-    cond = model.encode(list(prompts))
-    if cfg_scale != 1.0:
-        cond = type(cond).cat([cond, model.encode([""] * b)])
-    sigmas = sigma_schedule(steps, shift).tolist()
-    for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-        timestep = torch.full((b,), 1000.0 * sigma, device=dev)
-        if cfg_scale == 1.0:
-            v = model.denoiser(x, timestep, cond)
-        else:
-            both = model.denoiser(torch.cat([x, x]), torch.cat([timestep, timestep]), cond)
-            v_cond, v_uncond = both.chunk(2)
-            v = v_uncond + cfg_scale * (v_cond - v_uncond)
-        x = x + (sigma_next - sigma) * v
-    return x.clamp(-1, 1)
-
-
-@torch.no_grad()
-def evaluate(
-    model: EmbeddedDefault,
-    cfg_scale: float = 1.0,
-    n_per_task: int = 32,
-    steps: int = 10,
-    shift: float = 3.0,
-    seed: int = 1234,
-    batch_size: int = 64,
-    verifier: GenEvalMini | None = None,
-) -> dict[str, float]:
-    """Held-out GenEval-mini: strict score (mean over task types) and per-task strict scores, plus the
-    mean partial score as ``"partial"``."""
-    verifier = verifier or GenEvalMini()
-    prompts = test_prompts(n_per_task)
-    gen = torch.Generator().manual_seed(seed)
-    images = torch.cat(
-        [
-            sample(model, [p.text for p in prompts[i : i + batch_size]], gen, steps, shift, cfg_scale).cpu()
-            for i in range(0, len(prompts), batch_size)
-        ]
+@dataclass
+class TrainConfig:
+    steps: int = _h(3000, "optimizer steps (a run stopped at step k without a cool-down equals k steps)")
+    batch_size: int = _h(64, "renders per step")
+    lr: float = _h(1e-3, "AdamW learning rate after warm-up")
+    warmup: int = _h(100, "linear warm-up steps")
+    cooldown: int = _h(0, "decay the rate linearly to 0 over the last N steps (0: constant to the end)")
+    weight_decay: float = _h(0.01, "AdamW weight decay")
+    grad_clip: float = _h(1.0, "gradient-norm clip")
+    time_sampling: Literal["uniform", "logit-normal"] = _h("uniform", "distribution of u before the shift")
+    time_shift: float = _h(3.0, "t = shift*u/(1+(shift-1)*u); 1: no shift")
+    prompt_dropout: float = _h(0.1, "share of prompts replaced by ''")
+    caption_noise: float = _h(
+        0.0, "share of renders captioned with another prompt of the same task type, as in web data"
     )
-    scores = verifier.score(images, prompts)
-    return {**verifier.summarize(scores["strict"], prompts), "partial": float(scores["partial"].mean())}
+    ema: float = _h(0.0, "weight-EMA decay; evaluations and saves use the average (0: off)")
 
 
-@torch.no_grad()
-def restart_scores(
-    model: EmbeddedDefault,
-    starts: tuple[float, ...] = (0.1, 0.25, 0.5, 0.75, 0.9),
-    n_per_task: int = 32,
-    steps: int = 20,
-    shift: float = 3.0,
-    seed: int = 1234,
-) -> dict[float, float]:
-    """Where the model decides its images: held-out renders noised to ``t = start`` (``x_t = (1 - t) x0 +
-    t noise``), brought back to ``t = 0`` with the CFG-free Euler ODE over the part of the ``steps``-step
-    schedule below ``start``, and scored like :func:`evaluate`.  A start from which the score is still ~1 is
-    one the model denoises correctly; where it falls is where the model's own decisions begin.
-    -> ``{start: strict score}``."""
-    for t in starts:
-        if not 0.0 < t <= 1.0:
-            raise ValueError(f"starts: expected values in (0, 1], got {t}")
-    verifier = GenEvalMini()
-    prompts = test_prompts(n_per_task)
-    x0 = render_batch(prompts, seed).to(model.device, model.dtype)
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed)).to(x0)
-    cond = model.encode([p.text for p in prompts])
-    schedule = sigma_schedule(steps, shift).tolist()
-    out = {}
-    for start in starts:
-        sigmas = [start] + [s for s in schedule if s < start]
-        x = (1 - start) * x0 + start * noise
-        for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:], strict=True):
-            timestep = torch.full((len(x),), 1000.0 * sigma, device=x.device)
-            x = x + (sigma_next - sigma) * model.denoiser(x, timestep, cond)
-        strict = verifier.score(x.clamp(-1, 1).cpu(), prompts)["strict"]
-        out[start] = verifier.summarize(strict, prompts)["score"]
-    return out
+@dataclass
+class ModelsConfig:
+    width: int | None = _h(None, "transformer width, a multiple of 32 (none: the default's 64)")
+    layers: int | None = _h(
+        None, "transformer blocks (none: 4); with --models.init-from, grow its model to this depth"
+    )
+    init_from: str | None = _h(
+        None, "start from the weights in this directory (a previous run's --out); fresh optimizer"
+    )
 
 
-def relation_offsets(
-    images: torch.Tensor, prompts: list[Prompt | str], verifier: GenEvalMini | None = None
-) -> dict[str, dict[str, float]]:
-    """Where the first object of each position prompt lies relative to the second, per relation: the mean
-    ``dx``/``dy`` (px, x to the right, y down) of ``objects[0]``'s centre minus ``objects[1]``'s, over the
-    images of ``images [B, 3, H, W]`` in which the verifier finds exactly one of each (their number is ``n``).
-    Rendered ground truth gives about -16 px in x for "left of", +16 for "right of", and the same in y for
-    "above" and "below"."""
-    if len(prompts) != len(images):
-        raise ValueError(f"prompts: expected {len(images)} prompts (one per image), got {len(prompts)}")
-    verifier = verifier or GenEvalMini()
-    found: dict[str, list[tuple[float, float]]] = {r: [] for r in RELATIONS}
-    for objects, p in zip(verifier.detect(images), prompts, strict=True):
-        p = parse_prompt(p) if isinstance(p, str) else p
-        if p.relation is None:
-            raise ValueError(f"prompts: expected position prompts, got {p.text!r}")
-        a, b = (verifier.matching(objects, spec) for spec in p.objects)
-        if len(a) == 1 and len(b) == 1:
-            found[p.relation].append((a[0].cx - b[0].cx, a[0].cy - b[0].cy))
-    out = {}
-    for rel, d in found.items():
-        t = torch.tensor(d, dtype=torch.float64).view(-1, 2)
-        mean = t.mean(0).tolist() if len(t) else [float("nan")] * 2
-        out[rel] = {"dx": mean[0], "dy": mean[1], "n": len(t)}
-    return out
+@dataclass
+class TextConfig:
+    freeze: bool = _h(
+        False, "train the transformer only; the prompt encoder keeps its initial (random, init-from) weights"
+    )
+    pretrain_steps: int = _h(
+        0, "first pretrain the prompt encoder on the text-only structure objective for N steps (batch 256), "
+        "then freeze it (0: off)"
+    )
+    pretrain_lr: float = _h(3e-3, "AdamW rate of --text.pretrain-steps")
 
 
-@torch.no_grad()
-def relation_response(
-    model: EmbeddedDefault,
-    n_pairs: int = 8,
-    samples: int = 16,
-    steps: int = 10,
-    shift: float = 3.0,
-    seed: int = 1234,
-) -> dict:
-    """Whether the model follows the relation words.  ``n_pairs`` object pairs of the position task (a
-    seeded choice over both splits), each asked as "A left of B", "A right of B", "A above B" and "A below
-    B", ``samples`` CFG-free Euler samples per prompt from the same noise for all four relations, then
-    :func:`relation_offsets`.  Adds ``x_separation`` = dx(right of) - dx(left of) and ``y_separation`` =
-    dy(below) - dy(above): about 32 px on rendered ground truth, about 0 for a model that draws the same
-    layout whatever the relation (the shipped base model: see the README)."""
-    if n_pairs < 1 or samples < 1:
-        raise ValueError(f"n_pairs, samples: expected >= 1, got {n_pairs}, {samples}")
-    pool = [p for p in all_prompts()["position"] if p.relation == RELATIONS[0]]
-    pick = np.random.default_rng(seed).choice(len(pool), size=min(n_pairs, len(pool)), replace=False)
-    pairs = [pool[i].objects for i in sorted(pick)]
-    prompts, images = [], []
-    for rel in RELATIONS:
-        batch = [Prompt("position", objs, rel) for objs in pairs for _ in range(samples)]
-        gen = torch.Generator().manual_seed(seed)  # the same noise for every relation
-        images.append(sample(model, [p.text for p in batch], gen, steps, shift))
-        prompts += batch
-    out: dict = relation_offsets(torch.cat(images).cpu(), prompts)
-    out["x_separation"] = out["right of"]["dx"] - out["left of"]["dx"]
-    out["y_separation"] = out["below"]["dy"] - out["above"]["dy"]
-    return out
+@dataclass
+class PretrainEvalConfig:
+    every: int = _h(0, "held-out GenEval-mini every N steps (0: never)")
+    cfg_scales: tuple[float, ...] = _h((1.0, 4.0), "CFG scales to evaluate, comma separated (1: CFG-free)")
+    per_task: int = _h(32, "held-out prompts per task type (train.data.test_prompts)")
+    solver: str = _h("euler", "deterministic ODE solver through the engine: euler or dpm2")
+    num_steps: int = _h(10, "sampler steps")
+    seed: int = _h(1234, "seed of the per-image noise (fixed, so runs and steps compare)")
+    batch: int = _h(64, "images per sampling micro-batch")
 
 
+@dataclass
+class PretrainLogConfig:
+    every: int = _h(50, "steps between loss lines")
+    file: bool = _h(False, "also write <out>/pretrain_log.jsonl")
+    save_every: int = _h(0, "snapshots under <out>/snapshots every N steps (0: none)")
+
+
+@dataclass
+class PretrainConfig:
+    preset: str = _h("default", "named setup (see the preset list above)")
+    out: str = _h(str(DEFAULT_DIR), "directory for default.safetensors / default.json / pretrain.json")
+    seed: int = _h(0, "seed of the initialisation, the data and the training times")
+    threads: int = _h(2, "torch.set_num_threads")
+    max_minutes: float | None = _h(None, "wall-clock cap; stops early and saves (none or 0: no cap)")
+    train: TrainConfig = field(default_factory=TrainConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    eval: PretrainEvalConfig = field(default_factory=PretrainEvalConfig)
+    log: PretrainLogConfig = field(default_factory=PretrainLogConfig)
+
+
+PRESETS = {"default": PretrainConfig}
+
+# the argparse options before 2026-12-03 -> their names now (same meaning; the stage records in
+# models/embedded/pretrain.json were made with the old names)
+RENAMED = {
+    "--steps": "--train.steps",
+    "--batch-size": "--train.batch-size",
+    "--lr": "--train.lr",
+    "--warmup": "--train.warmup",
+    "--cooldown": "--train.cooldown",
+    "--weight-decay": "--train.weight-decay",
+    "--grad-clip": "--train.grad-clip",
+    "--time-sampling": "--train.time-sampling",
+    "--time-shift": "--train.time-shift",
+    "--prompt-dropout": "--train.prompt-dropout",
+    "--caption-noise": "--train.caption-noise",
+    "--ema": "--train.ema",
+    "--init-from": "--models.init-from",
+    "--width": "--models.width",
+    "--layers": "--models.layers",
+    "--freeze-text-encoder": "--text.freeze",
+    "--text-pretrain-steps": "--text.pretrain-steps",
+    "--text-pretrain-lr": "--text.pretrain-lr",
+    "--log-every": "--log.every",
+    "--log-file": "--log.file",
+    "--save-every": "--log.save-every",
+    "--eval-every": "--eval.every",
+    "--eval-cfg": "--eval.cfg-scales (comma separated: 1,4)",
+    "--eval-per-task": "--eval.per-task",
+}
+
+
+def _opt(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: PretrainConfig) -> None:
+    """Every check before any work; a bad value raises :class:`ConfigError` naming the option, what was
+    expected and what was given."""
+    for name, val in leaf_values(cfg).items():
+        for v in val if isinstance(val, tuple) else (val,):
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{_opt(name)}: expected a finite number, got {v}")
+    tc, mc, xc, ec, lc = cfg.train, cfg.models, cfg.text, cfg.eval, cfg.log
+    at_least_one = [("train.steps", tc.steps), ("train.batch_size", tc.batch_size),
+                    ("train.warmup", tc.warmup), ("threads", cfg.threads), ("log.every", lc.every),
+                    ("eval.per_task", ec.per_task), ("eval.batch", ec.batch)]
+    for name, val in at_least_one:
+        if val < 1:
+            raise ConfigError(f"{_opt(name)}: expected an integer >= 1, got {val}")
+    at_least_zero = [("train.cooldown", tc.cooldown, "0: constant to the end"),
+                     ("text.pretrain_steps", xc.pretrain_steps, "0: off"),
+                     ("log.save_every", lc.save_every, "0: none"), ("eval.every", ec.every, "0: never")]
+    for name, val, zero in at_least_zero:
+        if val < 0:
+            raise ConfigError(f"{_opt(name)}: expected an integer >= 0 ({zero}), got {val}")
+    positive = [("train.lr", tc.lr), ("text.pretrain_lr", xc.pretrain_lr), ("train.grad_clip", tc.grad_clip),
+                ("train.time_shift", tc.time_shift)]
+    for name, val in positive:
+        if not val > 0:
+            raise ConfigError(f"{_opt(name)}: expected a positive number, got {val}")
+    if tc.weight_decay < 0:
+        raise ConfigError(f"--train.weight-decay: expected a value >= 0, got {tc.weight_decay}")
+    for name, val, what in (("train.prompt_dropout", tc.prompt_dropout, "a share"),
+                            ("train.caption_noise", tc.caption_noise, "a share"),
+                            ("train.ema", tc.ema, "a decay")):
+        if not 0.0 <= val < 1.0:
+            raise ConfigError(f"{_opt(name)}: expected {what} in [0, 1), got {val}")
+    if cfg.max_minutes is not None and not cfg.max_minutes >= 0:
+        raise ConfigError(f"--max-minutes: expected >= 0 (none or 0: no cap), got {cfg.max_minutes}")
+    if not ec.cfg_scales or any(s < 0 for s in ec.cfg_scales):
+        shown = ",".join(f"{s:g}" for s in ec.cfg_scales) or "nothing"
+        raise ConfigError(f"--eval.cfg-scales: expected one or more scales >= 0 (1: CFG-free), got {shown}")
+    try:
+        validate_eval(EvalConfig(solver=ec.solver, num_steps=ec.num_steps))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ConfigError(f"--out: expected a directory (it is created if missing), got the file {cfg.out!r}")
+    _validate_architecture(mc)
+
+
+def _validate_architecture(mc: ModelsConfig) -> None:
+    if mc.init_from is None:
+        try:
+            model_config(mc.width, mc.layers)
+        except ValueError as e:
+            raise ConfigError(f"--models.{e}") from None
+        return
+    if mc.width is not None:
+        raise ConfigError(
+            "--models.width: the architecture comes from --models.init-from; give one or the other"
+        )
+    config = Path(mc.init_from) / "default.json"
+    if not (config.is_file() and (Path(mc.init_from) / "default.safetensors").is_file()):
+        raise ConfigError(
+            f"--models.init-from: expected a directory with default.safetensors and default.json (a previous "
+            f"run's --out), got {mc.init_from!r}"
+        )
+    if mc.layers is not None:
+        blocks = json.loads(config.read_text())["transformer"]["num_layers"]
+        try:
+            check_growth(blocks, mc.layers)
+        except ValueError as e:
+            raise ConfigError(f"--models.{e} (--models.init-from {mc.init_from})") from None
+
+
+def parse_args(argv: list[str] | None = None) -> PretrainConfig:
+    """``argv`` (default ``sys.argv[1:]``) -> a validated :class:`PretrainConfig`; raises
+    :class:`ConfigError` (an old option name is refused with its new name)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for tok in argv:
+        old = tok.split("=", 1)[0]
+        if old in RENAMED:
+            raise ConfigError(
+                f"{old}: expected {RENAMED[old]} (renamed for the dataclass CLI on 2026-12-03, same "
+                f"meaning), got the old name"
+            )
+    cfg = parse_cli(PretrainConfig, argv, prog="train.pretrain", description=__doc__.split("\n")[0],
+                    presets=PRESETS)
+    validate(cfg)
+    return cfg
+
+
+# -------------------------------------------------------------------------------------------- objective
 def sample_times(
     n: int,
     generator: torch.Generator,
@@ -369,6 +424,15 @@ def model_config(width: int | None = None, layers: int | None = None, head_dim: 
     return EmbeddedConfig(transformer=tc)
 
 
+def check_growth(blocks: int, layers: int) -> None:
+    """:func:`grow_depth`'s condition: a model of ``blocks`` blocks grows to ``layers`` >= ``blocks`` (from
+    at least 2 blocks: the last one stays last)."""
+    if layers < blocks:
+        raise ValueError(f"layers: expected >= the model's {blocks} blocks, got {layers}")
+    if blocks < 2 and layers > blocks:
+        raise ValueError(f"layers: growing needs a model of at least 2 blocks, this one has {blocks}")
+
+
 def grow_depth(model: EmbeddedDefault, layers: int) -> EmbeddedDefault:
     """A deeper copy of ``model`` that computes exactly the same function.
 
@@ -380,10 +444,7 @@ def grow_depth(model: EmbeddedDefault, layers: int) -> EmbeddedDefault:
     training opens it."""
     tc = dict(model.config.transformer)
     old = tc["num_layers"]
-    if layers < old:
-        raise ValueError(f"layers: expected >= the model's {old} blocks, got {layers}")
-    if old < 2 and layers > old:
-        raise ValueError(f"layers: growing needs a model of at least 2 blocks, this one has {old}")
+    check_growth(old, layers)
     body, extra = divmod(layers - 1, max(old - 1, 1))
     order = [i for i in range(old - 1) for _ in range(body + (i >= old - 1 - extra))] + [old - 1]
     config = EmbeddedConfig(**{**asdict(model.config), "transformer": {**tc, "num_layers": layers}})
@@ -407,45 +468,132 @@ def grow_depth(model: EmbeddedDefault, layers: int) -> EmbeddedDefault:
     return grown.train(model.training).requires_grad_(any(p.requires_grad for p in model.parameters()))
 
 
-def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
-    torch.manual_seed(args.seed)
-    if args.init_from:
-        start_from = EmbeddedDefault.from_pretrained(args.init_from)
-        if args.layers and args.layers != start_from.config.transformer["num_layers"]:
-            try:
-                start_from = grow_depth(start_from, args.layers)
-            except ValueError as e:
-                raise SystemExit(f"--{e} (--init-from {args.init_from})") from None
+# ------------------------------------------------------------------------------- evaluation (the engine's)
+class ModelPolicy(Policy):
+    """The model being pretrained as the :class:`train.policy.Policy` the training loops sample and evaluate:
+    its full weights (no LoRA adapters: ``adapter`` / ``adapters_disabled`` change nothing), ``weights`` (e.g.
+    the weight EMA's ``average_parameters``) as its eval weights, the embedded default's diffusers scheduler
+    (``models/embedded/scheduler_config.json``), ``test_prompts`` as the held-out list."""
+
+    def __init__(
+        self, model: EmbeddedDefault, test_prompts: list | None = None, weights=contextlib.nullcontext
+    ):
+        super().__init__(
+            transformer=model.transformer,
+            denoiser=models.as_denoiser(model.transformer),
+            encoder=model.text_encoder,
+            decode=lambda x0: x0.float().clamp(-1, 1),
+            latent_shape=(model.latent_channels, model.sample_size, model.sample_size),
+            device=model.device,
+            dtype=model.dtype,
+            train_prompts=[],
+            test_prompts=list(test_prompts or []),
+            prompt_text=lambda p: p.text if hasattr(p, "text") else str(p),
+            scheduler_config=models.load_scheduler_config(DEFAULT_DIR),
+        )
+        self._weights = weights
+
+    def refresh_parameters(self) -> None:  # no adapters to collect
+        pass
+
+    def adapter(self, name: str):
+        return contextlib.nullcontext()
+
+    def adapters_disabled(self):
+        return contextlib.nullcontext()
+
+    def eval_weights(self):
+        return self._weights()
+
+
+@torch.no_grad()
+def evaluate(
+    model: EmbeddedDefault,
+    ec: PretrainEvalConfig | None = None,
+    *,
+    step: int = 0,
+    out: str | os.PathLike | None = None,
+    weights=contextlib.nullcontext,
+) -> dict[str, dict[str, float]]:
+    """Held-out GenEval-mini of ``model`` (its ``weights``) at each of ``ec.cfg_scales``, by the training
+    loops' :class:`train.evaluation.Evaluator` on ``ec.per_task`` test prompts per task type ->
+    ``{"cfg<scale>": {"score", <task>..., "score_partial"}}``.  Each scale's sample grid goes to
+    ``<out>/eval_cfg<scale>/samples/iter_<step>.png`` (``out`` None: nowhere)."""
+    ec = ec or PretrainEvalConfig()
+    policy = ModelPolicy(model, test_prompts(ec.per_task), weights)
+    results = {}
+    model.text_encoder.clear_cache()  # encodings cached under other weights are stale
+    with tempfile.TemporaryDirectory() if out is None else contextlib.nullcontext(out) as root:
+        for scale in ec.cfg_scales:
+            protocol = EvalConfig(solver=ec.solver, num_steps=ec.num_steps, cfg_scale=scale, batch=ec.batch)
+            run_dir = Path(root) / f"eval_cfg{scale:g}"
+            (run_dir / "samples").mkdir(parents=True, exist_ok=True)
+            evaluator = Evaluator(protocol, seed=ec.seed, reward=None)
+            results[f"cfg{scale:g}"] = evaluator.run(policy, step, run_dir)
+    model.text_encoder.clear_cache()
+    return results
+
+
+# ---------------------------------------------------------------------------------------------- setup
+def build_model(cfg: PretrainConfig) -> tuple[EmbeddedDefault, dict | None]:
+    """The model to train, seeded by ``--seed``: fresh (``--models.width`` / ``--models.layers``), or
+    ``--models.init-from``'s weights (grown to ``--models.layers``); the prompt encoder pretrained on text
+    (``--text.pretrain-steps``, whose result is returned) and frozen (``--text.freeze``)."""
+    torch.manual_seed(cfg.seed)
+    mc = cfg.models
+    if mc.init_from:
+        start_from = EmbeddedDefault.from_pretrained(mc.init_from)
+        if mc.layers and mc.layers != start_from.config.transformer["num_layers"]:
+            start_from = grow_depth(start_from, mc.layers)
         model = EmbeddedDefault(start_from.config)
         model.load_state_dict(start_from.state_dict())
         model.requires_grad_(True)
     else:
-        model = EmbeddedDefault(model_config(args.width, args.layers))
-    if args.text_pretrain_steps:
+        model = EmbeddedDefault(model_config(mc.width, mc.layers))
+    text_result = None
+    if cfg.text.pretrain_steps:
         start = time.time()
-        text = pretrain_text_encoder(model.text_encoder, args.text_pretrain_steps, args.text_pretrain_lr,
-                                     seed=args.seed)
+        text = pretrain_text_encoder(model.text_encoder, cfg.text.pretrain_steps, cfg.text.pretrain_lr,
+                                     seed=cfg.seed)
         text["minutes"] = round((time.time() - start) / 60, 2)
-        args.text_pretrain_result = {k: round(v, 5) for k, v in text.items()}
-        print(json.dumps({"text_pretrain": args.text_pretrain_result}), flush=True)
-    if args.freeze_text_encoder or args.text_pretrain_steps:
+        text_result = {k: round(v, 5) for k, v in text.items()}
+        print(json.dumps({"text_pretrain": text_result}), flush=True)
+    if cfg.text.freeze or cfg.text.pretrain_steps:
         model.text_encoder.requires_grad_(False)
+    return model, text_result
+
+
+def training_batch(tc: TrainConfig, data_rng: np.random.Generator) -> tuple[torch.Tensor, list[str]]:
+    """One step's renders ``x0`` and their captions (``--train.caption-noise``, ``--train.prompt-dropout``),
+    all drawn from ``data_rng``."""
+    batch = sample_prompts(tc.batch_size, data_rng)
+    x0 = render_batch(batch, data_rng)
+    if tc.caption_noise:
+        batch = mismatch_captions(batch, tc.caption_noise, data_rng)
+    drop = data_rng.random(tc.batch_size) < tc.prompt_dropout
+    return x0, ["" if d else p.text for p, d in zip(batch, drop, strict=True)]
+
+
+# ----------------------------------------------------------------------------------------------- loop
+def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> EmbeddedDefault:
+    """Run ``cfg`` (validated) and save the model (the weight EMA's average, if any) to ``--out`` with its
+    ``pretrain.json``; ``argv`` is recorded as its command."""
+    model, text_result = build_model(cfg)
+    tc, out = cfg.train, Path(cfg.out)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    # the evaluation EMA of the NFT loop: d = min(decay, (1 + s) / (10 + s)), foreach updates; a frozen
-    # prompt encoder needs no average
-    ema = EMA(trainable, max_decay=args.ema) if args.ema else None
+    # the evaluation EMA of the NFT loop: d = min(decay, (1 + s) / (10 + s)); a frozen encoder needs none
+    ema = EMA(trainable, max_decay=tc.ema) if tc.ema else None
     averaged = ema.average_parameters if ema else contextlib.nullcontext
-    opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.99))
+    opt = torch.optim.AdamW(trainable, lr=tc.lr, weight_decay=tc.weight_decay, betas=(0.9, 0.99))
 
     def lr_factor(s: int) -> float:  # warm-up, constant, then a linear cool-down to 0 over `cooldown` steps
-        return min(1.0, (s + 1) / args.warmup, (args.steps - s) / args.cooldown if args.cooldown else 1.0)
+        return min(1.0, (s + 1) / tc.warmup, (tc.steps - s) / tc.cooldown if tc.cooldown else 1.0)
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    data_rng = np.random.default_rng(args.seed)
-    gen = torch.Generator().manual_seed(args.seed)
-    out = Path(args.out)
-    log_path = out / "pretrain_log.jsonl" if args.log_file else None
+    data_rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    log_path = out / "pretrain_log.jsonl" if cfg.log.file else None
     if log_path:
         out.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
@@ -457,202 +605,107 @@ def pretrain(args: argparse.Namespace) -> EmbeddedDefault:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    def run_eval(step):
-        model.eval()
-        model.text_encoder.clear_cache()
-        rec = {"step": step, "minutes": round((time.time() - start) / 60, 2)}
-        with averaged():
-            for scale in args.eval_cfg:
-                r = evaluate(model, cfg_scale=scale, n_per_task=args.eval_per_task)
-                rec[f"cfg{scale:g}"] = {k: round(v, 4) for k, v in r.items()}
-        model.text_encoder.clear_cache()
-        model.train()
-        log(rec)
+    def save(directory: Path) -> None:
+        _save(model, directory, cfg, argv, step, start, text_result)
 
-    while step < args.steps:
-        if args.max_minutes and (time.time() - start) / 60 > args.max_minutes:
-            print(f"stopping at step {step}: --max-minutes {args.max_minutes} reached", flush=True)
+    while step < tc.steps:
+        if cfg.max_minutes and (time.time() - start) / 60 > cfg.max_minutes:
+            print(f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached", flush=True)
             break
-        batch = sample_prompts(args.batch_size, data_rng)
-        x0 = render_batch(batch, data_rng)
-        if args.caption_noise:
-            batch = mismatch_captions(batch, args.caption_noise, data_rng)
-        prompts = [p.text for p in batch]
-        drop = data_rng.random(args.batch_size) < args.prompt_dropout
-        prompts = ["" if d else p for p, d in zip(prompts, drop, strict=True)]
-        loss = flow_matching_loss(model, x0, prompts, gen, args.time_sampling, args.time_shift)
+        x0, prompts = training_batch(tc, data_rng)
+        loss = flow_matching_loss(model, x0, prompts, gen, tc.time_sampling, tc.time_shift)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, args.grad_clip)
+        torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
         opt.step()
         sched.step()
         if ema:
             ema.update()
         step += 1
         ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        if step % args.log_every == 0 or step == args.steps:
-            log(
-                {
-                    "step": step,
-                    "loss": round(loss.item(), 5),
-                    "loss_ema": round(ema_loss, 5),
-                    "minutes": round((time.time() - start) / 60, 2),
-                }
-            )
-        if args.save_every and step % args.save_every == 0:
+        minutes = round((time.time() - start) / 60, 2)
+        if step % cfg.log.every == 0 or step == tc.steps:
+            log({"step": step, "loss": round(loss.item(), 5), "loss_ema": round(ema_loss, 5),
+                 "minutes": minutes})
+        if cfg.log.save_every and step % cfg.log.save_every == 0:
             with averaged():
-                _save(model, out / "snapshots" / f"step{step:06d}", args, step, start)
-        if args.eval_every and step % args.eval_every == 0:
-            run_eval(step)
+                save(out / "snapshots" / f"step{step:06d}")
+        if cfg.eval.every and step % cfg.eval.every == 0:
+            model.eval()
+            scores = evaluate(model, cfg.eval, step=step, out=out, weights=averaged)
+            model.train()
+            log({"step": step, "minutes": minutes,
+                 **{k: {m: round(v, 4) for m, v in r.items()} for k, r in scores.items()}})
     model.eval()
     if ema:  # the shipped weights are the average
         ema.copy_to()
-    _save(model, out, args, step, start)
+    save(out)
     return model
 
 
-def _save(model: EmbeddedDefault, directory: Path, args: argparse.Namespace, step: int, start: float):
+# -------------------------------------------------------------------------------------------- records
+# the options that fix the trajectory, always written into ``reproduce``; then those written when set
+_REPRODUCE = ("train.steps", "train.batch_size", "train.lr", "train.warmup", "train.weight_decay",
+              "train.grad_clip", "train.prompt_dropout", "train.time_sampling", "train.time_shift", "seed",
+              "threads")
+_REPRODUCE_IF_SET = ("train.cooldown", "models.init_from", "models.width", "models.layers", "train.ema",
+                     "train.caption_noise", "text.freeze", "text.pretrain_steps")
+
+
+def reproduce_command(cfg: PretrainConfig, steps: int | None = None) -> str:
+    """The command that retraces ``cfg``'s trajectory (``steps`` in place of ``--train.steps``: without a
+    cool-down a run stopped at step k equals a run of k steps)."""
+    values = leaf_values(cfg)
+    if steps is not None:
+        values["train.steps"] = steps
+    names = [*_REPRODUCE, *(n for n in _REPRODUCE_IF_SET if values[n])]
+    if values["text.pretrain_steps"]:
+        names.append("text.pretrain_lr")
+    parts = ["python -m train.pretrain"]
+    for name in names:
+        value = values[name]
+        if value is True:
+            parts.append(_opt(name))
+        else:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            parts.append(f"{_opt(name)} {shlex.quote(shown)}")
+    return " ".join(parts)
+
+
+def _save(model, directory: Path, cfg: PretrainConfig, argv, step: int, start: float, text_result) -> None:
     model.save(directory)
-    command = "python -m train.pretrain " + " ".join(shlex.quote(a) for a in args.argv)
-    # the flags that fix the trajectory; without --cooldown a run stopped at `step` equals this one
-    reproduce = (
-        f"python -m train.pretrain --steps {step} --batch-size {args.batch_size} --lr {args.lr:g} "
-        f"--warmup {args.warmup} --weight-decay {args.weight_decay:g} --grad-clip {args.grad_clip:g} "
-        f"--prompt-dropout {args.prompt_dropout:g} --time-sampling {args.time_sampling} "
-        f"--time-shift {args.time_shift:g} --seed {args.seed} --threads {args.threads}"
-        + (f" --cooldown {args.cooldown}" if args.cooldown else "")
-        + (f" --init-from {shlex.quote(str(args.init_from))}" if args.init_from else "")
-        + (f" --width {args.width}" if args.width else "")
-        + (f" --layers {args.layers}" if args.layers else "")
-        + (f" --ema {args.ema:g}" if args.ema else "")
-        + (f" --caption-noise {args.caption_noise:g}" if args.caption_noise else "")
-        + (" --freeze-text-encoder" if args.freeze_text_encoder else "")
-        + (f" --text-pretrain-steps {args.text_pretrain_steps} --text-pretrain-lr {args.text_pretrain_lr:g}"
-           if args.text_pretrain_steps else "")
-    )
-    minutes = round((time.time() - start) / 60, 2)
     record = {
-        "command": command,
-        "reproduce": reproduce,
+        "command": " ".join(["python -m train.pretrain", *(shlex.quote(a) for a in argv or [])]),
+        "reproduce": reproduce_command(cfg, step),
         "steps": step,
-        "minutes": minutes,
+        "minutes": round((time.time() - start) / 60, 2),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "args": {k: v for k, v in vars(args).items() if k not in ("argv", "text_pretrain_result")},
+        "config": to_dict(cfg),
     }
-    if getattr(args, "text_pretrain_result", None):
-        record["text_pretrain"] = args.text_pretrain_result
+    if text_result:
+        record["text_pretrain"] = text_result
     tmp = directory / "pretrain.json.tmp"
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, directory / "pretrain.json")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=3000, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate after warm-up")
-    p.add_argument("--warmup", type=int, default=100, help="linear warm-up steps")
-    p.add_argument(
-        "--cooldown",
-        type=int,
-        default=0,
-        help="decay the rate linearly to 0 over the last N steps (0: constant to the end)",
-    )
-    p.add_argument(
-        "--init-from",
-        default=None,
-        help="start from the weights in this directory (a previous run's --out); fresh optimizer",
-    )
-    p.add_argument(
-        "--width", type=int, default=None, help="transformer width, a multiple of 32 (default: 64)"
-    )
-    p.add_argument(
-        "--layers",
-        type=int,
-        default=None,
-        help="transformer blocks (default: 4); with --init-from, grow its model to this depth (grow_depth)",
-    )
-    p.add_argument(
-        "--freeze-text-encoder",
-        action="store_true",
-        help="train the transformer only; the prompt encoder keeps its initial (random, --init-from) weights",
-    )
-    p.add_argument(
-        "--text-pretrain-steps",
-        type=int,
-        default=0,
-        help="first pretrain the prompt encoder on the text-only structure objective for N steps "
-        "(batch 256), then freeze it (0: off)",
-    )
-    p.add_argument("--text-pretrain-lr", type=float, default=3e-3, help="AdamW rate of --text-pretrain-steps")
-    p.add_argument(
-        "--ema",
-        type=float,
-        default=0.0,
-        help="weight-EMA decay; evaluations and saves use the average (0: off)",
-    )
-    p.add_argument("--weight-decay", type=float, default=0.01)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument(
-        "--time-sampling",
-        choices=("uniform", "logit-normal"),
-        default="uniform",
-        help="distribution of u before the shift",
-    )
-    p.add_argument("--time-shift", type=float, default=3.0, help="t = shift*u/(1+(shift-1)*u); 1: no shift")
-    p.add_argument("--prompt-dropout", type=float, default=0.1, help="share of prompts replaced by ''")
-    p.add_argument(
-        "--caption-noise",
-        type=float,
-        default=0.0,
-        help="share of renders captioned with another prompt of the same task type, as in web data",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(DEFAULT_DIR), help="directory for default.safetensors/default.json")
-    p.add_argument(
-        "--max-minutes", type=float, default=0.0, help="wall-clock cap; stops early and saves (0: none)"
-    )
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    p.add_argument("--log-every", type=int, default=50)
-    p.add_argument("--log-file", action="store_true", help="also write <out>/pretrain_log.jsonl")
-    p.add_argument("--save-every", type=int, default=0, help="snapshots under <out>/snapshots (0: none)")
-    p.add_argument("--eval-every", type=int, default=0, help="held-out GenEval-mini every N steps (0: never)")
-    p.add_argument("--eval-cfg", type=float, nargs="+", default=[1.0, 4.0], help="CFG scales to evaluate")
-    p.add_argument("--eval-per-task", type=int, default=32)
-    return p
-
-
-def main(argv: list[str] | None = None) -> EmbeddedDefault:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    for name in ("steps", "batch_size", "warmup", "threads"):
-        if getattr(args, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(args, name)}")
-    if not 0.0 <= args.prompt_dropout < 1.0:
-        raise SystemExit(f"--prompt-dropout: expected a value in [0, 1), got {args.prompt_dropout}")
-    if not 0.0 <= args.caption_noise < 1.0:
-        raise SystemExit(f"--caption-noise: expected a share in [0, 1), got {args.caption_noise}")
-    if not 0.0 <= args.ema < 1.0:
-        raise SystemExit(f"--ema: expected a decay in [0, 1), got {args.ema}")
-    if args.init_from and args.width:
-        raise SystemExit("--width: the architecture comes from --init-from; give one or the other")
+def main(argv: list[str] | None = None) -> int:
+    """``python -m train.pretrain``: 0 when done; 2 (with ``error: ...``) for bad input, before any work."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        model_config(args.width, args.layers)
-    except ValueError as e:
-        raise SystemExit(f"--{e}") from None
-    for name in ("lr", "text_pretrain_lr"):
-        value = getattr(args, name)
-        if not math.isfinite(value) or value <= 0:
-            raise SystemExit(f"--{name.replace('_', '-')}: expected a positive number, got {value}")
-    if args.text_pretrain_steps < 0:
-        raise SystemExit(f"--text-pretrain-steps: expected >= 0 (0: off), got {args.text_pretrain_steps}")
-    if not args.max_minutes >= 0:
-        raise SystemExit(f"--max-minutes: expected >= 0 (0: no cap), got {args.max_minutes}")
-    args.argv = argv
-    torch.set_num_threads(args.threads)
-    return pretrain(args)
+        cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        pretrain(cfg, argv)
+    finally:
+        torch.set_num_threads(threads)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

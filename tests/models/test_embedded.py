@@ -71,18 +71,26 @@ def test_denoiser_shape_and_determinism(model):
         model.denoiser(x, t, cond[:2])
 
 
+def _pretrain(argv):
+    """``train.pretrain`` with the command line ``argv`` -> the trained model."""
+    from train.pretrain import parse_args, pretrain
+
+    return pretrain(parse_args(argv), argv)
+
+
 def test_pretrain_smoke_writes_loadable_checkpoint_and_loss_falls(tmp_path):
     from train.pretrain import main
 
-    main(["--steps", "40", "--batch-size", "16", "--lr", "2e-3", "--warmup", "5", "--out", str(tmp_path),
-          "--log-every", "1", "--log-file", "--threads", "1", "--seed", "3"])
+    argv = ["--train.steps", "40", "--train.batch-size", "16", "--train.lr", "2e-3", "--train.warmup", "5",
+            "--out", str(tmp_path), "--log.every", "1", "--log.file", "--threads", "1", "--seed", "3"]
+    assert main(argv) == 0
     losses = [json.loads(line)["loss"] for line in (tmp_path / "pretrain_log.jsonl").read_text().splitlines()]
     assert len(losses) == 40
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, (first, last)
     loaded = load_default(directory=tmp_path)
     record = json.loads((tmp_path / "pretrain.json").read_text())
-    assert record["steps"] == 40 and "--steps 40" in record["reproduce"]
+    assert record["steps"] == 40 and "--train.steps 40" in record["reproduce"]
     x = torch.randn(2, 3, 32, 32)
     assert loaded.denoiser(x, torch.tensor([500.0, 10.0]), loaded.encode(["a circle", ""])).shape == x.shape
 
@@ -115,12 +123,10 @@ def test_weight_ema_math_and_applied_restores():
 
 
 def test_pretrain_architecture_and_ema_flags(tmp_path):
-    from train.pretrain import main
-
-    common = ["--steps", "6", "--batch-size", "4", "--warmup", "2", "--threads", "1", "--seed", "1"]
-    common += ["--width", "96", "--layers", "2"]
-    plain = main([*common, "--out", str(tmp_path / "plain")])
-    averaged = main([*common, "--ema", "0.5", "--out", str(tmp_path / "ema")])
+    common = ["--train.steps", "6", "--train.batch-size", "4", "--train.warmup", "2", "--threads", "1"]
+    common += ["--seed", "1", "--models.width", "96", "--models.layers", "2"]
+    plain = _pretrain([*common, "--out", str(tmp_path / "plain")])
+    averaged = _pretrain([*common, "--train.ema", "0.5", "--out", str(tmp_path / "ema")])
     loaded = load_default(directory=tmp_path / "ema")
     tc = loaded.transformer.config
     arch = (tc.num_attention_heads, tc.attention_head_dim, tc.num_layers, tc.caption_projection_dim)
@@ -130,23 +136,23 @@ def test_pretrain_architecture_and_ema_flags(tmp_path):
     pairs = zip(plain.state_dict().values(), averaged.state_dict().values(), strict=True)
     assert any(not torch.equal(a, b) for a, b in pairs)
     record = json.loads((tmp_path / "ema" / "pretrain.json").read_text())
-    assert "--width 96 --layers 2 --ema 0.5" in record["reproduce"]
+    assert "--models.width 96 --models.layers 2 --train.ema 0.5" in record["reproduce"]
 
 
 def test_pretrain_freeze_text_encoder_trains_the_transformer_only(tmp_path):
     from models.embedded import DEFAULT_DIR
-    from train.pretrain import main
 
     start = load_default()
-    model = main(["--steps", "3", "--batch-size", "4", "--warmup", "1", "--threads", "1", "--seed", "2",
-                  "--init-from", str(DEFAULT_DIR), "--freeze-text-encoder", "--out", str(tmp_path)])
+    model = _pretrain(["--train.steps", "3", "--train.batch-size", "4", "--train.warmup", "1",
+                       "--threads", "1", "--seed", "2", "--models.init-from", str(DEFAULT_DIR),
+                       "--text.freeze", "--out", str(tmp_path)])
     for (name, a), b in zip(start.text_encoder.state_dict().items(), model.text_encoder.state_dict().values(),
                             strict=True):
         assert torch.equal(a, b), name
     pairs = zip(start.transformer.state_dict().values(), model.transformer.state_dict().values(), strict=True)
     assert any(not torch.equal(a, b) for a, b in pairs)
     record = json.loads((tmp_path / "pretrain.json").read_text())
-    assert record["reproduce"].endswith(" --freeze-text-encoder")
+    assert record["reproduce"].endswith(" --text.freeze")
 
 
 def test_text_pretraining_learns_the_structure_of_heldout_prompts():
@@ -167,10 +173,10 @@ def test_text_pretraining_learns_the_structure_of_heldout_prompts():
 
 
 def test_pretrain_text_pretraining_then_frozen_encoder(tmp_path):
-    from train.pretrain import main, pretrain_text_encoder
+    from train.pretrain import pretrain_text_encoder
 
-    common = ["--steps", "3", "--batch-size", "4", "--warmup", "1", "--threads", "1", "--seed", "3"]
-    model = main([*common, "--text-pretrain-steps", "5", "--out", str(tmp_path)])
+    common = ["--train.steps", "3", "--train.batch-size", "4", "--train.warmup", "1", "--threads", "1"]
+    model = _pretrain([*common, "--seed", "3", "--text.pretrain-steps", "5", "--out", str(tmp_path)])
     torch.manual_seed(3)  # what the run did before its flow-matching steps: fresh model, text pretraining
     expected = EmbeddedDefault().text_encoder
     pretrain_text_encoder(expected, steps=5, seed=3)
@@ -178,29 +184,43 @@ def test_pretrain_text_pretraining_then_frozen_encoder(tmp_path):
                             strict=True):
         assert torch.equal(a, b), name  # frozen during flow matching
     record = json.loads((tmp_path / "pretrain.json").read_text())
-    assert record["reproduce"].endswith(" --text-pretrain-steps 5 --text-pretrain-lr 0.003")
+    assert record["reproduce"].endswith(" --text.pretrain-steps 5 --text.pretrain-lr 0.003")
     assert set(record["text_pretrain"]) >= {"loss", "test_accuracy/role", "minutes"}
 
 
 @pytest.mark.parametrize(
     "argv, match",
     [
-        (["--text-pretrain-steps", "-1"], "--text-pretrain-steps: expected >= 0"),
-        (["--text-pretrain-lr", "0"], "--text-pretrain-lr: expected a positive number"),
-        (["--width", "100"], "--width: expected a positive multiple of 32, got 100"),
-        (["--layers", "0"], "--layers: expected >= 1, got 0"),
-        (["--ema", "1"], "--ema: expected a decay in"),
-        (["--width", "96", "--init-from", "x"], "--width: the architecture comes from --init-from"),
-        (["--max-minutes", "-1"], "--max-minutes: expected >= 0"),
-        (["--caption-noise", "1"], "--caption-noise: expected a share in \\[0, 1\\), got 1.0"),
-        (["--caption-noise", "-0.1"], "--caption-noise: expected a share in"),
+        (["--text.pretrain-steps", "-1"], "--text.pretrain-steps: expected an integer >= 0 (0: off), got -1"),
+        (["--text.pretrain-lr", "0"], "--text.pretrain-lr: expected a positive number, got 0.0"),
+        (["--models.width", "100"], "--models.width: expected a positive multiple of 32, got 100"),
+        (["--models.layers", "0"], "--models.layers: expected >= 1, got 0"),
+        (["--train.ema", "1"], "--train.ema: expected a decay in [0, 1), got 1.0"),
+        (["--models.width", "96", "--models.init-from", "x"],
+         "--models.width: the architecture comes from --models.init-from"),
+        (["--models.init-from", "x"], "--models.init-from: expected a directory with default.safetensors"),
+        (["--max-minutes", "-1"], "--max-minutes: expected >= 0 (none or 0: no cap), got -1.0"),
+        (["--train.caption-noise", "1"], "--train.caption-noise: expected a share in [0, 1), got 1.0"),
+        (["--train.caption-noise", "-0.1"], "--train.caption-noise: expected a share in [0, 1), got -0.1"),
+        (["--train.time-sampling", "normal"],
+         "--train.time-sampling: expected one of uniform, logit-normal, got 'normal'"),
+        (["--eval.cfg-scales", "1,-2"],
+         "--eval.cfg-scales: expected one or more scales >= 0 (1: CFG-free), got 1,-2"),
+        (["--eval.solver", "heun"],
+         "--eval.solver: expected a deterministic ODE solver (dpm2 or euler), got 'heun'"),
+        (["--log.every", "0"], "--log.every: expected an integer >= 1, got 0"),
+        (["--train.lr", "nan"], "--train.lr: expected a finite number, got nan"),
+        (["--steps", "5"], "--steps: expected --train.steps (renamed for the dataclass CLI on 2026-12-03"),
+        (["--freeze-text-encoder"], "--freeze-text-encoder: expected --text.freeze (renamed"),
+        (["--train.step", "5"], "--train.step: unknown option"),
     ],
 )
-def test_pretrain_rejects_bad_architecture_flags(argv, match, tmp_path):
+def test_pretrain_rejects_bad_input_before_any_work(argv, match, tmp_path, capsys):
     from train.pretrain import main
 
-    with pytest.raises(SystemExit, match=match):
-        main([*argv, "--out", str(tmp_path)])
+    assert main([*argv, "--out", str(tmp_path / "out")]) == 2
+    assert match in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_grow_depth_is_the_same_function_and_its_copies_start_closed():
@@ -233,20 +253,24 @@ def test_grow_depth_is_the_same_function_and_its_copies_start_closed():
         grow_depth(model, 3)
 
 
-def test_pretrain_init_from_with_layers_grows_then_trains(tmp_path):
+def test_pretrain_init_from_with_layers_grows_then_trains(tmp_path, capsys):
     from train.pretrain import main
 
-    common = ["--steps", "3", "--batch-size", "4", "--warmup", "1", "--threads", "1", "--seed", "2"]
-    main([*common, "--layers", "2", "--out", str(tmp_path / "small")])
+    common = ["--train.steps", "3", "--train.batch-size", "4", "--train.warmup", "1", "--threads", "1"]
+    common += ["--seed", "2"]
+    _pretrain([*common, "--models.layers", "2", "--out", str(tmp_path / "small")])
     small = str(tmp_path / "small")
-    grown = main([*common, "--init-from", small, "--layers", "5", "--out", str(tmp_path / "b")])
+    grown = _pretrain([*common, "--models.init-from", small, "--models.layers", "5",
+                       "--out", str(tmp_path / "b")])
     assert load_default(directory=tmp_path / "b").transformer.config.num_layers == 5
     gate = grown.transformer.transformer_blocks[1].norm1.linear.bias.view(6, 64)[2]
     assert gate.abs().max() > 0  # the copy's gate was opened by training
     record = json.loads((tmp_path / "b" / "pretrain.json").read_text())
-    assert f"--init-from {tmp_path / 'small'} --layers 5" in record["reproduce"]
-    with pytest.raises(SystemExit, match="--layers: expected >= the model's 5 blocks, got 2"):
-        main([*common, "--init-from", str(tmp_path / "b"), "--layers", "2", "--out", str(tmp_path / "x")])
+    assert f"--models.init-from {tmp_path / 'small'} --models.layers 5" in record["reproduce"]
+    argv = [*common, "--models.init-from", str(tmp_path / "b"), "--models.layers", "2",
+            "--out", str(tmp_path / "x")]
+    assert main(argv) == 2
+    assert "--models.layers: expected >= the model's 5 blocks, got 2" in capsys.readouterr().err
 
 
 def test_mismatch_captions_swaps_the_caption_within_the_task_type():
@@ -266,65 +290,22 @@ def test_mismatch_captions_swaps_the_caption_within_the_task_type():
 
 
 def test_pretrain_caption_noise_changes_the_run_and_its_recipe(tmp_path):
-    from train.pretrain import main
-
-    common = ["--steps", "2", "--batch-size", "8", "--warmup", "1", "--threads", "1", "--seed", "4"]
-    clean = main([*common, "--out", str(tmp_path / "clean")])
-    noisy = main([*common, "--caption-noise", "0.5", "--out", str(tmp_path / "noisy")])
+    common = ["--train.steps", "2", "--train.batch-size", "8", "--train.warmup", "1", "--threads", "1"]
+    common += ["--seed", "4"]
+    clean = _pretrain([*common, "--out", str(tmp_path / "clean")])
+    noisy = _pretrain([*common, "--train.caption-noise", "0.5", "--out", str(tmp_path / "noisy")])
     pairs = zip(clean.transformer.state_dict().values(), noisy.transformer.state_dict().values(), strict=True)
     assert any(not torch.equal(a, b) for a, b in pairs)
     recipes = {
         k: json.loads((tmp_path / k / "pretrain.json").read_text())["reproduce"] for k in ("clean", "noisy")
     }
-    assert "--caption-noise" not in recipes["clean"] and " --caption-noise 0.5" in recipes["noisy"]
+    assert "--train.caption-noise" not in recipes["clean"]
+    assert " --train.caption-noise 0.5" in recipes["noisy"]
 
 
 def test_pretrain_has_no_wall_clock_cap_unless_asked():
     """The recipes in pretrain.json and the README carry no --max-minutes: a default cap (it was 25 min)
     stopped a 20000-step run at step 8025 without a word in the recipe."""
-    from train.pretrain import build_parser
+    from train.pretrain import parse_args
 
-    assert build_parser().parse_args([]).max_minutes == 0
-
-
-def test_restart_scores_recover_renders_from_low_noise_only():
-    from train.pretrain import restart_scores
-
-    torch.manual_seed(0)
-    untrained = EmbeddedDefault().eval()
-    scores = restart_scores(untrained, starts=(0.02, 1.0), n_per_task=4, steps=10)
-    assert scores[0.02] == 1.0  # a barely noised render survives any denoiser
-    assert scores[1.0] < 0.2  # from pure noise an untrained model draws nothing right
-    with pytest.raises(ValueError, match="starts"):
-        restart_scores(untrained, starts=(0.0,))
-
-
-def test_relation_offsets_on_renders_and_mislabelled_renders():
-    """On rendered ground truth the first object sits ~16 px to the asked side; images drawn for the opposite
-    relation come out on the other side; the verifier must find both objects."""
-    from train.data import all_prompts, render_batch
-    from train.pretrain import relation_offsets
-
-    prompts = all_prompts()["position"][::3]
-    r = relation_offsets(render_batch(prompts, 0), prompts)
-    assert r["left of"]["dx"] < -8 and r["right of"]["dx"] > 8, r
-    assert r["above"]["dy"] < -8 and r["below"]["dy"] > 8, r
-    assert all(v["n"] == len(prompts) // 4 for v in r.values()), r
-    flip = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
-    drawn = [type(p)(p.task, p.objects, flip[p.relation]) for p in prompts]
-    r = relation_offsets(render_batch(drawn, 0), [p.text for p in prompts])  # texts work as well
-    assert r["left of"]["dx"] > 8 and r["above"]["dy"] > 8, r
-    with pytest.raises(ValueError, match="position prompts"):
-        relation_offsets(render_batch(all_prompts()["colors"][:2], 0), all_prompts()["colors"][:2])
-
-
-def test_relation_response_of_the_shipped_model(model):
-    """The shipped model places objects by the relation words (about 5 s): 32.5 / 32.9 px separations on the
-    full measurement (README), against about 32 px on renders and 0.5 / 0.3 px for the previous checkpoint."""
-    from train.pretrain import relation_response
-
-    r = relation_response(model, n_pairs=4, samples=8)
-    assert {"left of", "right of", "above", "below", "x_separation", "y_separation"} <= set(r)
-    assert all(r[k]["n"] > 0 for k in ("left of", "right of", "above", "below")), r
-    assert r["x_separation"] == r["right of"]["dx"] - r["left of"]["dx"]
-    assert r["x_separation"] > 16 and r["y_separation"] > 16, r
+    assert parse_args([]).max_minutes is None
