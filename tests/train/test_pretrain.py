@@ -246,10 +246,12 @@ def test_evaluation_during_pretraining_goes_through_the_evaluator_and_changes_no
 
 
 def _documented_commands() -> list[str]:
-    """The train.pretrain command lines of models/embedded/pretrain.json and docs/embedded-model.md."""
+    """The train.pretrain command lines of models/embedded/{,stage1/}pretrain.json and docs/embedded-model.md."""
     record = json.loads((DEFAULT_DIR / "pretrain.json").read_text())
     found = [*record["command"].split(" && "), *record["reproduce"].split(" && ")]
     found += [stage["reproduce"] for stage in record["stages"]]
+    stage1 = json.loads((DEFAULT_DIR / "stage1" / "pretrain.json").read_text())
+    found += [stage1["command"], stage1["reproduce"]]
     docs = (Path(__file__).resolve().parents[2] / "docs" / "embedded-model.md").read_text()
     for part in docs.split("python -m train.pretrain")[1:]:
         end = min(i for i in (part.find("`"), part.find("\npython"), part.find("\n```"), len(part)) if i >= 0)
