@@ -223,6 +223,8 @@ class SPOTrainer(D3POTrainer):
                     epochs=4,
                     lr=3e-3,
                     seed=cfg.seed,
+                    width=24,
+                    pool=2,
                     say=self.say,
                 )
                 if self.dist.is_main:

@@ -44,16 +44,25 @@ SHIPPED = Path(__file__).resolve().parent.parent / "models" / "embedded" / "spo_
 
 
 class StepAwareScorer(nn.Module):
-    """A small CNN on ``x_t [B, C, H, W]`` FiLM-conditioned on the noise level ``t [B]`` in [0, 1] and the
-    prompt's token embeddings ``[B, L, D]`` (flattened, projected) -> a logit ``[B]``."""
+    """A small CNN on ``x_t [B, C, H, W]`` (average-pooled by ``pool``) FiLM-conditioned on the noise level
+    ``t [B]`` in [0, 1] and the prompt's token embeddings ``[B, L, D]`` (flattened, projected) -> a logit
+    ``[B]``."""
 
     def __init__(
-        self, channels: int = 3, size: int = 32, prompt_len: int = 10, prompt_dim: int = 64, width: int = 32
+        self,
+        channels: int = 3,
+        size: int = 32,
+        prompt_len: int = 10,
+        prompt_dim: int = 64,
+        width: int = 32,
+        pool: int = 1,
     ):
         super().__init__()
         self.config = dict(
-            channels=channels, size=size, prompt_len=prompt_len, prompt_dim=prompt_dim, width=width
+            channels=channels, size=size, prompt_len=prompt_len, prompt_dim=prompt_dim, width=width, pool=pool
         )
+        self.pool = pool
+        size = math.ceil(size / pool)
         w = width
         self.prompt = nn.Linear(prompt_len * prompt_dim, 48)
         self.cond = nn.Sequential(nn.Linear(48 + 16, 64), nn.SiLU())
@@ -74,7 +83,10 @@ class StepAwareScorer(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor) -> torch.Tensor:
         c = self.cond(torch.cat([self.prompt(prompt_embeds.float().flatten(1)), self.t_features(t)], 1))
         s1, b1, s2, b2, s3, b3 = self.film(c)[:, :, None, None].chunk(6, 1)
-        h = F.silu(F.group_norm(self.c1(x.float()), 4) * (1 + s1) + b1)
+        x = x.float()
+        if self.pool > 1:
+            x = F.avg_pool2d(x, self.pool, ceil_mode=True)
+        h = F.silu(F.group_norm(self.c1(x), 4) * (1 + s1) + b1)
         h = F.silu(F.group_norm(self.c2(h), 4) * (1 + s2) + b2)
         h = F.silu(F.group_norm(self.c3(h), 4) * (1 + s3) + b3)
         h = self.c4(h).flatten(1)
@@ -202,6 +214,7 @@ def train_scorer(
     lr: float,
     seed: int,
     width: int = 32,
+    pool: int = 1,
     say=print,
 ) -> tuple[StepAwareScorer, dict]:
     """Roll out the current policy, fit a scorer to the final rewards, measure it on held-out prompts."""
@@ -224,7 +237,7 @@ def train_scorer(
     )
     emb = policy.encode(train_p[:1]).prompt_embeds
     torch.manual_seed(common.derive_seed(seed, "scorer", "init") % (2**31))
-    model = StepAwareScorer(s_tr.shape[2], s_tr.shape[-1], emb.shape[1], emb.shape[2], width=width)
+    model = StepAwareScorer(s_tr.shape[2], s_tr.shape[-1], emb.shape[1], emb.shape[2], width=width, pool=pool)
     steps = list(range(1, sched.num_steps + 1))
     xs, t, pidx, y, _ = _flatten(policy, sched, train_p, s_tr, r_tr, steps)
     all_emb = policy.encode(train_p).prompt_embeds.cpu()
@@ -269,7 +282,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--heldout-prompts", type=int, default=48, help="held-out (test-split) prompts")
     ap.add_argument("--epochs", type=int, default=6, help="passes over the training states")
     ap.add_argument("--lr", type=float, default=3e-3, help="AdamW peak learning rate (one-cycle)")
-    ap.add_argument("--width", type=int, default=32, help="conv channels")
+    ap.add_argument("--width", type=int, default=24, help="conv channels")
+    ap.add_argument("--pool", type=int, default=2, help="average-pool the state by this factor first")
     ap.add_argument("--solver", default="cps", help="rollout SDE: cps or flow-sde (train.spo's)")
     ap.add_argument("--num-steps", type=int, default=10, help="sampler steps (train.spo's)")
     ap.add_argument("--noise-level", type=float, default=0.7, help="SDE noise level (train.spo's)")
@@ -280,7 +294,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> None:
-    for name in ("num_prompts", "images_per_prompt", "heldout_prompts", "epochs", "num_steps", "width"):
+    for name in (
+        "num_prompts",
+        "images_per_prompt",
+        "heldout_prompts",
+        "epochs",
+        "num_steps",
+        "width",
+        "pool",
+    ):
         v = getattr(args, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {v}")
@@ -353,6 +375,7 @@ def main(argv=None) -> int:
             lr=args.lr,
             seed=args.seed,
             width=args.width,
+            pool=args.pool,
         )
         cmd = "python -m train.spo_scorer " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         recipe = {
