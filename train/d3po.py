@@ -62,9 +62,11 @@ __all__ = [
 # Losses (math.md §6)
 # ------------------------------------------------------------------------------------------------------------
 def d3po_q(log_prob, log_prob_ref, eps: float):
-    """math.md §6 ``q = log clamp(exp(logp - logp_ref), 1 - eps, 1 + eps)`` per sample (the clamp stops the
-    gradient outside the range, as ``torch.clamp`` in the reference)."""
-    return torch.log(torch.clamp(torch.exp(log_prob - log_prob_ref), 1.0 - eps, 1.0 + eps))
+    """math.md §6 ``q = log clamp(exp(logp - logp_ref), 1 - eps, 1 + eps)`` per sample, computed as
+    ``clamp(logp - logp_ref, log(1 - eps), log(1 + eps))``: the same values and the same gradient (1 inside
+    the range, 0 outside, as ``torch.clamp`` in the reference), without the reference's ``0 * exp(large) =
+    NaN`` gradient when a ratio overflows."""
+    return torch.clamp(log_prob - log_prob_ref, math.log1p(-eps), math.log1p(eps))
 
 
 def d3po_loss(lp_w, lp_ref_w, lp_l, lp_ref_l, *, beta: float, eps: float):
