@@ -159,3 +159,19 @@ def test_spo_tuples_and_loss_match_reference():
     (grad,) = torch.autograd.grad(loss, lp)
     torch.testing.assert_close(loss, loss_ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad, grad_ref, rtol=1e-10, atol=1e-14)
+
+
+def test_overflowing_ratio_gives_zero_not_nan_gradient():
+    """Deliberate difference (docs/math.md): where ``exp(logp - logp_ref)`` overflows the reference's
+    ``log(clamp(exp(.)))`` has a NaN gradient (0 * inf); the engine's log-space clamp gives the same value and
+    the zero gradient of a clamped ratio."""
+    lp = torch.tensor(
+        [[200.0, 0.0, 0.0, 0.0], [0.01, 0.0, -0.01, 0.0]], dtype=torch.float32, requires_grad=True
+    )
+    loss_ref = ref_spo_loss(lp[:, 0], lp[:, 1], lp[:, 2], lp[:, 3], 10.0, 0.1)
+    (g_ref,) = torch.autograd.grad(loss_ref, lp)
+    loss, _, _ = d3po_loss(lp[:, 0], lp[:, 1], lp[:, 2], lp[:, 3], beta=10.0, eps=0.1)
+    (g,) = torch.autograd.grad(loss, lp)
+    torch.testing.assert_close(loss, loss_ref)
+    assert torch.isnan(g_ref[0]).any() and torch.isfinite(g).all()
+    assert torch.equal(g[0, :2], torch.zeros(2)) and torch.allclose(g[1], g_ref[1])
