@@ -42,6 +42,7 @@ __all__ = [
     "StepScore",
     "collect_rollouts",
     "score_steps",
+    "score_transitions",
     "ppo_clip_loss",
     "reinforce_loss",
     "flow_grpo_kl",
@@ -369,14 +370,15 @@ def collect_rollouts(
 @dataclass
 class StepScore:
     """A re-scored transition: ``log_prob [b]`` (differentiable), ``mean`` fp32 ``[b, ...]``, ``std [b]`` (the
-    transition's), ``std_dev_t [b]`` (flow_grpo's, :func:`reference_std_dev_t`) and ``mean_ref`` (adapters
-    disabled, no grad) when asked for."""
+    transition's), ``std_dev_t [b]`` (flow_grpo's, :func:`reference_std_dev_t`) and ``mean_ref`` /
+    ``log_prob_ref`` (adapters disabled, no grad) when asked for."""
 
     log_prob: torch.Tensor
     mean: torch.Tensor
     std: torch.Tensor
     mean_ref: torch.Tensor | None = None
     std_dev_t: torch.Tensor | None = None
+    log_prob_ref: torch.Tensor | None = None
 
 
 def score_steps(
@@ -388,14 +390,34 @@ def score_steps(
     dev = traj.states.device
     rows, steps = rows.to(dev), steps.to(dev)
     prompts = [traj.prompts[i] for i in rows.tolist()]
-    cond = policy.encode(prompts)
-    uncond = policy.encode([""] * len(prompts)) if traj.guidance_scale != 1.0 else None
     x = traj.states[rows, steps]
     prev = traj.states[rows, steps + 1]
+    return score_transitions(policy, traj, prompts, x, prev, steps, with_ref=with_ref)
+
+
+def score_transitions(
+    policy: Policy,
+    traj,
+    prompts: list,
+    x: torch.Tensor,
+    prev: torch.Tensor,
+    steps: torch.Tensor,
+    *,
+    with_ref: bool = False,
+) -> StepScore:
+    """:func:`score_steps` for explicit transitions ``x -> prev`` at schedule steps ``steps`` (``traj``
+    supplies the schedule and the sampler settings: a :class:`Trajectories` or any object with its schedule
+    fields), e.g. the branched candidates of train.spo."""
+    dev = x.device
+    steps = steps.to(dev)
+    cond = policy.encode(prompts)
+    uncond = policy.encode([""] * len(prompts)) if traj.guidance_scale != 1.0 else None
     timestep = traj.timesteps[steps]
     p0, p1 = _schedule(traj, steps)
     sigma_max = (
-        torch.full((len(rows),), traj.sigma_max, dtype=torch.float32, device=dev) if traj.sigma_max else None
+        torch.full((len(prompts),), traj.sigma_max, dtype=torch.float32, device=dev)
+        if traj.sigma_max
+        else None
     )
     kw = dict(
         noise_level=traj.noise_level,
@@ -414,14 +436,21 @@ def score_steps(
     # same numbers
     train_denoiser = getattr(policy, "train_denoiser", policy.denoiser)
     _, log_prob, mean, std = _transition(traj.solver, x, predict(train_denoiser), p0, p1, **kw)
-    mean_ref = None
+    mean_ref = log_prob_ref = None
     if with_ref:
         with torch.no_grad(), policy.adapters_disabled():
-            _, _, mean_ref, _ = _transition(traj.solver, x, predict(policy.denoiser), p0, p1, **kw)
+            _, log_prob_ref, mean_ref, _ = _transition(traj.solver, x, predict(policy.denoiser), p0, p1, **kw)
     std_dev_t = reference_std_dev_t(
         traj.solver, p0, p1, noise_level=traj.noise_level, sigma_max=sigma_max, std=std
     )
-    return StepScore(log_prob=log_prob, mean=mean, std=std, mean_ref=mean_ref, std_dev_t=std_dev_t)
+    return StepScore(
+        log_prob=log_prob,
+        mean=mean,
+        std=std,
+        mean_ref=mean_ref,
+        std_dev_t=std_dev_t,
+        log_prob_ref=log_prob_ref,
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------
