@@ -40,12 +40,15 @@ setup(
     ],
     # Everything a runtime import needs is above: .ci/run installs exactly ``pip install -e .`` in a fresh
     # virtualenv and runs the main command.  The extras are optional: engine/profiling's NVTX ranges are a
-    # no-op without ``nvtx``; bench/'s pytest-benchmark files run under pytest.
+    # no-op without ``nvtx``; bench/'s pytest-benchmark files run under pytest; ``data`` is the
+    # parquet reader of the Pick-a-Pic loader (its error names the extra when it is missing).
     extras_require={
         "gpu": ["flash-attn", "xformers"],
         "log": ["tensorboard", "wandb"],
         "profile": ["nvtx"],
         "bench": ["pytest", "pytest-benchmark"],
-        "dev": ["pytest", "pytest-benchmark", "ruff"],
+        # train.data.preference.load_pickapic reads Pick-a-Pic-style parquet files
+        "data": ["pyarrow"],
+        "dev": ["pytest", "pytest-benchmark", "ruff", "pyarrow"],
     },
 )

@@ -61,6 +61,15 @@ class Vae(nn.Module):
         z = dist.sample(generator) if sample else dist.mode()
         return (z - self.shift_factor) * self.scaling_factor
 
+    @torch.no_grad()
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, 3, H, W]`` in [-1, 1] -> the posterior's ``(mean, std)`` in latent units:
+        ``((mu - shift) * scale, sigma * scale)``, so ``mean + std * eps`` is :meth:`encode`'s sample."""
+        if images.ndim != 4:
+            raise ValueError(f"images: expected [B, C, H, W], got shape {tuple(images.shape)}")
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return (dist.mean - self.shift_factor) * self.scaling_factor, dist.std * self.scaling_factor
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images ``D(z / scale + shift)`` in (about) [-1, 1]. Differentiable (reward backprop)."""
         if latents.ndim != 4:

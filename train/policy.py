@@ -162,8 +162,11 @@ class Policy:
         scheduler_config: dict | None = None,
         schedule_family: str = "sd3",
         image_seq_len: int | None = None,
+        vae=None,
     ):
         self.transformer, self.denoiser, self.encoder = transformer, denoiser, encoder
+        # models.Vae of a --model run; None: the latents are the images (the embedded default)
+        self._vae, self._vae_fingerprint = vae, None
         # math.md §0: the model's own diffusers scheduler (None: SD3's, shift 3) and the pipeline that drives
         # it
         self.scheduler_config = dict(scheduler_config) if scheduler_config is not None else None
@@ -257,6 +260,53 @@ class Policy:
         self._nonfinite = counts if self._nonfinite is None else self._nonfinite + counts
         return images
 
+    @property
+    def image_size(self) -> int:
+        """Pixels per side of the images this policy generates and encodes (latent side x VAE factor)."""
+        factor = 1 if self._vae is None else self._vae.downsample_factor
+        return int(self.latent_shape[-1]) * factor
+
+    @torch.no_grad()
+    def encode_images(
+        self, images: torch.Tensor, *, generator: torch.Generator | None = None, moments: bool = False
+    ):
+        """The inverse of :meth:`decode`: images ``[B, 3, R, R]`` in [-1, 1] (``R`` = :attr:`image_size`) ->
+        latents ``(E(x) - shift_factor) * scaling_factor`` (fp32, on the policy's device), the VAE posterior's
+        mean, or with ``generator`` a sample of it (as SalesforceAIResearch/DiffusionDPO@5233e759 train.py
+        ``vae.encode(x).latent_dist.sample() * scaling_factor``); ``moments`` returns ``(mean, std)`` in
+        latent units instead.  The embedded default's latents are the images: identity (std 0)."""
+        if images.ndim != 4 or images.shape[1] != 3 or tuple(images.shape[2:]) != (self.image_size,) * 2:
+            raise ValueError(
+                f"images: expected [B, 3, {self.image_size}, {self.image_size}] (the policy's resolution), "
+                f"got shape {tuple(images.shape)}"
+            )
+        x = images.to(self.device)
+        if self._vae is None:
+            if tuple(self.latent_shape) != tuple(images.shape[1:]):
+                raise ValueError(
+                    f"encode_images: this policy has no VAE and its latents {self.latent_shape} are not "
+                    f"images of shape {tuple(images.shape[1:])}"
+                )
+            mean = x.float()
+            return (mean, torch.zeros_like(mean)) if moments else mean
+        if moments:
+            mean, std = self._vae.moments(x)
+            return mean.float(), std.float()
+        return self._vae.encode(x, sample=generator is not None, generator=generator).float()
+
+    @property
+    def vae_fingerprint(self) -> str:
+        """What latents encoded by this policy depend on, as a string (the latent cache's key): for the
+        embedded default a fixed identity string; for a VAE its class, config (without bookkeeping keys
+        such as the path it was loaded from), dtype and a SHA-256 of every weight's bytes (computed once)."""
+        if self._vae_fingerprint is None:
+            if self._vae is None:
+                c, h, w = self.latent_shape
+                self._vae_fingerprint = f"identity:embedded-default:rgb-{c}x{h}x{w}"
+            else:
+                self._vae_fingerprint = _module_fingerprint(self._vae.vae)
+        return self._vae_fingerprint
+
     def take_nonfinite(self) -> tuple[int, int, int]:
         """``(latent rows, image rows with a NaN/inf, rows decoded)`` since the last call; resets them."""
         counts, self._nonfinite = self._nonfinite, None
@@ -317,6 +367,22 @@ class Policy:
         return out.x0
 
 
+def _module_fingerprint(module: torch.nn.Module) -> str:
+    """``<class>:<sha256>`` of a diffusers model's config (keys starting with ``_`` left out), its dtype and
+    every state-dict tensor's name, shape, dtype and bytes."""
+    import hashlib
+    import json
+
+    h = hashlib.sha256()
+    config = {k: v for k, v in dict(getattr(module, "config", {})).items() if not str(k).startswith("_")}
+    h.update(json.dumps(config, sort_keys=True, default=str).encode())
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return f"{type(module).__name__}:{h.hexdigest()}"
+
+
 def _identity_decode(x0: torch.Tensor) -> torch.Tensor:
     return x0.float().clamp(-1, 1)
 
@@ -336,6 +402,7 @@ def build_policy(
     ``tasks`` (embedded default only) keeps those GenEval-mini task types, in training and in evaluation."""
     dtype = _DTYPES[mc.dtype]
     torch.manual_seed(seed)  # LoRA init
+    vae = None
     if model_path is None:
         import numpy as np
 
@@ -405,6 +472,7 @@ def build_policy(
         scheduler_config=scheduler_config,
         schedule_family=family,
         image_seq_len=_image_seq_len(transformer, latent_shape, family),
+        vae=vae,
     )
 
 
