@@ -1,0 +1,248 @@
+"""train.dpo: Diffusion-DPO, Diffusion-KTO and MaPO on the shared loop.
+
+Learning: on the embedded default (the stage-1 checkpoint the policy-gradient tests use), a short run on
+engine-made pairs raises the held-out preference accuracy (the fraction of held-out pairs whose winner the
+model fits better than the loser, ``err_w < err_l`` over fixed (noise, t) draws) above a learning-rate-0
+control.  Plus resume, export, bad input, the absence of MaPO's reference forward, and smoke runs on tiny
+diffusers SD3 and SD1.5 pipelines from a tiny Pick-a-Pic parquet directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+import torch
+
+import train.dpo as dpo
+from train.config import parse_cli
+from train.evaluation import Evaluator
+from train.policy import build_policy
+from train.rewards.registry import build_reward
+
+from ._pg_helpers import HAVE_CHECKPOINT, make_tiny_sd_pipeline, use_embedded_default
+
+
+@pytest.fixture(autouse=True)
+def _embedded(monkeypatch):
+    use_embedded_default(monkeypatch)
+
+
+QUIET = ["--log.progress", "false"]
+
+
+def build_trainer(tmp_path, argv):
+    cfg = parse_cli(dpo.DPOConfig, list(argv), prog="test", description="", presets=dpo.PRESETS)
+    dpo.validate(cfg)
+    reward = build_reward(cfg.reward)
+    policy = build_policy(
+        cfg.models,
+        preset=cfg.preset,
+        model_path=cfg.model,
+        device=torch.device("cpu"),
+        seed=cfg.seed,
+        prompts=cfg.prompts,
+        eval_prompts=cfg.eval_prompts,
+    )
+    return dpo.DPOTrainer(cfg, tmp_path, policy, reward, Evaluator(cfg.eval, seed=cfg.seed, reward=reward))
+
+
+# 64 training prompts and 64 held-out prompts, 4 images each (best vs worst; ties dropped)
+PAIRS_ARGV = ["--sample.num-prompts", "64", "--sample.heldout-prompts", "64", "--sample.images-per-prompt", "4"]
+
+
+@pytest.fixture(scope="module")
+def engine_pairs(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    use_embedded_default(mp)
+    try:
+        torch.set_num_threads(1)
+        tr = build_trainer(tmp_path_factory.mktemp("pairs"), PAIRS_ARGV)
+        train, held = tr.engine_pairs()
+    finally:
+        mp.undo()
+    return train, held
+
+
+def _train(tmp_path, loss, lr, pairs, iters, extra=()):
+    """``iters`` iterations of ``loss`` on the engine-made ``pairs`` -> ``(held-out GenEval-mini score of the
+    eval-EMA weights, held-out preference accuracy, trainer)``."""
+    train, held = pairs
+    tr = build_trainer(tmp_path, [*PAIRS_ARGV, *LEARN_ARGV, "--loss", loss, "--train.lr", str(lr), *extra])
+    tr.train_set = dpo.LabelSet.from_pairs(train) if loss == "kto" else train
+    tr.heldout = held
+    for it in range(1, iters + 1):
+        tr.train_iteration(it)
+        tr.iteration = it
+    with torch.no_grad():
+        score = tr.evaluator.run(tr.policy, iters, tmp_path, shift=None, dist=tr.dist)["score"]
+    return score, tr.heldout_accuracy(), tr
+
+
+# 64 held-out GenEval-mini prompts (dpm2 10 steps, CFG-free, the same seeds in every run)
+LEARN_ARGV = ["--eval.num-prompts", "64", "--eval.num-steps", "10", "--eval.grid-images", "4"]
+ITERS = 30
+# margins from measurements on this machine (report in docs/math.md §6.1); one binomial standard error on
+# 64 prompts is about 0.06
+LEARNING = {"dpo": ("1e-3", 0.05), "kto": ("1e-3", 0.05), "mapo": ("1e-3", 0.05)}
+
+
+@pytest.fixture(scope="module")
+def control(tmp_path_factory, engine_pairs):
+    """The learning-rate-0 control: the same run (DPO's loss) with lr 0."""
+    mp = pytest.MonkeyPatch()
+    use_embedded_default(mp)
+    try:
+        score, acc, _ = _train(tmp_path_factory.mktemp("control"), "dpo", 0.0, engine_pairs, ITERS)
+    finally:
+        mp.undo()
+    return score, acc
+
+
+@pytest.mark.skipif(not HAVE_CHECKPOINT, reason="needs the stage-1 checkpoint (models/embedded/stage1)")
+@pytest.mark.parametrize("loss", ["dpo", "kto", "mapo"])
+def test_short_run_raises_the_heldout_score(tmp_path, engine_pairs, control, loss):
+    lr, margin = LEARNING[loss]
+    score, acc, _ = _train(tmp_path, loss, lr, engine_pairs, ITERS)
+    print(f"{loss}: held-out score {score:.3f} (control {control[0]:.3f}); preference accuracy {acc} "
+          f"(control {control[1]})")
+    assert score - control[0] > margin, (loss, score, control)
+
+
+def test_mapo_runs_no_reference_forward(tmp_path, engine_pairs):
+    """MaPO: no reference forward and no adapter switch to a reference; DPO: one per micro-batch and draw."""
+    counts = {}
+    for loss in ("dpo", "mapo"):
+        tr = build_trainer(tmp_path / loss, [*PAIRS_ARGV, "--loss", loss, "--train.grad-accum", "2",
+                                             "--train.timestep-draws", "2", "--train.batch-size", "4"])
+        tr.train_set, tr.heldout = engine_pairs
+        calls = {"disabled": 0, "forward": 0}
+        real_disabled, real_forward = tr.policy.adapters_disabled, tr.policy.denoiser.forward
+
+        def disabled(real=real_disabled):
+            calls["disabled"] += 1
+            return real()
+
+        def forward(*a, real=real_forward, **k):
+            calls["forward"] += 1
+            return real(*a, **k)
+
+        tr.policy.adapters_disabled = disabled
+        tr.policy.denoiser.forward = forward
+        tr.train_iteration(1)
+        counts[loss] = (calls["disabled"], tr.ref_forwards, calls["forward"])
+    assert counts["mapo"][:2] == (0, 0)
+    assert counts["dpo"][:2] == (4, 4)  # 2 micro-batches x 2 draws
+
+
+# --- the command line -----------------------------------------------------------------------------------------
+SMALL = ["--sample.num-prompts", "8", "--sample.heldout-prompts", "4", "--sample.images-per-prompt", "4",
+         "--eval.num-prompts", "2", "--eval.num-steps", "2", "--eval.grid-images", "2", "--train.batch-size",
+         "4", "--sample.num-steps", "4", *QUIET]  # fmt: skip
+
+
+def _adapters(run):
+    state = torch.load(sorted((run / "checkpoints").glob("iter_*.pt"))[-1], weights_only=False)
+    return state["iteration"], state["policy"]["default"], state["optimizer"]
+
+
+@pytest.mark.parametrize("loss", ["dpo", "kto"])
+def test_resume_continues_bit_identically(tmp_path, loss):
+    base = [*SMALL, "--loss", loss, "--eval.every", "100", "--log.checkpoint-every", "1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert dpo.main([*base, "--run-dir", str(straight), "--max-iters", "4"]) == 0
+    assert dpo.main([*base, "--run-dir", str(split), "--max-iters", "2"]) == 0
+    assert (split / "pairs.pt").exists()
+    assert dpo.main(["--resume", str(split), "--max-iters", "4"]) == 0
+    (ia, a, _), (ib, b, _) = _adapters(straight), _adapters(split)
+    assert ia == ib == 4
+    for x, y in zip(a, b, strict=True):
+        assert torch.equal(x, y)
+    # the run exported its adapters in diffusers' format
+    assert (split / "lora" / "pytorch_lora_weights.safetensors").exists()
+    assert (split / "lora_ema" / "pytorch_lora_weights.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "argv, option",
+    [
+        (["--loss", "ipo"], "--loss"),
+        (["--data", "/nonexistent/pairs.jsonl"], "--data"),
+        (["--loss", "mapo", "--online", "--train.ref-update-step", "5"], "--train.ref-update-step"),
+        (["--loss", "dpo", "--train.kto-desirable-ratio", "0.8"], "--train.kto-desirable-ratio"),
+        (["--loss", "dpo", "--train.ref-update-step", "5"], "--train.ref-update-step"),
+        (["--train.beta", "0"], "--train.beta"),
+        (["--sample.images-per-prompt", "1"], "--sample.images-per-prompt"),
+        (["--online", "--data", "x.jsonl"], "--data"),
+    ],
+)
+def test_bad_input_is_refused_before_any_work(tmp_path, capsys, argv, option):
+    run = tmp_path / "run"
+    assert dpo.main([*argv, "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert option in err, err
+    assert not run.exists()
+
+
+def test_model_run_needs_data_or_online(tmp_path, capsys):
+    root, prompts = make_tiny_sd_pipeline(tmp_path)
+    argv = ["--model", str(root), "--prompts", str(prompts), "--reward", "jpeg_compressibility",
+            "--preset", "sd1.5", "--run-dir", str(tmp_path / "run")]  # fmt: skip
+    assert dpo.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "--online" in err, err
+
+
+# --- tiny diffusers pipelines from a Pick-a-Pic parquet directory -----------------------------------------
+def _png(seed, size=16):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    arr = (torch.rand(size, size, 3, generator=g) * 255).to(torch.uint8).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _parquet_dir(root, n=6):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    root.mkdir()
+    rows = {
+        "caption": [f"a {c} cat" for c in "abcdefgh"[:n]],
+        "jpg_0": [_png(2 * i) for i in range(n)],
+        "jpg_1": [_png(2 * i + 1) for i in range(n)],
+        "label_0": [1.0 if i % 2 else 0.0 for i in range(n)],
+        "label_1": [0.0 if i % 2 else 1.0 for i in range(n)],
+    }
+    pq.write_table(pa.table(rows), root / "train-0.parquet")
+    return root
+
+
+@pytest.mark.parametrize("family", ["sd3", "sd15"])
+@pytest.mark.parametrize("loss", ["dpo", "mapo"])
+def test_smoke_on_tiny_diffusers_pipelines(tmp_path, family, loss):
+    from tests.train.test_export import PROMPTS, _pipeline
+
+    pipe_cls, root, prompts = _pipeline(family, tmp_path)
+    data = _parquet_dir(tmp_path / "pickapic")
+    run = tmp_path / "run"
+    argv = ["--model", str(root), "--prompts", str(prompts), "--reward", "jpeg_compressibility",
+            "--data", str(data), "--loss", loss, "--models.resolution", "16", "--models.lora-rank", "4",
+            "--models.lora-alpha", "8", "--models.dtype", "float32", "--train.batch-size", "2",
+            "--train.lr", "3e-2", "--sample.heldout-prompts", "2", "--eval.num-prompts", "2",
+            "--eval.num-steps", "2", "--eval.grid-images", "2", "--max-iters", "2", "--run-dir", str(run),
+            *QUIET]  # fmt: skip
+    if family == "sd15":
+        argv += ["--preset", "sd1.5", "--train.grad-accum", "1", "--train.empty-caption-prob", "0"]
+    assert dpo.main(argv) == 0
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("train/implicit_acc" in r for r in rows)
+    assert any("eval/pref_acc" in r for r in rows)
+    pipe = pipe_cls.from_pretrained(str(root))
+    pipe.load_lora_weights(str(run / "lora"))
+    denoiser = pipe.transformer if hasattr(pipe, "transformer") else pipe.unet
+    n_lora = sum(1 for n, _ in denoiser.named_parameters() if "lora" in n)
+    assert n_lora > 0
+    del PROMPTS
