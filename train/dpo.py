@@ -10,12 +10,13 @@ Data (one of):
     directory (``pairs.pt``; a resume reads them back), so the bare command runs offline on a CPU;
   * ``--online``: pairs from fresh rollouts each iteration, as yifan123/flow_grpo@ac4c86e8
     scripts/train_sd3_dpo.py: rollouts with the reference adapter (``old``), which is set to the trained
-    adapter every ``--train.ref-update-step`` optimizer steps (1: the current policy; flow_grpo's default 1e7 is
-    "never", 40 its OnlineDPO); MaPO, which has no reference, samples with the trained adapter.
+    adapter every ``--train.ref-update-step`` optimizer steps (1: the current policy; flow_grpo's default
+    1e7 is "never", 40 its OnlineDPO); MaPO, which has no reference, samples with the trained adapter.
 
 Per iteration (math.md §6): ``--train.grad-accum`` micro-batches of ``--train.batch-size`` pairs (KTO:
-labelled images) per process, one optimizer step.  Each micro-batch draws ``--train.timestep-draws`` (noise, t) pairs,
-each with its own backward (flow_grpo: 39); winner and loser share noise and t (KTO: each image its own).
+labelled images) per process, one optimizer step.  Each micro-batch draws ``--train.timestep-draws``
+(noise, t) pairs, each with its own backward (flow_grpo: 39); winner and loser share noise and t (KTO: each
+image its own).
 Flow models: ``u = sigmoid(N(0, 1))``, ``i = floor(1000 u)``, ``sigma`` = the model's scheduler's training
 sigma ``i`` (``shift(1 - i/1000)`` for SD3's), timestep ``1000 sigma``, target ``noise - x0``; epsilon models
 (SD1.5): ``t ~ U{0..999}``, DDPM ``add_noise``, target ``noise``.  The reference of DPO and KTO is the frozen
@@ -375,6 +376,13 @@ class LabelSet:
         )
 
 
+def implicit_accuracy(err_w, err_l, ref_w, ref_l) -> float:
+    """math.md §6.1: the fraction of pairs with ``delta = (err_w - ref_w) - (err_l - ref_l) < 0`` (the
+    trained model prefers the winner more than the reference does), a tie counting one half."""
+    delta = (err_w - ref_w) - (err_l - ref_l)
+    return float((delta < 0).float().mean() + 0.5 * (delta == 0).float().mean())
+
+
 class DPOTrainer(Trainer):
     algo = "dpo"
 
@@ -511,6 +519,7 @@ class DPOTrainer(Trainer):
                 "train": train.state(),
                 "heldout": held.state() if held is not None else None,
             }
+            path.parent.mkdir(parents=True, exist_ok=True)
             common.atomic_save(state, path)
         return train, held
 
@@ -749,32 +758,47 @@ class DPOTrainer(Trainer):
 
     # --- held-out preference accuracy -----------------------------------------------------------------------
     @torch.no_grad()
-    def heldout_accuracy(self, draws: int = 4) -> dict:
-        """On the held-out pairs, with the trained adapter: ``pref_acc`` = the fraction of pairs whose
-        winner the model fits better than the loser (``err_w < err_l``, errors averaged over ``draws`` fixed
-        (noise, t) draws) and ``pref_margin`` = the mean of ``err_l - err_w``.  Ref-free, so comparable across
-        DPO, KTO and MaPO (and an lr-0 control)."""
+    def heldout_errors(self, draws: int = 4, *, reference: bool = False):
+        """Per held-out pair, the errors of the trained adapter (with ``reference`` also of the reference:
+        adapters disabled) averaged over ``draws`` fixed (noise, t) draws -> ``(err_w, err_l)`` or
+        ``(err_w, err_l, ref_w, ref_l)``, each ``[P]`` on the CPU."""
         data, pol = self.heldout, self.policy
         dev = pol.device
-        ew = torch.zeros(len(data))
-        el = torch.zeros(len(data))
+        out = torch.zeros(4 if reference else 2, len(data))
         b = self.cfg.train.batch_size
         from .preference_losses import per_sample_error
 
-        with pol.adapter("default"):
-            for lo in range(0, len(data), b):
-                gslots = list(range(lo, min(lo + b, len(data))))
-                x_w, x_l = data.x_w[gslots].to(dev), data.x_l[gslots].to(dev)
-                cond = pol.encode([data.texts[i] for i in gslots] * 2)
-                for d in range(draws):
-                    noise, t = self.noise_and_time(-1, gslots, x_w.shape[1:], d, dev)
-                    xt_w, ts, tgt_w = self.noisy(x_w, noise, t)
-                    xt_l, _, tgt_l = self.noisy(x_l, noise, t)
-                    pred = pol.denoiser(torch.cat([xt_w, xt_l]).to(pol.dtype), torch.cat([ts, ts]), cond)
-                    pw, pl = pred.chunk(2)
-                    ew[gslots] += per_sample_error(pw, tgt_w).cpu() / draws
-                    el[gslots] += per_sample_error(pl, tgt_l).cpu() / draws
-        return {"pref_acc": float((ew < el).float().mean()), "pref_margin": float((el - ew).mean())}
+        for lo in range(0, len(data), b):
+            gslots = list(range(lo, min(lo + b, len(data))))
+            x_w, x_l = data.x_w[gslots].to(dev), data.x_l[gslots].to(dev)
+            cond = pol.encode([data.texts[i] for i in gslots] * 2)
+            for d in range(draws):
+                noise, t = self.noise_and_time(-1, gslots, x_w.shape[1:], d, dev)
+                xt_w, ts, tgt_w = self.noisy(x_w, noise, t)
+                xt_l, _, tgt_l = self.noisy(x_l, noise, t)
+                x_in, ts2 = torch.cat([xt_w, xt_l]).to(pol.dtype), torch.cat([ts, ts])
+                ctxs = [lambda: pol.adapter("default")] + ([pol.adapters_disabled] if reference else [])
+                for k, ctx in enumerate(ctxs):
+                    with ctx():
+                        pw, pl = pol.denoiser(x_in, ts2, cond).chunk(2)
+                    out[2 * k, gslots] += per_sample_error(pw, tgt_w).cpu() / draws
+                    out[2 * k + 1, gslots] += per_sample_error(pl, tgt_l).cpu() / draws
+        return tuple(out)
+
+    def heldout_accuracy(self, draws: int = 4) -> dict:
+        """On the held-out pairs, with the trained adapter: ``pref_acc`` = the fraction of pairs whose
+        winner the model fits better than the loser (``err_w < err_l``, errors averaged over ``draws`` fixed
+        (noise, t) draws) and ``pref_margin`` = the mean of ``err_l - err_w``: ref-free, so comparable across
+        DPO, KTO and MaPO.  DPO and KTO also log the implicit reward accuracy on them (``implicit_acc``:
+        ``delta = (err_w - ref_w) - (err_l - ref_l) < 0``, a tie counting one half, so that the initial
+        model scores 0.5); MaPO, which holds no reference, does not."""
+        ref = self.cfg.loss != "mapo"
+        errs = self.heldout_errors(draws, reference=ref)
+        ew, el = errs[0], errs[1]
+        res = {"pref_acc": float((ew < el).float().mean()), "pref_margin": float((el - ew).mean())}
+        if ref:
+            res["implicit_acc"] = implicit_accuracy(*errs)
+        return res
 
     def evaluate(self, it, clock, metrics, base=False) -> None:
         super().evaluate(it, clock, metrics, base=base)
