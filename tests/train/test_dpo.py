@@ -278,3 +278,26 @@ def test_smoke_on_tiny_diffusers_pipelines(tmp_path, family, loss):
     n_lora = sum(1 for n, _ in denoiser.named_parameters() if "lora" in n)
     assert n_lora > 0
     del PROMPTS
+
+
+ONLINE = ["--online", "--max-iters", "2", "--sample.prompts-per-iter", "8", "--sample.num-steps", "4",
+          "--eval.num-prompts", "2", "--eval.num-steps", "2", "--eval.grid-images", "2", "--train.batch-size",
+          "4", *QUIET]  # fmt: skip
+
+
+def test_online_pairs_and_reference_update(tmp_path):
+    """--online makes pairs from the current policy every iteration; --train.ref-update-step 1 copies the
+    trained adapter into the reference (old) adapter before iteration 2, 0 never does; MaPO runs online
+    without a reference."""
+    olds = {}
+    for step in ("0", "1"):
+        run = tmp_path / f"ref{step}"
+        assert dpo.main([*ONLINE, "--run-dir", str(run), "--train.ref-update-step", step]) == 0
+        state = torch.load(sorted((run / "checkpoints").glob("iter_*.pt"))[-1], weights_only=False)
+        olds[step] = state["policy"]["old"]
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["train/pairs"] for r in rows if "train/pairs" in r] and all(
+            r["train/pairs"] >= 0 for r in rows if "train/pairs" in r
+        )
+    assert any(not torch.equal(a, b) for a, b in zip(olds["0"], olds["1"], strict=True))
+    assert dpo.main([*ONLINE, "--loss", "mapo", "--run-dir", str(tmp_path / "mapo")]) == 0
