@@ -298,6 +298,15 @@ def validate(cfg: DPOConfig) -> None:
             )
         if p.is_dir() and not any(p.glob("*.parquet")):
             raise ConfigError(f"--data: expected *.parquet files in the directory {cfg.data!r}, found none")
+        if p.is_file() and cfg.loss != "kto":
+            from .data.preference import LabelRecord, read_preference_jsonl
+
+            records = read_preference_jsonl(p, check_images=False)
+            if records and isinstance(records[0], LabelRecord):
+                raise ConfigError(
+                    f"--data: --loss {cfg.loss} expects preference pairs, got {cfg.data!r}, a file of KTO "
+                    f"labels (train on it with --loss kto)"
+                )
     elif not embedded and not cfg.online:
         raise ConfigError(
             "--data: a --model run trains on a preference JSONL or a Pick-a-Pic parquet directory, or on "
@@ -434,7 +443,10 @@ class DPOTrainer(Trainer):
         """The offline data: ``--data`` (through train.data.preference and the run's latent cache), or pairs
         made by the engine and cached in ``<run>/pairs.pt``."""
         if self.cfg.data is not None:
-            train, held = self.read_data()
+            try:
+                train, held = self.read_data()
+            except ValueError as e:  # the data do not fit this model (e.g. prompt words, image sizes)
+                raise common.TrainingStopped(f"--data {self.cfg.data}: {e}") from None
         else:
             train, held = self.engine_pairs()
         if self.cfg.loss == "kto" and isinstance(train, PairSet):

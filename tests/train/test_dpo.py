@@ -301,3 +301,39 @@ def test_online_pairs_and_reference_update(tmp_path):
         )
     assert any(not torch.equal(a, b) for a, b in zip(olds["0"], olds["1"], strict=True))
     assert dpo.main([*ONLINE, "--loss", "mapo", "--run-dir", str(tmp_path / "mapo")]) == 0
+
+
+def _jsonl(tmp_path, kind):
+    from train.data.preference import LabelRecord, PairRecord, write_preference_jsonl
+
+    img = tmp_path / "img"
+    img.mkdir(parents=True)
+    paths = []
+    for i in range(8):
+        p = img / f"{i}.png"
+        p.write_bytes(_png(i, size=32))
+        paths.append(p)
+    prompts = ["a red circle", "two blue squares", "a green triangle", "three yellow circles"]
+    if kind == "pairs":
+        recs = [PairRecord(prompts[i], paths[2 * i], paths[2 * i + 1]) for i in range(4)]
+    else:
+        recs = [LabelRecord(prompts[i % 4], paths[i], i % 3 != 0) for i in range(8)]
+    path = tmp_path / f"{kind}.jsonl"
+    write_preference_jsonl(path, recs)
+    return path
+
+
+DATA_RUN = ["--max-iters", "2", "--eval.num-prompts", "2", "--eval.num-steps", "2", "--eval.grid-images", "2",
+            "--train.batch-size", "2", "--sample.heldout-prompts", "1", *QUIET]  # fmt: skip
+
+
+def test_jsonl_data_kto_takes_pairs_or_labels_dpo_refuses_labels(tmp_path, capsys):
+    pairs, labels = _jsonl(tmp_path / "p", "pairs"), _jsonl(tmp_path / "l", "labels")
+    assert dpo.main([*DATA_RUN, "--loss", "kto", "--data", str(pairs), "--run-dir", str(tmp_path / "a")]) == 0
+    assert "data: 6 training labels" in capsys.readouterr().out  # 3 training pairs -> 6 labels (1 held out)
+    argv = [*DATA_RUN, "--loss", "kto", "--data", str(labels), "--run-dir", str(tmp_path / "b")]
+    assert dpo.main(argv) == 0
+    for data, run, code in ((pairs, "c", 0), (labels, "d", 2)):
+        assert dpo.main([*DATA_RUN, "--loss", "dpo", "--data", str(data), "--run-dir", str(tmp_path / run)]) == code
+    err = capsys.readouterr().err
+    assert "--data" in err and "labels" in err, err
