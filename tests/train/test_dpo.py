@@ -334,6 +334,7 @@ def test_jsonl_data_kto_takes_pairs_or_labels_dpo_refuses_labels(tmp_path, capsy
     argv = [*DATA_RUN, "--loss", "kto", "--data", str(labels), "--run-dir", str(tmp_path / "b")]
     assert dpo.main(argv) == 0
     for data, run, code in ((pairs, "c", 0), (labels, "d", 2)):
-        assert dpo.main([*DATA_RUN, "--loss", "dpo", "--data", str(data), "--run-dir", str(tmp_path / run)]) == code
+        argv = [*DATA_RUN, "--loss", "dpo", "--data", str(data), "--run-dir", str(tmp_path / run)]
+        assert dpo.main(argv) == code
     err = capsys.readouterr().err
     assert "--data" in err and "labels" in err, err
