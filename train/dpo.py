@@ -284,6 +284,7 @@ def validate(cfg: DPOConfig) -> None:
                 f"--train.ref-update-step: updates the reference of --online runs (offline the reference is "
                 f"the frozen initial model), got {tc.ref_update_step} without --online"
             )
+    validate_run(cfg, unet_ok=True)  # the model, prompts and reward first
     embedded = cfg.preset == "tiny" and not cfg.model
     if cfg.data is not None:
         if cfg.online:
@@ -312,7 +313,6 @@ def validate(cfg: DPOConfig) -> None:
             "--data: a --model run trains on a preference JSONL or a Pick-a-Pic parquet directory, or on "
             "--online rollouts; got neither (engine-made pairs need the embedded default's verifier)"
         )
-    validate_run(cfg, unet_ok=True)
 
 
 def resolve_solver(solver: str, prediction: str) -> str:
