@@ -15,6 +15,7 @@ import json
 import pytest
 import torch
 
+import kernels
 import train.dpo as dpo
 from train.config import parse_cli
 from train.evaluation import Evaluator
@@ -74,9 +75,10 @@ def engine_pairs(tmp_path_factory):
     """Engine-made pairs on the shipped embedded default (the autouse stage-1 patch is function-scoped)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        tr = build_trainer(tmp_path_factory.mktemp("pairs"), PAIRS_ARGV)
-        return tr.engine_pairs()
+    try:  # the PyTorch reference kernels, as tests/train/conftest.py sets for each test (not module fixtures)
+        with kernels.use_backend("reference"):
+            tr = build_trainer(tmp_path_factory.mktemp("pairs"), PAIRS_ARGV)
+            return tr.engine_pairs()
     finally:
         torch.set_num_threads(threads)
 
@@ -105,7 +107,8 @@ def _train(tmp_path, loss, lr, pairs, iters, extra=()):
 @pytest.fixture(scope="module")
 def control(tmp_path_factory, engine_pairs):
     """The learning-rate-0 control: the same run (DPO's loss) with lr 0."""
-    score, acc, _ = _train(tmp_path_factory.mktemp("control"), "dpo", 0.0, engine_pairs, ITERS)
+    with kernels.use_backend("reference"):
+        score, acc, _ = _train(tmp_path_factory.mktemp("control"), "dpo", 0.0, engine_pairs, ITERS)
     return score, acc
 
 
