@@ -147,23 +147,25 @@ class DPOConfig(RunConfig):
 def preset_tiny() -> DPOConfig:
     """The embedded default on a CPU: 256 training prompts x 4 images from the frozen model (dpm2 10 steps)
     give ~190 engine-made pairs (GenEval-mini's verifier, best vs worst, ties dropped) and 32 held-out prompts
-    ~28 held-out pairs; batches of 16 pairs, one optimizer step per iteration, lr 1e-3, LoRA rank 32, one
-    torch thread; evaluation every 50 iterations; a 7-minute training budget after the pairs are made
-    (1-3.5 minutes on two loaded cores), so the bare command ends within ~10 minutes.
+    ~28 held-out pairs; 100 iterations of 16 pairs (one optimizer step each; ~8 epochs), lr 1e-3, LoRA rank
+    32, one torch thread; evaluation every 25 iterations; a 7-minute cap on training after the pairs are made.
+    The bare command takes 3-10 minutes on two cores (0.3 s per iteration idle, 1-3.5 s under load 5-11;
+    the pairs 1-3.5 minutes).
 
-    Measured (2026-12-03, two cores shared with other jobs, load 3-11): DPO (beta 100, the flow reference's)
-    raised the held-out GenEval-mini score (192 prompts, CFG-free, eval EMA) 0.359 -> 0.464 in 40 iterations
-    and 0.521 in 80; KTO (beta 1000) 0.359 -> 0.406 in 40; MaPO (beta 0.1) 0.359 -> 0.380 in 40 (lr 3e-3:
-    MaPO 0.380, KTO 0.385).  beta is the reference's for each loss (--train.beta)."""
+    Measured (2026-12-03, two cores shared with other jobs), held-out GenEval-mini score (192 prompts,
+    CFG-free, eval EMA) from 0.359: DPO (beta 100, the flow reference's) 0.464 at 40 iterations, 0.521 at
+    80, 0.557 at 100 (bare command); KTO (beta 1000) 0.406 at 40; MaPO (beta 0.1) 0.380 at 40, 0.411 at 50, 0.370 at 100 and 0.365 at
+    400 (it fluctuates 0.36-0.46 and overfits the ~190 pairs in longer runs).  beta is the reference's for
+    each loss (--train.beta)."""
     cfg = DPOConfig()
     cfg.threads = 1
     cfg.max_minutes = 7.0
-    cfg.max_iters = 400
+    cfg.max_iters = 100
     cfg.models.lora_rank, cfg.models.lora_alpha = 32, 32.0
     cfg.sample.num_prompts, cfg.sample.heldout_prompts = 256, 32
     cfg.train.lr, cfg.train.batch_size = 1e-3, 16
-    cfg.eval.every = 50
-    cfg.log.checkpoint_every = 50
+    cfg.eval.every = 25
+    cfg.log.checkpoint_every = 25
     return cfg
 
 
