@@ -154,9 +154,9 @@ def preset_tiny() -> DPOConfig:
 
     Measured (2026-12-03, two cores shared with other jobs), held-out GenEval-mini score (192 prompts,
     CFG-free, eval EMA) from 0.359: DPO (beta 100, the flow reference's) 0.464 at 40 iterations, 0.521 at
-    80, 0.557 at 100 (bare command); KTO (beta 1000) 0.406 at 40; MaPO (beta 0.1) 0.380 at 40, 0.411 at 50, 0.370 at 100 and 0.365 at
-    400 (it fluctuates 0.36-0.46 and overfits the ~190 pairs in longer runs).  beta is the reference's for
-    each loss (--train.beta)."""
+    80, 0.557 at 100 (bare command); KTO (beta 1000) 0.406 at 40; MaPO (beta 0.1) 0.380 at 40, 0.411 at
+    50, 0.370 at 100 and 0.365 at 400 (it fluctuates 0.36-0.46 and overfits the ~190 pairs in longer runs).
+    beta is the reference's for each loss (--train.beta)."""
     cfg = DPOConfig()
     cfg.threads = 1
     cfg.max_minutes = 7.0
