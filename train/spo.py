@@ -107,7 +107,7 @@ class SPOConfig(RunConfig):
 def preset_tiny() -> SPOConfig:
     """The embedded default on a CPU (not yet shown to learn, see docs/math.md §6): 32 chains per iteration,
     10 ``cps`` SDE steps (Gaussian log-prob), branching from step 2 with k 4, the shipped scorer, threshold
-    0.3 (the reference's; it keeps ~87% of the candidate sets with the shipped scorer), beta 10, eps 0.1, 16
+    0.3 (the reference's; it keeps ~40% of the candidate sets with the shipped scorer), beta 10, eps 0.1, 16
     tuples per optimizer step, lr 1e-3 (the reference's 6e-5 is too small for a CPU budget); 20 ODE steps for
     evaluation; one torch thread."""
     cfg = SPOConfig()
