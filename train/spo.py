@@ -6,16 +6,17 @@ spo/custom_diffusers/multi_sample_pipeline.py):
   1. chains with the current ``default`` adapter (SD1.5: DDIM 20 steps, eta 1, CFG 5); steps ``i <
      --train.divert-start`` are sampled once and not trained;
   2. at every step ``i >= divert_start`` the sampler draws ``k`` candidates ``x_{t-1}`` from the shared
-     ``x_t``; the step-aware scorer scores each candidate at the candidate's own noise level (the clean
-     sample after the last step); ``w = argmax``, ``l = argmin``; the tuple ``(x_t, x_w, x_l)`` is kept when
-     ``softmax(s_w, s_l)`` gives ``p_w - p_l > --train.threshold``; the chain continues from a uniformly
-     random candidate (not the winner);
+     ``x_t``; the step-aware scorer scores each candidate's ``x0_hat`` (the policy's one-step clean
+     prediction from the candidate, one extra forward pass; the clean sample itself after the last step),
+     conditioned on the candidate's noise level; ``w = argmax``, ``l = argmin``; the tuple ``(x_t, x_w,
+     x_l)`` is kept when ``softmax(s_w, s_l)`` gives ``p_w - p_l > --train.threshold``; the chain
+     continues from a uniformly random candidate (not the winner);
   3. the kept tuples, shuffled, in optimizer steps of ``batch_size x grad_accum``: D3PO's loss (math.md §6)
      on the single transition, ``-log sigmoid(beta (q_w - q_l))`` with ``q = log clamp(exp(logp -
      logp_ref), 1 - eps, 1 + eps)``, reference = the frozen pretrained model (adapters disabled);
   4. eval EMA, evaluation, sample grid, checkpoint (train.loop).
 
-The scorer (``--scorer``): on the embedded default a small ``(x_t, t, prompt)`` model of the GenEval-mini
+The scorer (``--scorer``): on the embedded default a small ``(x0_hat, t, prompt)`` model of the GenEval-mini
 verifier's eventual score (train.spo_scorer; the shipped one, or with none shipped one trained into the run
 directory first).  The reference's time-conditioned PickScore for SD1.5 is not implemented (its CLIP with
 adaLN-modulated layers is a separate architecture); a ``--model`` run takes a train.spo_scorer scorer whose
@@ -49,6 +50,7 @@ from .loop import RunConfig
 from .loop import main as loop_main
 from .policy import ModelConfig
 from .policy_gradient import score_transitions
+from .spo_scorer import predict_x0
 
 __all__ = ["SPOConfig", "SPOTrainer", "spo_select", "main"]
 
@@ -105,7 +107,7 @@ class SPOConfig(RunConfig):
 def preset_tiny() -> SPOConfig:
     """The embedded default on a CPU (not yet shown to learn, see docs/math.md §6): 32 chains per iteration,
     10 ``cps`` SDE steps (Gaussian log-prob), branching from step 2 with k 4, the shipped scorer, threshold
-    0.3 (the reference's; it keeps ~87% of the candidate sets with the shipped scorer), beta 10, eps 0.1, 16
+    0.3 (the reference's; it keeps ~40% of the candidate sets with the shipped scorer), beta 10, eps 0.1, 16
     tuples per optimizer step, lr 1e-3 (the reference's 6e-5 is too small for a CPU budget); 20 ODE steps for
     evaluation; one torch thread."""
     cfg = SPOConfig()
@@ -252,11 +254,15 @@ class SPOTrainer(D3POTrainer):
         return f"{super().describe()} | scorer {getattr(self, 'scorer_path', 'trained in the run directory')}"
 
     @torch.no_grad()
-    def score(self, prompts, x, step: int) -> torch.Tensor:
-        """The scorer's logits of states ``x`` entering step ``step`` (``N``: clean samples)."""
+    def score(self, prompts, x, step: int, cond=None, uncond=None) -> torch.Tensor:
+        """The scorer's logits of states ``x`` entering step ``step`` (``N``: clean samples): it reads their
+        ``x0_hat`` (math.md §6; ``cond``/``uncond``: the prompts' encodings, encoded here when omitted)."""
         t = torch.full((len(x),), self.sched.x0_time(step), device=x.device)
-        emb = self.policy.encode(prompts).prompt_embeds
-        return self.scorer(x, t, emb).float()
+        if cond is None:
+            cond = self.policy.encode(prompts)
+            uncond = self.policy.encode([""] * len(x)) if self.sched.guidance_scale != 1.0 else None
+        x0 = predict_x0(self.policy, self.sched, x, step, cond, uncond)
+        return self.scorer(x0, t, cond.prompt_embeds).float()
 
     def rollout_tuples(self, it: int):
         sc, tc, policy, sched = self.cfg.sample, self.cfg.train, self.policy, self.sched
@@ -296,7 +302,7 @@ class SPOTrainer(D3POTrainer):
                         policy, sched, xk, i, cond_k, uncond_k, step_noise(policy, cand_seeds.flatten(), i)
                     )
                     cand = cand.view(k, b, *x.shape[1:])
-                    s = self.score(mb * k, cand.flatten(0, 1), i + 1).view(k, b)
+                    s = self.score(mb * k, cand.flatten(0, 1), i + 1, cond_k, uncond_k).view(k, b)
                     scores_log.append(s.flatten().cpu())
                     w, l_, valid = spo_select(s, tc.threshold)
                     ar = torch.arange(b, device=dev)

@@ -1,11 +1,15 @@
-"""SPO's step-aware scorer for the embedded default (math.md §6): a small model ``(noisy state x_t, its noise
-level t, prompt) -> logit`` of the verifier's eventual score of the clean sample the trajectory through
-``x_t`` ends in, trained on the engine's own rollouts (every state along each trajectory, labelled with the
-final GenEval-mini score).  ``python -m train.spo_scorer --help``.
+"""SPO's step-aware scorer for the embedded default (math.md §6): a small model ``(x0_hat, t, prompt) ->
+logit`` of the verifier's eventual score of the clean sample the trajectory through ``x_t`` ends in, where
+``x0_hat`` is the policy's one-step clean prediction from ``x_t`` (flow: ``x_t - sigma_t v``; the clean
+sample itself at ``t = 0``) and ``t`` its noise level; trained on the engine's own rollouts (every state
+along each trajectory, labelled with the final GenEval-mini score). ``python -m train.spo_scorer --help``.
 
-SPO (RockeyCoss/SPO@27a86428 spo/preference_models/) uses a time-conditioned PickScore on the decoded
-``x0`` prediction of each candidate; the embedded default has no such model, so this one is trained here
-(the engine's own; see docs/math.md §6).  ``train.spo --scorer PATH`` loads it (a ``.safetensors`` file with
+SPO (RockeyCoss/SPO@27a86428 spo_training_and_inference/spo/custom_diffusers/multi_sample_pipeline.py)
+scores each candidate's decoded ``pred_original_sample`` with a time-conditioned PickScore, conditioned on
+the candidate's timestep (the last step: the clean sample, timestep 0); the embedded default has no such
+model, so this one is trained here (the engine's own; see docs/math.md §6).  It reads ``x0_hat`` in the
+model's latent space (the embedded default decodes by the identity, clamped to [-1, 1]).
+``train.spo --scorer PATH`` loads it (a ``.safetensors`` file with
 its recipe ``.json`` beside it, or the directory holding ``scorer.safetensors``).
 
 The run directory gets ``scorer.safetensors`` and ``scorer.json`` (architecture, how it was made, held-out
@@ -35,6 +39,7 @@ __all__ = [
     "load_scorer",
     "save_scorer",
     "collect_states",
+    "predict_x0",
     "train_scorer",
     "evaluate",
     "main",
@@ -43,8 +48,11 @@ __all__ = [
 SHIPPED = Path(__file__).resolve().parent.parent / "models" / "embedded" / "spo_scorer.safetensors"
 
 
+INPUT = "x0_hat"  # what the scorer reads (recorded in its .json; older x_t scorers are refused)
+
+
 class StepAwareScorer(nn.Module):
-    """A small CNN on ``x_t [B, C, H, W]`` (average-pooled by ``pool``) FiLM-conditioned on the noise level
+    """A small CNN on ``x0_hat [B, C, H, W]`` (average-pooled by ``pool``) FiLM-conditioned on the noise level
     ``t [B]`` in [0, 1] and the prompt's token embeddings ``[B, L, D]`` (flattened, projected) -> a logit
     ``[B]``."""
 
@@ -100,7 +108,7 @@ def save_scorer(model: StepAwareScorer, path: Path, recipe: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
     common.atomic_write_text(
-        path.with_suffix(".json"), json.dumps({"config": model.config, **recipe}, indent=2)
+        path.with_suffix(".json"), json.dumps({"config": model.config, "input": INPUT, **recipe}, indent=2)
     )
 
 
@@ -119,7 +127,13 @@ def load_scorer(path, *, option: str = "--scorer") -> StepAwareScorer:
             f"or a directory holding scorer.safetensors, as python -m train.spo_scorer writes), got {path}"
         )
     try:
-        cfg = json.loads(meta.read_text())["config"]
+        recipe = json.loads(meta.read_text())
+        if recipe.get("input") != INPUT:
+            raise ValueError(
+                f"it reads {recipe.get('input', 'x_t')!r}, expected {INPUT!r}: retrain with python -m "
+                "train.spo_scorer"
+            )
+        cfg = recipe["config"]
         model = StepAwareScorer(**cfg)
         model.load_state_dict(load_file(str(p)))
     except (KeyError, TypeError, ValueError, RuntimeError, json.JSONDecodeError) as e:
@@ -131,9 +145,28 @@ def load_scorer(path, *, option: str = "--scorer") -> StepAwareScorer:
 # Data: states along engine rollouts, labelled with the final reward
 # ------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
+def predict_x0(policy, sched, x, step: int, cond, uncond) -> torch.Tensor:
+    """The policy's one-step clean prediction ``x0_hat`` from states ``x`` entering step ``step`` (math.md §6;
+    the active adapter, the sampler's CFG): flow ``x - sigma v``, DDIM ``(x - sqrt(1 - a) eps) / sqrt(a)``;
+    ``x`` itself at ``step == N`` (the clean sample)."""
+    from engine import guided_prediction
+
+    if step >= sched.num_steps:
+        return x
+    b = x.shape[0]
+    t = sched.timesteps[step].expand(b).contiguous()
+    pred = guided_prediction(policy.denoiser, x, t, cond, uncond=uncond, guidance_scale=sched.guidance_scale)
+    if sched.sigmas is not None:
+        return (x.float() - sched.sigmas[step].float() * pred.float()).to(x.dtype)
+    a = sched.alpha_bars[step].float()
+    return ((x.float() - (1 - a).sqrt() * pred.float()) / a.sqrt()).to(x.dtype)
+
+
+@torch.no_grad()
 def collect_states(policy, sched, prompts: list, seeds: list, reward, *, batch: int = 64):
-    """Roll out ``prompts`` (one seed each) with the active adapter on ``sched`` -> ``(states [B, N+1, ...],
-    rewards [B])``."""
+    """Roll out ``prompts`` (one seed each) with the active adapter on ``sched`` -> ``(x0_hat [B, N+1, ...],
+    rewards [B])``: index ``s`` holds :func:`predict_x0` of the state entering step ``s`` (``N``: the clean
+    sample; index 0, pure noise, is never scored)."""
     from .d3po import initial_noise, sample_step, step_noise
 
     states, rewards = [], []
@@ -144,10 +177,10 @@ def collect_states(policy, sched, prompts: list, seeds: list, reward, *, batch: 
         cond = policy.encode(mb)
         uncond = policy.encode([""] * len(mb)) if g != 1.0 else None
         x = initial_noise(policy, sd)
-        traj = [x]
+        traj = [torch.zeros_like(x)]
         for i in range(sched.num_steps):
             x, _ = sample_step(policy, sched, x, i, cond, uncond, step_noise(policy, sd, i))
-            traj.append(x)
+            traj.append(predict_x0(policy, sched, x, i + 1, cond, uncond))
         states.append(torch.stack(traj, 1).cpu())
         r, _ = reward(policy.decode(x).cpu(), [policy.prompt_text(p) for p in mb])
         rewards.append(r.float())

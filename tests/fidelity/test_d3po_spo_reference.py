@@ -8,13 +8,21 @@ Transcribed (our own code, faithful to theirs):
 * RockeyCoss/SPO@27a86428 spo_training_and_inference/spo/preference_models/compare_funcs.py
   ``preference_score_compare``, the tuple gathering of spo/custom_diffusers/multi_sample_pipeline.py, and the
   loss line of train_scripts/train_spo.py (``-torch.log(torch.sigmoid(beta * log(ratio_0) - beta *
-  log(ratio_1))).mean()``, sample 0 the winner).
+  log(ratio_1))).mean()``, sample 0 the winner);
+* RockeyCoss/SPO@27a86428 spo_training_and_inference/spo/custom_diffusers/ddim_seperate.py
+  ``ddim_step_fetch_x0`` (epsilon prediction: ``pred_original_sample = (sample - beta_prod_t ** 0.5 *
+  model_output) / alpha_prod_t ** 0.5``), the ``x0_hat`` the step-aware scorer reads (train.spo_scorer
+  ``predict_x0``); the flow-model counterpart ``x_t - sigma v`` is diffusers' FlowMatchEulerDiscreteScheduler
+  step to sigma 0.
 """
+
+from types import SimpleNamespace
 
 import torch
 
 from train.d3po import d3po_loss, d3po_preference
 from train.spo import spo_select
+from train.spo_scorer import predict_x0
 
 
 # --- transcriptions -----------------------------------------------------------------------------------------
@@ -175,3 +183,44 @@ def test_overflowing_ratio_gives_zero_not_nan_gradient():
     torch.testing.assert_close(loss, loss_ref)
     assert torch.isnan(g_ref[0]).any() and torch.isfinite(g).all()
     assert torch.equal(g[0, :2], torch.zeros(2)) and torch.allclose(g[1], g_ref[1])
+
+
+def ref_ddim_fetch_x0(model_output, alpha_prod_t, sample):
+    beta_prod_t = 1 - alpha_prod_t
+    return (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
+
+
+class _LinearDenoiser:
+    """A fixed, input-dependent prediction ``0.3 x + 0.1 t`` (t broadcast per sample)."""
+
+    def __call__(self, x, t, cond):
+        return 0.3 * x + 0.1 * t.float().view(-1, *([1] * (x.ndim - 1)))
+
+
+def test_predict_x0_matches_reference_ddim_and_flow_euler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 2, 4, 4, generator=g, dtype=torch.float64)
+    policy = SimpleNamespace(denoiser=_LinearDenoiser())
+    ab = torch.tensor([0.05, 0.4, 0.9], dtype=torch.float64)
+    ddim = SimpleNamespace(
+        num_steps=3, sigmas=None, alpha_bars=ab, timesteps=torch.tensor([900.0, 500.0, 100.0]),
+        guidance_scale=1.0,
+    )
+    for step in range(3):
+        eps = policy.denoiser(x, ddim.timesteps[step].expand(3), None)
+        ref = ref_ddim_fetch_x0(eps, ab[step], x)  # predict_x0 computes in fp32
+        torch.testing.assert_close(predict_x0(policy, ddim, x, step, None, None), ref, rtol=1e-6, atol=1e-6)
+    assert predict_x0(policy, ddim, x, 3, None, None) is x  # the clean sample: scored as is (timestep 0)
+
+    sigmas = torch.tensor([1.0, 0.7, 0.3, 0.0], dtype=torch.float64)
+    flow = SimpleNamespace(
+        num_steps=3, sigmas=sigmas, alpha_bars=None, timesteps=sigmas[:-1] * 1000, guidance_scale=1.0
+    )
+    for step in range(3):
+        v = policy.denoiser(x, flow.timesteps[step].expand(3), None)
+        sch = FlowMatchEulerDiscreteScheduler()
+        sch.set_timesteps(sigmas=[float(sigmas[step])])  # one Euler step from sigma to 0
+        ref = sch.step(v, sch.timesteps[0], x).prev_sample
+        torch.testing.assert_close(predict_x0(policy, flow, x, step, None, None), ref, rtol=1e-6, atol=1e-6)

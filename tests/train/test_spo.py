@@ -175,3 +175,18 @@ def test_scorer_cli_writes_a_loadable_scorer(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert spo_scorer.main(["--run-dir", str(tmp_path / "x"), "--images-per-prompt", "1"]) == 2
     assert "--images-per-prompt: expected an integer >= 2" in capsys.readouterr().err
+
+
+def test_scorer_reading_x_t_is_refused(tmp_path, embedded_scorer):
+    """A scorer saved before the x0_hat input (its .json without ``"input": "x0_hat"``) is refused by name."""
+    import shutil
+
+    old = tmp_path / "old.safetensors"
+    shutil.copy(embedded_scorer, old)
+    meta = json.loads(embedded_scorer.with_suffix(".json").read_text())
+    assert meta.pop("input") == "x0_hat"
+    old.with_suffix(".json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"--scorer: .* reads 'x_t', expected 'x0_hat'"):
+        spo_scorer.load_scorer(old)
+    spo_scorer.load_scorer(embedded_scorer)  # the shipped format loads
+    spo_scorer.load_scorer(spo_scorer.SHIPPED)
