@@ -28,8 +28,8 @@ setup(
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "diffusers>=0.32",
-        # transformers 5.25 requires the Hub's `kernels` package, whose import name is this project's `kernels`
-        # (diffusers then imports `kernels.CUDAProperties` from ours): stay below it until the name is resolved
+        # transformers 5.25 requires the Hub's `kernels` package, whose import name is this project's
+        # `kernels` (diffusers then imports `kernels.CUDAProperties` from ours): stay below it until renamed
         "transformers>=4.45,<5.25",
         "peft>=0.13",
         "safetensors",

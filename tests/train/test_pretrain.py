@@ -246,7 +246,7 @@ def test_evaluation_during_pretraining_goes_through_the_evaluator_and_changes_no
 
 
 def _documented_commands() -> list[str]:
-    """The train.pretrain command lines of models/embedded/{,stage1/}pretrain.json and docs/embedded-model.md."""
+    """train.pretrain command lines of models/embedded/{,stage1/}pretrain.json and docs/embedded-model.md."""
     record = json.loads((DEFAULT_DIR / "pretrain.json").read_text())
     found = [*record["command"].split(" && "), *record["reproduce"].split(" && ")]
     found += [stage["reproduce"] for stage in record["stages"]]
