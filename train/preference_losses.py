@@ -5,8 +5,8 @@ target ``noise`` (epsilon models) or ``noise - x0`` (flow models), and returns `
 loss and a dict of detached per-batch statistics (implicit reward accuracy and margins).
 
 ``paired_loss`` is the one call train.dpo makes for the paired methods (DPO, MaPO): from the predictions and
-targets to the loss and the per-sample errors, so that the fused ``kernels.preference_loss`` (same arguments,
-same results) can replace its body.
+targets to the loss and the per-sample errors (DPO through the fused ``kernels.preference_loss``);
+``dpo_loss`` and ``mapo_loss`` are the losses on per-sample errors given by the caller.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+import kernels
 
 __all__ = [
     "per_sample_error",
@@ -154,19 +156,35 @@ def paired_loss(
     num_train_timesteps: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
     """DPO (``form="dpo"``, needs the reference predictions ``ref_w``/``ref_l``) or MaPO (``form="mapo"``,
-    refuses them) from predictions -> ``(loss, err_w, err_l, stats)``.  The signature of the fused
-    ``kernels.preference_loss``, which may replace this body."""
-    err_w, err_l = per_sample_error(pred_w, target_w), per_sample_error(pred_l, target_l)
-    if form == "dpo":
-        if ref_w is None or ref_l is None:
-            raise ValueError("paired_loss: form 'dpo' expected the reference predictions ref_w and ref_l")
-        with torch.no_grad():
-            rw, rl = per_sample_error(ref_w, target_w), per_sample_error(ref_l, target_l)
-        loss, stats = dpo_loss(err_w, err_l, rw, rl, beta=beta)
-    elif form == "mapo":
+    refuses them) from predictions -> ``(loss, err_w, err_l, stats)``.  DPO goes through the fused
+    ``kernels.preference_loss`` (the Triton kernel on CUDA, its PyTorch reference on the CPU), with
+    :func:`dpo_loss`'s statistics from the kernel's detached per-sample errors; MaPO through
+    :func:`mapo_loss`."""
+    if form == "mapo":
         if ref_w is not None or ref_l is not None:
             raise ValueError("paired_loss: form 'mapo' has no reference model, got reference predictions")
+        # Not the fused kernel: its f(x) = x / (e^x - 1) avoids the fp32 cancellation the reference code has
+        # (mapo-t2i/mapo@374b3d3d utils.py), so at errors near 0.05 the two losses differ by ~0.7%; training
+        # follows the reference's arithmetic.
+        err_w, err_l = per_sample_error(pred_w, target_w), per_sample_error(pred_l, target_l)
         loss, stats = mapo_loss(err_w, err_l, beta=beta, snr=snr, num_train_timesteps=num_train_timesteps)
-    else:
+        return loss, err_w.detach(), err_l.detach(), stats
+    if form != "dpo":
         raise ValueError(f"paired_loss: expected form 'dpo' or 'mapo', got {form!r}")
-    return loss, err_w.detach(), err_l.detach(), stats
+    if ref_w is None or ref_l is None:
+        raise ValueError("paired_loss: form 'dpo' expected the reference predictions ref_w and ref_l")
+    out = kernels.preference_loss(
+        pred_w, pred_l, target_w, target_l, form="dpo", ref_w=ref_w, ref_l=ref_l, beta=beta
+    )
+    err_w, err_l = out.err_w.detach(), out.err_l.detach()
+    w_diff, l_diff = err_w - out.err_w_ref, err_l - out.err_l_ref
+    inside = -0.5 * beta * (w_diff - l_diff)
+    stats = {
+        "implicit_acc": (inside > 0).float().mean(),
+        "margin": inside.mean(),
+        "w_diff": w_diff.mean(),
+        "l_diff": l_diff.mean(),
+        "err_w": err_w.mean(),
+        "err_l": err_l.mean(),
+    }
+    return out.loss, err_w, err_l, stats
