@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["JpegCompressibility", "ClipScore", "to_uint8"]
+__all__ = ["JpegCompressibility", "ClipScore", "Saturation", "to_uint8"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -37,6 +37,21 @@ class JpegCompressibility:
             Image.fromarray(arr).save(buf, format="JPEG", quality=self.quality)
             sizes.append(buf.tell() / 1000.0)
         return -self.sign * torch.tensor(sizes, dtype=torch.float32)
+
+
+class Saturation:
+    """Mean colour saturation, ``mean_pixels(max(r, g, b) - min(r, g, b))`` on images mapped to [0, 1]: a
+    differentiable reward that is trivially hackable (it pays for vivid colour whatever the prompt asks), so
+    the reward-hacking guards and the reward-backprop loops have a test bed on the embedded default.  Keeps
+    the autograd graph to ``images`` when grad is enabled; the result is on ``images``' device."""
+
+    name = "saturation"
+    differentiable = True
+
+    def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        x = (images.float().clamp(-1, 1) + 1.0) / 2.0
+        sat = x.amax(dim=1) - x.amin(dim=1)
+        return sat.flatten(1).mean(dim=1)
 
 
 class ClipScore:

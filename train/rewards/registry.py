@@ -1,8 +1,15 @@
 """Reward registry and multi-reward aggregation (math.md §8).
 
 ``build_reward(names, ...)`` returns a :class:`CombinedReward`: call it with ``(images, prompts)`` and it
-returns ``(reward [B], components {name: [B]})``.  A reward that raises, returns the wrong shape, or returns a
-non-finite value stops the run with a message naming it; it is never replaced by a silent zero.
+returns ``(reward [B], components {name: [B]})``.
+
+A reward is a callable ``(images [B, 3, H, W] in [-1, 1], prompts) -> [B]`` with a ``name``.  One whose
+``differentiable`` attribute is True keeps the autograd graph from ``images`` to its result whenever grad is
+enabled (the reward-backprop loops need that); a :class:`CombinedReward` is differentiable when all its parts
+are, and :func:`require_differentiable` refuses any other before work starts.
+
+A reward that raises, returns the wrong shape, or returns a non-finite value stops the run with a message
+naming it; it is never replaced by a silent zero.
 """
 
 from __future__ import annotations
@@ -11,7 +18,15 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["REWARD_NAMES", "AGGREGATIONS", "build_reward", "CombinedReward", "RewardError", "aggregate"]
+__all__ = [
+    "REWARD_NAMES",
+    "AGGREGATIONS",
+    "build_reward",
+    "CombinedReward",
+    "RewardError",
+    "aggregate",
+    "require_differentiable",
+]
 
 AGGREGATIONS = ("zmean", "min", "mean_minus_std")
 
@@ -50,12 +65,19 @@ def _clip(opts):
     return ClipScore(opts.get("clip_path"))
 
 
+def _saturation(_opts):
+    from .basic import Saturation
+
+    return Saturation()
+
+
 _FACTORIES: dict[str, Callable] = {
     "geneval_mini": _geneval_mini("strict"),
     "geneval_mini_partial": _geneval_mini("partial"),
     "jpeg_compressibility": _jpeg(1.0),
     "jpeg_incompressibility": _jpeg(-1.0),
     "clip_score": _clip,
+    "saturation": _saturation,
 }
 REWARD_NAMES = tuple(_FACTORIES)
 
@@ -72,7 +94,7 @@ def aggregate(values: dict[str, torch.Tensor], weights: dict[str, float], how: s
         v = values[n]
         z.append((v - v.mean()) / (v.std(unbiased=False) + 1e-6))
     z = torch.stack(z, dim=0)
-    w = torch.tensor([weights[n] for n in names], dtype=z.dtype).view(-1, 1)
+    w = torch.tensor([weights[n] for n in names], dtype=z.dtype, device=z.device).view(-1, 1)
     mean = (w * z).sum(0) / w.sum()
     if how == "zmean":
         return mean
@@ -87,6 +109,11 @@ class CombinedReward:
     def __init__(self, fns: dict[str, Callable], weights: dict[str, float], aggregation: str, k_std: float):
         self.fns, self.weights, self.aggregation, self.k_std = fns, weights, aggregation, k_std
 
+    @property
+    def differentiable(self) -> bool:
+        """True when every part keeps the graph from the images to its value."""
+        return all(getattr(fn, "differentiable", False) for fn in self.fns.values())
+
     def __call__(
         self, images: torch.Tensor, prompts: Sequence
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -97,7 +124,7 @@ class CombinedReward:
                 val = fn(images, prompts)
             except Exception as e:  # surface it with the reward's name; the loop checkpoints and stops
                 raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
-            val = torch.as_tensor(val, dtype=torch.float32).reshape(-1)
+            val = torch.as_tensor(val).to(torch.float32).reshape(-1)
             if val.shape[0] != b:
                 raise RewardError(f"reward {name!r}: expected {b} values (one per image), got {val.shape[0]}")
             if not torch.isfinite(val).all():
@@ -142,3 +169,13 @@ def build_reward(
         )
     opts = {"clip_path": clip_path}
     return CombinedReward({n: _FACTORIES[n](opts) for n in names}, w, aggregation, k_std)
+
+
+def require_differentiable(reward: CombinedReward, option: str = "--reward") -> None:
+    """Refuse, before any work, a reward that cannot be backpropagated (reward-backprop methods need one)."""
+    bad = [n for n, fn in reward.fns.items() if not getattr(fn, "differentiable", False)]
+    if bad:
+        raise ValueError(
+            f"{option}: expected differentiable reward(s) for this method, got non-differentiable "
+            f"{', '.join(repr(b) for b in bad)}"
+        )
