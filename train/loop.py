@@ -106,6 +106,13 @@ class RunConfig:
     reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "one weight per reward"})
     reward_aggregation: str = field(default="zmean", metadata={"help": "zmean, min or mean_minus_std"})
     reward_clip_path: str | None = _h("local CLIP directory for the clip_score reward")
+    reward_paths: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "local weights of model rewards, NAME=PATH each (pickscore=/models/PickScore_v1)"},
+    )
+    reward_device: str = field(
+        default="auto", metadata={"help": "model rewards' device: auto (CUDA if present), cpu, cuda, cuda:N"}
+    )
     run_dir: str | None = _h("run directory (default: runs/<algorithm>-<timestamp>)")
     resume: str | None = _h("continue the run in this directory (from its newest intact checkpoint)")
     overwrite: bool = field(
@@ -889,6 +896,8 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             weights=cfg.reward_weights,
             aggregation=cfg.reward_aggregation,
             clip_path=cfg.reward_clip_path,
+            paths=cfg.reward_paths,
+            device=cfg.reward_device,
         )
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         if int(os.environ.get("RANK", "0")) == 0:

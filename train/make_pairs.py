@@ -71,6 +71,12 @@ class PairsConfig:
     reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "one weight per reward"})
     reward_aggregation: str = field(default="zmean", metadata={"help": "zmean, min or mean_minus_std"})
     reward_clip_path: str | None = _h("local CLIP directory for the clip_score reward")
+    reward_paths: tuple[str, ...] = field(
+        default=(), metadata={"help": "local weights of model rewards, NAME=PATH each"}
+    )
+    reward_device: str = field(
+        default="auto", metadata={"help": "device of model rewards: auto, cpu, cuda, cuda:N"}
+    )
     out: str | None = _h("output directory (default: runs/pairs-<timestamp>)")
     overwrite: bool = field(
         default=False, metadata={"help": "replace the pairs, labels and images an --out directory holds"}
@@ -459,7 +465,8 @@ def main(argv=None) -> int:
                         presets=PRESETS)
         validate(cfg)
         reward = build_reward(cfg.reward, weights=cfg.reward_weights, aggregation=cfg.reward_aggregation,
-                              clip_path=cfg.reward_clip_path)
+                              clip_path=cfg.reward_clip_path, paths=cfg.reward_paths,
+                              device=cfg.reward_device)
     except (ConfigError, ValueError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -136,6 +136,36 @@ class CombinedReward:
         return aggregate(comps, self.weights, self.aggregation, self.k_std), comps
 
 
+def parse_reward_paths(paths: Sequence[str] | dict[str, str]) -> dict[str, str]:
+    """``("pickscore=/m/ps", ...)`` -> ``{"pickscore": "/m/ps"}``; a malformed entry is refused by name."""
+    if isinstance(paths, dict):
+        return dict(paths)
+    out: dict[str, str] = {}
+    for entry in paths:
+        name, sep, path = str(entry).partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--reward-paths: expected NAME=PATH entries, got {entry!r}")
+        if name.strip() in out:
+            raise ValueError(f"--reward-paths: expected each reward once, got {name.strip()!r} twice")
+        out[name.strip()] = path.strip()
+    return out
+
+
+def resolve_device(device: str) -> str:
+    """``--reward-device``: ``auto`` is CUDA when present, else the CPU; others must name a torch device."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--reward-device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--reward-device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--reward-device: expected a device this machine has, got {device!r} (no CUDA)")
+    return str(dev)
+
+
 def build_reward(
     names: str | Sequence[str],
     *,
@@ -143,7 +173,12 @@ def build_reward(
     aggregation: str = "zmean",
     k_std: float = 1.0,
     clip_path: str | None = None,
+    paths: Sequence[str] | dict[str, str] = (),
+    device: str = "auto",
 ) -> CombinedReward:
+    """``paths``: local weights of model rewards, ``NAME=PATH`` strings (``--reward-paths``) or a dict; a
+    factory reads its own entry from ``opts["paths"]``.  ``device``: where model rewards run (``auto``: CUDA
+    when present)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     names = list(names)
@@ -167,7 +202,7 @@ def build_reward(
         raise ValueError(
             f"--reward-weights: expected non-negative weights with a positive sum, got {tuple(weights)}"
         )
-    opts = {"clip_path": clip_path}
+    opts = {"clip_path": clip_path, "paths": parse_reward_paths(paths), "device": resolve_device(device)}
     return CombinedReward({n: _FACTORIES[n](opts) for n in names}, w, aggregation, k_std)
 
 
