@@ -65,6 +65,18 @@ def _clip(opts):
     return ClipScore(opts.get("clip_path"))
 
 
+def _hpsv21(opts):
+    from .hps import HPSv21
+
+    return HPSv21(opts.get("paths", {}).get("hpsv2.1"), device=opts.get("device", "cpu"))
+
+
+def _imagereward(opts):
+    from .imagereward import ImageReward
+
+    return ImageReward(opts.get("paths", {}).get("imagereward"), device=opts.get("device", "cpu"))
+
+
 def _saturation(_opts):
     from .basic import Saturation
 
@@ -78,6 +90,8 @@ _FACTORIES: dict[str, Callable] = {
     "jpeg_incompressibility": _jpeg(-1.0),
     "clip_score": _clip,
     "saturation": _saturation,
+    "hpsv2.1": _hpsv21,
+    "imagereward": _imagereward,
 }
 REWARD_NAMES = tuple(_FACTORIES)
 
