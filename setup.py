@@ -49,6 +49,9 @@ setup(
         "bench": ["pytest", "pytest-benchmark"],
         # train.data.preference.load_pickapic reads Pick-a-Pic-style parquet files
         "data": ["pyarrow"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ruff", "pyarrow"],
+        # the hpsv2.1 reward cleans prompts with ftfy.fix_text as open_clip does (without it: NFC only, a
+        # warning); regex (open_clip's tokenizer pattern) already comes with transformers
+        "rewards": ["ftfy"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ruff", "pyarrow", "ftfy"],
     },
 )

@@ -1,7 +1,8 @@
-"""Tiny random-weight checkpoints of the HPS v2.1 (open_clip ViT-H-14 layout) and ImageReward (BLIP ViT-L + med
-BERT + MLP layout) reward models, written with the real files' names and key names, so the rewards load them as
-they load the real ones.  Widths and depths are small; head widths follow the real architectures (ViT-H-14: 80
-vision / 64 text; BLIP ViT-L: 64), as do patch sizes, the 224 input and the 77 / 35 token contexts."""
+"""Tiny random-weight checkpoints of the HPS v2.1 (open_clip ViT-H-14 layout) and ImageReward (BLIP ViT-L +
+med BERT + MLP layout) reward models, written with the real files' names and key names, so the rewards load
+them as they load the real ones.  Widths and depths are small; head widths follow the real architectures
+(ViT-H-14: 80 vision / 64 text; BLIP ViT-L: 64), as do patch sizes, the 224 input and the 77 / 35 token
+contexts."""
 
 from __future__ import annotations
 
@@ -12,10 +13,41 @@ import torch
 
 # open_clip merges file: a header line, then one merge per line (no trailing newline, as the slice in
 # SimpleTokenizer would otherwise add an empty merge for a short file)
-BPE_MERGES = ["a b</w>", "r e", "re d</w>", "c i", "ci r", "cir c", "circ l", "circl e</w>", "t w", "tw o</w>"]
+BPE_MERGES = [
+    "a b</w>",
+    "r e",
+    "re d</w>",
+    "c i",
+    "ci r",
+    "cir c",
+    "circ l",
+    "circl e</w>",
+    "t w",
+    "tw o</w>",
+]
 N_BPE = 512 + len(BPE_MERGES) + 2
-BERT_WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "circle", "two", "square", "##s", "blue",
-              "triangle", "green", "on", "the", "left", "of", ".", ","]
+BERT_WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "a",
+    "red",
+    "circle",
+    "two",
+    "square",
+    "##s",
+    "blue",
+    "triangle",
+    "green",
+    "on",
+    "the",
+    "left",
+    "of",
+    ".",
+    ",",
+]
 
 
 def _ln(g, d, prefix, out):
@@ -29,8 +61,18 @@ def _lin(g, d_out, d_in, prefix, out, bias=True):
         out[prefix + "bias"] = 0.05 * torch.randn(d_out, generator=g)
 
 
-def tiny_open_clip_state_dict(seed=0, v_width=160, v_layers=2, t_width=128, t_layers=2, embed=32, patch=14,
-                              image=224, ctx=77, vocab=N_BPE):
+def tiny_open_clip_state_dict(
+    seed=0,
+    v_width=160,
+    v_layers=2,
+    t_width=128,
+    t_layers=2,
+    embed=32,
+    patch=14,
+    image=224,
+    ctx=77,
+    vocab=N_BPE,
+):
     """open_clip ``CLIP.state_dict()`` keys (as in HPS_v2.1_compressed.pt's ``state_dict``)."""
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
@@ -38,10 +80,14 @@ def tiny_open_clip_state_dict(seed=0, v_width=160, v_layers=2, t_width=128, t_la
     sd["visual.class_embedding"] = 0.5 * torch.randn(v_width, generator=g)
     sd["visual.positional_embedding"] = 0.5 * torch.randn(grid * grid + 1, v_width, generator=g)
     sd["visual.proj"] = torch.randn(v_width, embed, generator=g) / v_width**0.5
-    sd["visual.conv1.weight"] = torch.randn(v_width, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+    sd["visual.conv1.weight"] = (
+        torch.randn(v_width, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+    )
     _ln(g, v_width, "visual.ln_pre.", sd)
-    for tower, w, n in (("visual.transformer.resblocks.", v_width, v_layers), ("transformer.resblocks.", t_width,
-                                                                                t_layers)):
+    for tower, w, n in (
+        ("visual.transformer.resblocks.", v_width, v_layers),
+        ("transformer.resblocks.", t_width, t_layers),
+    ):
         for i in range(n):
             p = f"{tower}{i}."
             _ln(g, w, p + "ln_1.", sd)
@@ -70,13 +116,26 @@ def write_tiny_hps(folder, seed=0):
     return sd
 
 
-def tiny_med_config(hidden=64, layers=2, heads=2, vocab=len(BERT_WORDS) + 2):
+def tiny_med_config(hidden=64, layers=2, heads=2, vocab=None):
+    vocab = len(BERT_WORDS) + 2 if vocab is None else vocab  # + BLIP's [DEC], [ENC]
     return {
-        "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-        "hidden_dropout_prob": 0.1, "hidden_size": hidden, "initializer_range": 0.02,
-        "intermediate_size": 2 * hidden, "layer_norm_eps": 1e-12, "max_position_embeddings": 40,
-        "model_type": "bert", "num_attention_heads": heads, "num_hidden_layers": layers, "pad_token_id": 0,
-        "type_vocab_size": 2, "vocab_size": vocab, "encoder_width": 768, "add_cross_attention": True,
+        "architectures": ["BertModel"],
+        "attention_probs_dropout_prob": 0.1,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": 0.1,
+        "hidden_size": hidden,
+        "initializer_range": 0.02,
+        "intermediate_size": 2 * hidden,
+        "layer_norm_eps": 1e-12,
+        "max_position_embeddings": 40,
+        "model_type": "bert",
+        "num_attention_heads": heads,
+        "num_hidden_layers": layers,
+        "pad_token_id": 0,
+        "type_vocab_size": 2,
+        "vocab_size": vocab,
+        "encoder_width": 768,
+        "add_cross_attention": True,
     }
 
 
@@ -89,7 +148,9 @@ def tiny_imagereward_state_dict(med, seed=0, v_width=128, v_layers=2, patch=16, 
     v = "blip.visual_encoder."
     sd[v + "cls_token"] = 0.5 * torch.randn(1, 1, v_width, generator=g)
     sd[v + "pos_embed"] = 0.5 * torch.randn(1, grid * grid + 1, v_width, generator=g)
-    sd[v + "patch_embed.proj.weight"] = torch.randn(v_width, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+    sd[v + "patch_embed.proj.weight"] = (
+        torch.randn(v_width, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+    )
     sd[v + "patch_embed.proj.bias"] = 0.05 * torch.randn(v_width, generator=g)
     for i in range(v_layers):
         p = f"{v}blocks.{i}."
@@ -104,8 +165,9 @@ def tiny_imagereward_state_dict(med, seed=0, v_width=128, v_layers=2, patch=16, 
     t = "blip.text_encoder."
     sd[t + "embeddings.position_ids"] = torch.arange(med["max_position_embeddings"]).expand((1, -1))
     sd[t + "embeddings.word_embeddings.weight"] = torch.randn(med["vocab_size"], h, generator=g)
-    sd[t + "embeddings.position_embeddings.weight"] = 0.5 * torch.randn(med["max_position_embeddings"], h,
-                                                                        generator=g)
+    sd[t + "embeddings.position_embeddings.weight"] = 0.5 * torch.randn(
+        med["max_position_embeddings"], h, generator=g
+    )
     _ln(g, h, t + "embeddings.LayerNorm.", sd)
     for i in range(med["num_hidden_layers"]):
         p = f"{t}encoder.layer.{i}."

@@ -1,22 +1,23 @@
-"""HPS v2.1 reward: the Human Preference Score v2.1 checkpoint (an open_clip ViT-H-14 state dict) from a local file,
-scored as ``tgxs002/HPSv2@866735ecaae999fa714bd9edfa05aa2672669ee3 hpsv2/img_score.py`` does (math.md §8.1).
+"""HPS v2.1 reward: the Human Preference Score v2.1 checkpoint (an open_clip ViT-H-14 state dict) from a local
+file, scored as ``tgxs002/HPSv2@866735ecaae999fa714bd9edfa05aa2672669ee3 hpsv2/img_score.py`` does (math.md
+§8.1).
 
 ``score = <f_img / |f_img|, f_txt / |f_txt|>`` (the diagonal of ``image_features @ text_features.T``; no logit
 scale), with HPSv2's validation preprocessing (``hpsv2/src/open_clip/transform.py`` ``image_transform(..,
 is_train=False)``): ``ToTensor`` -> ``Resize(224, bicubic)`` on the *tensor* (torchvision's tensor resize:
-``F.interpolate(.., "bicubic", align_corners=False, antialias=True)``, shorter side to 224) -> ``CenterCrop(224)`` ->
-normalise with the OpenAI mean/std.  Its tokenizer is open_clip's ``SimpleTokenizer`` (transcribed below from
-``hpsv2/src/open_clip/tokenizer.py``; 77 tokens, zero padded).
+``F.interpolate(.., "bicubic", align_corners=False, antialias=True)``, shorter side to 224) ->
+``CenterCrop(224)`` -> normalise with the OpenAI mean/std.  Its tokenizer is open_clip's ``SimpleTokenizer``
+(transcribed below from ``hpsv2/src/open_clip/tokenizer.py``; 77 tokens, zero padded).
 
 The open_clip package itself is not used: it requires torchvision (and timm), which do not import beside this
-project's torch build.  The checkpoint's open_clip keys are mapped onto transformers' ``CLIPModel`` instead (the
-same weights, the layout of ``huggingface/transformers src/transformers/models/clip/
+project's torch build.  The checkpoint's open_clip keys are mapped onto transformers' ``CLIPModel`` instead
+(the same weights, the layout of ``huggingface/transformers src/transformers/models/clip/
 convert_clip_original_pytorch_to_hf.py``: ``in_proj_weight`` split into q/k/v, ``proj`` / ``text_projection``
 transposed into linear weights, GELU activations, argmax-of-token-id text pooling as open_clip's
 ``text.argmax(dim=-1)``).
 
-Differentiable: when grad is enabled and the images require grad, the preprocessing runs on the float images (no
-uint8 rounding), so the graph reaches the images; otherwise the images are first rounded to uint8 as the
+Differentiable: when grad is enabled and the images require grad, the preprocessing runs on the float images
+(no uint8 rounding), so the graph reaches the images; otherwise the images are first rounded to uint8 as the
 reference's PIL input is.  Both paths are the same torch ops after that rounding.
 """
 
@@ -53,7 +54,11 @@ OPTION = "--reward-paths"
 
 @lru_cache()
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(2**8):
@@ -73,8 +78,8 @@ _FTFY_WARNED = False
 
 def _basic_clean(text: str) -> str:
     """``ftfy.fix_text`` then two ``html.unescape``.  Without ftfy (the ``rewards`` extra) only its NFC
-    normalisation is applied, which is the same on text without mojibake, curly quotes, ligatures or full-width
-    characters; a warning says so once."""
+    normalisation is applied, which is the same on text without mojibake, curly quotes, ligatures or
+    full-width characters; a warning says so once."""
     global _FTFY_WARNED
     try:
         import ftfy
@@ -83,7 +88,8 @@ def _basic_clean(text: str) -> str:
     except ImportError:
         if not _FTFY_WARNED:
             warnings.warn(
-                "hpsv2.1: ftfy is not installed (pip install 'nft-engine[rewards]'); prompts are cleaned with NFC "
+                "hpsv2.1: ftfy is not installed (pip install 'nft-engine[rewards]'); prompts are cleaned "
+                "with NFC "
                 "normalisation only, as ftfy does on plain text",
                 stacklevel=3,
             )
@@ -99,8 +105,8 @@ def _whitespace_clean(text: str) -> str:
 
 class OpenClipTokenizer:
     """open_clip's byte-level BPE tokenizer from its ``bpe_simple_vocab_16e6.txt.gz`` merges file:
-    ``[<start_of_text>] + bpe(clean(text).lower()) + [<end_of_text>]``, truncated to ``context_length`` with the
-    last token forced to ``<end_of_text>``, zero padded."""
+    ``[<start_of_text>] + bpe(clean(text).lower()) + [<end_of_text>]``, truncated to ``context_length`` with
+    the last token forced to ``<end_of_text>``, zero padded."""
 
     def __init__(self, bpe_path: str | Path, context_length: int = 77):
         import regex
@@ -221,13 +227,20 @@ def _count_blocks(sd, prefix: str) -> int:
 
 
 def open_clip_to_hf(sd: dict[str, torch.Tensor]):
-    """An open_clip ViT (``visual.*`` + text tower) state dict -> ``(CLIPConfig, HF state dict)``.  Shapes give
-    widths, depths, patch and image size, context length and vocabulary; head counts follow ViT-H-14's head
-    widths (80 vision, 64 text).  A key this mapping does not know is refused, never dropped silently."""
+    """An open_clip ViT (``visual.*`` + text tower) state dict -> ``(CLIPConfig, HF state dict)``.  Shapes
+    give widths, depths, patch and image size, context length and vocabulary; head counts follow ViT-H-14's
+    head widths (80 vision, 64 text).  A key this mapping does not know is refused, never dropped silently."""
     from transformers import CLIPConfig
 
-    need = ("visual.conv1.weight", "visual.positional_embedding", "visual.proj", "token_embedding.weight",
-            "positional_embedding", "text_projection", "ln_final.weight")
+    need = (
+        "visual.conv1.weight",
+        "visual.positional_embedding",
+        "visual.proj",
+        "token_embedding.weight",
+        "positional_embedding",
+        "text_projection",
+        "ln_final.weight",
+    )
     missing = [k for k in need if k not in sd]
     if missing:
         raise ValueError(
@@ -246,23 +259,42 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor]):
     t_mlp = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     cfg = CLIPConfig(
         text_config=dict(
-            vocab_size=vocab, hidden_size=t_width, intermediate_size=t_mlp, num_hidden_layers=t_layers,
-            num_attention_heads=t_width // TEXT_HEAD_WIDTH, max_position_embeddings=ctx, hidden_act="gelu",
-            layer_norm_eps=1e-5, projection_dim=embed_dim,
+            vocab_size=vocab,
+            hidden_size=t_width,
+            intermediate_size=t_mlp,
+            num_hidden_layers=t_layers,
+            num_attention_heads=t_width // TEXT_HEAD_WIDTH,
+            max_position_embeddings=ctx,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            projection_dim=embed_dim,
             # eos_token_id 2 selects transformers' argmax-of-token-id pooling: open_clip's text.argmax(dim=-1)
-            bos_token_id=0, eos_token_id=2, pad_token_id=0,
+            bos_token_id=0,
+            eos_token_id=2,
+            pad_token_id=0,
         ),
         vision_config=dict(
-            hidden_size=v_width, intermediate_size=v_mlp, num_hidden_layers=v_layers,
-            num_attention_heads=v_width // VISION_HEAD_WIDTH, image_size=grid * patch, patch_size=patch,
-            hidden_act="gelu", layer_norm_eps=1e-5, projection_dim=embed_dim,
+            hidden_size=v_width,
+            intermediate_size=v_mlp,
+            num_hidden_layers=v_layers,
+            num_attention_heads=v_width // VISION_HEAD_WIDTH,
+            image_size=grid * patch,
+            patch_size=patch,
+            hidden_act="gelu",
+            layer_norm_eps=1e-5,
+            projection_dim=embed_dim,
         ),
         projection_dim=embed_dim,
     )
 
     out: dict[str, torch.Tensor] = {}
-    block_map = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
-                 "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    block_map = {
+        "ln_1": "layer_norm1",
+        "ln_2": "layer_norm2",
+        "attn.out_proj": "self_attn.out_proj",
+        "mlp.c_fc": "mlp.fc1",
+        "mlp.c_proj": "mlp.fc2",
+    }
     top_map = {
         "visual.class_embedding": "vision_model.embeddings.class_embedding",
         "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
@@ -288,8 +320,11 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor]):
         elif k == "attn_mask":  # open_clip's causal mask buffer; transformers builds its own
             continue
         elif k.startswith(("visual.transformer.resblocks.", "transformer.resblocks.")):
-            tower, rest = ("vision_model", k[len("visual.transformer.resblocks."):]) if k.startswith("visual.") \
-                else ("text_model", k[len("transformer.resblocks."):])
+            tower, rest = (
+                ("vision_model", k[len("visual.transformer.resblocks.") :])
+                if k.startswith("visual.")
+                else ("text_model", k[len("transformer.resblocks.") :])
+            )
             i, _, name = rest.partition(".")
             base = f"{tower}.encoder.layers.{i}."
             if name.startswith("attn.in_proj_"):
@@ -328,7 +363,8 @@ def _resolve(path: str | None) -> tuple[Path, Path]:
             ckpts = sorted(q for q in p.iterdir() if q.suffix in (".pt", ".pth", ".bin") and q.is_file())
         if len(ckpts) != 1:
             raise FileNotFoundError(
-                f"{OPTION}: expected hpsv2.1=DIR holding one checkpoint (HPS_v2.1_compressed.pt), got {path!r} "
+                f"{OPTION}: expected hpsv2.1=DIR holding one checkpoint (HPS_v2.1_compressed.pt), "
+                f"got {path!r} "
                 f"with {len(ckpts)} .pt/.pth/.bin files"
             )
         ckpt, folder = ckpts[0], p
@@ -354,13 +390,13 @@ def _load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
         raise ValueError(f"{OPTION}: expected hpsv2.1=FILE to hold a state dict, got {type(obj).__name__}")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 class HPSv21:
-    """HPS v2.1 (math.md §8.1): cosine similarity of the normalised open_clip ViT-H-14 image and text features,
-    ``[B]`` float32 on the images' device (the model runs on ``device``).  ``differentiable``: the graph reaches
-    the images when grad is enabled and they require it."""
+    """HPS v2.1 (math.md §8.1): cosine similarity of the normalised open_clip ViT-H-14 image and text
+    features, ``[B]`` float32 on the images' device (the model runs on ``device``).  ``differentiable``: the
+    graph reaches the images when grad is enabled and they require it."""
 
     name = "hpsv2.1"
     differentiable = True
@@ -385,8 +421,8 @@ class HPSv21:
         self.size = cfg.vision_config.image_size
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """``[-1, 1]`` images -> the model's input.  With grad on floats; otherwise rounded to uint8 first (the
-        reference's PIL input, ``ToTensor`` = ``/ 255``)."""
+        """``[-1, 1]`` images -> the model's input.  With grad on floats; otherwise rounded to uint8 first
+        (the reference's PIL input, ``ToTensor`` = ``/ 255``)."""
         x = (images.to(self.device, torch.float32).clamp(-1, 1) + 1.0) / 2.0
         if not (torch.is_grad_enabled() and images.requires_grad):
             x = (x * 255.0).round() / 255.0
@@ -394,7 +430,9 @@ class HPSv21:
 
     def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
         if len(prompts) != images.shape[0]:
-            raise ValueError(f"hpsv2.1: expected one prompt per image ({images.shape[0]}), got {len(prompts)}")
+            raise ValueError(
+                f"hpsv2.1: expected one prompt per image ({images.shape[0]}), got {len(prompts)}"
+            )
         pixels = self.preprocess(images)
         ids = self.tokenizer([str(p) for p in prompts]).to(self.device)
         img = self.model.get_image_features(pixel_values=pixels)

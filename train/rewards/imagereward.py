@@ -1,23 +1,25 @@
 """ImageReward: THUDM's BLIP-based human-preference reward from a local folder, scored as
-``THUDM/ImageReward@c1392c6dd0fd6ecd6d416c96959ab744a6d0a8fb ImageReward/ImageReward.py`` ``ImageReward.score`` /
-``inference_rank`` do (math.md §8.2):
+``THUDM/ImageReward@c1392c6dd0fd6ecd6d416c96959ab744a6d0a8fb ImageReward/ImageReward.py``
+``ImageReward.score`` / ``inference_rank`` do (math.md §8.2):
 
     r = (MLP(BERT_xattn(tokens, ViT_L(pixels))[:, 0]) - 0.16717362830052426) / 1.0333394966054072
 
 - image: ``Resize(224, BICUBIC)`` of the PIL image (shorter side), ``CenterCrop(224)``, ``ToTensor``,
   ``Normalize`` with the OpenAI CLIP mean/std; BLIP's ViT-L/16 (``ImageReward/models/BLIP/vit.py``, LayerNorm
   eps 1e-6, all 197 output tokens after the final norm);
-- text: ``bert-base-uncased`` WordPiece (plus BLIP's added ``[DEC]`` / ``[ENC]`` tokens), ``padding='max_length',
-  truncation=True, max_length=35``; BLIP's ``med.py`` BERT with cross-attention to the image tokens in every
-  layer, bidirectional self-attention ('multimodal' mode), the ``[CLS]`` output;
+- text: ``bert-base-uncased`` WordPiece (plus BLIP's added ``[DEC]`` / ``[ENC]`` tokens),
+  ``padding='max_length', truncation=True, max_length=35``; BLIP's ``med.py`` BERT with cross-attention to the
+  image tokens in every layer, bidirectional self-attention ('multimodal' mode), the ``[CLS]`` output;
 - head: ``MLP(768)``: five linear layers without activations (dropouts are off in eval).
 
-The ``image-reward`` package is not used: it pins ``timm==0.6.13`` and ``fairscale`` and imports torchvision.  The
-same checkpoint keys load into transformers' ``BlipVisionModel`` (BLIP's ViT; keys renamed) and ``BlipTextModel``
-(a port of BLIP's ``med.py``; keys unchanged), so ``ImageReward.pt`` + ``med_config.json`` load as they are.
+The ``image-reward`` package is not used: it pins ``timm==0.6.13`` and ``fairscale`` and imports torchvision.
+The same checkpoint keys load into transformers' ``BlipVisionModel`` (BLIP's ViT; keys renamed) and
+``BlipTextModel`` (a port of BLIP's ``med.py``; keys unchanged), so ``ImageReward.pt`` + ``med_config.json``
+load as they are.
 
 Differentiable (ReFL backprops through it): when grad is enabled and the images require grad the resize is
-``F.interpolate(.., "bicubic", antialias=True)`` on the float images (PIL's bicubic kernel, no uint8 rounding);
+``F.interpolate(.., "bicubic", antialias=True)`` on the float images (PIL's bicubic kernel and pass order,
+clipped like PIL's 8-bit passes, no uint8 rounding);
 otherwise the reference's PIL path on uint8 images.
 """
 
@@ -54,7 +56,8 @@ def _resize_crop_size(h: int, w: int, size: int):
 
 
 def pil_preprocess(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """The reference's PIL transform on ``[-1, 1]`` images rounded to uint8: ``[B, 3, size, size]`` float32."""
+    """The reference's PIL transform on ``[-1, 1]`` images rounded to uint8: ``[B, 3, size, size]``
+    float32."""
     out = []
     mean = np.asarray(OPENAI_MEAN, dtype=np.float32)
     std = np.asarray(OPENAI_STD, dtype=np.float32)
@@ -72,12 +75,19 @@ def pil_preprocess(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor
 
 def torch_preprocess(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tensor:
     """The differentiable twin of :func:`pil_preprocess`: the same sizes and crop, torch's antialiased bicubic
-    (PIL's kernel) on float images, no rounding."""
+    (PIL's kernel, a = -0.5) on float images in PIL's two passes, clipped to [0, 1] as PIL's uint8 passes are,
+    no rounding: within ~1.5/255 of the PIL path per pixel (its rounding)."""
     x = (images.float().clamp(-1, 1) + 1.0) / 2.0
     h, w = x.shape[-2:]
     new_h, new_w, top, left = _resize_crop_size(h, w, size)
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)
+    # PIL resamples horizontally, then vertically, each pass into a uint8 image: the bicubic overshoot is
+    # clipped to [0, 255] between the passes and after them (the clamps keep that; gradient 0 where clipped)
+    if new_w != w:
+        x = F.interpolate(x, size=(h, new_w), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    if new_h != h:
+        x = F.interpolate(x, size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True).clamp(
+            0, 1
+        )
     x = x[..., top : top + size, left : left + size]
     m = torch.tensor(OPENAI_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(OPENAI_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
@@ -85,18 +95,22 @@ def torch_preprocess(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tens
 
 
 def _count_blocks(sd, prefix: str) -> int:
-    idx = {int(k[len(prefix):].split(".")[0]) for k in sd if k.startswith(prefix)}
+    idx = {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
     return max(idx) + 1 if idx else 0
 
 
 def blip_to_hf(sd: dict[str, torch.Tensor], med: dict):
     """``ImageReward.pt`` + ``med_config.json`` -> (vision config, vision state dict, text config, text state
-    dict, MLP linear layers ``[(weight, bias)]``).  BLIP's ``vision_proj`` / ``text_proj`` (unused by the score)
-    and ``position_ids`` buffers are dropped; any other key this mapping does not know is refused."""
+    dict, MLP linear layers ``[(weight, bias)]``).  BLIP's ``vision_proj`` / ``text_proj`` (unused by the
+    score) and ``position_ids`` buffers are dropped; any other key this mapping does not know is refused."""
     from transformers import BlipTextConfig, BlipVisionConfig
 
-    need = ("blip.visual_encoder.patch_embed.proj.weight", "blip.visual_encoder.pos_embed",
-            "blip.text_encoder.embeddings.word_embeddings.weight", "mlp.layers.0.weight")
+    need = (
+        "blip.visual_encoder.patch_embed.proj.weight",
+        "blip.visual_encoder.pos_embed",
+        "blip.text_encoder.embeddings.word_embeddings.weight",
+        "mlp.layers.0.weight",
+    )
     missing = [k for k in need if k not in sd]
     if missing:
         raise ValueError(
@@ -110,22 +124,40 @@ def blip_to_hf(sd: dict[str, torch.Tensor], med: dict):
         intermediate_size=sd["blip.visual_encoder.blocks.0.mlp.fc1.weight"].shape[0],
         num_hidden_layers=_count_blocks(sd, "blip.visual_encoder.blocks."),
         num_attention_heads=width // VISION_HEAD_WIDTH,
-        image_size=grid * patch, patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-6,
+        image_size=grid * patch,
+        patch_size=patch,
+        hidden_act="gelu",
+        layer_norm_eps=1e-6,
     )
     tcfg = BlipTextConfig(
-        vocab_size=med["vocab_size"], hidden_size=med["hidden_size"], encoder_hidden_size=width,
-        intermediate_size=med["intermediate_size"], num_hidden_layers=med["num_hidden_layers"],
-        num_attention_heads=med["num_attention_heads"], max_position_embeddings=med["max_position_embeddings"],
-        hidden_act=med.get("hidden_act", "gelu"), layer_norm_eps=med.get("layer_norm_eps", 1e-12),
-        pad_token_id=med.get("pad_token_id", 0), bos_token_id=None, sep_token_id=None,  # unused in scoring
-        is_decoder=True,  # builds the cross-attention layers; forward(is_decoder=False) keeps self-attn bidirectional
+        vocab_size=med["vocab_size"],
+        hidden_size=med["hidden_size"],
+        encoder_hidden_size=width,
+        intermediate_size=med["intermediate_size"],
+        num_hidden_layers=med["num_hidden_layers"],
+        num_attention_heads=med["num_attention_heads"],
+        max_position_embeddings=med["max_position_embeddings"],
+        hidden_act=med.get("hidden_act", "gelu"),
+        layer_norm_eps=med.get("layer_norm_eps", 1e-12),
+        pad_token_id=med.get("pad_token_id", 0),
+        bos_token_id=None,
+        sep_token_id=None,  # unused in scoring
+        # is_decoder builds the cross-attention layers; forward(is_decoder=False) keeps the self-attention
+        # bidirectional (med.py's 'multimodal' mode)
+        is_decoder=True,
     )
     vis, txt, mlp, unknown = {}, {}, {}, []
-    vmap = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.qkv": "self_attn.qkv",
-            "attn.proj": "self_attn.projection", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+    vmap = {
+        "norm1": "layer_norm1",
+        "norm2": "layer_norm2",
+        "attn.qkv": "self_attn.qkv",
+        "attn.proj": "self_attn.projection",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
     for k, v in sd.items():
         if k.startswith("blip.visual_encoder."):
-            r = k[len("blip.visual_encoder."):]
+            r = k[len("blip.visual_encoder.") :]
             if r == "cls_token":
                 vis["embeddings.class_embedding"] = v
             elif r == "pos_embed":
@@ -135,7 +167,7 @@ def blip_to_hf(sd: dict[str, torch.Tensor], med: dict):
             elif r.startswith("norm."):
                 vis["post_layernorm." + r.rsplit(".", 1)[1]] = v
             elif r.startswith("blocks."):
-                i, _, name = r[len("blocks."):].partition(".")
+                i, _, name = r[len("blocks.") :].partition(".")
                 mod, _, kind = name.rpartition(".")
                 if mod in vmap:
                     vis[f"encoder.layers.{i}.{vmap[mod]}.{kind}"] = v
@@ -144,11 +176,11 @@ def blip_to_hf(sd: dict[str, torch.Tensor], med: dict):
             else:
                 unknown.append(k)
         elif k.startswith("blip.text_encoder."):
-            r = k[len("blip.text_encoder."):]
+            r = k[len("blip.text_encoder.") :]
             if not r.endswith("position_ids"):
                 txt[r] = v
         elif k.startswith("mlp.layers."):
-            mlp[k[len("mlp.layers."):]] = v
+            mlp[k[len("mlp.layers.") :]] = v
         elif k.startswith(("blip.vision_proj.", "blip.text_proj.")):
             continue
         else:
@@ -172,7 +204,8 @@ def _resolve(path: str | None) -> Path:
     p = Path(path)
     if not p.is_dir():
         raise FileNotFoundError(
-            f"{OPTION}: expected imagereward=DIR, a folder with ImageReward.pt, med_config.json and vocab.txt, "
+            f"{OPTION}: expected imagereward=DIR, a folder with ImageReward.pt, med_config.json and "
+            f"vocab.txt, "
             f"got {path!r} (not a directory)"
         )
     absent = [n for n in ("ImageReward.pt", "med_config.json", "vocab.txt") if not (p / n).is_file()]
@@ -250,8 +283,13 @@ class ImageReward:
                 f"imagereward: expected one prompt per image ({images.shape[0]}), got {len(prompts)}"
             )
         pixels = self.preprocess(images)
-        tok = self.tokenizer([str(p) for p in prompts], padding="max_length", truncation=True,
-                             max_length=MAX_LENGTH, return_tensors="pt")
+        tok = self.tokenizer(
+            [str(p) for p in prompts],
+            padding="max_length",
+            truncation=True,
+            max_length=MAX_LENGTH,
+            return_tensors="pt",
+        )
         image_embeds = self.vision(pixel_values=pixels).last_hidden_state
         image_atts = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=self.device)
         out = self.text(
