@@ -60,9 +60,28 @@ def _jpeg(sign):
 
 
 def _clip(opts):
+    """``--reward-paths clip_score=DIR`` or ``--reward-clip-path DIR`` (the same directory if both)."""
     from .basic import ClipScore
 
-    return ClipScore(opts.get("clip_path"))
+    via_paths, via_opt = (opts.get("paths") or {}).get("clip_score"), opts.get("clip_path")
+    if via_paths and via_opt and via_paths != via_opt:
+        raise ValueError(
+            f"--reward-clip-path: expected the same directory as --reward-paths clip_score=..., got "
+            f"{via_opt!r} and {via_paths!r}"
+        )
+    return ClipScore(via_paths or via_opt, device=opts.get("device", "cpu"))
+
+
+def _pickscore(opts):
+    from .clip_models import build_pickscore
+
+    return build_pickscore(opts)
+
+
+def _aesthetic(opts):
+    from .clip_models import build_aesthetic
+
+    return build_aesthetic(opts)
 
 
 def _saturation(_opts):
@@ -78,6 +97,8 @@ _FACTORIES: dict[str, Callable] = {
     "jpeg_incompressibility": _jpeg(-1.0),
     "clip_score": _clip,
     "saturation": _saturation,
+    "pickscore": _pickscore,
+    "aesthetic": _aesthetic,
 }
 REWARD_NAMES = tuple(_FACTORIES)
 
