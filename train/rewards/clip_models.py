@@ -115,7 +115,8 @@ def tensor_preprocess(
     antialiased ``mode`` resize of the shorter side, centre crop, ``(x - mean) / std`` (math.md §8).
     ``crop_round``: the crop offset is ``round((H - h) / 2)`` (torchvision's ``CenterCrop``) instead of
     ``(H - h) // 2`` (transformers' processor)."""
-    x = (images.float() / 2 + 0.5).clamp(0, 1)
+    x = images.to(torch.promote_types(images.dtype, torch.float32))
+    x = (x / 2 + 0.5).clamp(0, 1)
     if spec["resize"]:
         hw = _resized_hw(x.shape[-2], x.shape[-1], spec["shortest_edge"])
         if tuple(x.shape[-2:]) != hw:
