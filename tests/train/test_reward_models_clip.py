@@ -141,3 +141,16 @@ def test_clip_score_path_options_agree(dirs):
     with pytest.raises(ValueError, match="--reward-clip-path: expected the same directory"):
         build_reward("clip_score", clip_path=str(dirs / "clip"),
                      paths={"clip_score": str(dirs / "pickscore")})
+
+
+def test_every_path_checked_before_any_model_loads(dirs, monkeypatch):
+    """A bad entry for a later reward is refused before an earlier one's (large) model is loaded."""
+    import train.rewards.clip_models as cm
+
+    loaded = []
+    monkeypatch.setattr(cm, "PickScore", lambda *a, **k: loaded.append(a))
+    with pytest.raises(ValueError, match="--reward-paths: expected aesthetic=DIR"):
+        build_reward("pickscore,aesthetic", paths={"pickscore": str(dirs / "pickscore")}, device="cpu")
+    with pytest.raises(ValueError, match="--reward-clip-path"):
+        build_reward("pickscore,clip_score", paths={"pickscore": str(dirs / "pickscore")}, device="cpu")
+    assert loaded == []

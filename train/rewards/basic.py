@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["JpegCompressibility", "ClipScore", "Saturation", "to_uint8"]
+__all__ = ["JpegCompressibility", "ClipScore", "Saturation", "check_clip_dir", "to_uint8"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -55,6 +55,24 @@ class Saturation:
         return sat.flatten(1).mean(dim=1)
 
 
+def check_clip_dir(path: str | None) -> Path:
+    """The clip_score reward's directory: config.json and preprocessor_config.json (with the weights and
+    tokenizer beside them), checked without loading anything."""
+    if not path:
+        raise ValueError(
+            "--reward-clip-path: expected a local CLIP directory for the clip_score reward "
+            "(or --reward-paths clip_score=DIR), got none"
+        )
+    p = Path(path)
+    missing = [f for f in ("config.json", "preprocessor_config.json") if not (p / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"--reward-clip-path: expected a CLIP directory with config.json and "
+            f"preprocessor_config.json, got {path!r} (missing {', '.join(missing)})"
+        )
+    return p
+
+
 class ClipScore:
     """CLIP score as flow_grpo computes it (zhtmike/flow_grpo@19d5169c flow_grpo/clip_scorer.py
     ``ClipScorer``, a fork carrying yifan123/flow_grpo's file): ``logit_scale.exp() * cos(img, txt) / 30``,
@@ -71,18 +89,7 @@ class ClipScore:
     divisor = 30.0
 
     def __init__(self, path: str | None, device: str = "cpu", batch_size: int = 32):
-        if not path:
-            raise ValueError(
-                "--reward-clip-path: expected a local CLIP directory for the clip_score reward "
-                "(or --reward-paths clip_score=DIR), got none"
-            )
-        p = Path(path)
-        missing = [f for f in ("config.json", "preprocessor_config.json") if not (p / f).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"--reward-clip-path: expected a CLIP directory with config.json and "
-                f"preprocessor_config.json, got {path!r} (missing {', '.join(missing)})"
-            )
+        p = check_clip_dir(path)
         from transformers import AutoTokenizer, CLIPModel
 
         from .clip_models import _frozen, _spec, load_pil_image_processor

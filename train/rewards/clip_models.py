@@ -306,9 +306,9 @@ def _batched(score, images: torch.Tensor, prompts, batch_size: int) -> torch.Ten
     return torch.cat(outs).float().to(images.device)
 
 
-def build_pickscore(opts: dict) -> PickScore:
+def pickscore_paths(opts: dict) -> tuple[Path, Path]:
     """``--reward-paths pickscore=DIR`` (model, and the processor unless ``pickscore_processor=DIR`` names
-    another directory)."""
+    another directory), checked without loading anything."""
     paths = opts.get("paths") or {}
     model_dir = require_path(
         paths, "pickscore", ["config.json"], "the PickScore_v1 model", "/models/PickScore_v1"
@@ -329,12 +329,18 @@ def build_pickscore(opts: dict) -> PickScore:
             f"{str(proc)!r}; put laion/CLIP-ViT-H-14-laion2B-s32B-b79K's processor files there or name their "
             f"directory with pickscore_processor=DIR"
         )
+    return model_dir, proc
+
+
+def build_pickscore(opts: dict) -> PickScore:
+    model_dir, proc = pickscore_paths(opts)
     return PickScore(model_dir, proc, device=opts.get("device", "cpu"))
 
 
-def build_aesthetic(opts: dict) -> Aesthetic:
+def aesthetic_paths(opts: dict) -> tuple[Path, Path]:
     """``--reward-paths aesthetic=DIR``: CLIP ViT-L/14 (config, weights, preprocessor_config.json) and the
-    head ``sac+logos+ava1-l14-linearMSE.pth`` in DIR, or the head elsewhere with ``aesthetic_head=FILE``."""
+    head ``sac+logos+ava1-l14-linearMSE.pth`` in DIR, or the head elsewhere with ``aesthetic_head=FILE``;
+    checked without loading anything."""
     paths = opts.get("paths") or {}
     clip_dir = require_path(
         paths,
@@ -349,4 +355,9 @@ def build_aesthetic(opts: dict) -> Aesthetic:
             f"--reward-paths: expected the aesthetic head {AESTHETIC_HEAD_FILE} in aesthetic=DIR or named by "
             f"aesthetic_head=FILE, got no file {str(head)!r}"
         )
+    return clip_dir, head
+
+
+def build_aesthetic(opts: dict) -> Aesthetic:
+    clip_dir, head = aesthetic_paths(opts)
     return Aesthetic(clip_dir, head, device=opts.get("device", "cpu"))
