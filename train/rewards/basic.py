@@ -76,7 +76,7 @@ def check_clip_dir(path: str | None) -> Path:
 class ClipScore:
     """CLIP score as flow_grpo computes it (zhtmike/flow_grpo@19d5169c flow_grpo/clip_scorer.py
     ``ClipScorer``, a fork carrying yifan123/flow_grpo's file): ``logit_scale.exp() * cos(img, txt) / 30``,
-    i.e. ``logits_per_image.diagonal() / 30`` (math.md §8).  Images ``x = images / 2 + 0.5`` go through
+    i.e. ``logits_per_image.diagonal() / 30`` (math.md §8.1).  Images ``x = images / 2 + 0.5`` go through
     torch ops built from the checkpoint's image processor (torchvision ``Resize(shortest_edge)``: bilinear
     with antialiasing; ``CenterCrop`` with rounded offsets; ``Normalize``), text through its tokenizer with
     ``padding="max_length", truncation=True``.  The reference's path is made of tensor ops, so the same

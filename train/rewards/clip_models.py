@@ -1,5 +1,5 @@
 """CLIP-based model rewards loaded from local directories: PickScore and the LAION aesthetic predictor v2
-(math.md §8, "Model rewards"); the shared preprocessing also serves ``clip_score`` (train/rewards/basic.py).
+(math.md §8.1); the shared preprocessing also serves ``clip_score`` (train/rewards/basic.py).
 
 Each reward maps ``(images [B, 3, H, W] in [-1, 1], prompts) -> float32 [B]`` on ``images``' device and runs
 its model on the device it was built for (``--reward-device``).  Two preprocessing paths:
@@ -13,8 +13,8 @@ its model on the device it was built for (``--reward-device``).  Two preprocessi
   ``((x / 2) + 0.5).clamp(0, 1)``, resize, normalise).  Unlike AlignProp (torchvision's bilinear
   ``Resize(224)``, no crop) the resize is bicubic with antialiasing (PyTorch's PIL-compatible kernel) and the
   crop is the processor's, so the gradient is that of the scorer the rollouts are scored with; the two
-  paths differ by the uint8 quantisation and PIL's fixed-point arithmetic (tests/fidelity/
-  test_reward_scorers_clip.py bounds it).
+  paths differ by the uint8 quantisation and PIL's fixed-point arithmetic (within 2/255 per pixel,
+  tests/fidelity/test_reward_scorers_clip.py).
 
 Nothing is downloaded: every path comes from ``--reward-paths NAME=PATH`` and a missing entry or file is
 refused when the reward is built, before any work.
@@ -112,7 +112,7 @@ def tensor_preprocess(
     images: torch.Tensor, spec: dict, *, mode: str = "bicubic", crop_round: bool = False
 ) -> torch.Tensor:
     """Differentiable CLIP preprocessing of ``images`` in [-1, 1]: ``x = (images / 2 + 0.5).clamp(0, 1)``,
-    antialiased ``mode`` resize of the shorter side, centre crop, ``(x - mean) / std`` (math.md §8).
+    antialiased ``mode`` resize of the shorter side, centre crop, ``(x - mean) / std`` (math.md §8.1).
     ``crop_round``: the crop offset is ``round((H - h) / 2)`` (torchvision's ``CenterCrop``) instead of
     ``(H - h) // 2`` (transformers' processor)."""
     x = images.to(torch.promote_types(images.dtype, torch.float32))
@@ -176,8 +176,8 @@ def _frozen(model: torch.nn.Module, device: str) -> torch.nn.Module:
 class PickScore:
     """PickScore (yuvalkirstain/PickScore_v1, a CLIP-H/14 fine-tuned on Pick-a-Pic) as flow_grpo scores it
     (yifan123/flow_grpo@ac4c86e8 flow_grpo/pickscore_scorer.py ``PickScoreScorer``):
-    ``logit_scale.exp() * cos(image_emb, text_emb) / 26`` (math.md §8).  Text: the processor's tokenizer with
-    ``padding=True, truncation=True, max_length=77``.  ``model_dir``: the PickScore model (``AutoModel``);
+    ``logit_scale.exp() * cos(image_emb, text_emb) / 26`` (math.md §8.1).  Text: the processor's tokenizer
+    with ``padding=True, truncation=True, max_length=77``.  ``model_dir``: the PickScore model (AutoModel);
     ``processor_dir``: the processor (the reference loads it from laion/CLIP-ViT-H-14-laion2B-s32B-b79K).
     Differentiable (module docstring)."""
 
@@ -246,8 +246,8 @@ class AestheticMLP(torch.nn.Module):
 class Aesthetic:
     """The LAION aesthetic predictor v2 as ddpo-pytorch and flow_grpo score it (kvablack/ddpo-pytorch@1958463f
     ddpo_pytorch/aesthetic_scorer.py ``AestheticScorer``, identical in yifan123/flow_grpo@ac4c86e8):
-    ``MLP(e / |e|)`` with ``e`` the CLIP ViT-L/14 image embedding (math.md §8).  ``clip_dir``: the CLIP model
-    and its image processor (openai/clip-vit-large-patch14); ``head``: the MLP's ``.pth`` state dict.
+    ``MLP(e / |e|)`` with ``e`` the CLIP ViT-L/14 image embedding (math.md §8.1).  ``clip_dir``: the CLIP
+    model and its image processor (openai/clip-vit-large-patch14); ``head``: the MLP's ``.pth`` state dict.
     Prompts are ignored.  Differentiable (module docstring)."""
 
     name = "aesthetic"
