@@ -301,19 +301,46 @@ def validate(cfg: DPOConfig) -> None:
             )
         if p.is_dir() and not any(p.glob("*.parquet")):
             raise ConfigError(f"--data: expected *.parquet files in the directory {cfg.data!r}, found none")
-        if p.is_file() and cfg.loss != "kto":
+        if p.is_file():
             from .data.preference import LabelRecord, read_preference_jsonl
 
             records = read_preference_jsonl(p, check_images=False)
-            if records and isinstance(records[0], LabelRecord):
+            if records and isinstance(records[0], LabelRecord) and cfg.loss != "kto":
                 raise ConfigError(
                     f"--data: --loss {cfg.loss} expects preference pairs, got {cfg.data!r}, a file of KTO "
                     f"labels (train on it with --loss kto)"
                 )
+            if embedded:
+                check_embedded_prompts(cfg.data, [r.prompt for r in records])
     elif not embedded and not cfg.online:
         raise ConfigError(
             "--data: a --model run trains on a preference JSONL or a Pick-a-Pic parquet directory, or on "
             "--online rollouts; got neither (engine-made pairs need the embedded default's verifier)"
+        )
+
+
+def check_embedded_prompts(data: str, prompts: list[str]) -> None:
+    """The embedded default's text encoder knows a closed vocabulary of at most ``max_length - 1`` words per
+    prompt (models/embedded/vocab.py): refuse a ``--data`` file with any other prompt before any work, naming
+    its first offending records (line numbers count from 1, one record per line)."""
+    import json
+
+    from models.embedded.model import DEFAULT_DIR
+    from models.embedded.vocab import WORD_TO_ID, WORDS
+
+    max_words = json.loads((Path(DEFAULT_DIR) / "default.json").read_text())["max_length"] - 1
+    bad = []
+    for n, prompt in enumerate(prompts, start=1):
+        words = str(prompt).lower().split()
+        unknown = [w for w in words if w not in WORD_TO_ID]
+        if unknown or len(words) > max_words:
+            why = f"unknown {unknown}" if unknown else f"{len(words)} words"
+            bad.append(f"record {n} {prompt!r}: {why}")
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise ConfigError(
+            f"--data: the embedded default expects prompts of at most {max_words} words from its vocabulary "
+            f"{list(WORDS[2:])}, got {len(bad)} other(s) in {data!r}: {'; '.join(bad[:3])}{more}"
         )
 
 

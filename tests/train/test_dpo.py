@@ -342,3 +342,24 @@ def test_jsonl_data_kto_takes_pairs_or_labels_dpo_refuses_labels(tmp_path, capsy
         assert dpo.main(argv) == code
     err = capsys.readouterr().err
     assert "--data" in err and "labels" in err, err
+
+
+def test_embedded_data_prompts_outside_the_vocabulary_refused_before_work(tmp_path, capsys):
+    from train.data.preference import PairRecord, write_preference_jsonl
+
+    img = tmp_path / "img"
+    img.mkdir()
+    paths = []
+    for i in range(2):
+        p = img / f"{i}.png"
+        p.write_bytes(_png(i, size=32))
+        paths.append(p)
+    data = tmp_path / "pairs.jsonl"
+    write_preference_jsonl(
+        data, [PairRecord("a red circle", *paths), PairRecord("a photo of a purple dog", *paths)]
+    )
+    run = tmp_path / "run"
+    assert dpo.main([*DATA_RUN, "--data", str(data), "--run-dir", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and "record 2 'a photo of a purple dog'" in err and "'purple'" in err, err
+    assert not (run / "metrics.jsonl").exists()  # nothing started

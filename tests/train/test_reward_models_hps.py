@@ -1,5 +1,5 @@
 """The hpsv2.1 and imagereward rewards through the registry: local paths via --reward-paths, refusals before
-work naming the option, batching, the differentiable contract (math.md §8.1, §8.2).  Tiny random checkpoints
+work naming the option, batching, the differentiable contract (math.md §8.2, §8.3).  Tiny random checkpoints
 in the real layout (_reward_models_tiny.py); fidelity to the reference scorers is in
 tests/fidelity/test_reward_scorers_hps.py."""
 
@@ -135,3 +135,21 @@ def test_wrong_checkpoint_refused_naming_option(folders, tmp_path):
         ValueError, match="--reward-paths: expected imagereward=DIR with THUDM's ImageReward.pt"
     ):
         build_reward("imagereward", paths=[f"imagereward={ir}"], device="cpu")
+
+
+def test_bad_path_refused_before_any_model_loads(folders, monkeypatch):
+    """build_reward runs every factory's path check first: a bad imagereward folder is refused before the
+    (valid) hpsv2.1 model is built."""
+    from train.rewards import hps
+    from train.rewards.registry import build_reward
+
+    def never(*a, **k):
+        raise AssertionError("hpsv2.1 was loaded before the imagereward path was checked")
+
+    monkeypatch.setattr(hps, "HPSv21", never)
+    with pytest.raises(FileNotFoundError, match="--reward-paths.*imagereward=DIR"):
+        build_reward(
+            ["hpsv2.1", "imagereward"],
+            paths=[f"hpsv2.1={folders / 'hps'}", f"imagereward={folders / 'nothing'}"],
+            device="cpu",
+        )

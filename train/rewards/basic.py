@@ -1,6 +1,7 @@
-"""Rewards that need no task metadata: JPEG (in)compressibility (DDPO) and CLIP score from a local CLIP.
+"""Rewards that need no task metadata: JPEG (in)compressibility (DDPO), saturation, and CLIP score from a
+local CLIP.
 
-Every reward maps ``(images [B, 3, H, W] float in [-1, 1], prompts: list[str]) -> float32 [B]`` on the CPU.
+Every reward maps ``(images [B, 3, H, W] float in [-1, 1], prompts: list[str]) -> float32 [B]``.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["JpegCompressibility", "ClipScore", "Saturation", "to_uint8"]
+__all__ = ["JpegCompressibility", "ClipScore", "Saturation", "check_clip_dir", "to_uint8"]
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -54,43 +55,64 @@ class Saturation:
         return sat.flatten(1).mean(dim=1)
 
 
+def check_clip_dir(path: str | None) -> Path:
+    """The clip_score reward's directory: config.json and preprocessor_config.json (with the weights and
+    tokenizer beside them), checked without loading anything."""
+    if not path:
+        raise ValueError(
+            "--reward-clip-path: expected a local CLIP directory for the clip_score reward "
+            "(or --reward-paths clip_score=DIR), got none"
+        )
+    p = Path(path)
+    missing = [f for f in ("config.json", "preprocessor_config.json") if not (p / f).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"--reward-clip-path: expected a CLIP directory with config.json and "
+            f"preprocessor_config.json, got {path!r} (missing {', '.join(missing)})"
+        )
+    return p
+
+
 class ClipScore:
-    """Cosine similarity between CLIP image and text embeddings, from a local CLIP directory (nothing
-    downloaded)."""
+    """CLIP score as flow_grpo computes it (zhtmike/flow_grpo@19d5169c flow_grpo/clip_scorer.py
+    ``ClipScorer``, a fork carrying yifan123/flow_grpo's file): ``logit_scale.exp() * cos(img, txt) / 30``,
+    i.e. ``logits_per_image.diagonal() / 30`` (math.md §8.1).  Images ``x = images / 2 + 0.5`` go through
+    torch ops built from the checkpoint's image processor (torchvision ``Resize(shortest_edge)``: bilinear
+    with antialiasing; ``CenterCrop`` with rounded offsets; ``Normalize``), text through its tokenizer with
+    ``padding="max_length", truncation=True``.  The reference's path is made of tensor ops, so the same
+    path serves with and without gradient: differentiable.  Loads a local CLIP directory (config.json,
+    weights, preprocessor_config.json, tokenizer; nothing downloaded) onto ``device``; the result is
+    float32 ``[B]`` on ``images``' device."""
 
     name = "clip_score"
+    differentiable = True
+    divisor = 30.0
 
-    def __init__(self, path: str | None):
-        if not path:
-            raise ValueError(
-                "--reward-clip-path: expected a local CLIP directory for the clip_score reward, got none"
-            )
-        p = Path(path)
-        if not (p / "config.json").exists():
-            raise FileNotFoundError(
-                f"--reward-clip-path: expected a CLIP directory with config.json, got {path!r}"
-            )
-        from transformers import CLIPModel, CLIPTokenizer
+    def __init__(self, path: str | None, device: str = "cpu", batch_size: int = 32):
+        p = check_clip_dir(path)
+        from transformers import AutoTokenizer, CLIPModel
 
-        self.model = CLIPModel.from_pretrained(p).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(p)
-        vc = self.model.config.vision_config
-        self.size = vc.image_size
-        self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-        self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        from .clip_models import _frozen, _spec, load_pil_image_processor
 
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
-        x = (images.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0
-        x = torch.nn.functional.interpolate(
-            x, size=(self.size, self.size), mode="bicubic", align_corners=False
+        self.device = device
+        self.batch_size = int(batch_size)
+        self.model = _frozen(CLIPModel.from_pretrained(p), device)
+        self.tokenizer = AutoTokenizer.from_pretrained(p)
+        self.spec = _spec(load_pil_image_processor(p))
+
+    def _score(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        from .clip_models import _pooled, tensor_preprocess, unit_text_features
+
+        pixels = tensor_preprocess(images.to(self.device), self.spec, mode="bilinear", crop_round=True)
+        tok = self.tokenizer(
+            [str(p) for p in prompts], padding="max_length", truncation=True, return_tensors="pt"
         )
-        x = (x - self.mean) / self.std
-        tok = self.tokenizer([str(p) for p in prompts], padding=True, truncation=True, return_tensors="pt")
-        img = self.model.get_image_features(pixel_values=x)
-        txt = self.model.get_text_features(input_ids=tok.input_ids, attention_mask=tok.attention_mask)
-        img = getattr(img, "pooler_output", img)
-        txt = getattr(txt, "pooler_output", txt)
-        img = img / img.norm(dim=-1, keepdim=True)
-        txt = txt / txt.norm(dim=-1, keepdim=True)
-        return (img * txt).sum(-1).float()
+        img = _pooled(self.model.get_image_features(pixel_values=pixels))
+        img = img / img.norm(p=2, dim=-1, keepdim=True)
+        txt = unit_text_features(self.model, tok, self.device)
+        return self.model.logit_scale.exp() * (img * txt).sum(-1) / self.divisor
+
+    def __call__(self, images: torch.Tensor, prompts) -> torch.Tensor:
+        from .clip_models import _batched
+
+        return _batched(self._score, images, prompts, self.batch_size)

@@ -1,6 +1,6 @@
 """HPS v2.1 reward: the Human Preference Score v2.1 checkpoint (an open_clip ViT-H-14 state dict) from a local
 file, scored as ``tgxs002/HPSv2@866735ecaae999fa714bd9edfa05aa2672669ee3 hpsv2/img_score.py`` does (math.md
-§8.1).
+§8.2).
 
 ``score = <f_img / |f_img|, f_txt / |f_txt|>`` (the diagonal of ``image_features @ text_features.T``; no logit
 scale), with HPSv2's validation preprocessing (``hpsv2/src/open_clip/transform.py`` ``image_transform(..,
@@ -349,7 +349,7 @@ def open_clip_to_hf(sd: dict[str, torch.Tensor]):
     return cfg, out
 
 
-def _resolve(path: str | None) -> tuple[Path, Path]:
+def resolve_paths(path: str | None) -> tuple[Path, Path]:
     """``hpsv2.1=FILE_OR_DIR`` -> (checkpoint, bpe merges file), refusing what is not there by the option."""
     if not path:
         raise ValueError(
@@ -394,7 +394,7 @@ def _load_state_dict(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 class HPSv21:
-    """HPS v2.1 (math.md §8.1): cosine similarity of the normalised open_clip ViT-H-14 image and text
+    """HPS v2.1 (math.md §8.2): cosine similarity of the normalised open_clip ViT-H-14 image and text
     features, ``[B]`` float32 on the images' device (the model runs on ``device``).  ``differentiable``: the
     graph reaches the images when grad is enabled and they require it."""
 
@@ -402,7 +402,7 @@ class HPSv21:
     differentiable = True
 
     def __init__(self, path: str | None, device: str = "cpu"):
-        ckpt, bpe = _resolve(path)
+        ckpt, bpe = resolve_paths(path)
         from transformers import CLIPModel
 
         cfg, sd = open_clip_to_hf(_load_state_dict(ckpt))

@@ -1,6 +1,6 @@
 """ImageReward: THUDM's BLIP-based human-preference reward from a local folder, scored as
 ``THUDM/ImageReward@c1392c6dd0fd6ecd6d416c96959ab744a6d0a8fb ImageReward/ImageReward.py``
-``ImageReward.score`` / ``inference_rank`` do (math.md §8.2):
+``ImageReward.score`` / ``inference_rank`` do (math.md §8.3):
 
     r = (MLP(BERT_xattn(tokens, ViT_L(pixels))[:, 0]) - 0.16717362830052426) / 1.0333394966054072
 
@@ -195,7 +195,7 @@ def blip_to_hf(sd: dict[str, torch.Tensor], med: dict):
     return vcfg, vis, tcfg, txt, layers
 
 
-def _resolve(path: str | None) -> Path:
+def resolve_path(path: str | None) -> Path:
     if not path:
         raise ValueError(
             f"{OPTION}: expected imagereward=DIR (ImageReward.pt, med_config.json and bert-base-uncased's "
@@ -231,13 +231,13 @@ def _tokenizer(folder: Path):
 
 
 class ImageReward:
-    """ImageReward (math.md §8.2), ``[B]`` float32 on the images' device (the model runs on ``device``)."""
+    """ImageReward (math.md §8.3), ``[B]`` float32 on the images' device (the model runs on ``device``)."""
 
     name = "imagereward"
     differentiable = True
 
     def __init__(self, path: str | None, device: str = "cpu"):
-        folder = _resolve(path)
+        folder = resolve_path(path)
         from transformers import BlipTextModel, BlipVisionModel
 
         med = json.loads((folder / "med_config.json").read_text())

@@ -59,22 +59,79 @@ def _jpeg(sign):
     return make
 
 
+def _clip_dir(opts):
+    """``--reward-paths clip_score=DIR`` or ``--reward-clip-path DIR`` (the same directory if both)."""
+    from .basic import check_clip_dir
+
+    via_paths, via_opt = (opts.get("paths") or {}).get("clip_score"), opts.get("clip_path")
+    if via_paths and via_opt and via_paths != via_opt:
+        raise ValueError(
+            f"--reward-clip-path: expected the same directory as --reward-paths clip_score=..., got "
+            f"{via_opt!r} and {via_paths!r}"
+        )
+    return check_clip_dir(via_paths or via_opt)
+
+
 def _clip(opts):
     from .basic import ClipScore
 
-    return ClipScore(opts.get("clip_path"))
+    return ClipScore(str(_clip_dir(opts)), device=opts.get("device", "cpu"))
+
+
+def _pickscore(opts):
+    from .clip_models import build_pickscore
+
+    return build_pickscore(opts)
+
+
+def _aesthetic(opts):
+    from .clip_models import build_aesthetic
+
+    return build_aesthetic(opts)
+
+
+def _check_pickscore(opts):
+    from .clip_models import pickscore_paths
+
+    pickscore_paths(opts)
+
+
+def _check_aesthetic(opts):
+    from .clip_models import aesthetic_paths
+
+    aesthetic_paths(opts)
+
+
+# a factory's ``check(opts)`` refuses missing local weights without loading anything: build_reward runs every
+# check before it builds any reward, so a bad path is reported before minutes of model loading
+_clip.check, _pickscore.check, _aesthetic.check = _clip_dir, _check_pickscore, _check_aesthetic
 
 
 def _hpsv21(opts):
     from .hps import HPSv21
 
-    return HPSv21(opts.get("paths", {}).get("hpsv2.1"), device=opts.get("device", "cpu"))
+    return HPSv21((opts.get("paths") or {}).get("hpsv2.1"), device=opts.get("device", "cpu"))
 
 
 def _imagereward(opts):
     from .imagereward import ImageReward
 
-    return ImageReward(opts.get("paths", {}).get("imagereward"), device=opts.get("device", "cpu"))
+    return ImageReward((opts.get("paths") or {}).get("imagereward"), device=opts.get("device", "cpu"))
+
+
+def _check_hpsv21(opts):
+    from .hps import resolve_paths
+
+    resolve_paths((opts.get("paths") or {}).get("hpsv2.1"))
+
+
+def _check_imagereward(opts):
+    from .imagereward import resolve_path
+
+    resolve_path((opts.get("paths") or {}).get("imagereward"))
+
+
+_hpsv21.check, _imagereward.check = _check_hpsv21, _check_imagereward
 
 
 def _saturation(_opts):
@@ -90,6 +147,8 @@ _FACTORIES: dict[str, Callable] = {
     "jpeg_incompressibility": _jpeg(-1.0),
     "clip_score": _clip,
     "saturation": _saturation,
+    "pickscore": _pickscore,
+    "aesthetic": _aesthetic,
     "hpsv2.1": _hpsv21,
     "imagereward": _imagereward,
 }
@@ -217,6 +276,10 @@ def build_reward(
             f"--reward-weights: expected non-negative weights with a positive sum, got {tuple(weights)}"
         )
     opts = {"clip_path": clip_path, "paths": parse_reward_paths(paths), "device": resolve_device(device)}
+    for n in names:
+        check = getattr(_FACTORIES[n], "check", None)
+        if check is not None:
+            check(opts)
     return CombinedReward({n: _FACTORIES[n](opts) for n in names}, w, aggregation, k_std)
 
 
