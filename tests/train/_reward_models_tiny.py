@@ -50,15 +50,23 @@ BERT_WORDS = [
 ]
 
 
+def _rand(g, *shape):
+    """Standard normal values; ``g`` None (``seed=None``): an empty tensor on the meta device, for checking
+    the real architectures' shapes without their memory."""
+    if g is None:
+        return torch.empty(shape, device="meta")
+    return torch.randn(*shape, generator=g)
+
+
 def _ln(g, d, prefix, out):
-    out[prefix + "weight"] = 1.0 + 0.1 * torch.randn(d, generator=g)
-    out[prefix + "bias"] = 0.05 * torch.randn(d, generator=g)
+    out[prefix + "weight"] = 1.0 + 0.1 * _rand(g, d)
+    out[prefix + "bias"] = 0.05 * _rand(g, d)
 
 
 def _lin(g, d_out, d_in, prefix, out, bias=True):
-    out[prefix + "weight"] = torch.randn(d_out, d_in, generator=g) / d_in**0.5
+    out[prefix + "weight"] = _rand(g, d_out, d_in) / d_in**0.5
     if bias:
-        out[prefix + "bias"] = 0.05 * torch.randn(d_out, generator=g)
+        out[prefix + "bias"] = 0.05 * _rand(g, d_out)
 
 
 def tiny_open_clip_state_dict(
@@ -74,14 +82,14 @@ def tiny_open_clip_state_dict(
     vocab=N_BPE,
 ):
     """open_clip ``CLIP.state_dict()`` keys (as in HPS_v2.1_compressed.pt's ``state_dict``)."""
-    g = torch.Generator().manual_seed(seed)
+    g = None if seed is None else torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     grid = image // patch
-    sd["visual.class_embedding"] = 0.5 * torch.randn(v_width, generator=g)
-    sd["visual.positional_embedding"] = 0.5 * torch.randn(grid * grid + 1, v_width, generator=g)
-    sd["visual.proj"] = torch.randn(v_width, embed, generator=g) / v_width**0.5
+    sd["visual.class_embedding"] = 0.5 * _rand(g, v_width)
+    sd["visual.positional_embedding"] = 0.5 * _rand(g, grid * grid + 1, v_width)
+    sd["visual.proj"] = _rand(g, v_width, embed) / v_width**0.5
     sd["visual.conv1.weight"] = (
-        torch.randn(v_width, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+        _rand(g, v_width, 3, patch, patch) / (3 * patch * patch) ** 0.5
     )
     _ln(g, v_width, "visual.ln_pre.", sd)
     for tower, w, n in (
@@ -91,17 +99,17 @@ def tiny_open_clip_state_dict(
         for i in range(n):
             p = f"{tower}{i}."
             _ln(g, w, p + "ln_1.", sd)
-            sd[p + "attn.in_proj_weight"] = torch.randn(3 * w, w, generator=g) / w**0.5
-            sd[p + "attn.in_proj_bias"] = 0.05 * torch.randn(3 * w, generator=g)
+            sd[p + "attn.in_proj_weight"] = _rand(g, 3 * w, w) / w**0.5
+            sd[p + "attn.in_proj_bias"] = 0.05 * _rand(g, 3 * w)
             _lin(g, w, w, p + "attn.out_proj.", sd)
             _ln(g, w, p + "ln_2.", sd)
             _lin(g, 4 * w, w, p + "mlp.c_fc.", sd)
             _lin(g, w, 4 * w, p + "mlp.c_proj.", sd)
     _ln(g, v_width, "visual.ln_post.", sd)
-    sd["token_embedding.weight"] = torch.randn(vocab, t_width, generator=g)
-    sd["positional_embedding"] = 0.5 * torch.randn(ctx, t_width, generator=g)
+    sd["token_embedding.weight"] = _rand(g, vocab, t_width)
+    sd["positional_embedding"] = 0.5 * _rand(g, ctx, t_width)
     _ln(g, t_width, "ln_final.", sd)
-    sd["text_projection"] = torch.randn(t_width, embed, generator=g) / t_width**0.5
+    sd["text_projection"] = _rand(g, t_width, embed) / t_width**0.5
     sd["logit_scale"] = torch.tensor(4.6052)
     return sd
 
@@ -142,16 +150,16 @@ def tiny_med_config(hidden=64, layers=2, heads=2, vocab=None):
 def tiny_imagereward_state_dict(med, seed=0, v_width=128, v_layers=2, patch=16, image=224, embed=16):
     """``ImageReward`` module keys (``blip.visual_encoder.*``, ``blip.text_encoder.*``, ``blip.vision_proj``,
     ``blip.text_proj``, ``mlp.layers.{0,2,4,6,7}``), with med's persistent ``position_ids`` buffer."""
-    g = torch.Generator().manual_seed(seed)
+    g = None if seed is None else torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     grid = image // patch
     v = "blip.visual_encoder."
-    sd[v + "cls_token"] = 0.5 * torch.randn(1, 1, v_width, generator=g)
-    sd[v + "pos_embed"] = 0.5 * torch.randn(1, grid * grid + 1, v_width, generator=g)
+    sd[v + "cls_token"] = 0.5 * _rand(g, 1, 1, v_width)
+    sd[v + "pos_embed"] = 0.5 * _rand(g, 1, grid * grid + 1, v_width)
     sd[v + "patch_embed.proj.weight"] = (
-        torch.randn(v_width, 3, patch, patch, generator=g) / (3 * patch * patch) ** 0.5
+        _rand(g, v_width, 3, patch, patch) / (3 * patch * patch) ** 0.5
     )
-    sd[v + "patch_embed.proj.bias"] = 0.05 * torch.randn(v_width, generator=g)
+    sd[v + "patch_embed.proj.bias"] = 0.05 * _rand(g, v_width)
     for i in range(v_layers):
         p = f"{v}blocks.{i}."
         _ln(g, v_width, p + "norm1.", sd)
@@ -164,10 +172,8 @@ def tiny_imagereward_state_dict(med, seed=0, v_width=128, v_layers=2, patch=16, 
     h, inter = med["hidden_size"], med["intermediate_size"]
     t = "blip.text_encoder."
     sd[t + "embeddings.position_ids"] = torch.arange(med["max_position_embeddings"]).expand((1, -1))
-    sd[t + "embeddings.word_embeddings.weight"] = torch.randn(med["vocab_size"], h, generator=g)
-    sd[t + "embeddings.position_embeddings.weight"] = 0.5 * torch.randn(
-        med["max_position_embeddings"], h, generator=g
-    )
+    sd[t + "embeddings.word_embeddings.weight"] = _rand(g, med["vocab_size"], h)
+    sd[t + "embeddings.position_embeddings.weight"] = 0.5 * _rand(g, med["max_position_embeddings"], h)
     _ln(g, h, t + "embeddings.LayerNorm.", sd)
     for i in range(med["num_hidden_layers"]):
         p = f"{t}encoder.layer.{i}."

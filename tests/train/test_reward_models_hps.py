@@ -8,7 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ._reward_models_tiny import write_tiny_hps, write_tiny_imagereward
+from ._reward_models_tiny import (
+    tiny_imagereward_state_dict,
+    tiny_open_clip_state_dict,
+    write_tiny_hps,
+    write_tiny_imagereward,
+)
 
 PROMPTS = ["a red circle", "two squares", "a blue triangle"]
 
@@ -153,3 +158,53 @@ def test_bad_path_refused_before_any_model_loads(folders, monkeypatch):
             paths=[f"hpsv2.1={folders / 'hps'}", f"imagereward={folders / 'nothing'}"],
             device="cpu",
         )
+
+
+# THUDM/ImageReward@c1392c6dd0fd6ecd6d416c96959ab744a6d0a8fb train/src/config/med_config.json (the file
+# ImageReward.load fetches beside ImageReward.pt)
+REAL_MED_CONFIG = {
+    "architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1, "hidden_size": 768, "initializer_range": 0.02, "intermediate_size": 3072,
+    "layer_norm_eps": 1e-12, "max_position_embeddings": 512, "model_type": "bert", "num_attention_heads": 12,
+    "num_hidden_layers": 12, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": 30524,
+    "encoder_width": 768, "add_cross_attention": True,
+}  # fmt: skip
+
+
+def _shapes(sd):
+    return {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("position_ids")}
+
+
+def test_real_architectures_map_shape_for_shape():
+    """The real checkpoints' shapes, on the meta device (no memory): HPS v2.1 = open_clip ViT-H-14 (vision
+    1280 wide, 32 layers, patch 14; text 1024 wide, 24 layers, 49408 tokens, 77 positions; embedding 1024) and
+    ImageReward = BLIP ViT-L/16 (1024 wide, 24 layers) + med BERT (768 wide, 12 layers, 30524 tokens) + MLP
+    768-1024-128-64-16-1.  The inferred configs have the real head counts (16 / 16; 16 / 12) and every mapped
+    tensor has the shape of the transformers module's parameter it loads into."""
+    from transformers import BlipTextModel, BlipVisionModel, CLIPModel
+
+    from train.rewards.hps import open_clip_to_hf
+    from train.rewards.imagereward import blip_to_hf
+
+    sd = tiny_open_clip_state_dict(
+        seed=None, v_width=1280, v_layers=32, t_width=1024, t_layers=24, embed=1024, vocab=49408
+    )
+    cfg, mapped = open_clip_to_hf(sd)
+    vc, tc = cfg.vision_config, cfg.text_config
+    assert (vc.num_attention_heads, vc.intermediate_size, vc.image_size, vc.patch_size) == (16, 5120, 224, 14)
+    assert (tc.num_attention_heads, tc.intermediate_size, tc.max_position_embeddings) == (16, 4096, 77)
+    with torch.device("meta"):
+        clip = CLIPModel(cfg)
+    assert _shapes(mapped) == _shapes(clip.state_dict())
+
+    sd = tiny_imagereward_state_dict(REAL_MED_CONFIG, seed=None, v_width=1024, v_layers=24, embed=256)
+    vcfg, vis, tcfg, txt, mlp = blip_to_hf(sd, REAL_MED_CONFIG)
+    assert (vcfg.num_attention_heads, vcfg.num_hidden_layers, vcfg.image_size, vcfg.layer_norm_eps) == (
+        16, 24, 224, 1e-6
+    )
+    assert (tcfg.num_attention_heads, tcfg.encoder_hidden_size, tcfg.vocab_size) == (12, 1024, 30524)
+    assert [tuple(w.shape) for w, _ in mlp] == [(1024, 768), (128, 1024), (64, 128), (16, 64), (1, 16)]
+    with torch.device("meta"):
+        vision, text = BlipVisionModel(vcfg), BlipTextModel(tcfg, add_pooling_layer=False)
+    assert _shapes(vis) == _shapes(vision.state_dict())
+    assert _shapes(txt) == _shapes(text.state_dict())
