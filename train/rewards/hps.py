@@ -11,10 +11,10 @@ is_train=False)``): ``ToTensor`` -> ``Resize(224, bicubic)`` on the *tensor* (to
 
 The open_clip package itself is not used: it requires torchvision (and timm), which do not import beside this
 project's torch build.  The checkpoint's open_clip keys are mapped onto transformers' ``CLIPModel`` instead
-(the same weights, the layout of ``huggingface/transformers src/transformers/models/clip/
-convert_clip_original_pytorch_to_hf.py``: ``in_proj_weight`` split into q/k/v, ``proj`` / ``text_projection``
-transposed into linear weights, GELU activations, argmax-of-token-id text pooling as open_clip's
-``text.argmax(dim=-1)``).
+(the same weights, the layout of ``huggingface/transformers@8ed5bffc7d24d63cfe85d24469ee48fb5804270f
+src/transformers/models/clip/convert_clip_original_pytorch_to_hf.py``: ``in_proj_weight`` split into
+q/k/v, ``proj`` / ``text_projection`` transposed into linear weights, GELU activations, argmax-of-token-id
+text pooling as open_clip's ``text.argmax(dim=-1)``).
 
 Differentiable: when grad is enabled and the images require grad, the preprocessing runs on the float images
 (no uint8 rounding), so the graph reaches the images; otherwise the images are first rounded to uint8 as the
