@@ -2,7 +2,8 @@
 
 The loops submit rewards to a thread; a pure-Python/NumPy reward (JPEG sizes, GenEval-mini's colour
 components, OCR) then holds the GIL while the rollouts run.  :class:`ProcessPoolReward` instead splits each
-batch into ``N`` contiguous pieces scored by ``N`` worker processes (spawned, each builds the reward once)
+batch into ``N`` contiguous pieces scored by ``N`` worker processes (forked from a forkserver that imported
+torch once -- no CUDA, no threads in it -- each builds the reward once)
 and concatenates their values; the calling thread only waits.
 
 Values are identical to the in-process reward: the rewards whose first step is the uint8 quantisation of
@@ -58,9 +59,9 @@ class ProcessPoolReward:
         if workers < 1:
             raise ValueError(f"--reward-workers: expected an integer >= 1, got {workers}")
         self.name, self.workers = name, workers
-        self.pool = ProcessPoolExecutor(
-            workers, mp_context=mp.get_context("spawn"), initializer=_init, initargs=(name, opts)
-        )
+        ctx = mp.get_context("forkserver")  # one clean server process imports torch once, then forks workers
+        ctx.set_forkserver_preload(["train.rewards.workers", "train.rewards.registry"])
+        self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init, initargs=(name, opts))
 
     def __call__(self, images: torch.Tensor, prompts: Sequence) -> torch.Tensor:
         if self.name in UINT8_REWARDS:
