@@ -151,3 +151,29 @@ def test_backpressure_bounds_requests_in_flight():
             t.join(10)
         assert len(out) == 6 and s.count == 6
         assert s.max_in_flight == 2
+
+
+def test_training_stops_with_a_checkpoint_when_the_server_fails(tmp_path, capsys):
+    """train.nft on the embedded default (tiny: 4 reward requests per iteration) with an HTTP reward whose
+    server answers 500 from iteration 2 on: exit 1, the message names the server, iteration 1's checkpoint
+    is on disk, and the run ends instead of hanging."""
+    import train.nft as nft
+
+    from .test_reliability import TINY
+
+    def h(n, body):
+        if n >= 4:
+            return 500, {"error": "reward 'pickscore' failed: CUDA out of memory"}
+        return 200, {"values": [float(a.mean()) / 255 for a in decode_images(body["images"])]}
+
+    run = tmp_path / "run"
+    with FakeServer(h) as s:
+        argv = ["--max-iters", "3", "--run-dir", str(run), "--reward", f"{s.url}/mean"]
+        rc = nft.main(TINY + argv + ["--reward-retries", "1", "--reward-timeout", "10"])
+        # 4 answered; then each of iteration 2's 4 requests tries twice at most (the loop cancels those queued)
+        assert 6 <= s.count <= 12
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert f"reward server {s.url}/mean: HTTP 500" in err and "CUDA out of memory" in err
+    assert "Checkpoint of iteration 1 written to" in err
+    assert (run / "checkpoints" / "iter_000001.pt").exists()
