@@ -67,8 +67,13 @@ def test_registry_builds_an_http_reward_from_a_url():
         reward = build_reward(f"{s.url}/mean,saturation", timeout=3, retries=0)
         total, comps = reward(IMAGES, PROMPTS)
     assert set(comps) == {f"{s.url}/mean", "saturation"} and total.shape == (2,)
-    with pytest.raises(ValueError, match="--reward-timeout: expected seconds > 0, got 0"):
-        build_reward("http://127.0.0.1:1/x", timeout=0)
+    for kw, needle in [
+        ({"timeout": 0}, "--reward-timeout: expected seconds > 0, got 0"),
+        ({"retries": -1}, "--reward-retries: expected an integer >= 0, got -1"),
+        ({"max_in_flight": 0}, "--reward-max-in-flight: expected an integer >= 1, got 0"),
+    ]:  # refused before any work, whichever rewards are named
+        with pytest.raises(ValueError, match=needle):
+            build_reward("saturation", **kw)
     with pytest.raises(
         ValueError, match=r"--reward: expected http://HOST:PORT/NAME .* got 'http://127.0.0.1:1/'"
     ):
@@ -170,7 +175,7 @@ def test_training_stops_with_a_checkpoint_when_the_server_fails(tmp_path, capsys
     with FakeServer(h) as s:
         argv = ["--max-iters", "3", "--run-dir", str(run), "--reward", f"{s.url}/mean"]
         rc = nft.main(TINY + argv + ["--reward-retries", "1", "--reward-timeout", "10"])
-        # 4 answered; then each of iteration 2's 4 requests tries twice at most (the loop cancels those queued)
+        # 4 answered; then iteration 2's 4 requests try twice at most (the loop cancels queued ones)
         assert 6 <= s.count <= 12
     err = capsys.readouterr().err
     assert rc == 1
