@@ -169,3 +169,37 @@ def test_server_killed_mid_request_fails_the_client_in_bounded_time():
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_bad_request_in_a_coalesced_batch_fails_alone():
+    sizes = []
+
+    def fn(images, prompts):
+        sizes.append(len(prompts))
+        if "bad" in prompts:
+            raise ValueError("expected quoted text, got 'bad'")
+        return images.reshape(images.shape[0], -1).mean(1)
+
+    srv = serve_in_thread(create_app({"m": (fn, "cpu")}, max_batch=16, max_wait=0.3))
+    try:
+        client = HttpReward(f"{srv.url}/m", timeout=10, retries=0, max_in_flight=4)
+        out = {}
+
+        def call(k):
+            try:
+                out[k] = client(IMAGES[k : k + 1], ["bad" if k == 2 else "good"])
+            except RewardError as e:
+                out[k] = e
+
+        threads = [threading.Thread(target=call, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(20)
+        h = _health(srv.url)["rewards"]["m"]
+    finally:
+        srv.stop()
+    assert isinstance(out[2], RewardError) and "expected quoted text, got 'bad'" in str(out[2])
+    assert all(isinstance(out[k], torch.Tensor) and out[k].shape == (1,) for k in (0, 1, 3))
+    assert h["errors"] == 1 and h["images"] == 3
+    assert max(sizes) > 1  # the bad request was first scored with others, then alone

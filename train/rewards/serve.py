@@ -112,6 +112,19 @@ class RewardBatcher:
             self.stats["max_batch_seen"] = max(self.stats["max_batch_seen"], chunk.shape[0])
         return np.concatenate(out)
 
+    async def _one(self, loop, item):
+        images, prompts, fut = item
+        try:
+            vals = await loop.run_in_executor(self.pool, self._score, images, prompts)
+        except Exception as e:
+            self.stats["errors"] += 1
+            if not fut.done():
+                fut.set_exception(RuntimeError(f"reward {self.name!r} failed: {type(e).__name__}: {e}"))
+            return
+        self.stats["images"] += images.shape[0]
+        if not fut.done():
+            fut.set_result([float(v) for v in vals])
+
     async def _run(self):
         loop = asyncio.get_running_loop()
         while True:
@@ -121,6 +134,10 @@ class RewardBatcher:
             try:
                 vals = await loop.run_in_executor(self.pool, self._score, images, prompts)
             except Exception as e:
+                if len(batch) > 1:  # score the requests one by one: only the one at fault fails
+                    for item in batch:
+                        await self._one(loop, item)
+                    continue
                 self.stats["errors"] += 1
                 for *_, fut in batch:
                     if not fut.done():
