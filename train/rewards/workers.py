@@ -10,6 +10,10 @@ Values are identical to the in-process reward: the rewards whose first step is t
 ``train.rewards.basic.to_uint8`` (``UINT8_REWARDS``) are sent that uint8 image (4x fewer bytes; the worker's
 ``u / 127.5 - 1`` quantises back to the same bytes), the others (GenEval-mini reads float colours) the
 float32 images as they are; every reward here scores each image on its own, so the split changes nothing.
+
+As with any ``multiprocessing`` start method but fork, a script that builds such a reward must guard its
+entry point with ``if __name__ == "__main__":`` (the worker processes import the main module); the
+``python -m train.*`` commands do.
 """
 
 from __future__ import annotations
