@@ -182,3 +182,12 @@ def test_training_stops_with_a_checkpoint_when_the_server_fails(tmp_path, capsys
     assert f"reward server {s.url}/mean: HTTP 500" in err and "CUDA out of memory" in err
     assert "Checkpoint of iteration 1 written to" in err
     assert (run / "checkpoints" / "iter_000001.pt").exists()
+
+
+def test_server_without_its_stack_names_the_extra(monkeypatch, capsys):
+    from train.rewards.serve import main
+
+    monkeypatch.setitem(__import__("sys").modules, "uvicorn", None)  # as if not installed
+    assert main(["--reward", "saturation", "--port", "8700"]) == 2
+    err = capsys.readouterr().err
+    assert "needs starlette and uvicorn (uvicorn is missing)" in err and 'pip install -e ".[serve]"' in err
