@@ -49,6 +49,11 @@ setup(
         "bench": ["pytest", "pytest-benchmark"],
         # train.data.preference.load_pickapic reads Pick-a-Pic-style parquet files
         "data": ["pyarrow"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ruff", "pyarrow"],
+        # python -m train.rewards.serve (the reward server; the HTTP client reward needs only the stdlib)
+        "serve": ["starlette", "uvicorn"],
+        # the ocr reward's engine: PP-OCRv4 ONNX weights ship inside the wheel (no download at first use)
+        "ocr": ["rapidocr-onnxruntime; python_version < '3.13'"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ruff", "pyarrow", "starlette", "uvicorn",
+                "rapidocr-onnxruntime; python_version < '3.13'"],
     },
 )
