@@ -52,6 +52,11 @@ setup(
         # the hpsv2.1 reward cleans prompts with ftfy.fix_text as open_clip does (without it: NFC only, a
         # warning); regex (open_clip's tokenizer pattern) already comes with transformers
         "rewards": ["ftfy"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ruff", "pyarrow", "ftfy"],
+        # python -m train.rewards.serve (the reward server; the HTTP client reward needs only the stdlib)
+        "serve": ["starlette", "uvicorn"],
+        # the ocr reward's engine: PP-OCRv4 ONNX weights ship inside the wheel (no download at first use)
+        "ocr": ["rapidocr-onnxruntime; python_version < '3.13'"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ruff", "pyarrow", "starlette", "uvicorn",
+                "rapidocr-onnxruntime; python_version < '3.13'", "ftfy"],
     },
 )

@@ -113,6 +113,20 @@ class RunConfig:
     reward_device: str = field(
         default="auto", metadata={"help": "model rewards' device: auto (CUDA if present), cpu, cuda, cuda:N"}
     )
+    reward_workers: int = field(
+        default=0,
+        metadata={"help": "processes for the CPU rewards (jpeg_*, geneval_mini*, ocr); 0: in-process"},
+    )
+    reward_timeout: float = field(
+        default=60.0, metadata={"help": "HTTP rewards (http://HOST:PORT/NAME, vlm_judge): s per attempt"}
+    )
+    reward_retries: int = field(
+        default=2, metadata={"help": "HTTP rewards: further attempts after a timeout, lost connection or 5xx"}
+    )
+    reward_max_in_flight: int = field(
+        default=2, metadata={"help": "HTTP rewards: requests open at once (vlm_judge: per image)"}
+    )
+    reward_vlm_model: str | None = _h("vlm_judge: model name for the endpoint (UnifiedReward-7b-v1.5)")
     run_dir: str | None = _h("run directory (default: runs/<algorithm>-<timestamp>)")
     resume: str | None = _h("continue the run in this directory (from its newest intact checkpoint)")
     overwrite: bool = field(
@@ -898,6 +912,11 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             clip_path=cfg.reward_clip_path,
             paths=cfg.reward_paths,
             device=cfg.reward_device,
+            workers=cfg.reward_workers,
+            timeout=cfg.reward_timeout,
+            retries=cfg.reward_retries,
+            max_in_flight=cfg.reward_max_in_flight,
+            vlm_model=cfg.reward_vlm_model,
         )
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
@@ -1101,4 +1120,6 @@ def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report
     finally:
         metrics.close()
         trainer.pool.shutdown(wait=False, cancel_futures=True)
+        if hasattr(reward, "close"):  # --reward-workers' processes
+            reward.close()
     return 0

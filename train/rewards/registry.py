@@ -140,6 +140,30 @@ def _saturation(_opts):
     return Saturation()
 
 
+def _ocr(_opts):
+    from .ocr import OcrReward
+
+    return OcrReward()
+
+
+def _vlm_judge(opts):
+    from .vlm import DEFAULT_MODEL, VlmJudge
+
+    url = opts["paths"].get("vlm_judge")
+    if url is None:
+        raise ValueError(
+            "--reward-paths: expected vlm_judge=http://HOST:PORT/v1 (the judge's OpenAI-compatible "
+            "endpoint) for --reward vlm_judge, got none"
+        )
+    return VlmJudge(url, model=opts.get("vlm_model") or DEFAULT_MODEL, **opts.get("http", {}))
+
+
+def _http(url, opts):
+    from .client import HttpReward
+
+    return HttpReward(url, **opts.get("http", {}))
+
+
 _FACTORIES: dict[str, Callable] = {
     "geneval_mini": _geneval_mini("strict"),
     "geneval_mini_partial": _geneval_mini("partial"),
@@ -149,9 +173,13 @@ _FACTORIES: dict[str, Callable] = {
     "saturation": _saturation,
     "pickscore": _pickscore,
     "aesthetic": _aesthetic,
+    "ocr": _ocr,
+    "vlm_judge": _vlm_judge,
     "hpsv2.1": _hpsv21,
     "imagereward": _imagereward,
 }
+# --reward http://HOST:PORT/NAME: a reward server's reward (train.rewards.client)
+HTTP_PREFIXES = ("http://", "https://")
 REWARD_NAMES = tuple(_FACTORIES)
 
 
@@ -208,6 +236,12 @@ class CombinedReward:
             comps[name] = val
         return aggregate(comps, self.weights, self.aggregation, self.k_std), comps
 
+    def close(self) -> None:
+        """Release the parts' worker processes (``--reward-workers``), if any."""
+        for fn in self.fns.values():
+            if hasattr(fn, "close"):
+                fn.close()
+
 
 def parse_reward_paths(paths: Sequence[str] | dict[str, str]) -> dict[str, str]:
     """``("pickscore=/m/ps", ...)`` -> ``{"pickscore": "/m/ps"}``; a malformed entry is refused by name."""
@@ -248,18 +282,28 @@ def build_reward(
     clip_path: str | None = None,
     paths: Sequence[str] | dict[str, str] = (),
     device: str = "auto",
+    workers: int = 0,
+    timeout: float = 60.0,
+    retries: int = 2,
+    max_in_flight: int = 2,
+    vlm_model: str | None = None,
 ) -> CombinedReward:
     """``paths``: local weights of model rewards, ``NAME=PATH`` strings (``--reward-paths``) or a dict; a
     factory reads its own entry from ``opts["paths"]``.  ``device``: where model rewards run (``auto``: CUDA
-    when present)."""
+    when present).  A name ``http://HOST:PORT/NAME`` is a reward server's reward (train.rewards.client;
+    ``timeout`` s per attempt, ``retries``, ``max_in_flight`` requests, also for ``vlm_judge``, whose model
+    is ``vlm_model``).  ``workers`` > 0 computes the rule-based CPU rewards in that many worker processes
+    (train.rewards.workers)."""
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()]
     names = list(names)
     if not names:
         raise ValueError("--reward: expected at least one reward name, got none")
     for n in names:
-        if n not in _FACTORIES:
-            raise ValueError(f"--reward: expected names from {', '.join(REWARD_NAMES)}, got {n!r}")
+        if n not in _FACTORIES and not n.startswith(HTTP_PREFIXES):
+            raise ValueError(
+                f"--reward: expected names from {', '.join(REWARD_NAMES)} or http://HOST:PORT/NAME, got {n!r}"
+            )
     if len(set(names)) != len(names):
         raise ValueError(f"--reward: expected each reward once, got {','.join(names)}")
     if weights and len(weights) != len(names):
@@ -275,12 +319,36 @@ def build_reward(
         raise ValueError(
             f"--reward-weights: expected non-negative weights with a positive sum, got {tuple(weights)}"
         )
-    opts = {"clip_path": clip_path, "paths": parse_reward_paths(paths), "device": resolve_device(device)}
+    if workers < 0:
+        raise ValueError(f"--reward-workers: expected an integer >= 0, got {workers}")
+    if not (timeout > 0 and timeout < float("inf")):
+        raise ValueError(f"--reward-timeout: expected seconds > 0, got {timeout}")
+    if retries < 0:
+        raise ValueError(f"--reward-retries: expected an integer >= 0, got {retries}")
+    if max_in_flight < 1:
+        raise ValueError(f"--reward-max-in-flight: expected an integer >= 1, got {max_in_flight}")
+    opts = {
+        "clip_path": clip_path,
+        "paths": parse_reward_paths(paths),
+        "device": resolve_device(device),
+        "http": {"timeout": timeout, "retries": retries, "max_in_flight": max_in_flight},
+        "vlm_model": vlm_model,
+    }
     for n in names:
-        check = getattr(_FACTORIES[n], "check", None)
+        check = getattr(_FACTORIES.get(n), "check", None)
         if check is not None:
             check(opts)
-    return CombinedReward({n: _FACTORIES[n](opts) for n in names}, w, aggregation, k_std)
+    from .workers import CPU_REWARDS, ProcessPoolReward
+
+    fns = {}
+    for n in names:
+        if n.startswith(HTTP_PREFIXES):
+            fns[n] = _http(n, opts)
+        elif workers and n in CPU_REWARDS:
+            fns[n] = ProcessPoolReward(n, opts, workers)
+        else:
+            fns[n] = _FACTORIES[n](opts)
+    return CombinedReward(fns, w, aggregation, k_std)
 
 
 def require_differentiable(reward: CombinedReward, option: str = "--reward") -> None:
