@@ -204,13 +204,14 @@ class Evaluator:
             sc = GenEvalMini().score(images, prompts)
             cols += [sc["strict"].float(), sc["partial"].float()]
             names += ["strict", "partial"]
-        reward, comps = self.reward(images, texts)
-        if not geneval:
-            cols.append(reward.float())
-            names.append("score")
-        for n, v in (comps or {"": reward}).items():
-            cols.append(v.float().cpu())
-            names.append(f"reward/{n}" if n else "reward")
+        if self.reward is not None or not geneval:  # train.pretrain evaluates GenEval-mini without one
+            reward, comps = self.reward(images, texts)
+            if not geneval:
+                cols.append(reward.float())
+                names.append("score")
+            for n, v in (comps or {"": reward}).items():
+                cols.append(v.float().cpu())
+                names.append(f"reward/{n}" if n else "reward")
         if self.gold is not None:
             _, gold = self.gold(images, texts)
             for n, v in gold.items():
@@ -296,7 +297,7 @@ class Evaluator:
             res["reward"] = sum(w[k] * v for k, v in parts.items()) / sum(w[k] for k in parts)
             if len(parts) > 1:
                 res.update({f"reward/{k}": v for k, v in parts.items()})
-        else:
+        elif "reward" in col:
             res["reward"] = float(col["reward"].mean())
         res.update({k: float(v.mean()) for k, v in col.items() if k.startswith("gold/")})
         if extras:

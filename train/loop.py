@@ -580,14 +580,14 @@ class Trainer:
 
         return checked()
 
-    def evaluate(self, it, clock, metrics, base=False) -> dict:
+    def evaluate(self, it, clock, metrics, base=False, note=None) -> dict:
         """Held-out evaluation (eval-EMA weights, ``--eval.cfg-scale``); with ``base`` (a fresh run's
         iteration 0) also the base model at ``--eval.base-cfg-scale``.  Logged: the scores, the protocol
         (``protocol/eval``), the training reward on the held-out samples (``eval/reward``), the gold rewards
         (``eval/gold/NAME``), ``eval/diversity`` and ``eval/drift`` in ``eval/feature``'s space (math.md
         §9.2; a fresh run's iteration-0 samples, its initial weights, are the drift reference).  The guards
         read the row (train.guards); a new best by the first gold reward is kept as ``checkpoints/best.pt``
-        when ``--guard.action rollback``.  Returns the logged values."""
+        when ``--guard.action rollback``.  ``note``: more values for the row.  Returns the logged values."""
         shift = self.cfg.sample.shift
         with nvtx_range("eval"), torch.no_grad():
             res = self.evaluator.run(
@@ -607,6 +607,7 @@ class Trainer:
         new_best = self.guard.observe_eval(it, vals)
         if armed and self.guard.fired is not None:
             vals.update(self.guard.metrics())
+        vals.update(note or {})
         metrics.log(it, clock(), vals)
         self.last_eval = it
         partial = f" | partial {vals['eval/score_partial']:.3f}" if "eval/score_partial" in vals else ""
@@ -678,7 +679,7 @@ class Trainer:
         if self.dist.is_main and self.last_eval == self.iteration and grid.exists():
             os.replace(grid, grid.with_name(f"iter_{self.iteration:06d}_guard.png"))
         self.say(f"guard: rolled back to the best checkpoint (iteration {best}); evaluating it", flush=True)
-        vals = self.evaluate(self.iteration, clock, metrics)
+        vals = self.evaluate(self.iteration, clock, metrics, note={"guard/rolled_back_to": best})
         fired["gold_after"] = vals.get(f"eval/gold/{self.guard.key}")
 
     # --- stopping -------------------------------------------------------------------------------------------
