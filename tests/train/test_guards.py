@@ -108,7 +108,7 @@ def test_summary_names_the_guard_iteration_and_numbers(rolled_back, capsys):
 
 def test_lr0_control_never_fires(tmp_path, capsys):
     """Same run at learning rate 0: the weights stay, so gold and training reward stay, and no guard fires."""
-    code = nft.main(["--run-dir", str(tmp_path / "r"), *HACK, "--train.lr", "0", "--max-iters", "3"])
+    code = nft.main(["--run-dir", str(tmp_path / "r"), *HACK, "--train.lr", "0", "--max-iters", "2"])
     assert code == 0
     rows = _evals(tmp_path / "r")
     assert not any("guard/fired" in r for r in rows)
@@ -151,7 +151,7 @@ def test_stop_keeps_the_guard_state_across_resume(tmp_path, capsys):
         ),
         (nft, ["--reward", "saturation", "--eval.rewards", "saturation"], "--eval.rewards: expected gold"),
         (nft, ["--eval.rewards", "nope"], "--eval.rewards: expected distinct names from"),
-        (nft, ["--eval.diversity-images", "1"], "--eval.diversity-images: expected an integer >= 2, got 1"),
+        (nft, ["--eval.diversity-images", "1"], "--eval.diversity-images: expected an integer >= 2"),
         (nft, ["--eval.feature-clip-path", "/nowhere"], "--eval.feature-clip-path: expected a local CLIP"),
         (
             grpo,
