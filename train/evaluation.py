@@ -14,8 +14,8 @@ Beside the score every evaluation logs the training reward on the held-out sampl
 mean, or the ``--reward-weights``-weighted mean of the parts' means, each also as ``reward/NAME``), the gold
 rewards of ``--eval.rewards`` that the run does not train on (``gold/NAME``: their means), and, for the
 policy (not the one-off base-CFG evaluation), ``diversity`` and ``drift`` (train.diversity, math.md §9.2):
-``--eval.diversity-prompts`` held-out prompts sampled ``--eval.diversity-images`` times each on their own
-fixed seeds, and the held-out samples against the base model's from the same seeds.
+``--eval.diversity-prompts`` held-out prompts (at most an eighth of them) sampled ``--eval.diversity-images``
+times each on their own fixed seeds, and the held-out samples against the base model's from the same seeds.
 """
 
 from __future__ import annotations
@@ -59,7 +59,11 @@ class EvalConfig:
         },
     )
     diversity_prompts: int = field(
-        default=8, metadata={"help": "held-out prompts whose samples' spread is eval/diversity (0: none)"}
+        default=8,
+        metadata={
+            "help": "held-out prompts whose samples' spread is eval/diversity, at most an eighth of the "
+            "held-out prompts (at least 1; 0: none)"
+        },
     )
     diversity_images: int = field(default=4, metadata={"help": "samples per diversity prompt (>= 2)"})
     feature_clip_path: str | None = field(
@@ -136,11 +140,12 @@ class Evaluator:
         return [p for p in self._distinct(policy) for _ in range(self.cfg.images_per_prompt)]
 
     def diversity_set(self, policy) -> tuple[list, list, torch.Tensor]:
-        """``--eval.diversity-prompts`` held-out prompts spread evenly over the list, each
+        """``--eval.diversity-prompts`` held-out prompts (at most an eighth of them, at least one, so the
+        extra sampling stays small beside the evaluation's) spread evenly over the list, each
         ``--eval.diversity-images`` times -> ``(prompts, seeds, group ids)``; the seeds are their own, fixed
         for the run."""
         distinct = self._distinct(policy)
-        p = min(self.cfg.diversity_prompts, len(distinct))
+        p = min(self.cfg.diversity_prompts, -(-len(distinct) // 8))
         if p == 0:
             return [], [], torch.zeros(0, dtype=torch.long)
         pick = torch.linspace(0, len(distinct) - 1, p).round().long().tolist()
