@@ -15,18 +15,18 @@ Exit codes:
 * 1: training stopped (a reward failure, a non-finite loss, a failed write such as a full disk): the message
   names the cause and, when there is one, the intact checkpoint to resume from;
 * 2: bad input, refused before any work (an option, the run directory, a damaged or mismatched checkpoint);
+* 3: interrupted by SIGINT (Ctrl-C), SIGTERM or SIGUSR1: the iteration in progress was finished (or, during
+  its rollout, abandoned), a checkpoint written, and ``--resume RUN_DIR`` continues bit-identically;
 * 4: stopped by a guard (``--guard.*``, train.guards): the summary names the guard, the iteration and the
   numbers; the last checkpoint holds the weights as the guard fired (``stop``) or the best-by-gold weights
   (``rollback``), and ``--resume`` trains on from it;
-* 3: interrupted by SIGINT (Ctrl-C), SIGTERM or SIGUSR1: the iteration in progress was finished (or, during
-  its rollout, abandoned), a checkpoint written, and ``--resume RUN_DIR`` continues bit-identically;
 * 128 + N: aborted by a second signal N (130 for Ctrl-C, 143 for SIGTERM): the previous checkpoint is intact.
 
 ``--resume DIR`` continues the run in ``DIR`` (wherever it now lives), from its newest intact checkpoint, or
 from the start when it stopped before its first; options given with it are applied when they cannot change
 what the run trains (:data:`RESUME_SAFE`: budgets, threads, device, logging, evaluation cadence,
-micro-batching) and refused by name otherwise.  A new run refuses a directory that holds a run unless
-``--overwrite``.
+micro-batching, guard thresholds) and refused by name otherwise.  A new run refuses a directory that holds
+a run unless ``--overwrite``.
 """
 
 from __future__ import annotations
