@@ -2,10 +2,13 @@
 
 The hackable run: train.nft on the ``saturation`` reward (vivid colour whatever the prompt asks) at a high
 learning rate.  Measured on the shipped checkpoint (seed 0, 2 prompts x 4 images per iteration, 12 held-out
-prompts): the held-out saturation rises 0.124 -> 0.147 -> 0.238 -> 0.555 over iterations 0-3 while the gold
-GenEval-mini verifier falls 0.417 -> 0.333 -> 0.250 -> 0.000, so ``--guard.gold-drop 0.3`` fires at
-iteration 3.  At lr 1e-2 it took 5 iterations (0.417 -> 0.000 at iteration 5).  The lr-0 control run keeps
-its weights, so neither number moves and the guard never fires: the test can fail.
+prompts, the reference kernels): at lr 3e-2 the held-out saturation rises 0.124 -> 0.147 -> 0.238 -> 0.557
+over iterations 0-3 while the gold GenEval-mini verifier falls 0.417 -> 0.333 -> 0.250 -> 0.000, so
+``--guard.gold-drop 0.3`` fires at iteration 3 (its best is the base, iteration 0).  At lr 1e-2 (the rollback
+test, so that the best is a trained state) the gold first rises to 0.500 at iteration 1 (saturation 0.130),
+then falls to 0.000 at iteration 5 while saturation reaches 0.320: the guard fires at 5 and the run rolls
+back to iteration 1.  The lr-0 control run keeps its weights, so neither number moves and the guard never
+fires: the test can fail.
 """
 
 import pytest
@@ -44,7 +47,7 @@ HACK = [
     "--guard.gold-drop",
     "0.3",
 ]
-LR = ["--train.lr", "3e-2"]
+LR = ["--train.lr", "3e-2"]  # hacks by iteration 3
 
 
 def _policy(path):
@@ -58,7 +61,8 @@ def _evals(run_dir):
 @pytest.fixture(scope="module")
 def rolled_back(tmp_path_factory):
     run = tmp_path_factory.mktemp("guards") / "rollback"
-    code = nft.main(["--run-dir", str(run), *HACK, *LR, "--guard.action", "rollback", "--max-iters", "6"])
+    lr = ["--train.lr", "1e-2"]  # hacks by iteration 5, after a better iteration 1: a trained best
+    code = nft.main(["--run-dir", str(run), *HACK, *lr, "--guard.action", "rollback", "--max-iters", "8"])
     return run, code
 
 
@@ -69,7 +73,7 @@ def test_hacked_gold_falls_while_training_reward_rises_and_rollback_restores_the
     fired = [r for r in rows if "guard/fired" in r]
     assert len(fired) == 1 and fired[0]["guard/fired"] == "gold_drop"
     it = int(fired[0]["guard/iteration"])
-    assert it < 6  # stopped before --max-iters
+    assert it < 8  # stopped before --max-iters
     before = [r for r in rows if r["iteration"] <= it and "guard/rolled_back_to" not in r][: it + 1]
     best = max(before, key=lambda r: r["eval/gold/geneval_mini"])
     now = [r for r in before if r["iteration"] == it][0]
@@ -86,6 +90,12 @@ def test_hacked_gold_falls_while_training_reward_rises_and_rollback_restores_the
     for a, b in zip(saved["eval_ema"]["shadow"], last["eval_ema"]["shadow"], strict=True):
         assert torch.equal(a, b)
     best_state = torch.load(ck / BEST_CHECKPOINT, map_location="cpu", weights_only=False)
+    last_state = torch.load(common.latest_checkpoint(run), map_location="cpu", weights_only=False)
+    opt_best, opt_last = best_state["optimizer"]["state"], last_state["optimizer"]["state"]
+    assert opt_best.keys() == opt_last.keys()
+    for k in opt_best:  # AdamW's moments and step count: restored too
+        for name, t in opt_best[k].items():
+            assert torch.equal(t, opt_last[k][name])
     assert best_state["best"]["iteration"] == best_state["iteration"] == best["iteration"]
     # the re-evaluation of the restored weights gives the best evaluation's numbers again (same process)
     after = rows[-1]
