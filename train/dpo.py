@@ -850,8 +850,8 @@ class DPOTrainer(Trainer):
             res["implicit_acc"] = implicit_accuracy(*errs)
         return res
 
-    def evaluate(self, it, clock, metrics, base=False) -> None:
-        super().evaluate(it, clock, metrics, base=base)
+    def evaluate(self, it, clock, metrics, base=False, note=None) -> dict:
+        vals = super().evaluate(it, clock, metrics, base=base, note=note)
         if self.heldout is not None and len(self.heldout):
             res = self.heldout_accuracy()
             metrics.log(it, clock(), {f"eval/{k}": v for k, v in res.items()})
@@ -860,6 +860,7 @@ class DPOTrainer(Trainer):
                 f"{res['pref_acc']:.3f} | margin {res['pref_margin']:.2e}",
                 flush=True,
             )
+        return vals
 
 
 def main(argv=None) -> int:

@@ -9,6 +9,13 @@ with a 40-step Euler ODE at CFG 4.5, DiffusionNFT with a 40-step Euler ODE CFG-f
 On the embedded default the score is GenEval-mini's (strict, overall = mean over task types, plus the partial
 score and one number per task); for other prompt sets it is the training reward's mean.  Each evaluation
 writes a PNG grid of held-out prompts and samples to ``<run>/samples/``.
+
+Beside the score every evaluation logs the training reward on the held-out samples (``reward``: one reward's
+mean, or the ``--reward-weights``-weighted mean of the parts' means, each also as ``reward/NAME``), the gold
+rewards of ``--eval.rewards`` that the run does not train on (``gold/NAME``: their means), and, for the
+policy (not the one-off base-CFG evaluation), ``diversity`` and ``drift`` (train.diversity, math.md §9.2):
+``--eval.diversity-prompts`` held-out prompts (at most an eighth of them) sampled ``--eval.diversity-images``
+times each on their own fixed seeds, and the held-out samples against the base model's from the same seeds.
 """
 
 from __future__ import annotations
@@ -44,6 +51,28 @@ class EvalConfig:
     )
     batch: int = field(default=128, metadata={"help": "images per evaluation micro-batch"})
     grid_images: int = field(default=32, metadata={"help": "images in the sample grid"})
+    rewards: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "gold rewards the run does not train on, scored on the held-out samples at each "
+            "evaluation (embedded default: geneval_mini); --guard.gold-drop watches them"
+        },
+    )
+    diversity_prompts: int = field(
+        default=8,
+        metadata={
+            "help": "held-out prompts whose samples' spread is eval/diversity, at most an eighth of the "
+            "held-out prompts (at least 1; 0: none)"
+        },
+    )
+    diversity_images: int = field(default=4, metadata={"help": "samples per diversity prompt (>= 2)"})
+    feature_clip_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "local CLIP directory: its image embedding is the feature of eval/diversity and "
+            "eval/drift (default: the GenEval-mini palette grid on the embedded default, else 16x16 pixels)"
+        },
+    )
 
 
 def validate_eval(cfg: EvalConfig) -> None:
@@ -57,12 +86,39 @@ def validate_eval(cfg: EvalConfig) -> None:
     for option, val in (("--eval.cfg-scale", cfg.cfg_scale), ("--eval.base-cfg-scale", cfg.base_cfg_scale)):
         if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0 <= val < float("inf"):
             raise ValueError(f"{option}: expected a finite value >= 0 (1: CFG-free), got {val!r}")
+    if cfg.diversity_prompts < 0:
+        raise ValueError(
+            f"--eval.diversity-prompts: expected an integer >= 0 (0: none), got {cfg.diversity_prompts}"
+        )
+    if cfg.diversity_images < 2:
+        raise ValueError(
+            f"--eval.diversity-images: expected an integer >= 2 (a spread needs two samples), got "
+            f"{cfg.diversity_images}"
+        )
+    if cfg.feature_clip_path:
+        from .diversity import check_clip_path
+
+        check_clip_path(cfg.feature_clip_path)
+    if cfg.rewards:
+        from .rewards.registry import REWARD_NAMES
+
+        unknown = [n for n in cfg.rewards if n not in REWARD_NAMES]
+        if unknown or len(set(cfg.rewards)) != len(cfg.rewards):
+            raise ValueError(
+                f"--eval.rewards: expected distinct names from {', '.join(REWARD_NAMES)}, got "
+                f"{','.join(cfg.rewards)}"
+            )
 
 
 class Evaluator:
-    def __init__(self, cfg: EvalConfig, *, seed: int, reward):
+    """``reward``: the training reward (a :class:`~train.rewards.registry.CombinedReward`, or any callable
+    returning ``(reward [B], {name: [B]})``); ``gold``: the ``--eval.rewards`` ones, or None."""
+
+    def __init__(self, cfg: EvalConfig, *, seed: int, reward, gold=None):
         validate_eval(cfg)
-        self.cfg, self.seed, self.reward = cfg, seed, reward
+        self.cfg, self.seed, self.reward, self.gold = cfg, seed, reward, gold
+        self.feature = None  # train.diversity feature, built at the first evaluation that needs it
+        self.reference = None  # [n, D] features of the base model's held-out samples (the drift reference)
 
     def protocol(self, policy, *, base_cfg: bool = False) -> str:
         """The sampler of an evaluation in words, e.g. ``euler 40 steps, CFG 4.5``, logged with its scores."""
@@ -72,37 +128,66 @@ class Evaluator:
         solver = "ddim eta 0" if epsilon else c.solver
         return f"{solver} {c.num_steps} steps, " + ("CFG-free" if scale == 1.0 else f"CFG {scale:g}")
 
-    def _prompts(self, policy) -> list:
+    def _distinct(self, policy) -> list:
         prompts = list(policy.test_prompts)
         if self.cfg.num_prompts:
             g = torch.Generator().manual_seed(common.derive_seed(self.seed, "eval-prompts"))
             idx = torch.randperm(len(prompts), generator=g)[: self.cfg.num_prompts].sort().values
             prompts = [prompts[i] for i in idx.tolist()]
-        return [p for p in prompts for _ in range(self.cfg.images_per_prompt)]
+        return prompts
+
+    def _prompts(self, policy) -> list:
+        return [p for p in self._distinct(policy) for _ in range(self.cfg.images_per_prompt)]
+
+    def diversity_set(self, policy) -> tuple[list, list, torch.Tensor]:
+        """``--eval.diversity-prompts`` held-out prompts (at most an eighth of them, at least one, so the
+        extra sampling stays small beside the evaluation's) spread evenly over the list, each
+        ``--eval.diversity-images`` times -> ``(prompts, seeds, group ids)``; the seeds are their own, fixed
+        for the run."""
+        distinct = self._distinct(policy)
+        p = min(self.cfg.diversity_prompts, -(-len(distinct) // 8))
+        if p == 0:
+            return [], [], torch.zeros(0, dtype=torch.long)
+        pick = torch.linspace(0, len(distinct) - 1, p).round().long().tolist()
+        k = self.cfg.diversity_images
+        prompts = [distinct[i] for i in pick for _ in range(k)]
+        seeds = [common.derive_seed(self.seed, "eval-diversity", j, m) for j in range(p) for m in range(k)]
+        return prompts, seeds, torch.arange(p).repeat_interleave(k)
 
     @torch.no_grad()
     def sample(
-        self, policy, prompts: list, *, base_cfg: bool, shift: float | None = None, index=None
+        self,
+        policy,
+        prompts: list,
+        *,
+        base_cfg: bool,
+        shift: float | None = None,
+        index=None,
+        seeds=None,
+        base: bool = False,
     ) -> torch.Tensor:
         """Decoded samples of ``prompts`` (the policy's eval-EMA weights at ``--eval.cfg-scale``, or with
-        ``base_cfg`` the base model at ``--eval.base-cfg-scale``); ``index`` (default ``0..len-1``) are their
-        positions in the held-out list, which key the per-image seeds (so a sharded evaluation draws what a
-        single process draws).  ``shift`` (None: the model's scheduler's) as ``--sample.shift``."""
+        ``base_cfg`` the base model at ``--eval.base-cfg-scale``, or with ``base`` the base model at
+        ``--eval.cfg-scale``: the drift reference); ``index`` (default ``0..len-1``) are their positions in
+        the held-out list, which key the per-image seeds (so a sharded evaluation draws what a single process
+        draws), unless ``seeds`` gives them.  ``shift`` (None: the model's scheduler's) as
+        ``--sample.shift``."""
         c = self.cfg
-        index = range(len(prompts)) if index is None else index
-        seeds = [common.derive_seed(self.seed, "eval", int(i)) for i in index]
+        if seeds is None:
+            index = range(len(prompts)) if index is None else index
+            seeds = [common.derive_seed(self.seed, "eval", int(i)) for i in index]
         out = []
         # Epsilon models (SD1.5-style UNets, DDPO) have no flow ODE: the deterministic sampler is DDIM eta 0.
         epsilon = getattr(policy.denoiser, "prediction_type", "flow") == "epsilon"
         kw = dict(solver="ddim", eta=0.0) if epsilon else dict(solver=c.solver)
         kw.update(num_steps=c.num_steps, shift=shift)
         for lo in range(0, len(prompts), c.batch):
-            if base_cfg:
+            if base_cfg or base:
                 with policy.adapters_disabled():
                     x0 = policy.sample(
                         prompts[lo : lo + c.batch],
                         seeds[lo : lo + c.batch],
-                        guidance_scale=c.base_cfg_scale,
+                        guidance_scale=c.base_cfg_scale if base_cfg else c.cfg_scale,
                         **kw,
                     )
             else:
@@ -113,6 +198,48 @@ class Evaluator:
             out.append(policy.decode(x0).cpu())
         return torch.cat(out)
 
+    def _columns(self, policy, images, prompts, geneval: bool) -> tuple[torch.Tensor, list[str]]:
+        """Per image: the score column(s), the training reward's parts and the gold rewards -> ``([B, C],
+        column names)``."""
+        texts = [policy.prompt_text(p) for p in prompts]
+        cols, names = [], []
+        if geneval:
+            from .rewards.geneval_mini import GenEvalMini
+
+            sc = GenEvalMini().score(images, prompts)
+            cols += [sc["strict"].float(), sc["partial"].float()]
+            names += ["strict", "partial"]
+        if self.reward is not None or not geneval:  # train.pretrain evaluates GenEval-mini without one
+            reward, comps = self.reward(images, texts)
+            if not geneval:
+                cols.append(reward.float())
+                names.append("score")
+            for n, v in (comps or {"": reward}).items():
+                cols.append(v.float().cpu())
+                names.append(f"reward/{n}" if n else "reward")
+        if self.gold is not None:
+            _, gold = self.gold(images, texts)
+            for n, v in gold.items():
+                cols.append(v.float().cpu())
+                names.append(f"gold/{n}")
+        return torch.stack([c.reshape(-1).cpu() for c in cols], 1), names
+
+    def _shard(self, n: int, dist) -> list[int]:
+        """This rank's equal contiguous share of ``0..n-1``, padded by repeating the last position (so every
+        rank runs the same forwards)."""
+        rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
+        share = -(-n // world)
+        return [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
+
+    @staticmethod
+    def _gather(local: torch.Tensor, n: int, dist) -> torch.Tensor:
+        if dist is not None and dist.enabled:
+            return dist.all_gather(local).flatten(0, 1)[:n]
+        return local[:n]
+
+    def feature_name(self) -> str | None:
+        return None if self.feature is None else self.feature.name
+
     def run(
         self,
         policy,
@@ -122,42 +249,64 @@ class Evaluator:
         base_cfg: bool = False,
         shift: float | None = None,
         dist=None,
+        extras: bool = False,
+        initial: bool = False,
     ) -> dict:
         """Evaluate and (rank 0) write the grid.  Under ``dist`` each rank samples an equal contiguous share
         of the held-out list (padded by repeating the last prompt, so every rank runs the same forwards) and
-        the per-image scores are all-gathered: every rank returns the same numbers."""
+        the per-image scores are all-gathered: every rank returns the same numbers.  With ``extras`` also
+        ``diversity`` and ``drift`` (the drift reference: these samples when ``initial``, i.e. the initial
+        weights of a fresh run, else the base model sampled once with the adapters off)."""
         prompts = self._prompts(policy)
         n = len(prompts)
-        rank, world = (dist.rank, dist.world) if dist is not None else (0, 1)
-        share = -(-n // world)
-        index = [min(i, n - 1) for i in range(rank * share, (rank + 1) * share)]
-        mine = [prompts[i] for i in index]
-        images = self.sample(policy, mine, base_cfg=base_cfg, shift=shift, index=index)
+        seeds = [common.derive_seed(self.seed, "eval", i) for i in range(n)]
+        div_prompts, div_seeds, groups = self.diversity_set(policy) if extras else ([], [], None)
+        everything, seeds = prompts + div_prompts, seeds + div_seeds
+        total = len(everything)
+        index = self._shard(total, dist)
+        mine = [everything[i] for i in index]
+        images = self.sample(policy, mine, base_cfg=base_cfg, shift=shift, seeds=[seeds[i] for i in index])
         texts = [policy.prompt_text(p) for p in prompts]
         geneval = hasattr(prompts[0], "task")
-        if geneval:
-            from .rewards.geneval_mini import GenEvalMini
-
-            scorer = GenEvalMini()
-            sc = scorer.score(images, mine)
-            local = torch.stack([sc["strict"].float(), sc["partial"].float()], 1)
-        else:
-            reward, _ = self.reward(images, [policy.prompt_text(p) for p in mine])
-            local = reward.float()[:, None]
+        held = [j for j, i in enumerate(index) if i < n]
+        local = None
+        if held:
+            cols, names = self._columns(policy, images[held], [mine[j] for j in held], geneval)
+            local = torch.zeros(len(index), cols.shape[1])
+            local[held] = cols
+        else:  # this rank's share holds only diversity samples: score one to learn the columns, send zeros
+            cols, names = self._columns(policy, images[:1], [prompts[0]], geneval)
+            local = torch.zeros(len(index), cols.shape[1])
+        scores = self._gather(local, total, dist)[:n]
         # the grid spreads over the whole held-out list, so every task type shows up
+        share = len(index)
+        rank = dist.rank if dist is not None else 0
         g = min(self.cfg.grid_images, n)
         pick = torch.linspace(0, n - 1, g).round().long().tolist()
         grid_local = {i: images[i - rank * share] for i in pick if rank * share <= i < (rank + 1) * share}
         if dist is not None and dist.enabled:
-            scores = dist.all_gather(local).flatten(0, 1)[:n]
             grid = {k: v for part in dist.all_gather_object(grid_local) for k, v in part.items()}
         else:
-            scores, grid = local[:n], grid_local
+            grid = grid_local
+        col = {name: scores[:, c] for c, name in enumerate(names)}
         if geneval:
-            res = scorer.summarize(scores[:, 0], prompts)
-            res["score_partial"] = scorer.summarize(scores[:, 1], prompts)["score"]
+            from .rewards.geneval_mini import GenEvalMini
+
+            res = GenEvalMini.summarize(col["strict"], prompts)
+            res["score_partial"] = GenEvalMini.summarize(col["partial"], prompts)["score"]
         else:
-            res = {"score": float(scores[:, 0].mean())}
+            res = {"score": float(col["score"].mean())}
+        parts = {k[len("reward/") :]: float(v.mean()) for k, v in col.items() if k.startswith("reward/")}
+        if parts:
+            w = getattr(self.reward, "weights", None) or {k: 1.0 for k in parts}
+            res["reward"] = sum(w[k] * v for k, v in parts.items()) / sum(w[k] for k in parts)
+            if len(parts) > 1:
+                res.update({f"reward/{k}": v for k, v in parts.items()})
+        elif "reward" in col:
+            res["reward"] = float(col["reward"].mean())
+        res.update({k: float(v.mean()) for k, v in col.items() if k.startswith("gold/")})
+        if extras:
+            res.update(self._spread(policy, images, index, n, total, groups, initial, shift, dist, geneval))
         if dist is None or dist.is_main:
             name = "base_cfg.png" if base_cfg else f"iter_{iteration:06d}.png"
             save_grid(
@@ -167,3 +316,26 @@ class Evaluator:
                 scores=[float(scores[i, 0]) for i in pick],
             )
         return {k: float(v) for k, v in res.items()}
+
+    def _spread(self, policy, images, index, n, total, groups, initial, shift, dist, geneval) -> dict:
+        """``diversity`` and ``drift`` (math.md §9.2) from this rank's ``images`` (positions ``index`` of the
+        held-out + diversity list)."""
+        from .diversity import build_feature, group_diversity, paired_distance
+
+        if self.feature is None:
+            self.feature = build_feature(geneval=geneval, clip_path=self.cfg.feature_clip_path)
+        feats = self._gather(self.feature(images), total, dist)
+        out = {}
+        if len(groups):
+            out["diversity"] = group_diversity(feats[n:], groups)
+        if self.reference is None:
+            if initial:
+                self.reference = feats[:n].clone()
+            else:  # the base model (adapters off) at the evaluation's protocol, from the same seeds
+                prompts = self._prompts(policy)
+                ix = self._shard(n, dist)
+                mine = [prompts[i] for i in ix]
+                base = self.sample(policy, mine, base_cfg=False, base=True, shift=shift, index=ix)
+                self.reference = self._gather(self.feature(base), n, dist).clone()
+        out["drift"] = paired_distance(feats[:n], self.reference)
+        return out

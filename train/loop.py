@@ -17,13 +17,16 @@ Exit codes:
 * 2: bad input, refused before any work (an option, the run directory, a damaged or mismatched checkpoint);
 * 3: interrupted by SIGINT (Ctrl-C), SIGTERM or SIGUSR1: the iteration in progress was finished (or, during
   its rollout, abandoned), a checkpoint written, and ``--resume RUN_DIR`` continues bit-identically;
+* 4: stopped by a guard (``--guard.*``, train.guards): the summary names the guard, the iteration and the
+  numbers; the last checkpoint holds the weights as the guard fired (``stop``) or the best-by-gold weights
+  (``rollback``), and ``--resume`` trains on from it;
 * 128 + N: aborted by a second signal N (130 for Ctrl-C, 143 for SIGTERM): the previous checkpoint is intact.
 
 ``--resume DIR`` continues the run in ``DIR`` (wherever it now lives), from its newest intact checkpoint, or
 from the start when it stopped before its first; options given with it are applied when they cannot change
 what the run trains (:data:`RESUME_SAFE`: budgets, threads, device, logging, evaluation cadence,
-micro-batching) and refused by name otherwise.  A new run refuses a directory that holds a run unless
-``--overwrite``.
+micro-batching, guard thresholds) and refused by name otherwise.  A new run refuses a directory that holds
+a run unless ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from .distributed import (
     wrap_policy,
 )
 from .evaluation import EvalConfig, Evaluator, validate_eval
+from .guards import BEST_CHECKPOINT, GUARD_EXIT, Guard, GuardConfig, validate_guards
 from .policy import ModelConfig, Policy, build_policy, check_model_path, check_schedule, read_prompt_file
 from .rewards.registry import RewardError, build_reward
 
@@ -145,6 +149,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
 
 def wait_for_rewards(futures) -> tuple[torch.Tensor, dict]:
@@ -183,6 +188,11 @@ def resolve_reward(cfg: RunConfig, *, embedded: bool) -> None:
         raise ConfigError(
             f"--reward: expected a reward for a --model run's text prompts (e.g. jpeg_compressibility or "
             f"clip_score), got {cfg.reward!r} (GenEval-mini scores only the embedded default's prompts)"
+        )
+    if not embedded and any(n in geneval for n in cfg.eval.rewards):
+        raise ConfigError(
+            f"--eval.rewards: expected gold rewards for a --model run's text prompts (e.g. clip_score), got "
+            f"{','.join(cfg.eval.rewards)} (GenEval-mini scores only the embedded default's prompts)"
         )
 
 
@@ -309,6 +319,7 @@ class Trainer:
         self.interrupt = common.GracefulInterrupt()  # main() installs a live one around the run
         self.metrics = None
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
+        self.guard = Guard(getattr(cfg, "guard", GuardConfig()), cfg.eval.rewards)
 
     # --- what an algorithm provides -------------------------------------------------------------------------
     def train_iteration(self, it: int) -> tuple[dict, str]:
@@ -319,6 +330,11 @@ class Trainer:
     def describe(self) -> str:
         """Extra words for the run header line."""
         return ""
+
+    @classmethod
+    def logs_kl(cls, cfg) -> bool:
+        """Whether the loop logs ``train/kl``, the KL to the reference that ``--guard.max-kl`` watches."""
+        return False
 
     def extra_state(self) -> dict:
         return {}
@@ -339,6 +355,8 @@ class Trainer:
             "extra": self.extra_state(),
             "world_size": self.dist.world,
             "last_eval": self.last_eval,
+            "guard": self.guard.state_dict(),
+            "eval_reference": self.evaluator.reference,
         }
         if full:
             state["policy"] = self.policy.adapter_state()
@@ -375,6 +393,9 @@ class Trainer:
         common.set_rng_state(state["rng"])
         if "eval_ema_updates" in state:
             self.policy.eval_ema.num_updates = int(state["eval_ema_updates"])
+        self.guard.load_state_dict(state.get("guard", {}))
+        if state.get("eval_reference") is not None:  # older checkpoints: the base is sampled at the next eval
+            self.evaluator.reference = state["eval_reference"]
         self.load_extra_state(state.get("extra", {}))
 
     def _sharded_state(self) -> dict:
@@ -573,28 +594,107 @@ class Trainer:
 
         return checked()
 
-    def evaluate(self, it, clock, metrics, base=False) -> None:
-        """Held-out evaluation (eval-EMA weights, ``--eval.cfg-scale``); with ``base`` also the base model at
-        ``--eval.base-cfg-scale``.  The protocol is logged beside the scores (``protocol/eval``)."""
+    def evaluate(self, it, clock, metrics, base=False, note=None) -> dict:
+        """Held-out evaluation (eval-EMA weights, ``--eval.cfg-scale``); with ``base`` (a fresh run's
+        iteration 0) also the base model at ``--eval.base-cfg-scale``.  Logged: the scores, the protocol
+        (``protocol/eval``), the training reward on the held-out samples (``eval/reward``), the gold rewards
+        (``eval/gold/NAME``), ``eval/diversity`` and ``eval/drift`` in ``eval/feature``'s space (math.md
+        §9.2; a fresh run's iteration-0 samples, its initial weights, are the drift reference).  The guards
+        read the row (train.guards); a new best by the first gold reward is kept as ``checkpoints/best.pt``
+        when ``--guard.action rollback``.  ``note``: more values for the row.  Returns the logged values."""
         shift = self.cfg.sample.shift
         with nvtx_range("eval"), torch.no_grad():
-            res = self.evaluator.run(self.policy, it, self.run_dir, shift=shift, dist=self.dist)
+            res = self.evaluator.run(
+                self.policy, it, self.run_dir, shift=shift, dist=self.dist, extras=True, initial=base
+            )
             vals = {f"eval/{k}": v for k, v in res.items()}
             vals["protocol/eval"] = self.evaluator.protocol(self.policy)
+            if self.evaluator.feature_name():
+                vals["eval/feature"] = self.evaluator.feature_name()
             if base:
                 base_res = self.evaluator.run(
                     self.policy, it, self.run_dir, base_cfg=True, shift=shift, dist=self.dist
                 )
                 vals.update({f"eval/base_cfg/{k}": v for k, v in base_res.items()})
                 vals["protocol/base_cfg"] = self.evaluator.protocol(self.policy, base_cfg=True)
+        armed = self.guard.fired is None
+        new_best = self.guard.observe_eval(it, vals)
+        if armed and self.guard.fired is not None:
+            vals.update(self.guard.metrics())
+        vals.update(note or {})
         metrics.log(it, clock(), vals)
         self.last_eval = it
         partial = f" | partial {vals['eval/score_partial']:.3f}" if "eval/score_partial" in vals else ""
         extra = f" | base CFG {vals['eval/base_cfg/score']:.3f}" if base else ""
+        more = "".join(f" | {k[10:]} {v:.3f}" for k, v in vals.items() if k.startswith("eval/gold/"))
+        more += f" | reward {vals['eval/reward']:.3f}" if "eval/reward" in vals else ""
+        for k in ("diversity", "drift"):
+            more += f" | {k} {vals[f'eval/{k}']:.3f}" if f"eval/{k}" in vals else ""
         self.say(
-            f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra} | {vals['protocol/eval']}",
+            f"eval {it:4d} | score {vals['eval/score']:.3f}{partial}{extra}{more} | {vals['protocol/eval']}",
             flush=True,
         )
+        if new_best and self.cfg.guard.action == "rollback":
+            self.save_best(it, clock())
+        return vals
+
+    # --- guards (train.guards) ------------------------------------------------------------------------------
+    def save_best(self, iteration: int, elapsed: float) -> None:
+        """``checkpoints/best.pt``: the full state at the best evaluation by the first gold reward, written
+        atomically with its checksum by rank 0 (never with non-finite weights: the run stops instead)."""
+        check_finite_weights(self.policy, self.dist, iteration, self.run_dir)
+        err = None
+        if self.dist.is_main:
+            state = self.state_dict(elapsed)
+            state["best"] = {"gold": self.guard.key, **self.guard.best[self.guard.key]}
+            try:
+                ckdir = self.run_dir / "checkpoints"
+                ckdir.mkdir(parents=True, exist_ok=True)
+                common.atomic_save(state, ckdir / BEST_CHECKPOINT, checksum=True)
+            except common.WriteError as e:
+                err = e
+        failed = self.dist.all_gather_object(str(err) if err is not None else None)[0]  # also the barrier
+        if err is not None:
+            raise err
+        if failed:
+            raise common.TrainingStopped(f"rank 0: {failed}")
+
+    def rollback(self) -> int:
+        """Restore the adapters (trained, old, eval EMA), the optimizer and the grad scaler from
+        ``checkpoints/best.pt`` (every rank reads it) -> the iteration it was taken at.  The counters stay:
+        the run's next checkpoint holds the restored weights under the current iteration."""
+        path = self.run_dir / "checkpoints" / BEST_CHECKPOINT
+        problem = common.verify_checkpoint(path) if path.exists() else "it does not exist"
+        if problem:
+            raise common.TrainingStopped(
+                f"guard {self.guard.fired['guard']}: cannot roll back to {path}: {problem}; "
+                f"{common.intact_note(self.run_dir)}"
+            )
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.policy.load_adapter_state(state["policy"])
+        self.opt.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
+            self._publish_grad_scale()
+        self.saved_iteration = None  # the weights changed: the end of the run checkpoints them
+        self.guard.fired.update(rolled_back_to=state["best"]["iteration"], checkpoint=str(path))
+        return state["best"]["iteration"]
+
+    def on_guard(self, clock, metrics) -> None:
+        """A guard fired: with ``--guard.action rollback`` restore the best checkpoint and evaluate it again
+        (the grid of the weights the guard caught is kept as ``iter_XXXXXX_guard.png``); the caller stops."""
+        fired = self.guard.fired
+        self.say(f"guard {fired['guard']} fired at iteration {fired['iteration']}: {fired['text']}",
+                 flush=True)
+        if self.cfg.guard.action != "rollback":
+            return
+        best = self.rollback()
+        grid = self.run_dir / "samples" / f"iter_{self.iteration:06d}.png"
+        if self.dist.is_main and self.last_eval == self.iteration and grid.exists():
+            os.replace(grid, grid.with_name(f"iter_{self.iteration:06d}_guard.png"))
+        self.say(f"guard: rolled back to the best checkpoint (iteration {best}); evaluating it", flush=True)
+        vals = self.evaluate(self.iteration, clock, metrics, note={"guard/rolled_back_to": best})
+        fired["gold_after"] = vals.get(f"eval/gold/{self.guard.key}")
 
     # --- stopping -------------------------------------------------------------------------------------------
     def checkpoint_now(self, clock):
@@ -625,7 +725,9 @@ class Trainer:
         iter_times = []
         if self.iteration == 0 and self.last_eval is None:
             self.evaluate(0, clock, metrics, base=True)
-        while True:
+            if self.guard.fired is not None:  # e.g. the base model's diversity already below the bound
+                self.on_guard(clock, metrics)
+        while self.guard.fired is None:
             if dist.any(self.interrupt.requested):  # every rank stops at the same iteration
                 self.stop_on_signal(clock)
             if cfg.max_iters is not None and self.iteration >= cfg.max_iters:
@@ -658,12 +760,18 @@ class Trainer:
             self.iteration = it
             iter_times.append(time.perf_counter() - t0)
             vals["train/iter_s"] = iter_times[-1]
+            self.guard.observe_iteration(it, vals)
+            if self.guard.fired is not None:
+                vals.update(self.guard.metrics())
             metrics.log(it, clock(), vals)
             self.say(
                 f"iter {it:4d} | {summary} | {iter_times[-1]:.1f}s | {clock() / 60:.1f} min", flush=True
             )
-            if it % cfg.eval.every == 0:
+            if self.guard.fired is None and it % cfg.eval.every == 0:
                 self.evaluate(it, clock, metrics)
+            if self.guard.fired is not None:
+                self.on_guard(clock, metrics)
+                break
             if it % cfg.log.checkpoint_every == 0:
                 self.save_checkpoint(it, clock())
         # the run's end: a last evaluation unless this iteration has one, and a checkpoint that records it
@@ -716,14 +824,50 @@ def summarise_run(trainer: Trainer, *, metrics_path, minutes: float, iter_times:
         grids = [str(g) for g in dict.fromkeys(grids) if g.exists()]
         if (samples / "base_cfg.png").exists():
             grids.append(f"{samples / 'base_cfg.png'} (base with CFG)")
+        lines += _watch_lines(trainer, evals)
         lines.append(f"samples: {', '.join(grids) or samples}")
     else:
         lines.append(f"held-out score: none measured in this run; samples: {samples}")
+    if trainer.guard.fired is not None:
+        lines.append(trainer.guard.describe())
     lines.append(
         f"LoRA: {run_dir / LORA_DIR} (trained), {run_dir / LORA_EMA_DIR} (eval EMA, the scored weights); "
         f"load with pipe.load_lora_weights(DIR)"
     )
     return "\n".join(lines)
+
+
+def _watch_lines(trainer: Trainer, evals: list[dict]) -> list[str]:
+    """The summary's lines on the training reward against the gold rewards on the held-out samples, and on
+    diversity and drift (train.guards, train.diversity): first -> last evaluation, and each gold's best."""
+
+    def span(key, fmt=".4f"):
+        rows = [m for m in evals if m.get(key) is not None]
+        if not rows:
+            return None
+        a, b = rows[0], rows[-1]
+        return (
+            f"{a[key]:{fmt}} at iteration {a['iteration']} -> {b[key]:{fmt}} at iteration {b['iteration']} "
+            f"({b[key] - a[key]:+{fmt}})"
+        )
+
+    lines = []
+    golds = list(trainer.cfg.eval.rewards)
+    if golds and span("eval/reward"):
+        lines.append(f"training reward {trainer.cfg.reward} on the held-out samples: {span('eval/reward')}")
+        for g in golds:
+            key = f"eval/gold/{g}"
+            rows = [m for m in evals if m.get(key) is not None]
+            if rows:
+                best = max(rows, key=lambda m: m[key])  # the first of equal values
+                lines.append(
+                    f"gold reward {g}: {span(key)}; best {best[key]:.4f} at iteration {best['iteration']}"
+                )
+    div, drift = span("eval/diversity"), span("eval/drift")
+    if div or drift:
+        feature = next((m["eval/feature"] for m in evals[::-1] if m.get("eval/feature")), "?")
+        lines.append(f"diversity ({feature}): {div or 'not measured'}; drift from the base: {drift}")
+    return lines
 
 
 def check_finite_weights(policy: Policy, dist: Dist, iteration: int, run_dir) -> None:
@@ -768,6 +912,9 @@ RESUME_SAFE = frozenset(
         "sample.forward_chunk",
         "dist.timeout_s",
         "dist.fsdp_reshard",
+        "guard.gold_drop",
+        "guard.max_kl",
+        "guard.min_diversity",
     }
 )
 # Recorded but not compared with the checkpoint: where the run lives, and grad_accum, which a resume on
@@ -901,6 +1048,7 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
         if cfg.resume:
             cfg, resume_dir = resume_config(config_cls, argv, cfg.resume)
         validate(cfg)
+        validate_guards(cfg, trainer_cls)
         validate_dist(cfg.dist, algo=algo)
         check_world_divides(cfg.sample.prompts_per_iter * cfg.sample.images_per_prompt, launched_world_size())
         if resume_dir is None and cfg.run_dir:
@@ -918,6 +1066,18 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             max_in_flight=cfg.reward_max_in_flight,
             vlm_model=cfg.reward_vlm_model,
         )
+        gold = None
+        if cfg.eval.rewards:
+            gold = build_reward(
+                cfg.eval.rewards,
+                clip_path=cfg.reward_clip_path,
+                paths=cfg.reward_paths,
+                device=cfg.reward_device,
+                timeout=cfg.reward_timeout,
+                retries=cfg.reward_retries,
+                max_in_flight=cfg.reward_max_in_flight,
+                vlm_model=cfg.reward_vlm_model,
+            )
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
@@ -927,7 +1087,7 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run(cfg, dist, reward, algo=algo, resume_dir=resume_dir, trainer_cls=trainer_cls)
+        return _run(cfg, dist, reward, algo=algo, resume_dir=resume_dir, trainer_cls=trainer_cls, gold=gold)
     except KeyboardInterrupt:  # Ctrl-C before the loop installed its handler: nothing was trained
         if dist.is_main:
             print("\ninterrupted before training started", file=sys.stderr, flush=True)
@@ -992,7 +1152,7 @@ def _no_library_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
-def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
+def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls, gold=None) -> int:
     """Everything after the argument checks, on every rank; rank 0 owns the run directory (its lock, held
     until this returns) and the metrics."""
     report = (lambda msg: print(msg, file=sys.stderr, flush=True)) if dist.is_main else (lambda msg: None)
@@ -1009,13 +1169,13 @@ def _run(cfg, dist: Dist, reward, *, algo: str, resume_dir, trainer_cls) -> int:
         report(f"error: {err}")
         return 2
     try:
-        return _run_owned(cfg, dist, reward, common.Path(run_dir), resume_dir, trainer_cls, report)
+        return _run_owned(cfg, dist, reward, common.Path(run_dir), resume_dir, trainer_cls, report, gold)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report) -> int:
+def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report, gold=None) -> int:
     cfg.run_dir = str(run_dir)
     found = None
     if resume_dir is not None:
@@ -1053,7 +1213,7 @@ def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report
             tasks=cfg.tasks,
         )
         wrap_policy(policy, dist, cfg.dist)
-        evaluator = Evaluator(cfg.eval, seed=cfg.seed, reward=reward)
+        evaluator = Evaluator(cfg.eval, seed=cfg.seed, reward=reward, gold=gold)
         trainer = trainer_cls(cfg, run_dir, policy, reward, evaluator, dist=dist)
     except (ConfigError, ValueError) as e:
         report(f"error: {e}")
@@ -1120,6 +1280,7 @@ def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report
     finally:
         metrics.close()
         trainer.pool.shutdown(wait=False, cancel_futures=True)
-        if hasattr(reward, "close"):  # --reward-workers' processes
-            reward.close()
-    return 0
+        for r in (reward, gold):
+            if hasattr(r, "close"):  # --reward-workers' processes, HTTP clients
+                r.close()
+    return GUARD_EXIT if trainer.guard.fired is not None else 0

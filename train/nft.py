@@ -209,6 +209,11 @@ def old_decay(step: int, tc: TrainConfig) -> float:
 class NFTTrainer(Trainer):
     algo = "nft"
 
+    @classmethod
+    def logs_kl(cls, cfg) -> bool:
+        """``train/kl`` every iteration (measured on the first micro-batch even at ``--train.kl-coef 0``)."""
+        return True
+
     def per_rank_step(self, n: int) -> int:
         """``n / (steps_per_iter * world)``: ``--train.steps-per-iter`` steps per iteration on any world
         size."""

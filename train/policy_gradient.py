@@ -533,6 +533,12 @@ class PolicyGradientTrainer(Trainer):
 
     algo = "pg"
 
+    @classmethod
+    def logs_kl(cls, cfg) -> bool:
+        """``train/kl`` is the KL to the reference only with ``--train.kl-beta > 0`` (else no reference
+        pass: it reads 0)."""
+        return getattr(cfg.train, "kl_beta", 0.0) > 0
+
     def __init__(self, cfg, run_dir, policy: Policy, reward, evaluator: Evaluator, dist=None):
         super().__init__(cfg, run_dir, policy, reward, evaluator, dist=dist)
         self.solver = resolve_solver(cfg.sample.solver, policy.denoiser)

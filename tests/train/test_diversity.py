@@ -1,0 +1,101 @@
+"""Diversity and drift (train.diversity, math.md §9.2): the formulas against hand computations, the feature
+maps' scales, the drift reference (the initial weights = the adapters switched off, from the same noise),
+and every loop logging them at each evaluation."""
+
+import math
+
+import pytest
+import torch
+
+import train.grpo as grpo
+from train import common
+from train.diversity import PaletteGridFeature, PixelFeature, group_diversity, paired_distance
+from train.evaluation import EvalConfig, Evaluator
+from train.policy import ModelConfig, build_policy
+
+from ._pg_helpers import SMALL, use_embedded_default
+
+
+def test_group_diversity_by_hand():
+    f = torch.tensor([[0.0, 0.0], [3.0, 4.0], [1.0, 1.0], [1.0, 1.0], [1.0, 1.0], [9.0, 9.0]])
+    groups = torch.tensor([0, 0, 1, 1, 1, 2])  # group 2 has one sample: skipped
+    # group 0: one pair at distance 5; group 1: three equal points, distance 0
+    assert group_diversity(f, groups) == pytest.approx((5.0 + 0.0) / 2)
+    f3 = torch.tensor([[0.0], [1.0], [3.0]])  # pairs 1, 3, 2: mean 2
+    assert group_diversity(f3, torch.zeros(3, dtype=torch.long)) == pytest.approx(2.0)
+    assert math.isnan(group_diversity(f3, torch.arange(3)))
+
+
+def test_paired_distance_by_hand_and_shape_check():
+    a = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[3.0, 4.0], [1.0, 1.0]])
+    assert paired_distance(a, b) == pytest.approx(2.5)
+    with pytest.raises(ValueError, match="drift reference: expected features shaped"):
+        paired_distance(a, b[:1])
+
+
+def test_palette_grid_feature_scale():
+    feat = PaletteGridFeature()
+    black = -torch.ones(1, 3, 32, 32)
+    red = black.clone()
+    red[0, 0, :8, :8] = 1.0  # one of the 16 cells of 8 x 8 px turns red
+    fb, fr = feat(black), feat(red)
+    assert fb.shape == (1, 5 * 16)
+    # that cell's colour distribution moves from background to red: squared distance 2, over 16 cells
+    assert float((fb - fr).norm()) == pytest.approx(math.sqrt(2 / 16))
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    f = feat(x)
+    assert torch.allclose((f * 4).view(6, 16, 5).sum(-1), torch.ones(6, 16))  # shares sum to 1 per cell
+    assert float(torch.cdist(f, f).max()) <= math.sqrt(2) + 1e-6
+
+
+def test_pixel_feature_scale():
+    feat = PixelFeature()
+    lo, hi = -torch.ones(1, 3, 64, 64), torch.ones(1, 3, 64, 64)
+    assert feat(lo).shape == (1, 3 * 16 * 16)
+    assert float((feat(lo) - feat(hi)).norm()) == pytest.approx(1.0)
+    assert feat(torch.zeros(2, 3, 4, 4)).shape == (2, 3 * 4 * 4)  # small images are not upsampled
+
+
+def test_drift_reference_is_the_base_from_the_same_noise(tmp_path, monkeypatch):
+    """A fresh policy (LoRA ``B = 0``) sampled with its adapters on is the base model: the reference taken
+    from its iteration-0 samples equals the one sampled with the adapters off, bit for bit; moving the
+    adapters moves the samples away from it, and diversity is a positive spread of same-prompt samples."""
+    use_embedded_default(monkeypatch)
+    policy = build_policy(ModelConfig(), preset="tiny", model_path=None, device=torch.device("cpu"), seed=0)
+    cfg = EvalConfig(num_prompts=4, num_steps=4, diversity_prompts=2, diversity_images=3)
+    reward = lambda images, prompts: (images.mean((1, 2, 3)), {})  # noqa: E731
+    (tmp_path / "samples").mkdir()
+    initial = Evaluator(cfg, seed=0, reward=reward)
+    res = initial.run(policy, 0, tmp_path, extras=True, initial=True)
+    assert res["drift"] == 0.0 and res["diversity"] > 0
+    assert initial.feature_name() == "geneval_palette_grid4"
+    sampled = Evaluator(cfg, seed=0, reward=reward)
+    again = sampled.run(policy, 0, tmp_path, extras=True, initial=False)  # reference: adapters off
+    assert torch.equal(sampled.reference, initial.reference)
+    assert again["drift"] == 0.0 and again["diversity"] == res["diversity"]
+    with torch.no_grad():
+        for p, s in zip(policy.trainable_parameters(), policy.eval_ema.shadow, strict=True):
+            p.add_(torch.randn_like(p) * 0.05)
+            s.copy_(p)  # the evaluation samples the eval EMA
+    moved = initial.run(policy, 1, tmp_path, extras=True)
+    assert moved["drift"] > 0
+
+
+def test_every_loop_logs_reward_gold_diversity_and_drift(tmp_path, monkeypatch):
+    """train.grpo (the policy-gradient family) gets the metrics from the shared loop, with no code of its
+    own: the training reward and a gold reward beside it, diversity and drift in the named feature space."""
+    use_embedded_default(monkeypatch)
+    argv = ["--run-dir", str(tmp_path / "r"), *SMALL, "--max-iters", "1", "--reward", "jpeg_compressibility"]
+    argv += ["--eval.rewards", "geneval_mini,saturation", "--eval.diversity-prompts", "2"]
+    argv += ["--eval.diversity-images", "2"]
+    assert grpo.main(argv) == 0
+    rows = [r for r in common.read_metrics(tmp_path / "r") if "eval/score" in r]
+    assert [r["iteration"] for r in rows] == [0, 1]
+    for r in rows:
+        assert r["eval/feature"] == "geneval_palette_grid4"
+        assert r["eval/diversity"] > 0 and r["eval/drift"] >= 0
+        assert 0 <= r["eval/gold/geneval_mini"] <= 1 and 0 <= r["eval/gold/saturation"] <= 1
+        assert r["eval/reward"] < 0  # minus the JPEG size in kB
+    assert rows[0]["eval/drift"] == 0.0
+    assert "eval/base_cfg/gold/geneval_mini" in rows[0]

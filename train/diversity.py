@@ -1,0 +1,137 @@
+"""Diversity and drift of held-out samples in a fixed feature space (math.md §9.2).
+
+* ``eval/diversity``: per prompt, the mean pairwise distance between the features of its ``K`` samples (fixed
+  seeds), averaged over the prompts;
+* ``eval/drift``: per held-out sample, the distance between its features and those of the base model's
+  sample from the SAME noise (the initial weights at iteration 0, whose LoRA ``B = 0`` makes them the base
+  model, or the adapters switched off), averaged over the samples.
+
+The feature space (named in the log as ``eval/feature``):
+
+* ``geneval_palette_grid4``: the embedded default (GenEval-mini prompts).  The verifier's first detection
+  step (train/rewards/geneval_mini.py: every pixel takes the nearest colour of background + palette) pooled
+  over a 4 x 4 grid of cells: per cell the share of its pixels of each of the 5 colours.  It sees which
+  colours sit where, i.e. the objects' colours, positions and sizes the verifier reads;
+* ``clip:<dir>``: the L2-normalised image embedding of a local CLIP (``--eval.feature-clip-path``);
+* ``pixels16``: otherwise, the image in [0, 1] area-downsampled to at most 16 x 16 (a documented fallback; it
+  measures layout and colour, not semantics).
+
+Every feature is scaled so a distance is Euclidean and bounded: palette grid ``<= sqrt(2)`` (the root mean
+over cells of the squared distance between two colour distributions), CLIP ``<= 2`` (unit vectors), pixels
+``<= 1`` (root-mean-square pixel difference).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "PaletteGridFeature",
+    "PixelFeature",
+    "ClipFeature",
+    "build_feature",
+    "group_diversity",
+    "paired_distance",
+]
+
+
+class PaletteGridFeature:
+    """GenEval-mini's nearest-palette-colour map pooled to ``cells x cells`` colour shares ->
+    ``[B, 5 cells^2]``."""
+
+    def __init__(self, cells: int = 4):
+        from train.data.geneval_mini import BACKGROUND, PALETTE
+
+        self.cells = cells
+        self.name = f"geneval_palette_grid{cells}"
+        self.colors = torch.tensor([BACKGROUND, *PALETTE.values()], dtype=torch.float32)  # [K, 3]
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2  # [B, 3, H, W]
+        d = ((x[:, None] - self.colors[None, :, :, None, None]) ** 2).sum(2)  # [B, K, H, W]
+        onehot = torch.nn.functional.one_hot(d.argmin(1), len(self.colors)).permute(0, 3, 1, 2).float()
+        shares = torch.nn.functional.adaptive_avg_pool2d(onehot, self.cells)  # [B, K, c, c]: 1 per cell
+        return shares.permute(0, 2, 3, 1).flatten(1) / self.cells  # 1/sqrt(cells^2): a root mean over cells
+
+
+class PixelFeature:
+    """The image in [0, 1], area-downsampled to at most ``size x size``, divided by ``sqrt(dims)``."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self.name = f"pixels{size}"
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+        h, w = x.shape[-2:]
+        x = torch.nn.functional.adaptive_avg_pool2d(x, (min(self.size, h), min(self.size, w))).flatten(1)
+        return x / x.shape[1] ** 0.5
+
+
+class ClipFeature:
+    """L2-normalised image embedding of a local CLIP directory (transformers ``CLIPModel``, nothing
+    downloaded), at the CLIP's input size with its normalisation."""
+
+    def __init__(self, path: str, device: str = "cpu"):
+        check_clip_path(path)
+        from transformers import CLIPModel
+
+        self.device = device
+        self.model = CLIPModel.from_pretrained(path).eval().to(device)
+        self.size = self.model.config.vision_config.image_size
+        self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        self.name = f"clip:{Path(path).name}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
+        x = torch.nn.functional.interpolate(
+            x, size=(self.size, self.size), mode="bicubic", align_corners=False
+        )
+        x = ((x - self.mean) / self.std).to(self.device)
+        emb = self.model.get_image_features(pixel_values=x)
+        emb = getattr(emb, "pooler_output", emb).float().cpu()
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+
+def check_clip_path(path: str) -> None:
+    """``--eval.feature-clip-path`` must be a local CLIP directory (refused before any work)."""
+    if not (Path(path) / "config.json").is_file():
+        raise ValueError(
+            f"--eval.feature-clip-path: expected a local CLIP directory holding config.json, got {path!r}"
+        )
+
+
+def build_feature(*, geneval: bool, clip_path: str | None = None, device: str = "cpu"):
+    """The feature of a run's diversity and drift: a local CLIP when given, else the GenEval-mini palette grid
+    on the embedded default's prompts, else downsampled pixels."""
+    if clip_path:
+        return ClipFeature(clip_path, device)
+    return PaletteGridFeature() if geneval else PixelFeature()
+
+
+def group_diversity(features: torch.Tensor, groups: torch.Tensor) -> float:
+    """math.md §9.2: the mean over groups (prompts) of the mean pairwise Euclidean distance between the
+    group's ``features`` rows; groups with fewer than two samples are skipped (NaN when none has two)."""
+    out = []
+    for g in torch.unique(groups):
+        f = features[groups == g].double()
+        k = f.shape[0]
+        if k < 2:
+            continue
+        d = (f[:, None] - f[None]).norm(dim=-1)  # exact zeros on the diagonal (cdist's matmul path is not)
+        out.append(float(d.sum() / (k * (k - 1))))  # the diagonal is 0: the mean over k(k-1) ordered pairs
+    return sum(out) / len(out) if out else float("nan")
+
+
+def paired_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """math.md §9.2: the mean over rows of ``||features_i - reference_i||`` (drift from the same noise)."""
+    if features.shape != reference.shape:
+        raise ValueError(
+            f"drift reference: expected features shaped {tuple(features.shape)} (the held-out samples), got "
+            f"{tuple(reference.shape)}; the held-out set changed since the reference was taken"
+        )
+    return float((features.double() - reference.double()).norm(dim=1).mean())
