@@ -297,6 +297,10 @@ class Trainer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
 
     # --- what an algorithm provides -------------------------------------------------------------------------
+    @classmethod
+    def check_reward(cls, reward) -> None:
+        """Refuse, before any work, a reward this algorithm cannot use (a ValueError naming the option)."""
+
     def train_iteration(self, it: int) -> tuple[dict, str]:
         """Run iteration ``it`` (rollout, reward, advantage, update) -> ``(metrics, one-line summary)``.
         A reward failure surfaces as :class:`RewardError` before any parameter changes."""
@@ -899,6 +903,7 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             paths=cfg.reward_paths,
             device=cfg.reward_device,
         )
+        trainer_cls.check_reward(reward)  # e.g. a reward-gradient method refuses a non-differentiable one
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
