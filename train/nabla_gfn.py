@@ -93,6 +93,12 @@ class NablaGFNTrainConfig(PGTrainConfig):
         default=(64, 128, 256, 256), metadata={"help": "phi's UNet block widths"}
     )
     flow_layers: int = field(default=1, metadata={"help": "phi's layers per block"})
+    flow_block_attention: bool = field(
+        default=True,
+        metadata={
+            "help": "phi's cross-attention in its down/up blocks (the reference's); false: mid block only"
+        },
+    )
 
 
 @dataclass
@@ -103,12 +109,13 @@ class NablaGFNConfig(PGRunConfig):
 
 def preset_tiny() -> NablaGFNConfig:
     """The embedded default on a CPU (a flow model: the derived flow-sde port): 8 prompts x 2 images per
-    iteration, 10 SDE steps (noise level 0.7), 2 blocks (3 transitions per sample), one optimizer step of 16
-    samples, the differentiable ``saturation`` reward, phi a 32/64/64 UNet (one torch thread)."""
+    iteration, 10 SDE steps (noise level 0.7), 2 blocks (3 transitions per sample), one optimizer step of
+    16 samples, the differentiable ``saturation`` reward, phi a 32/64/64 UNet cross-attending in its mid
+    block only (self-attention over 32 x 32 positions would dominate the step on a CPU), one torch thread."""
     cfg = NablaGFNConfig(reward="saturation", threads=1)
     cfg.sample.prompts_per_iter, cfg.sample.images_per_prompt, cfg.sample.num_steps = 8, 2, 10
     cfg.train.timestep_fraction, cfg.train.batch_size, cfg.train.grad_accum = 0.2, 8, 2
-    cfg.train.flow_channels = (32, 64, 64)
+    cfg.train.flow_channels, cfg.train.flow_block_attention = (32, 64, 64), False
     cfg.eval.num_steps = 20
     return cfg
 
@@ -211,20 +218,27 @@ class ResidualLogFlow(torch.nn.Module):
     """``phi(x, t, c)``: the residual log-flow score, a small ``diffusers.UNet2DConditionModel`` on the
     latent shape, cross-attending to the prompt embeddings, its ``conv_out`` bias zeroed (the reference's
     "zero initialisation"; lzzcd001/nabla-gfn@6b74d4ce train_nablagfn.py).  On SD1.5 the reference's
-    64/128/256/256; the embedded default's tiny preset 32/64/64.  Always fp32."""
+    64/128/256/256; the embedded default's tiny preset 32/64/64 with cross-attention in the mid block only
+    (``block_attention=False``).  Always fp32."""
 
-    def __init__(self, channels: int, cross_dim: int, widths=(64, 128, 256, 256), layers: int = 1):
+    def __init__(
+        self, channels: int, cross_dim: int, widths=(64, 128, 256, 256), layers: int = 1, block_attention=True
+    ):
         super().__init__()
         from diffusers import UNet2DConditionModel
 
         n = len(widths)
+        down, up = ("DownBlock2D",) * n, ("UpBlock2D",) * n
+        if block_attention:  # diffusers' default layout, the reference's
+            down = ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",)
+            up = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1)
         self.unet = UNet2DConditionModel(
             in_channels=channels,
             out_channels=channels,
             block_out_channels=tuple(widths),
             layers_per_block=layers,
-            down_block_types=("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+            down_block_types=down,
+            up_block_types=up,
             cross_attention_dim=cross_dim,
         )
         with torch.no_grad():
@@ -280,8 +294,8 @@ def nabla_db_loss(
     """math.md §7 residual Nabla-DB for a batch of transitions -> ``(loss, parts)``:
 
     ``L_fwd = (s_theta - s_ref - phi(x', t') - g')^2`` with the target ``sg(s_ref + g')`` at the terminal
-    transition (phi not detached elsewhere); ``L_bwd = (s_theta_rev - s_ref_rev + phi(x_t, t) + g)^2`` with the
-    target 0 at the terminal transition (trains phi only: the reverse scores carry no graph);
+    transition (phi not detached elsewhere); ``L_bwd = (s_theta_rev - s_ref_rev + phi(x_t, t) + g)^2``
+    with the target 0 at the terminal transition (trains phi only: the reverse scores carry no graph);
     ``L_term = sum_b terminal_b mean_dims phi(x', t')^2 / (sum_b terminal_b + 1e-6)``;
     ``loss = mean_{b,dims}(L_fwd + reverse_scale L_bwd + L_term) + reg_scale mean_b mean_dims (pred -
     pred_old)^2`` (lzzcd001/nabla-gfn@6b74d4ce train_nablagfn.py)."""
@@ -324,11 +338,22 @@ class NablaGFNTrainer(PolicyGradientTrainer):
         if self.solver not in ("flow-sde", "ddim"):
             raise ConfigError(f"--sample.solver: expected flow-sde or ddim, got {self.solver!r}")
         tc, pol = self.cfg.train, self.policy
+        if self.solver == "ddim":
+            from engine.schedules import ddim_alpha_bars
+
+            _, ab = ddim_alpha_bars(self.cfg.sample.num_steps, scheduler_config=pol.scheduler_config)
+            if float(ab[-1]) >= 1.0:
+                raise ConfigError(
+                    "--model: expected a DDIM schedule whose last step is stochastic (set_alpha_to_one "
+                    "false, as SD1.5's): the terminal transition needs a density, got final_alpha_cumprod 1"
+                )
         with torch.no_grad():
             cross = pol.encode([pol.prompt_text(pol.train_prompts[0])]).prompt_embeds.shape[-1]
         state = torch.random.get_rng_state()
         torch.manual_seed(common.derive_seed(self.cfg.seed, 0, "phi"))
-        self.phi = ResidualLogFlow(pol.latent_shape[0], cross, tc.flow_channels, tc.flow_layers)
+        self.phi = ResidualLogFlow(
+            pol.latent_shape[0], cross, tc.flow_channels, tc.flow_layers, tc.flow_block_attention
+        )
         torch.random.set_rng_state(state)
         self.phi.to(pol.device)
         self.phi_params = [p for p in self.phi.parameters() if p.requires_grad]
@@ -367,7 +392,7 @@ class NablaGFNTrainer(PolicyGradientTrainer):
             )
         super().optimizer_step()
 
-    # --- per transition --------------------------------------------------------------------------------------
+    # --- per transition ------------------------------------------------------------------------------
     def _reward_grad(self, x0_hat, x, prompts) -> torch.Tensor:
         """``grad_x R(decode(x0_hat(x)))`` (no graph kept)."""
         images = self.policy.decode(x0_hat)
@@ -390,7 +415,7 @@ class NablaGFNTrainer(PolicyGradientTrainer):
         return torch.where(end, x.float(), out)
 
     def transition_loss(self, traj: Trajectories, rows, steps, first: bool):
-        """The Nabla-DB loss of transitions ``states[rows, steps] -> states[rows, steps + 1]`` (math.md §7)."""
+        """Nabla-DB loss of the transitions ``states[rows, steps] -> states[rows, steps + 1]``, math.md §7."""
         tc, pol = self.cfg.train, self.policy
         dev = traj.states.device
         rows, steps = rows.to(dev), steps.to(dev)

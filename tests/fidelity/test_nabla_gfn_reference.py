@@ -197,7 +197,7 @@ def test_reward_weight_is_the_references_alpha_prod():
 
 
 def test_transition_subset_is_low_var_subsampling():
-    """train_nablagfn.py ``low_var_subsampling``: perms = [N-1] + one pick per trunk, trunks in reversed order;
+    """train_nablagfn.py ``low_var_subsampling``: perms = [N-1] + one pick per trunk, trunks reversed;
     the first ``int(N * fraction) + 1`` are trained."""
     g = torch.Generator().manual_seed(0)
     sub = transition_subset(50, 5, 400, g)
