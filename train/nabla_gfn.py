@@ -110,9 +110,10 @@ class NablaGFNConfig(PGRunConfig):
 def preset_tiny() -> NablaGFNConfig:
     """The embedded default on a CPU (a flow model: the derived flow-sde port): 8 prompts x 2 images per
     iteration, 10 SDE steps (noise level 0.7), 2 blocks (3 transitions per sample), one optimizer step of
-    16 samples, the differentiable ``saturation`` reward, phi a 32/64/64 UNet cross-attending in its mid
-    block only (self-attention over 32 x 32 positions would dominate the step on a CPU), one torch thread."""
-    cfg = NablaGFNConfig(reward="saturation", threads=1)
+    16 samples, the differentiable learned GenEval-mini reward ``geneval_learned``, phi a 32/64/64 UNet
+    cross-attending in its mid block only (self-attention over 32 x 32 positions would dominate the step
+    on a CPU), one torch thread."""
+    cfg = NablaGFNConfig(reward="geneval_learned", threads=1)
     cfg.sample.prompts_per_iter, cfg.sample.images_per_prompt, cfg.sample.num_steps = 8, 2, 10
     cfg.train.timestep_fraction, cfg.train.batch_size, cfg.train.grad_accum = 0.2, 8, 2
     cfg.train.flow_channels, cfg.train.flow_block_attention = (32, 64, 64), False

@@ -68,7 +68,7 @@ def test_cli_runs_and_resume_restores_phi(tmp_path):
     phi_a, phi_b = _phi(tmp_path / "straight"), _phi(tmp_path / "split")
     assert all(torch.equal(phi_a[k], phi_b[k]) for k in phi_a)  # phi restored and trained on identically
     assert any(not torch.equal(phi1[k], phi_a[k]) for k in phi_a)  # and it was trained
-    assert common.load_checkpoint(tmp_path / "straight")["config"]["reward"] == "saturation"
+    assert common.load_checkpoint(tmp_path / "straight")["config"]["reward"] == "geneval_learned"
 
 
 @pytest.mark.parametrize("reward", ["jpeg_compressibility", "geneval_mini"])
@@ -108,11 +108,11 @@ def test_unet_ddim_path(tmp_path):
 
 
 def test_learns_the_training_reward_vs_lr0(tmp_path):
-    """Saturation (deliberately hackable, differentiable): the trained run's rollouts of the last iterations
-    score higher than the lr-0 control's on the same prompts and seeds.  Can fail: a short run with a thin
-    margin (measured 2026-12-03: 0.3262 vs 0.3254 over the last 2 iterations); lr 3e-3 rather than the
-    reference's 1e-3 so that 3 optimizer steps move the reward at all."""
-    argv = [*FAST, "--sample.prompts-per-iter", "2", "--eval.every", "100"]
+    """On saturation (deliberately hackable, differentiable; not the default reward): the trained run's
+    rollouts of the last iterations score higher than the lr-0 control's on the same prompts and seeds.
+    Can fail: a short run with a thin margin (measured 2026-12-03: 0.3262 vs 0.3254 over the last 2
+    iterations); lr 3e-3 rather than the reference's 1e-3 so that 3 optimizer steps move the reward."""
+    argv = [*FAST, "--reward", "saturation", "--sample.prompts-per-iter", "2", "--eval.every", "100"]
     means = []
     for name, lr in (("trained", "3e-3"), ("control", "0")):
         run = ["--run-dir", str(tmp_path / name), *argv, "--train.lr", lr, "--max-iters", "3"]
