@@ -322,6 +322,10 @@ class Trainer:
         self.guard = Guard(getattr(cfg, "guard", GuardConfig()), cfg.eval.rewards)
 
     # --- what an algorithm provides -------------------------------------------------------------------------
+    @classmethod
+    def check_reward(cls, reward) -> None:
+        """Refuse, before any work, a reward this algorithm cannot use (a ValueError naming the option)."""
+
     def train_iteration(self, it: int) -> tuple[dict, str]:
         """Run iteration ``it`` (rollout, reward, advantage, update) -> ``(metrics, one-line summary)``.
         A reward failure surfaces as :class:`RewardError` before any parameter changes."""
@@ -1066,6 +1070,7 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             max_in_flight=cfg.reward_max_in_flight,
             vlm_model=cfg.reward_vlm_model,
         )
+        trainer_cls.check_reward(reward)  # e.g. a reward-gradient method refuses a non-differentiable one
         gold = None
         if cfg.eval.rewards:
             gold = build_reward(

@@ -164,6 +164,12 @@ def _http(url, opts):
     return HttpReward(url, **opts.get("http", {}))
 
 
+def _geneval_learned(opts):
+    from train.reward_model import GenEvalLearned
+
+    return GenEvalLearned(opts.get("paths", {}).get("geneval_learned"))
+
+
 _FACTORIES: dict[str, Callable] = {
     "geneval_mini": _geneval_mini("strict"),
     "geneval_mini_partial": _geneval_mini("partial"),
@@ -177,6 +183,7 @@ _FACTORIES: dict[str, Callable] = {
     "vlm_judge": _vlm_judge,
     "hpsv2.1": _hpsv21,
     "imagereward": _imagereward,
+    "geneval_learned": _geneval_learned,  # train.reward_model: learned from the GenEval-mini verifier
 }
 # --reward http://HOST:PORT/NAME: a reward server's reward (train.rewards.client)
 HTTP_PREFIXES = ("http://", "https://")
