@@ -100,13 +100,13 @@ def validate_eval(cfg: EvalConfig) -> None:
 
         check_clip_path(cfg.feature_clip_path)
     if cfg.rewards:
-        from .rewards.registry import REWARD_NAMES
+        from .rewards.registry import HTTP_PREFIXES, REWARD_NAMES
 
-        unknown = [n for n in cfg.rewards if n not in REWARD_NAMES]
+        unknown = [n for n in cfg.rewards if n not in REWARD_NAMES and not n.startswith(HTTP_PREFIXES)]
         if unknown or len(set(cfg.rewards)) != len(cfg.rewards):
             raise ValueError(
-                f"--eval.rewards: expected distinct names from {', '.join(REWARD_NAMES)}, got "
-                f"{','.join(cfg.rewards)}"
+                f"--eval.rewards: expected distinct names from {', '.join(REWARD_NAMES)} or "
+                f"http://HOST:PORT/NAME, got {','.join(cfg.rewards)}"
             )
 
 

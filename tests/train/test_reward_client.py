@@ -196,3 +196,22 @@ def test_server_without_its_stack_names_the_extra(monkeypatch, capsys):
     assert main(["--reward", "saturation", "--port", "8700"]) == 2
     err = capsys.readouterr().err
     assert "needs starlette and uvicorn (uvicorn is missing)" in err and 'pip install -e ".[serve]"' in err
+
+
+def test_a_served_gold_reward_is_logged_beside_the_training_reward(tmp_path):
+    """--eval.rewards takes a reward server's URL as a gold reward (the README's served-gold recipe)."""
+    import json
+
+    import train.nft as nft
+
+    from .test_reliability import TINY
+
+    with FakeServer(lambda n, b: _mean_of(b)) as s:
+        gold = f"{s.url}/brightness"
+        run = tmp_path / "run"
+        argv = ["--max-iters", "1", "--run-dir", str(run), "--reward", "saturation", "--eval.rewards", gold]
+        assert nft.main(TINY + argv) == 0
+        assert s.count >= 2  # iteration 0 and the last evaluation
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    vals = [r[f"eval/gold/{gold}"] for r in rows if f"eval/gold/{gold}" in r]
+    assert len(vals) == 2 and all(0 < v < 255 for v in vals)
