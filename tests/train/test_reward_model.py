@@ -32,7 +32,7 @@ def test_shipped_model_is_small_and_its_card_describes_it(shipped):
     assert card["base_model_sha256"] == common.file_sha256(Path(DEFAULT_DIR) / "default.safetensors")
     assert card["command"].startswith("python -m train.reward_model")
     e = card["heldout"]["engine"]
-    assert e["n"] >= 256 and e["acc"] > e["majority"] and e["auc"] > 0.55, e
+    assert e["n"] >= 256 and e["acc"] > e["majority"] and e["auc"] > 0.7, e
 
 
 def test_shipped_check_subset_recomputes_within_tolerance(shipped):
