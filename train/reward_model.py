@@ -1,5 +1,5 @@
 """A learned, differentiable GenEval-mini reward for the embedded default (math.md §8.1): a small CNN,
-FiLM-conditioned on the prompt's structure (task, and per object its shape, colour, count and side), that
+FiLM-conditioned on the prompt's structure (per object its shape, colour, count and side), that
 predicts whether the rule-based GenEval-mini verifier passes an image.  It is trained on the verifier's
 labels, as real reward models are trained on human labels, and it is what the reward-backprop methods
 (math.md §5) and Nabla-GFlowNet (math.md §7) can differentiate; the verifier stays the gold reward, so
@@ -715,7 +715,7 @@ def run(cfg: RewardModelConfig, argv: list[str], say=print) -> Path:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = parse_cli(RewardModelConfig, argv, prog="python -m train.reward_model",
+        cfg = parse_cli(RewardModelConfig, argv, prog="train.reward_model",
                         description=__doc__.split("\n\n")[0], presets=PRESETS)
         validate(cfg)
         if cfg.out and (Path(cfg.out) / "reward_model.safetensors").exists() and not cfg.overwrite:
