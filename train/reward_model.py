@@ -1,5 +1,5 @@
 """A learned, differentiable GenEval-mini reward for the embedded default (math.md §8.1): a small CNN,
-FiLM-conditioned on the prompt's structure (task, and per object its shape, colour, count and side), that
+FiLM-conditioned on the prompt's structure (per object its shape, colour, count and side), that
 predicts whether the rule-based GenEval-mini verifier passes an image.  It is trained on the verifier's
 labels, as real reward models are trained on human labels, and it is what the reward-backprop methods
 (math.md §5) and Nabla-GFlowNet (math.md §7) can differentiate; the verifier stays the gold reward, so
@@ -540,6 +540,8 @@ class RewardModelConfig:
     noisy: int = _h(768, "training engine samples again with Gaussian noise")
     heldout_engine: int = _h(768, "held-out images sampled by the engine (held-out prompts)")
     heldout_renders: int = _h(256, "held-out renders (own prompt, and as many of another)")
+    seen_engine: int = _h(384, "engine samples of training prompts at fresh seeds, scored beside the "
+                               "held-out ones (what the training loops see; 0: none)")
     samplers: tuple[str, ...] = _h(("euler:1", "euler:2.5", "euler:4.5", "cps:1"),
                                    "engine samplers, SOLVER:CFG each (10 steps; cps at noise level 0.7)")
     epochs: int = _h(14, "passes over the training images")
@@ -579,7 +581,7 @@ def validate(cfg: RewardModelConfig) -> None:
         v = getattr(cfg, name)
         if v < 1:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {v}")
-    for name in ("renders", "noisy", "heldout_renders", "threads"):
+    for name in ("renders", "noisy", "heldout_renders", "seen_engine", "threads"):
         v = getattr(cfg, name)
         if v < 0:
             raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 0, got {v}")
@@ -677,6 +679,10 @@ def run(cfg: RewardModelConfig, argv: list[str], say=print) -> Path:
     t_train = time.perf_counter() - t0 - t_data
     metrics = heldout_metrics(model, held)
     metrics["attack"] = attack_metrics(model, held, eps=cfg.adversarial_eps)
+    if cfg.seen_engine:
+        seen = collect(policy, reward_train_pool(), engine=cfg.seen_engine, renders=0, noisy=0,
+                       samplers=samplers, seed=cfg.seed, tag="seen")
+        metrics["seen_prompts_fresh_seeds"] = evaluate(model, seen)
     metrics["adversarial_rounds"] = rounds
     e = metrics["engine"]
     say(f"held-out engine samples: accuracy {e['acc']:.3f} (majority {e['majority']:.3f}), "
@@ -709,7 +715,7 @@ def run(cfg: RewardModelConfig, argv: list[str], say=print) -> Path:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg = parse_cli(RewardModelConfig, argv, prog="python -m train.reward_model",
+        cfg = parse_cli(RewardModelConfig, argv, prog="train.reward_model",
                         description=__doc__.split("\n\n")[0], presets=PRESETS)
         validate(cfg)
         if cfg.out and (Path(cfg.out) / "reward_model.safetensors").exists() and not cfg.overwrite:

@@ -32,7 +32,7 @@ def test_shipped_model_is_small_and_its_card_describes_it(shipped):
     assert card["base_model_sha256"] == common.file_sha256(Path(DEFAULT_DIR) / "default.safetensors")
     assert card["command"].startswith("python -m train.reward_model")
     e = card["heldout"]["engine"]
-    assert e["n"] >= 256 and e["acc"] > e["majority"] and e["auc"] > 0.55, e
+    assert e["n"] >= 256 and e["acc"] > e["majority"] and e["auc"] > 0.7, e
 
 
 def test_shipped_check_subset_recomputes_within_tolerance(shipped):
@@ -75,6 +75,21 @@ def test_reward_is_differentiable_on_the_images_device(shipped):
     # the combined reward passes it through unchanged (a single reward)
     total, comps = r(x.detach(), prompts)
     torch.testing.assert_close(total, w)
+
+
+def test_attack_raises_the_learned_reward_within_its_budget(shipped):
+    """math.md §8.1: the card's attack follows the model's gradient, so the prediction rises, and it stays
+    within the max-norm budget and [-1, 1]."""
+    model, _ = shipped
+    prompts = _prompts(8, seed=1)
+    from train.data.geneval_mini import render_batch
+
+    x = render_batch(_prompts(8, seed=2), 0)  # renders of other prompts: mostly failing for ``prompts``
+    f = reward_model.prompt_features(prompts)
+    adv = reward_model.attack(model, x, f, eps=0.1, steps=4)
+    assert float((adv - x).abs().max()) <= 0.1 + 1e-6 and float(adv.abs().max()) <= 1.0
+    before, after = reward_model.predict(model, x, f), reward_model.predict(model, adv, f)
+    assert float(after.mean()) > float(before.mean()) + 0.01, (before, after)
 
 
 def test_reward_paths_loads_another_file_and_refuses_a_missing_one(tmp_path):
@@ -138,6 +153,8 @@ def test_short_training_beats_an_untrained_control():
         (["--preset", "huge"], "--preset: expected one of tiny, smoke"),
         (["--head", "mlp"], "--head: expected pool or flat, got 'mlp'"),
         (["--palette-tau", "-1"], "--palette-tau: expected a finite value >= 0"),
+        (["--adversarial", "-1"], "--adversarial: expected an integer >= 0, got -1"),
+        (["--adversarial-eps", "3"], r"--adversarial-eps: expected a value in \(0, 2\], got 3"),
     ],
 )
 def test_bad_options_are_refused_before_work(argv, msg, capsys, tmp_path):
