@@ -1,4 +1,4 @@
-"""A learned, differentiable GenEval-mini reward for the embedded default (math.md §8.1): a small CNN,
+"""A learned, differentiable GenEval-mini reward for the embedded default (math.md §8.5): a small CNN,
 FiLM-conditioned on the prompt's structure (per object its shape, colour, count and side), that
 predicts whether the rule-based GenEval-mini verifier passes an image.  It is trained on the verifier's
 labels, as real reward models are trained on human labels, and it is what the reward-backprop methods
@@ -65,7 +65,7 @@ SOURCES = ("engine", "render", "mismatched_render", "noisy_engine", "adversarial
 # ------------------------------------------------------------------------------------------------------------
 # Prompt conditioning: the prompt's structure, as the verifier reads it
 # ------------------------------------------------------------------------------------------------------------
-_SLOT = 3 + 5 + 4 + 5  # shape, colour (0: unspecified), count - 1, role (math.md §8.1)
+_SLOT = 3 + 5 + 4 + 5  # shape, colour (0: unspecified), count - 1, role (math.md §8.5)
 _TASKS = 6
 PROMPT_FEATURES = _TASKS + 2 * _SLOT
 
@@ -455,7 +455,7 @@ def heldout_metrics(model: LearnedReward, data: dict) -> dict:
 
 def attack(model: LearnedReward, images: torch.Tensor, feats: torch.Tensor, *, eps, steps: int = 10,
            batch: int = 256) -> torch.Tensor:
-    """Adversarial images for ``model`` (math.md §8.1): ``steps`` signed-gradient ascent steps of size
+    """Adversarial images for ``model`` (math.md §8.5): ``steps`` signed-gradient ascent steps of size
     ``2.5 eps / steps`` on its strict logit, kept within ``eps`` (a float or a per-image ``[N]`` tensor) of
     ``images`` in the max norm and within [-1, 1].  The worst case of what a policy optimising the learned
     reward can do to its pixels."""

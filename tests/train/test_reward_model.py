@@ -1,4 +1,4 @@
-"""train.reward_model and the ``geneval_learned`` reward (math.md §8.1): the shipped model loads, its card
+"""train.reward_model and the ``geneval_learned`` reward (math.md §8.5): the shipped model loads, its card
 matches its base model and its small held-out check recomputes; gradients reach the images; a short
 training run from scratch beats an untrained (lr 0) control on held-out prompts; bad options are refused
 before any work."""
@@ -78,7 +78,7 @@ def test_reward_is_differentiable_on_the_images_device(shipped):
 
 
 def test_attack_raises_the_learned_reward_within_its_budget(shipped):
-    """math.md §8.1: the card's attack follows the model's gradient, so the prediction rises, and it stays
+    """math.md §8.5: the card's attack follows the model's gradient, so the prediction rises, and it stays
     within the max-norm budget and [-1, 1]."""
     model, _ = shipped
     prompts = _prompts(8, seed=1)
