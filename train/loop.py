@@ -899,6 +899,9 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             paths=cfg.reward_paths,
             device=cfg.reward_device,
         )
+        check_reward = getattr(trainer_cls, "check_reward", None)
+        if check_reward is not None:  # an algorithm's demand on the reward (reward backprop: differentiable)
+            check_reward(reward)
     except (ConfigError, ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {e}", file=sys.stderr)
