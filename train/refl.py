@@ -82,6 +82,11 @@ def stop_range(num_steps: int, fraction: float = 0.75) -> tuple[int, int]:
     return min(int(fraction * num_steps), num_steps - 1), num_steps - 1
 
 
+def refl_loss(r: torch.Tensor, target: float = 2.0, scale: float = 1e-3) -> torch.Tensor:
+    """THUDM/ImageReward@c1392c6d ImageReward/ReFL.py: ``relu(target - R).mean() * grad_scale``."""
+    return scale * torch.relu(target - r).mean()
+
+
 def validate(cfg: ReFLConfig) -> None:
     tc = cfg.train
     if not 0 <= tc.stop_fraction < 1:
@@ -106,7 +111,7 @@ class ReFLTrainer(RewardBackpropTrainer):
             self.policy, prompts, seeds, sched, sc, grad_from=j, stop_at=j, use_checkpoint=tc.checkpoint
         )
         r = self.reward_of(ws.x0_hat, prompts)
-        loss = tc.loss_scale * torch.relu(tc.hinge_target - r).mean()
+        loss = refl_loss(r, tc.hinge_target, tc.loss_scale)
         (loss * weight).backward()
         return {"reward": r.mean(), "loss": loss, "stop_step": j}
 

@@ -298,6 +298,13 @@ def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
     if embedded and cfg.reward is None:
         cfg.reward = default_reward()
     validate_run(cfg, embedded_presets=embedded_presets, unet_ok=True)
+    if embedded:
+        pred = "flow"
+    else:
+        from models.loader import resolve_model_dir
+
+        pred = "epsilon" if resolve_model_dir(cfg.model)[1] == "UNet2DConditionModel" else "flow"
+    resolve_solver(sc.solver, type("_Model", (), {"prediction_type": pred}))
 
 
 class RewardBackpropTrainer(Trainer):
