@@ -52,9 +52,10 @@ def _rows(run):
 )
 def test_cli_runs_on_the_embedded_default(tmp_path, module, extra):
     run = tmp_path / "run"
-    assert module.main(["--run-dir", str(run), *SMALL, *extra, "--max-iters", "2"]) == 0
+    iters = 2 if "--train.kl-coeff" in extra else 1
+    assert module.main(["--run-dir", str(run), *SMALL, *extra, "--max-iters", str(iters)]) == 0
     rows = _rows(run)
-    assert len(rows) == 2 and all(math.isfinite(r["train/loss"]) for r in rows)
+    assert len(rows) == iters and all(math.isfinite(r["train/loss"]) for r in rows)
     assert all(0 <= r["train/reward_mean"] <= 1 for r in rows)  # saturation
     if "--train.kl-coeff" in extra:
         assert rows[0]["train/kl"] == 0.0 < rows[1]["train/kl"]  # adapters start at the init model
@@ -209,7 +210,7 @@ def test_refl_stop_step_and_lv_renoising(policy):
 
 # ---------------------------------------------------------------------------------------------- learning
 LEARN = [
-    "--reward", "saturation", "--sample.prompts-per-iter", "8", "--sample.num-steps", "6",
+    "--reward", "saturation", "--sample.prompts-per-iter", "8", "--sample.num-steps", "4",
     "--train.batch-size", "8", "--train.grad-accum", "1", "--train.lr", "1e-2", "--eval.num-prompts", "2",
     "--eval.num-steps", "2", "--eval.every", "100", "--log.progress", "false", "--threads", "1",
     "--log.checkpoint-every", "100",
@@ -218,14 +219,18 @@ LEARN = [
 
 @pytest.mark.parametrize("module", [draft, alignprop, refl])
 def test_training_raises_the_reward_over_an_lr0_control(tmp_path, module):
-    """Six iterations with the hackable saturation reward: the mean training reward of the last three
+    """Four iterations with the hackable saturation reward: the mean training reward of the last two
     beats the lr-0 control on the same prompts and seeds (the reward is on the images the updates were
     trained through, so a working gradient moves it within a few steps)."""
     means = []
+    # ReFL's 1e-3 loss scale leaves gradients near AdamW's eps on this tiny model: scale 1 for 4 iterations;
+    # its stop step drawn from 2..3 of the 4 (at 3, the last, its x0_hat is the sample: DRaFT-1)
+    scale = ["--train.loss-scale", "1", "--train.stop-fraction", "0.5"] if module is refl else []
     for name, lr in (("trained", []), ("control", ["--train.lr", "0"])):
         run = tmp_path / name
-        assert module.main(["--run-dir", str(run), *LEARN, *lr, "--max-iters", "6"]) == 0
-        means.append(sum(r["train/reward_mean"] for r in _rows(run)[-3:]) / 3)
+        assert module.main(["--run-dir", str(run), *LEARN, *scale, *lr, "--max-iters", "4"]) == 0
+        means.append(sum(r["train/reward_mean"] for r in _rows(run)[-2:]) / 2)
+    print(module.__name__, means)
     assert means[0] - means[1] > 0.02, means
 
 
