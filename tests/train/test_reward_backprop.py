@@ -59,6 +59,13 @@ def test_cli_runs_on_the_embedded_default(tmp_path, module, extra):
     assert all(0 <= r["train/reward_mean"] <= 1 for r in rows)  # saturation
     if "--train.kl-coeff" in extra:
         assert rows[0]["train/kl"] == 0.0 < rows[1]["train/kl"]  # adapters start at the init model
+        # a resumed run draws the same LV noise and continues exactly
+        split = tmp_path / "split"
+        assert module.main(["--run-dir", str(split), *SMALL, *extra, "--max-iters", "1"]) == 0
+        assert module.main(["--resume", str(split), "--max-iters", "2"]) == 0
+        timing = ("elapsed_s", "train/iter_s")
+        strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+        assert strip(_rows(split)) == strip(rows)
     assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()
 
 
