@@ -71,6 +71,12 @@ def _saturation(_opts):
     return Saturation()
 
 
+def _geneval_learned(opts):
+    from train.reward_model import GenEvalLearned
+
+    return GenEvalLearned(opts.get("paths", {}).get("geneval_learned"))
+
+
 _FACTORIES: dict[str, Callable] = {
     "geneval_mini": _geneval_mini("strict"),
     "geneval_mini_partial": _geneval_mini("partial"),
@@ -78,6 +84,7 @@ _FACTORIES: dict[str, Callable] = {
     "jpeg_incompressibility": _jpeg(-1.0),
     "clip_score": _clip,
     "saturation": _saturation,
+    "geneval_learned": _geneval_learned,  # train.reward_model: learned from the GenEval-mini verifier
 }
 REWARD_NAMES = tuple(_FACTORIES)
 
