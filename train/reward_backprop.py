@@ -33,7 +33,7 @@ from . import common
 from .config import ConfigError
 from .loop import Trainer, check_at_least_one, validate_run
 from .loop import main as loop_main
-from .rewards.registry import REWARD_NAMES, require_differentiable
+from .rewards.registry import require_differentiable
 
 __all__ = [
     "RBSampleConfig",
@@ -57,9 +57,9 @@ SOLVERS = ("auto", "euler", "flow-sde", "cps", "ddim")
 
 def default_reward() -> str:
     """The embedded default's training reward: the learned, differentiable GenEval-mini reward
-    ``geneval_learned`` where it is registered, else the hackable ``saturation`` (the GenEval-mini verifier
-    itself is not differentiable; it stays the held-out gold score)."""
-    return "geneval_learned" if "geneval_learned" in REWARD_NAMES else "saturation"
+    ``geneval_learned`` (train.reward_model); the GenEval-mini verifier itself is not differentiable and
+    stays the held-out gold score."""
+    return "geneval_learned"
 
 
 @dataclass
