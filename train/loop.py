@@ -103,8 +103,8 @@ class RunConfig:
     reward: str | None = field(
         default=None,
         metadata={
-            "help": "reward name(s), comma separated (default: geneval_mini on the embedded default; "
-            "a --model run names its own, e.g. jpeg_compressibility or clip_score)"
+            "help": "reward name(s) or reward-server URLs, comma separated (default on the embedded default: "
+            "geneval_mini; geneval_learned for the reward-gradient methods; a --model run names its own)"
         },
     )
     reward_weights: tuple[float, ...] = field(default=(), metadata={"help": "one weight per reward"})

@@ -1,0 +1,304 @@
+"""train.draft / train.alignprop / train.refl (math.md §5): each CLI on the embedded default, a
+non-differentiable reward refused before any work, the sampler's gradient window (the gradient equals the
+reference's detach-before-the-window formulation, checkpointing changes nothing but the forwards count), the
+no-grad sampler equals engine.rollout, a learning test per method against an lr-0 control, and smoke runs on
+tiny diffusers SD3 and SD1.5 pipelines (VAE decode with grad)."""
+
+import math
+
+import pytest
+import torch
+
+import train.alignprop as alignprop
+import train.draft as draft
+import train.refl as refl
+from engine import rollout
+from train import common
+from train import reward_backprop as rb
+from train.config import parse_cli
+from train.evaluation import Evaluator
+from train.policy import build_policy
+from train.rewards.registry import build_reward
+
+from ._pg_helpers import make_tiny_sd_pipeline, use_embedded_default
+
+
+@pytest.fixture(autouse=True)
+def _embedded(monkeypatch):
+    use_embedded_default(monkeypatch)
+
+
+SMALL = [
+    "--reward", "saturation", "--sample.prompts-per-iter", "4", "--sample.num-steps", "4",
+    "--train.batch-size", "2", "--train.grad-accum", "2", "--eval.num-prompts", "2", "--eval.num-steps", "2",
+    "--eval.every", "100", "--log.progress", "false", "--threads", "1",
+]  # fmt: skip
+
+
+def _rows(run):
+    return [r for r in common.read_metrics(run) if "train/reward_mean" in r]
+
+
+# ---------------------------------------------------------------------------------------------- CLIs
+@pytest.mark.parametrize(
+    "module, extra",
+    [
+        (draft, ["--train.k", "2"]),
+        (draft, ["--train.lv", "2", "--train.kl-coeff", "0.5"]),
+        (alignprop, []),
+        (refl, []),
+    ],
+    ids=["draft-k2", "draft-lv-kl", "alignprop", "refl"],
+)
+def test_cli_runs_on_the_embedded_default(tmp_path, module, extra):
+    run = tmp_path / "run"
+    iters = 2 if "--train.kl-coeff" in extra else 1
+    assert module.main(["--run-dir", str(run), *SMALL, *extra, "--max-iters", str(iters)]) == 0
+    rows = _rows(run)
+    assert len(rows) == iters and all(math.isfinite(r["train/loss"]) for r in rows)
+    assert all(0 <= r["train/reward_mean"] <= 1 for r in rows)  # saturation
+    if "--train.kl-coeff" in extra:
+        assert rows[0]["train/kl"] == 0.0 < rows[1]["train/kl"]  # adapters start at the init model
+        # a resumed run draws the same LV noise and continues exactly
+        split = tmp_path / "split"
+        assert module.main(["--run-dir", str(split), *SMALL, *extra, "--max-iters", "1"]) == 0
+        assert module.main(["--resume", str(split), "--max-iters", "2"]) == 0
+        timing = ("elapsed_s", "train/iter_s")
+        strip = lambda rs: [{k: v for k, v in r.items() if k not in timing} for r in rs]
+        assert strip(_rows(split)) == strip(rows)
+    assert (run / "lora" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_defaults_take_no_arguments():
+    """The bare command's config: the tiny preset on the embedded default with a differentiable reward."""
+    for module in (draft, alignprop, refl):
+        cfg = parse_cli(type(module.preset_tiny()), [], prog="t", description="", presets=module.PRESETS)
+        module.validate(cfg)
+        assert cfg.reward == rb.default_reward() and build_reward(cfg.reward).differentiable
+
+
+@pytest.mark.parametrize("module", [draft, alignprop, refl])
+def test_non_differentiable_reward_is_refused_before_work(tmp_path, capsys, module):
+    run = tmp_path / "run"
+    assert module.main(["--run-dir", str(run), "--reward", "geneval_mini,saturation"]) == 2
+    err = capsys.readouterr().err
+    assert "--reward" in err and "differentiable" in err and "'geneval_mini'" in err
+    assert not run.exists()
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--train.k", "11"], "--train.k: expected an integer in [1, --sample.num-steps = 10], got 11"),
+        (["--train.lv", "2", "--train.k", "2"], "--train.k: DRaFT-LV"),
+        (["--train.kl-coeff", "-1"], "--train.kl-coeff"),
+        (["--sample.solver", "ddim"], "--sample.solver: expected euler, flow-sde or cps"),
+    ],
+)
+def test_bad_draft_options_fail_before_work(tmp_path, capsys, argv, needle):
+    assert draft.main(["--run-dir", str(tmp_path / "r"), *argv]) == 2
+    assert needle in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the window
+@pytest.fixture(scope="module")
+def policy():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the model's ops are too small to split (train.nft's tiny preset)
+    use = pytest.MonkeyPatch()
+    use_embedded_default(use)
+    try:
+        pol = build_policy(
+            draft.preset_tiny().models, preset="tiny", model_path=None, device=torch.device("cpu"), seed=0
+        )
+    finally:
+        use.undo()
+    with torch.no_grad():  # adapters away from the init, so every step's gradient is non-trivial
+        for p in pol.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    yield pol
+    torch.set_num_threads(threads)
+
+
+def _grads(policy, fn):
+    for p in policy.trainable_parameters():
+        p.grad = None
+    with policy.adapter("default"):
+        fn().backward()
+    return torch.cat([p.grad.flatten() for p in policy.trainable_parameters()])
+
+
+def _detached_reference(policy, prompts, seeds, sched, sc, k):
+    """AlignProp's formulation (mihirp1998/AlignProp@b22918af sd_pipeline.py): every step under grad, the
+    predictions of steps before the window detached."""
+    import kernels
+    from engine import guided_prediction, per_sample_randn
+
+    cond = policy.encode(prompts)
+    n = sched.num_steps
+    x = per_sample_randn(policy.latent_shape, torch.tensor(seeds), 0)
+    for i in range(n):
+        t = sched.timesteps[i].expand(len(prompts))
+        v = guided_prediction(policy.denoiser, x, t, cond)
+        if i < n - k:
+            v = v.detach()
+        x = kernels.euler_step(x, v, sched.p[i].expand(len(prompts)), sched.p[i + 1].expand(len(prompts)))
+    return x
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_gradient_flows_only_through_the_last_k_steps(policy, k):
+    sc = rb.RBSampleConfig(solver="euler", num_steps=6)
+    sched = rb.make_schedule(policy, sc, "euler")
+    prompts, seeds = policy.sample_train_prompts(3, 7), [11, 12, 13]
+    sat = build_reward("saturation")
+    loss = lambda x: -sat(policy.decode(x), prompts)[0].mean()
+    calls = []
+    inner = policy.train_denoiser
+
+    def counting(x, t, c):
+        calls.append(torch.is_grad_enabled())
+        return inner(x, t, c)
+
+    ours = {}
+    for ckpt in (True, False):
+        calls.clear()
+        policy.train_denoiser = counting
+        try:
+            g = _grads(
+                policy,
+                lambda ckpt=ckpt: loss(rb.sample_with_grad(policy, prompts, seeds, sched, sc, grad_from=6 - k,
+                                                           use_checkpoint=ckpt).x),
+            )  # fmt: skip
+        finally:
+            policy.train_denoiser = inner
+        # no-grad steps, then the window's forwards (recomputed once more in the backward when checkpointed)
+        assert calls == [False] * (6 - k) + [True] * (k * (2 if ckpt else 1))
+        ours[ckpt] = g
+    ref = _grads(policy, lambda: loss(_detached_reference(policy, prompts, seeds, sched, sc, k)))
+    assert ref.abs().max() > 0
+    torch.testing.assert_close(ours[True], ref, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(ours[False], ref, rtol=1e-4, atol=1e-7)
+    if k == 1:  # a wider window is a different gradient
+        wide = _grads(policy, lambda: loss(_detached_reference(policy, prompts, seeds, sched, sc, 3)))
+        assert (wide - ref).abs().max() > 1e-3 * ref.abs().max()
+
+
+@pytest.mark.parametrize("solver", ["euler", "flow-sde", "cps"])
+def test_no_grad_sampler_is_the_engine_rollout(policy, solver):
+    sc = rb.RBSampleConfig(solver=solver, num_steps=5)
+    sched = rb.make_schedule(policy, sc, solver)
+    prompts, seeds = policy.sample_train_prompts(3, 3), [5, 6, 7]
+    with torch.no_grad():
+        ours = rb.sample_with_grad(policy, prompts, seeds, sched, sc, grad_from=5).x
+        ref = rollout(policy.denoiser, policy.encode(prompts), num_steps=5, latent_shape=policy.latent_shape,
+                      solver=solver, sigmas=policy.sigmas(5), seed=seeds).x0  # fmt: skip
+    torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
+
+
+def test_refl_stop_step_and_lv_renoising(policy):
+    sc = rb.RBSampleConfig(solver="euler", num_steps=8)
+    sched = rb.make_schedule(policy, sc, "euler")
+    prompts, seeds = policy.sample_train_prompts(2, 1), [1, 2]
+    with torch.no_grad():
+        full = rb.sample_with_grad(policy, prompts, seeds, sched, sc, grad_from=8)
+        stop = rb.sample_with_grad(policy, prompts, seeds, sched, sc, grad_from=8, stop_at=6)
+        # x0_hat at the stop step j = x_j - sigma_j v(x_j): the 7th state of the full chain
+        x6 = stop.x  # the input of step 6
+        v = policy.denoiser(x6, sched.timesteps[6].expand(2), policy.encode(prompts))
+    torch.testing.assert_close(stop.x0_hat, x6 - sched.p[6] * v, rtol=0, atol=1e-6)
+    # Euler's last step goes to sigma 0: the sample is its own x0_hat (what DRaFT decodes)
+    torch.testing.assert_close(full.x, full.x0_hat, rtol=0, atol=1e-6)
+    # LV re-noising of x0 to the last step's level, then that step: x0_hat of a noised sample
+    eps = torch.randn(full.x.shape, generator=torch.Generator().manual_seed(0))
+    x1 = rb.noise_to("flow", full.x, eps, sched.p[7].expand(2))
+    torch.testing.assert_close(x1, (1 - sched.p[7]) * full.x + sched.p[7] * eps, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- learning
+LEARN = [
+    "--reward", "saturation", "--sample.prompts-per-iter", "8", "--sample.num-steps", "4",
+    "--train.batch-size", "8", "--train.grad-accum", "1", "--train.lr", "1e-2", "--eval.num-prompts", "2",
+    "--eval.num-steps", "2", "--eval.every", "100", "--log.progress", "false", "--threads", "1",
+    "--log.checkpoint-every", "100",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("module", [draft, alignprop, refl])
+def test_training_raises_the_reward_over_an_lr0_control(tmp_path, module):
+    """Four iterations with the hackable saturation reward: the mean training reward of the last two
+    beats the lr-0 control on the same prompts and seeds (the reward is on the images the updates were
+    trained through, so a working gradient moves it within a few steps)."""
+    means = []
+    # ReFL's 1e-3 loss scale leaves gradients near AdamW's eps on this tiny model: scale 1 for 4 iterations;
+    # its stop step drawn from 2..3 of the 4 (at 3, the last, its x0_hat is the sample: DRaFT-1)
+    scale = ["--train.loss-scale", "1", "--train.stop-fraction", "0.5"] if module is refl else []
+    for name, lr in (("trained", []), ("control", ["--train.lr", "0"])):
+        run = tmp_path / name
+        assert module.main(["--run-dir", str(run), *LEARN, *scale, *lr, "--max-iters", "4"]) == 0
+        means.append(sum(r["train/reward_mean"] for r in _rows(run)[-2:]) / 2)
+    print(module.__name__, means)
+    assert means[0] - means[1] > 0.02, means
+
+
+# ---------------------------------------------------------------------------------------------- diffusers
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    from tests.models.test_text_vae import _sd3_pipeline
+
+    tmp = tmp_path_factory.mktemp("sd3")
+    _sd3_pipeline(tmp).save_pretrained(tmp / "pipe")
+    (tmp / "prompts.txt").write_text("a red cat\na blue dog\n")
+    return tmp / "pipe", tmp / "prompts.txt"
+
+
+@pytest.fixture(scope="module")
+def tiny_sd15(tmp_path_factory):
+    return make_tiny_sd_pipeline(tmp_path_factory.mktemp("sd15"))
+
+
+PIPE = [
+    "--reward", "saturation", "--sample.prompts-per-iter", "2", "--sample.num-steps", "4",
+    "--train.batch-size", "2", "--train.grad-accum", "1", "--eval.num-prompts", "2", "--eval.num-steps", "2",
+    "--eval.every", "100", "--log.progress", "false", "--models.dtype", "float32", "--models.resolution",
+    "16", "--models.lora-rank", "4", "--threads", "1",
+]  # fmt: skip
+
+
+def _pipe_args(pipe, prompts, preset):
+    return ["--model", str(pipe), "--prompts", str(prompts), "--preset", preset, *PIPE]
+
+
+def test_draft_plus_on_a_tiny_sd3_pipeline(tmp_path, tiny_sd3):
+    """The VAE decodes with grad: the LoRA weights move after one step of DRaFT-2 + KL."""
+    pipe, prompts = tiny_sd3
+    argv = _pipe_args(pipe, prompts, "sd3.5-m") + ["--train.k", "2", "--sample.guidance-scale", "2"]
+    argv += ["--train.kl-coeff", "0.1"]
+    assert draft.main(["--run-dir", str(tmp_path / "r"), *argv, "--max-iters", "1"]) == 0
+    (row,) = _rows(tmp_path / "r")
+    assert math.isfinite(row["train/loss"]) and row["train/kl"] == 0.0
+
+
+@pytest.mark.parametrize("module", [refl, alignprop])
+def test_unet_ddim_runs(tmp_path, tiny_sd15, module):
+    pipe, prompts = tiny_sd15
+    assert module.main(["--run-dir", str(tmp_path / "r"), *_pipe_args(pipe, prompts, "sd1.5"),
+                        "--max-iters", "1"]) == 0  # fmt: skip
+    (row,) = _rows(tmp_path / "r")
+    assert math.isfinite(row["train/loss"])
+
+
+def test_unet_gradient_reaches_the_lora_through_the_vae(tiny_sd15):
+    pipe, prompts = tiny_sd15
+    cfg = parse_cli(draft.DraftConfig, _pipe_args(pipe, prompts, "sd1.5"), prog="t", description="",
+                    presets=draft.PRESETS)  # fmt: skip
+    draft.validate(cfg)
+    pol = build_policy(cfg.models, preset=cfg.preset, model_path=cfg.model, device=torch.device("cpu"),
+                       seed=0, prompts=cfg.prompts)  # fmt: skip
+    reward = build_reward("saturation")
+    trainer = draft.DraftTrainer(cfg, None, pol, reward, Evaluator(cfg.eval, seed=0, reward=reward))
+    assert trainer.solver == "ddim" and trainer.sched.kind == "ddim"
+    with pol.adapter("default"):
+        trainer.forward_backward(["a cat", "a dog"], [1, 2], 1.0, torch.Generator().manual_seed(0))
+    grads = [p.grad for p in pol.trainable_parameters() if p.grad is not None]
+    assert grads and max(float(g.abs().max()) for g in grads) > 0
