@@ -138,6 +138,16 @@ def post_json(
     raise RewardError(f"{what} {url}: {errors[-1]} (after {n} attempt{'s' if n > 1 else ''})")
 
 
+def check_http_options(timeout: float, retries: int, max_in_flight: int) -> None:
+    """``--reward-timeout``, ``--reward-retries`` and ``--reward-max-in-flight``, refused by name."""
+    if not (0 < timeout < float("inf")):
+        raise ValueError(f"--reward-timeout: expected seconds > 0, got {timeout}")
+    if retries < 0:
+        raise ValueError(f"--reward-retries: expected an integer >= 0, got {retries}")
+    if max_in_flight < 1:
+        raise ValueError(f"--reward-max-in-flight: expected an integer >= 1, got {max_in_flight}")
+
+
 class HttpReward:
     """A reward served over HTTP (math.md §8): ``(images [B, 3, H, W] in [-1, 1], prompts) -> float32 [B]``.
 
@@ -161,12 +171,7 @@ class HttpReward:
             or not url.split("/", 3)[3]
         ):
             raise ValueError(f"--reward: expected http://HOST:PORT/NAME for an HTTP reward, got {url!r}")
-        if not timeout > 0:
-            raise ValueError(f"--reward-timeout: expected seconds > 0, got {timeout}")
-        if retries < 0:
-            raise ValueError(f"--reward-retries: expected an integer >= 0, got {retries}")
-        if max_in_flight < 1:
-            raise ValueError(f"--reward-max-in-flight: expected an integer >= 1, got {max_in_flight}")
+        check_http_options(timeout, retries, max_in_flight)
         self.url, self.name = url, url
         self.timeout, self.retries, self.backoff = float(timeout), int(retries), float(backoff)
         self.max_in_flight = int(max_in_flight)

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .basic import to_uint8
-from .hps import OPENAI_MEAN, OPENAI_STD
+from .hps import OPENAI_MEAN, OPENAI_STD, _count_blocks
 
 __all__ = ["ImageReward", "IR_MEAN", "IR_STD", "blip_to_hf", "pil_preprocess", "torch_preprocess"]
 
@@ -92,11 +92,6 @@ def torch_preprocess(images: torch.Tensor, size: int = IMAGE_SIZE) -> torch.Tens
     m = torch.tensor(OPENAI_MEAN, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     s = torch.tensor(OPENAI_STD, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x - m) / s
-
-
-def _count_blocks(sd, prefix: str) -> int:
-    idx = {int(k[len(prefix) :].split(".")[0]) for k in sd if k.startswith(prefix)}
-    return max(idx) + 1 if idx else 0
 
 
 def blip_to_hf(sd: dict[str, torch.Tensor], med: dict):

@@ -328,12 +328,9 @@ def build_reward(
         )
     if workers < 0:
         raise ValueError(f"--reward-workers: expected an integer >= 0, got {workers}")
-    if not (timeout > 0 and timeout < float("inf")):
-        raise ValueError(f"--reward-timeout: expected seconds > 0, got {timeout}")
-    if retries < 0:
-        raise ValueError(f"--reward-retries: expected an integer >= 0, got {retries}")
-    if max_in_flight < 1:
-        raise ValueError(f"--reward-max-in-flight: expected an integer >= 1, got {max_in_flight}")
+    from .client import check_http_options
+
+    check_http_options(timeout, retries, max_in_flight)
     opts = {
         "clip_path": clip_path,
         "paths": parse_reward_paths(paths),

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import torch
 
-from .client import post_json, prompt_text
+from .client import check_http_options, post_json, prompt_text
 from .registry import RewardError
 
 __all__ = ["VlmJudge", "QUESTION", "parse_score", "DEFAULT_MODEL"]
@@ -81,12 +81,7 @@ class VlmJudge:
             raise ValueError(
                 f"--reward-paths: expected vlm_judge=http://HOST:PORT/v1, got vlm_judge={base_url}"
             )
-        if not timeout > 0:
-            raise ValueError(f"--reward-timeout: expected seconds > 0, got {timeout}")
-        if retries < 0:
-            raise ValueError(f"--reward-retries: expected an integer >= 0, got {retries}")
-        if max_in_flight < 1:
-            raise ValueError(f"--reward-max-in-flight: expected an integer >= 1, got {max_in_flight}")
+        check_http_options(timeout, retries, max_in_flight)
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model, self.timeout, self.retries = model, float(timeout), int(retries)
         self.headers = {"Authorization": f"Bearer {api_key or os.environ.get('OPENAI_API_KEY', 'EMPTY')}"}
