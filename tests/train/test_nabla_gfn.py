@@ -95,10 +95,15 @@ def test_bad_options_refused(tmp_path, capsys, args, option):
 
 
 def test_unet_ddim_path(tmp_path):
+    """A tiny SD1.5 pipeline with a tiny CLIP-score reward: the reward's gradient reaches the images."""
+    from ._clip_helpers import write_clip
+
     pipe, prompts = make_tiny_sd_pipeline(tmp_path)
+    write_clip(tmp_path / "clip")
     argv = [
         "--model", str(pipe), "--prompts", str(prompts), "--preset", "sd1.5", "--models.dtype", "float32",
-        "--models.resolution", "16", "--models.lora-rank", "4", "--reward", "saturation",
+        "--models.resolution", "16", "--models.lora-rank", "4", "--reward", "clip_score",
+        "--reward-clip-path", str(tmp_path / "clip"),
         "--sample.guidance-scale", "2.0",
         *FAST, "--max-iters", "1",
     ]  # fmt: skip

@@ -258,21 +258,35 @@ def tiny_sd15(tmp_path_factory):
 
 
 PIPE = [
-    "--reward", "saturation", "--sample.prompts-per-iter", "2", "--sample.num-steps", "4",
+    "--sample.prompts-per-iter", "2", "--sample.num-steps", "4",
     "--train.batch-size", "2", "--train.grad-accum", "1", "--eval.num-prompts", "2", "--eval.num-steps", "2",
     "--eval.every", "100", "--log.progress", "false", "--models.dtype", "float32", "--models.resolution",
     "16", "--models.lora-rank", "4", "--threads", "1",
 ]  # fmt: skip
 
 
-def _pipe_args(pipe, prompts, preset):
-    return ["--model", str(pipe), "--prompts", str(prompts), "--preset", preset, *PIPE]
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    """A tiny random CLIP (tests/train/_clip_helpers.py): the smoke runs train on a CLIP score."""
+    from ._clip_helpers import write_clip
+
+    path = tmp_path_factory.mktemp("clip") / "clip"
+    write_clip(path)
+    return path
 
 
-def test_draft_plus_on_a_tiny_sd3_pipeline(tmp_path, tiny_sd3):
-    """The VAE decodes with grad: the LoRA weights move after one step of DRaFT-2 + KL."""
+def _pipe_args(pipe, prompts, preset, clip=None):
+    reward = ["--reward", "saturation"]
+    if clip:
+        reward = ["--reward", "clip_score", "--reward-clip-path", str(clip)]
+    return ["--model", str(pipe), "--prompts", str(prompts), "--preset", preset, *reward, *PIPE]
+
+
+def test_draft_plus_on_a_tiny_sd3_pipeline(tmp_path, tiny_sd3, tiny_clip):
+    """DRaFT-2 + KL on a tiny SD3 pipeline, tiny CLIP-score reward (the VAE decodes with grad)."""
     pipe, prompts = tiny_sd3
-    argv = _pipe_args(pipe, prompts, "sd3.5-m") + ["--train.k", "2", "--sample.guidance-scale", "2"]
+    argv = _pipe_args(pipe, prompts, "sd3.5-m", tiny_clip)
+    argv += ["--train.k", "2", "--sample.guidance-scale", "2"]
     argv += ["--train.kl-coeff", "0.1"]
     assert draft.main(["--run-dir", str(tmp_path / "r"), *argv, "--max-iters", "1"]) == 0
     (row,) = _rows(tmp_path / "r")
@@ -280,10 +294,10 @@ def test_draft_plus_on_a_tiny_sd3_pipeline(tmp_path, tiny_sd3):
 
 
 @pytest.mark.parametrize("module", [refl, alignprop])
-def test_unet_ddim_runs(tmp_path, tiny_sd15, module):
+def test_unet_ddim_runs(tmp_path, tiny_sd15, tiny_clip, module):
     pipe, prompts = tiny_sd15
-    assert module.main(["--run-dir", str(tmp_path / "r"), *_pipe_args(pipe, prompts, "sd1.5"),
-                        "--max-iters", "1"]) == 0  # fmt: skip
+    argv = ["--run-dir", str(tmp_path / "r"), *_pipe_args(pipe, prompts, "sd1.5", tiny_clip)]
+    assert module.main([*argv, "--max-iters", "1"]) == 0
     (row,) = _rows(tmp_path / "r")
     assert math.isfinite(row["train/loss"])
 
