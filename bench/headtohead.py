@@ -222,11 +222,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 # Curves and summary numbers (pure functions of metrics.jsonl rows)
 # ------------------------------------------------------------------------------------------------------------
 def _is_task_key(key: str) -> bool:
-    return (
-        key.startswith("eval/")
-        and not key.startswith("eval/base_cfg/")
-        and key not in ("eval/score", "eval/score_partial")
-    )
+    """``eval/<task>`` for a GenEval-mini task type (not the reward, gold, diversity or drift columns)."""
+    from train.data.geneval_mini import TASKS
+
+    return key.startswith("eval/") and key[len("eval/") :] in TASKS
 
 
 def curve_from_metrics(rows: list[dict]) -> list[dict]:
@@ -265,9 +264,9 @@ def base_cfg_from_metrics(rows: list[dict]) -> dict | None:
             prefix = "eval/base_cfg/"
             vals = {k[len(prefix) :]: v for k, v in row.items() if k.startswith(prefix)}
             return {
-                "score": float(vals.pop("score")),
-                "score_partial": vals.pop("score_partial", None),
-                "tasks": vals,
+                "score": float(vals["score"]),
+                "score_partial": vals.get("score_partial"),
+                "tasks": {k: v for k, v in vals.items() if _is_task_key(f"eval/{k}")},
             }
     return None
 

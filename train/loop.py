@@ -189,10 +189,11 @@ def resolve_reward(cfg: RunConfig, *, embedded: bool) -> None:
             f"--reward: expected a reward for a --model run's text prompts (e.g. jpeg_compressibility or "
             f"clip_score), got {cfg.reward!r} (GenEval-mini scores only the embedded default's prompts)"
         )
-    if not embedded and any(n in geneval for n in cfg.eval.rewards):
+    golds = getattr(getattr(cfg, "eval", None), "rewards", ())  # train.make_pairs has no evaluation
+    if not embedded and any(n in geneval for n in golds):
         raise ConfigError(
             f"--eval.rewards: expected gold rewards for a --model run's text prompts (e.g. clip_score), got "
-            f"{','.join(cfg.eval.rewards)} (GenEval-mini scores only the embedded default's prompts)"
+            f"{','.join(golds)} (GenEval-mini scores only the embedded default's prompts)"
         )
 
 
@@ -727,8 +728,21 @@ class Trainer:
         clock = common.Stopwatch(self.elapsed_offset)
         t_start = time.perf_counter()
         iter_times = []
+
+        def evaluate(it, **kw):
+            """An evaluation whose reward fails stops the run like a training reward does: nothing was
+            updated, so the checkpoint holds the weights evaluated."""
+            try:
+                return self.evaluate(it, clock, metrics, **kw)
+            except RewardError as e:
+                path = self.checkpoint_now(clock)
+                raise common.TrainingStopped(
+                    f"{e} (evaluating iteration {it}). Checkpoint of iteration {self.iteration} written to "
+                    f"{path}; resume with --resume {self.run_dir}"
+                ) from None
+
         if self.iteration == 0 and self.last_eval is None:
-            self.evaluate(0, clock, metrics, base=True)
+            evaluate(0, base=True)
             if self.guard.fired is not None:  # e.g. the base model's diversity already below the bound
                 self.on_guard(clock, metrics)
         while self.guard.fired is None:
@@ -772,7 +786,7 @@ class Trainer:
                 f"iter {it:4d} | {summary} | {iter_times[-1]:.1f}s | {clock() / 60:.1f} min", flush=True
             )
             if self.guard.fired is None and it % cfg.eval.every == 0:
-                self.evaluate(it, clock, metrics)
+                evaluate(it)
             if self.guard.fired is not None:
                 self.on_guard(clock, metrics)
                 break
@@ -780,7 +794,7 @@ class Trainer:
                 self.save_checkpoint(it, clock())
         # the run's end: a last evaluation unless this iteration has one, and a checkpoint that records it
         if self.last_eval != self.iteration:
-            self.evaluate(self.iteration, clock, metrics)
+            evaluate(self.iteration)
             self.save_checkpoint(self.iteration, clock())
         else:
             self.checkpoint_now(clock)
