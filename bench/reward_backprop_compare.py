@@ -37,7 +37,7 @@ def run_method(method: str, out: Path, iters: int, every: int, prompts: int, see
     run = out / method
     cmd = [sys.executable, "-m", f"train.{method}", "--run-dir", str(run), "--overwrite", "--max-iters",
            str(iters), "--eval.every", str(every), "--eval.num-prompts", str(prompts), "--seed", str(seed),
-           "--eval.num-steps", "20", "--eval.solver", "dpm2", "--eval.cfg-scale", "1",
+           "--eval.num-steps", "20", "--eval.solver", "dpm2", "--eval.cfg-scale", "1", "--max-minutes", "600",
            "--log.progress", "false", "--log.checkpoint-every", str(iters), *extra]  # fmt: skip
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -46,6 +46,8 @@ def run_method(method: str, out: Path, iters: int, every: int, prompts: int, see
         raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [r for r in rows if "eval/score" in r and "iteration" in r]
+    if evals[-1]["iteration"] != iters:
+        raise SystemExit(f"train.{method} stopped at iteration {evals[-1]['iteration']} of {iters}")
     return {"method": method, "wall_s": wall, "evals": evals, "cmd": " ".join(cmd[1:])}
 
 
