@@ -36,6 +36,7 @@ setup(
         "numpy",
         "pillow",
         "scipy",  # the GenEval-mini reward's connected components (the default reward)
+        "regex",  # the hpsv2.1 reward's open_clip tokenizer pattern (transformers requires it too)
         "tqdm",
     ],
     # Everything a runtime import needs is above: .ci/run installs exactly ``pip install -e .`` in a fresh

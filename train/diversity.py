@@ -71,37 +71,37 @@ class PixelFeature:
 
 
 class ClipFeature:
-    """L2-normalised image embedding of a local CLIP directory (transformers ``CLIPModel``, nothing
-    downloaded), at the CLIP's input size with its normalisation."""
+    """L2-normalised image embedding of a local CLIP directory (transformers ``CLIPModel`` with its
+    ``preprocessor_config.json``, nothing downloaded), preprocessed as the CLIP rewards' tensor path does
+    (train/rewards/clip_models.py ``tensor_preprocess``)."""
 
     def __init__(self, path: str, device: str = "cpu"):
         check_clip_path(path)
         from transformers import CLIPModel
 
+        from .rewards.clip_models import _frozen, _spec, load_pil_image_processor
+
         self.device = device
-        self.model = CLIPModel.from_pretrained(path).eval().to(device)
-        self.size = self.model.config.vision_config.image_size
-        self.mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-        self.std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        self.model = _frozen(CLIPModel.from_pretrained(path), device)
+        self.spec = _spec(load_pil_image_processor(Path(path)))
         self.name = f"clip:{Path(path).name}"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.detach().float().cpu().clamp(-1, 1) + 1) / 2
-        x = torch.nn.functional.interpolate(
-            x, size=(self.size, self.size), mode="bicubic", align_corners=False
-        )
-        x = ((x - self.mean) / self.std).to(self.device)
-        emb = self.model.get_image_features(pixel_values=x)
-        emb = getattr(emb, "pooler_output", emb).float().cpu()
+        from .rewards.clip_models import _pooled, tensor_preprocess
+
+        x = tensor_preprocess(images.detach().float().to(self.device), self.spec)
+        emb = _pooled(self.model.get_image_features(pixel_values=x)).float().cpu()
         return emb / emb.norm(dim=-1, keepdim=True)
 
 
 def check_clip_path(path: str) -> None:
     """``--eval.feature-clip-path`` must be a local CLIP directory (refused before any work)."""
-    if not (Path(path) / "config.json").is_file():
+    missing = [f for f in ("config.json", "preprocessor_config.json") if not (Path(path) / f).is_file()]
+    if missing:
         raise ValueError(
-            f"--eval.feature-clip-path: expected a local CLIP directory holding config.json, got {path!r}"
+            f"--eval.feature-clip-path: expected a local CLIP directory holding config.json and "
+            f"preprocessor_config.json, got {path!r} (missing {', '.join(missing)})"
         )
 
 

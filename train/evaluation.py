@@ -203,14 +203,21 @@ class Evaluator:
         column names)``."""
         texts = [policy.prompt_text(p) for p in prompts]
         cols, names = [], []
+        verifier = {}
         if geneval:
             from .rewards.geneval_mini import GenEvalMini
 
             sc = GenEvalMini().score(images, prompts)
             cols += [sc["strict"].float(), sc["partial"].float()]
             names += ["strict", "partial"]
+            verifier = {"geneval_mini": sc["strict"].float(), "geneval_mini_partial": sc["partial"].float()}
+        fns = getattr(self.reward, "fns", None)
         if self.reward is not None or not geneval:  # train.pretrain evaluates GenEval-mini without one
-            reward, comps = self.reward(images, texts)
+            if geneval and fns and set(fns) <= set(verifier):
+                # a training reward made of the verifier (the default): its parts are the scores just taken
+                reward, comps = None, {n: verifier[n] for n in fns}
+            else:
+                reward, comps = self.reward(images, texts)
             if not geneval:
                 cols.append(reward.float())
                 names.append("score")
@@ -269,7 +276,6 @@ class Evaluator:
         texts = [policy.prompt_text(p) for p in prompts]
         geneval = hasattr(prompts[0], "task")
         held = [j for j, i in enumerate(index) if i < n]
-        local = None
         if held:
             cols, names = self._columns(policy, images[held], [mine[j] for j in held], geneval)
             local = torch.zeros(len(index), cols.shape[1])

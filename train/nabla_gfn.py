@@ -403,17 +403,16 @@ class NablaGFNTrainer(PolicyGradientTrainer):
     def _x0_hat(self, traj, x, pred, steps, at_next: bool):
         """``x0_hat`` of state ``x`` at step index ``steps`` (``x'`` of step ``s`` is at ``s + 1``); the last
         state (``t' = 0``) is its own ``x0_hat``, as the reference's ``predict_clean`` with ``alpha = 1``."""
-        nd = x.ndim
+        from .reward_backprop import x0_from_prediction
+
         idx = steps + 1 if at_next else steps
-        end = (idx == len(traj.timesteps)).reshape(-1, *([1] * (nd - 1)))
+        end = idx == len(traj.timesteps)
         if traj.solver == "ddim":
-            ab = traj.alpha_bars[idx].float().reshape(-1, *([1] * (nd - 1)))
-            ab = torch.where(end, torch.ones_like(ab), ab)
-            out = (x.float() - (1 - ab).sqrt() * pred.float()) / ab.sqrt()
+            kind, p = "epsilon", torch.where(end, 1.0, traj.alpha_bars[idx].float())
         else:
-            s = traj.sigmas[idx].float().reshape(-1, *([1] * (nd - 1)))
-            out = x.float() - s * pred.float()
-        return torch.where(end, x.float(), out)
+            kind, p = "flow", traj.sigmas[idx].float()
+        out = x0_from_prediction(kind, x, pred, p)
+        return torch.where(end.reshape(-1, *([1] * (x.ndim - 1))), x.float(), out)
 
     def transition_loss(self, traj: Trajectories, rows, steps, first: bool):
         """Nabla-DB loss of the transitions ``states[rows, steps] -> states[rows, steps + 1]``, math.md §7."""

@@ -57,6 +57,29 @@ def test_pixel_feature_scale():
     assert feat(torch.zeros(2, 3, 4, 4)).shape == (2, 3 * 4 * 4)  # small images are not upsampled
 
 
+def test_clip_feature_is_the_unit_image_embedding(tmp_path):
+    """--eval.feature-clip-path: a local CLIP's L2-normalised image embedding, preprocessed as the CLIP
+    rewards' tensor path (same embedding as the model on those pixel values); a directory without the
+    processor config is refused by option name."""
+    from train.diversity import ClipFeature, check_clip_path
+    from train.rewards.clip_models import _pooled, tensor_preprocess
+
+    from ._clip_helpers import images, write_clip
+
+    write_clip(tmp_path / "clip")
+    feat = ClipFeature(str(tmp_path / "clip"))
+    x = images(3, 40, 48)
+    f = feat(x)
+    assert feat.name == "clip:clip" and f.shape == (3, 8)
+    torch.testing.assert_close(f.norm(dim=1), torch.ones(3))
+    with torch.no_grad():
+        want = _pooled(feat.model.get_image_features(pixel_values=tensor_preprocess(x, feat.spec)))
+    torch.testing.assert_close(f, want / want.norm(dim=1, keepdim=True))
+    write_clip(tmp_path / "bare", processor=False)
+    with pytest.raises(ValueError, match="--eval.feature-clip-path: .*missing preprocessor_config.json"):
+        check_clip_path(str(tmp_path / "bare"))
+
+
 def test_drift_reference_is_the_base_from_the_same_noise(tmp_path, monkeypatch):
     """A fresh policy (LoRA ``B = 0``) sampled with its adapters on is the base model: the reference taken
     from its iteration-0 samples equals the one sampled with the adapters off, bit for bit; moving the

@@ -89,8 +89,7 @@ def _basic_clean(text: str) -> str:
         if not _FTFY_WARNED:
             warnings.warn(
                 "hpsv2.1: ftfy is not installed (pip install 'nft-engine[rewards]'); prompts are cleaned "
-                "with NFC "
-                "normalisation only, as ftfy does on plain text",
+                "with NFC normalisation only, as ftfy does on plain text",
                 stacklevel=3,
             )
             _FTFY_WARNED = True
