@@ -156,10 +156,10 @@ def predict_x0(policy, sched, x, step: int, cond, uncond) -> torch.Tensor:
     b = x.shape[0]
     t = sched.timesteps[step].expand(b).contiguous()
     pred = guided_prediction(policy.denoiser, x, t, cond, uncond=uncond, guidance_scale=sched.guidance_scale)
-    if sched.sigmas is not None:
-        return (x.float() - sched.sigmas[step].float() * pred.float()).to(x.dtype)
-    a = sched.alpha_bars[step].float()
-    return ((x.float() - (1 - a).sqrt() * pred.float()) / a.sqrt()).to(x.dtype)
+    from .reward_backprop import x0_from_prediction
+
+    kind, p = ("flow", sched.sigmas[step]) if sched.sigmas is not None else ("ddim", sched.alpha_bars[step])
+    return x0_from_prediction(kind, x, pred, p).to(x.dtype)
 
 
 @torch.no_grad()

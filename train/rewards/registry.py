@@ -230,6 +230,8 @@ class CombinedReward:
         for name, fn in self.fns.items():
             try:
                 val = fn(images, prompts)
+            except RewardError:  # the HTTP client and the VLM judge name their endpoint themselves
+                raise
             except Exception as e:  # surface it with the reward's name; the loop checkpoints and stops
                 raise RewardError(f"reward {name!r} raised {type(e).__name__}: {e}") from e
             val = torch.as_tensor(val).to(torch.float32).reshape(-1)
