@@ -813,9 +813,12 @@ def summarise_run(trainer: Trainer, *, metrics_path, minutes: float, iter_times:
     from .export import LORA_DIR, LORA_EMA_DIR
 
     run_dir, dist, dev = trainer.run_dir, trainer.dist, trainer.policy.device
-    evals = []
+    rows = []
     if metrics_path is not None and Path(metrics_path).exists():
-        evals = [m for m in common.read_metrics(Path(metrics_path).parent) if m.get("eval/score") is not None]
+        rows = common.read_metrics(Path(metrics_path).parent)
+    evals = [m for m in rows if m.get("eval/score") is not None]
+    if not iter_times:  # a resume that only evaluates: the run's own iterations, from its metrics
+        iter_times = [float(m["train/iter_s"]) for m in rows if m.get("train/iter_s") is not None]
     mean_it = sum(iter_times) / len(iter_times) if iter_times else float("nan")
     world = f" x {dist.world} processes" if dist.enabled else ""
     mem = f"{common.peak_memory_mb(dev):.0f} MB ({'CUDA allocator' if dev.type == 'cuda' else 'RSS'})"

@@ -44,6 +44,12 @@ def test_run_ends_with_its_verdict_and_logs_without_progress_bars(tmp_path, caps
         assert str(run / sub) in lora and (run / sub / "pytorch_lora_weights.safetensors").is_file()
     assert lines[-1] == lora  # the verdict is the last thing the run prints
 
+    # a resume with nothing left to train reports the run's own s/iteration, not nan
+    assert nft.main(["--resume", str(run), "--max-iters", "2"]) == 0
+    done = next(ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("done: "))
+    iter_s = [m["train/iter_s"] for m in common.read_metrics(run) if "train/iter_s" in m]
+    assert f"{sum(iter_s) / len(iter_s):.2f} s/iteration" in done, done
+
 
 def test_tiny_preset_has_a_time_budget():
     """The bare command stops after --max-minutes (13) so that, with the final evaluation, it ends in 15."""
