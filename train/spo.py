@@ -16,11 +16,12 @@ spo/custom_diffusers/multi_sample_pipeline.py):
      logp_ref), 1 - eps, 1 + eps)``, reference = the frozen pretrained model (adapters disabled);
   4. eval EMA, evaluation, sample grid, checkpoint (train.loop).
 
-The scorer (``--scorer``): on the embedded default a small ``(x0_hat, t, prompt)`` model of the GenEval-mini
-verifier's eventual score (train.spo_scorer; the shipped one, or with none shipped one trained into the run
-directory first).  The reference's time-conditioned PickScore for SD1.5 is not implemented (its CLIP with
-adaLN-modulated layers is a separate architecture); a ``--model`` run takes a train.spo_scorer scorer whose
-shapes fit its latents and prompt embeddings.
+The scorer (``--scorer``): on the embedded default a small ``(x0_hat, t, prompt)`` model of the reward's
+eventual score (train.spo_scorer): the shipped one for the GenEval-mini rewards (it was fitted to the
+verifier's partial score); for any other ``--reward`` (or with none shipped) one fitted to that reward and
+trained into the run directory first.  The reference's time-conditioned PickScore for SD1.5 is not
+implemented (its CLIP with adaLN-modulated layers is a separate architecture); a ``--model`` run takes a
+train.spo_scorer scorer whose shapes fit its latents and prompt embeddings.
 """
 
 from __future__ import annotations
@@ -53,6 +54,13 @@ from .policy_gradient import score_transitions
 from .spo_scorer import predict_x0
 
 __all__ = ["SPOConfig", "SPOTrainer", "spo_select", "main"]
+
+
+# the shipped scorer (models/embedded/spo_scorer.*) was fitted to the GenEval-mini verifier's partial score
+SHIPPED_REWARDS = ("geneval_mini", "geneval_mini_partial")
+# --scorer reward: the run's reward on each candidate's decoded x0_hat, not step-aware (the engine's option:
+# no time-conditioned model to train; apt for rewards that read x0_hat well, e.g. JPEG compressibility)
+REWARD_SCORER = "reward"
 
 
 def spo_select(scores: torch.Tensor, threshold: float):
@@ -96,8 +104,10 @@ class SPOConfig(RunConfig):
     scorer: str | None = field(
         default=None,
         metadata={
-            "help": "step-aware scorer (train.spo_scorer output); none on the embedded default: the shipped "
-            "one (models/embedded/spo_scorer.safetensors), else one trained into the run directory"
+            "help": "step-aware scorer (train.spo_scorer output), or 'reward': --reward on each candidate's "
+            "x0_hat (logits = reward values); none on the embedded default: the shipped one for a "
+            "GenEval-mini reward (models/embedded/spo_scorer.safetensors), else one trained into the run "
+            "directory"
         },
     )
     sample: SPOSampleConfig = field(default_factory=SPOSampleConfig)
@@ -157,7 +167,7 @@ def validate(cfg: SPOConfig) -> None:
         )
     if not 0 <= tc.threshold < 1:
         raise ConfigError(f"--train.threshold: expected a value in [0, 1), got {tc.threshold}")
-    if cfg.scorer is not None:
+    if cfg.scorer is not None and cfg.scorer != REWARD_SCORER:
         p = Path(cfg.scorer)
         if p.is_dir() and (p / "config.json").is_file() and not (p / "scorer.safetensors").is_file():
             raise ConfigError(
@@ -173,8 +183,8 @@ def validate(cfg: SPOConfig) -> None:
     if not embedded and cfg.scorer is None:
         raise ConfigError(
             "--scorer: expected a step-aware scorer for a --model run (python -m train.spo_scorer makes "
-            "one for the embedded default; the reference's time-conditioned PickScore is not supported), "
-            "got none"
+            "one for the embedded default; the reference's time-conditioned PickScore is not supported) "
+            "or 'reward' (the run's --reward on each candidate's x0_hat), got none"
         )
     validate_sampler(cfg)
 
@@ -206,15 +216,24 @@ class SPOTrainer(D3POTrainer):
 
         cfg = self.cfg
         path = cfg.scorer
-        if path is None and SHIPPED.is_file():
+        if path == REWARD_SCORER:
+            self.scorer_path = "the run's reward on x0_hat"
+            return None
+        if path is None and SHIPPED.is_file() and cfg.reward in SHIPPED_REWARDS:
             path = SHIPPED
         if path is None:
             own = Path(self.run_dir) / "scorer" / "scorer.safetensors"
             if own.is_file():  # a resumed run: the scorer it trained
                 path = own
             else:
+                why = (
+                    "none shipped"
+                    if not SHIPPED.is_file()
+                    else f"the shipped one scores GenEval-mini, not {cfg.reward}"
+                )
                 self.say(
-                    "no --scorer and none shipped: training one (python -m train.spo_scorer)", flush=True
+                    f"no --scorer and {why}: training one on --reward (python -m train.spo_scorer)",
+                    flush=True,
                 )
                 model, metrics = train_scorer(
                     self.policy,
@@ -262,6 +281,9 @@ class SPOTrainer(D3POTrainer):
             cond = self.policy.encode(prompts)
             uncond = self.policy.encode([""] * len(x)) if self.sched.guidance_scale != 1.0 else None
         x0 = predict_x0(self.policy, self.sched, x, step, cond, uncond)
+        if self.scorer is None:  # --scorer reward: the reward's values are the logits
+            r, _ = self.reward(self.policy.decode(x0).cpu(), [self.policy.prompt_text(p) for p in prompts])
+            return r.float().to(x.device)
         return self.scorer(x0, t, cond.prompt_embeds).float()
 
     def rollout_tuples(self, it: int):

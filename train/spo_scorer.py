@@ -2,7 +2,8 @@
 logit`` of the verifier's eventual score of the clean sample the trajectory through ``x_t`` ends in, where
 ``x0_hat`` is the policy's one-step clean prediction from ``x_t`` (flow: ``x_t - sigma_t v``; the clean
 sample itself at ``t = 0``) and ``t`` its noise level; trained on the engine's own rollouts (every state
-along each trajectory, labelled with the final GenEval-mini score). ``python -m train.spo_scorer --help``.
+along each trajectory, labelled with the final reward: the GenEval-mini score by default; a reward outside
+[0, 1] is mapped onto it, :func:`label_map`). ``python -m train.spo_scorer --help``.
 
 SPO (RockeyCoss/SPO@27a86428 spo_training_and_inference/spo/custom_diffusers/multi_sample_pipeline.py)
 scores each candidate's decoded ``pred_original_sample`` with a time-conditioned PickScore, conditioned on
@@ -187,6 +188,24 @@ def collect_states(policy, sched, prompts: list, seeds: list, reward, *, batch: 
     return torch.cat(states), torch.cat(rewards)
 
 
+def label_map(rewards: torch.Tensor) -> dict:
+    """How final rewards become the cross-entropy's labels: as they are when they lie in [0, 1] (the
+    GenEval-mini scores, a probability-like score), else mapped linearly onto [0, 1] by the training rewards'
+    minimum and maximum (e.g. JPEG compressibility, a negative size in kB).  Only the ranking and the logit
+    gaps of the scorer matter to SPO; the map keeps the labels valid probabilities."""
+    lo, hi = float(rewards.min()), float(rewards.max())
+    if lo >= 0.0 and hi <= 1.0:
+        return {"map": "identity"}
+    return {"map": "min-max", "min": lo, "max": hi}
+
+
+def to_labels(rewards: torch.Tensor, labels: dict) -> torch.Tensor:
+    if labels["map"] == "identity":
+        return rewards
+    span = labels["max"] - labels["min"]
+    return ((rewards - labels["min"]) / span).clamp(0.0, 1.0) if span > 0 else torch.full_like(rewards, 0.5)
+
+
 def _flatten(policy, sched, prompts, states, rewards, steps):
     """Training rows ``(x, t, prompt index, label, step)`` for the given state indices."""
     n = states.shape[0]
@@ -228,7 +247,8 @@ def evaluate(model, policy, sched, prompts, states, rewards, group: int) -> dict
             right += int((d_l[mask] > 0).sum())
             total += int(mask.sum())
         acc = right / max(total, 1)
-        cor = float(torch.corrcoef(torch.stack([p, rewards]))[0, 1]) if rewards.std() > 0 else 0.0
+        varies = rewards.std() > 0 and p.std() > 0
+        cor = float(torch.corrcoef(torch.stack([p, rewards]))[0, 1]) if varies else 0.0
         per_step[s] = {"pair_acc": round(acc, 4), "corr": round(cor, 4), "pairs": total}
         accs.append(acc)
         cors.append(cor)
@@ -272,7 +292,14 @@ def train_scorer(
     torch.manual_seed(common.derive_seed(seed, "scorer", "init") % (2**31))
     model = StepAwareScorer(s_tr.shape[2], s_tr.shape[-1], emb.shape[1], emb.shape[2], width=width, pool=pool)
     steps = list(range(1, sched.num_steps + 1))
-    xs, t, pidx, y, _ = _flatten(policy, sched, train_p, s_tr, r_tr, steps)
+    labels = label_map(r_tr)
+    if labels["map"] == "min-max":
+        say(
+            f"scorer labels: the rewards span [{labels['min']:.4g}, {labels['max']:.4g}], outside [0, 1]: "
+            "mapped linearly onto [0, 1] for the cross-entropy",
+            flush=True,
+        )
+    xs, t, pidx, y, _ = _flatten(policy, sched, train_p, s_tr, to_labels(r_tr, labels), steps)
     all_emb = policy.encode(train_p).prompt_embeds.cpu()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     gen = torch.Generator().manual_seed(common.derive_seed(seed, "scorer", "order"))
@@ -294,6 +321,7 @@ def train_scorer(
         say(f"scorer epoch {ep + 1}/{epochs} | train bce {tot / len(xs):.4f}", flush=True)
     metrics = evaluate(model, policy, sched, test_p, s_te, r_te, images_per_prompt)
     metrics["train_trajectories"], metrics["heldout_trajectories"] = len(train_p), len(test_p)
+    metrics["labels"] = labels
     metrics["seconds"] = round(time.perf_counter() - t0, 1)
     say(
         f"scorer held-out: pairwise accuracy {metrics['pair_acc']:.3f}, correlation {metrics['corr']:.3f} "
