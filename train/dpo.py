@@ -269,6 +269,8 @@ def validate(cfg: DPOConfig) -> None:
                 f"{changed[0]}: a Diffusion-KTO option, expected --loss kto, got --loss {cfg.loss}"
             )
     if cfg.loss == "mapo":
+        if tc.ref_update_step == PRESETS[cfg.preset]().train.ref_update_step:
+            tc.ref_update_step = None  # the preset's reference schedule (sd3.5-m): MaPO has no reference
         if tc.ref_update_step is not None:
             raise ConfigError(
                 f"--train.ref-update-step: MaPO has no reference model, expected none, "

@@ -221,6 +221,17 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, argv, option):
     assert not run.exists()
 
 
+def test_mapo_takes_the_sd35m_preset(tmp_path, capsys):
+    """The sd3.5-m preset's reference schedule (flow_grpo's ref_update_step) does not apply to MaPO: before,
+    ``--preset sd3.5-m --loss mapo`` was refused for an option the user never gave.  Given, it still is."""
+    argv = ["--preset", "sd3.5-m", "--loss", "mapo", "--model", str(tmp_path / "none"), "--prompts", "p.txt"]
+    assert dpo.main([*argv, "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "--model: expected a local diffusers directory" in err and "ref-update-step" not in err, err
+    assert dpo.main([*argv, "--train.ref-update-step", "5", "--run-dir", str(tmp_path / "run")]) == 2
+    assert "--train.ref-update-step: MaPO has no reference model" in capsys.readouterr().err
+
+
 def test_model_run_needs_data_or_online(tmp_path, capsys):
     root, prompts = make_tiny_sd_pipeline(tmp_path)
     argv = ["--model", str(root), "--prompts", str(prompts), "--reward", "jpeg_compressibility",
