@@ -40,7 +40,7 @@ from .config import ConfigError, to_dict
 from .evaluation import EvalConfig
 from .loop import RunConfig, Trainer, check_at_least_one, validate_run
 from .loop import main as loop_main
-from .policy import ModelConfig
+from .policy import ModelConfig, resolve_solver
 from .preference_losses import BETA_CONVENTION, kto_loss, paired_loss
 
 LOSSES = ("dpo", "kto", "mapo")
@@ -346,15 +346,6 @@ def check_embedded_prompts(data: str, prompts: list[str]) -> None:
         )
 
 
-def resolve_solver(solver: str, prediction: str) -> str:
-    if solver == "auto":
-        return "ddim" if prediction == "epsilon" else "dpm2"
-    if (solver == "ddim") != (prediction == "epsilon"):
-        fits = "ddim" if prediction == "epsilon" else "dpm2, euler, flow-sde or cps"
-        raise ConfigError(f"--sample.solver: expected {fits} for a {prediction} model, got {solver!r}")
-    return solver
-
-
 # --- noise and time (math.md §6) ----------------------------------------------------------------------------
 def flow_train_sigmas(scheduler_config: dict | None, shift: float | None = None) -> torch.Tensor:
     """The model's ``FlowMatchEulerDiscreteScheduler`` training sigmas ``[T]`` (built from its config, no
@@ -438,7 +429,9 @@ class DPOTrainer(Trainer):
     def __init__(self, cfg, run_dir, policy, reward, evaluator, dist=None):
         super().__init__(cfg, run_dir, policy, reward, evaluator, dist)
         self.prediction = getattr(policy.denoiser, "prediction_type", "flow")
-        self.solver = resolve_solver(cfg.sample.solver, self.prediction)
+        self.solver = resolve_solver(
+            cfg.sample.solver, self.prediction, flow_auto="dpm2", flow_fits="dpm2, euler, flow-sde or cps"
+        )
         tc = cfg.train
         self.beta = tc.beta if tc.beta is not None else DEFAULT_BETA[(cfg.loss, self.prediction)]
         self.ref_update_step = tc.ref_update_step or 0

@@ -12,8 +12,9 @@ On the embedded default with no arguments: GenEval-mini training prompts and its
 A ``--model`` run names its prompts (``--prompts``) and reward (``--reward``).  Rewards are computed on the
 images as written (8-bit), so re-scoring the PNG files gives the recorded rewards.
 
-The training loops' online mode calls :func:`make_pairs_from_rollouts` each iteration instead (pairs in
-memory, latents rather than files).
+:func:`make_pairs_from_rollouts` is the same in memory (latents rather than files), for a loop of your own;
+``train.dpo --online`` makes its pairs each iteration with ``DPOTrainer.make_pairs``, the same best-vs-worst
+rule over prompts split across ranks.
 
 Exit codes: 0 done; 1 stopped (a reward failure, non-finite samples, a failed write); 2 bad input, refused
 before any work.
@@ -35,14 +36,22 @@ import torch
 
 from . import common
 from .config import ConfigError, leaf_values, parse_cli, to_dict
-from .policy import ModelConfig, Policy, build_policy, check_model_path, check_schedule, read_prompt_file
+from .policy import (
+    ModelConfig,
+    Policy,
+    build_policy,
+    check_model_path,
+    check_schedule,
+    read_prompt_file,
+    resolve_solver,
+)
 
 __all__ = [
     "PairsConfig",
     "RolloutPair",
     "make_pairs_from_rollouts",
     "pair_statistics",
-    "resolve_solver",
+    "pairs_solver",
     "validate",
     "main",
     "PRESETS",
@@ -139,18 +148,14 @@ class RolloutPair(NamedTuple):
     r_l: float
 
 
-def resolve_solver(solver: str, policy: Policy) -> str:
+def pairs_solver(solver: str, policy: Policy) -> str:
     """``auto``: dpm2 (a deterministic ODE, the evaluation's) for flow models, ddim for epsilon UNets; an
     explicit solver must fit the model."""
-    pred = getattr(policy.denoiser, "prediction_type", "flow")
-    if solver == "auto":
-        return "ddim" if pred == "epsilon" else "dpm2"
     if solver not in SOLVERS:
         raise ConfigError(f"--solver: expected one of {', '.join(SOLVERS)}, got {solver!r}")
-    if (solver == "ddim") != (pred == "epsilon"):
-        fits = "ddim" if pred == "epsilon" else "dpm2, euler, flow-sde or cps"
-        raise ConfigError(f"--solver: expected {fits} for a {pred} model, got {solver!r}")
-    return solver
+    pred = getattr(policy.denoiser, "prediction_type", "flow")
+    fits = "dpm2, euler, flow-sde or cps"
+    return resolve_solver(solver, pred, flow_auto="dpm2", flow_fits=fits, option="--solver")
 
 
 def _quantize(images: torch.Tensor) -> torch.Tensor:
@@ -162,7 +167,7 @@ def _rollout_groups(policy, reward, prompts, k, seed, *, solver, num_steps, guid
                     noise_level, eta, batch, quantize, keep_images):
     """Yield, per prompt ``i``: ``(i, x0 [k, ...], images [k, 3, H, W] or None, rewards [k], seeds [k])``.
     Sample ``j`` of prompt ``i`` has the seed ``derive_seed(seed, "make_pairs", i, j)``."""
-    solver = resolve_solver(solver, policy)
+    solver = pairs_solver(solver, policy)
     per_call = max(1, batch // k)  # prompts per chunk; a chunk's k * per_call samples go in calls of <= batch
     for start in range(0, len(prompts), per_call):
         chunk = list(range(start, min(start + per_call, len(prompts))))
@@ -218,7 +223,7 @@ def make_pairs_from_rollouts(
     batch: int = 32,
     keep_ties: bool = False,
 ) -> list[RolloutPair]:
-    """The online preference mode: ``k`` samples of each prompt with the policy's active adapter, scored by
+    """Pairs in memory: ``k`` samples of each prompt with the policy's active adapter, scored by
     ``reward`` (``(images, prompts) -> (rewards [B], components)``, e.g. train.rewards.registry's); the best
     and worst of each prompt as ``(prompt, x0_w, x0_l, r_w, r_l)``, prompts in order, ties (best == worst)
     left out (``len(prompts) - len(pairs)`` of them).  Sample ``j`` of ``prompts[i]`` is seeded with
@@ -390,7 +395,7 @@ def run(cfg: PairsConfig, reward, *, say=print) -> dict:
         cfg.models, preset=cfg.preset, model_path=None if _embedded(cfg) else cfg.model, device=device,
         seed=cfg.seed, prompts=cfg.prompts, tasks=cfg.tasks,
     )
-    solver = resolve_solver(cfg.solver, policy)
+    solver = pairs_solver(cfg.solver, policy)
     if cfg.num_prompts:
         draw_seed = common.derive_seed(cfg.seed, "make_pairs-prompts")
         prompts = policy.sample_train_prompts(cfg.num_prompts, draw_seed)

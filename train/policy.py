@@ -491,6 +491,23 @@ def _image_seq_len(transformer, latent_shape, family: str) -> int:
     return (h // p) * (w // p)
 
 
+def resolve_solver(
+    solver: str, prediction: str, *, flow_auto: str, flow_fits: str, option: str = "--sample.solver"
+) -> str:
+    """The sampler a loop runs: ``auto`` is ``flow_auto`` for a flow model and ``ddim`` for an epsilon UNet
+    (``prediction``: ``"flow"`` or ``"epsilon"``, the denoiser's ``prediction_type``); an explicit solver must
+    fit the model (``ddim`` exactly for epsilon models; ``flow_fits`` names the loop's flow solvers in the
+    error, which names the CLI ``option``)."""
+    from .config import ConfigError
+
+    if solver == "auto":
+        return "ddim" if prediction == "epsilon" else flow_auto
+    if (solver == "ddim") != (prediction == "epsilon"):
+        fits = "ddim" if prediction == "epsilon" else flow_fits
+        raise ConfigError(f"{option}: expected {fits} for a {prediction} model, got {solver!r}")
+    return solver
+
+
 def check_schedule(model_path: str | None, shift: float | None, *, option: str = "--sample.shift") -> None:
     """Fail before any work if the model's scheduler config gives no flow schedule, or ``shift`` (the CLI
     ``option``) is not None / > 0 or does not apply (an epsilon UNet, or dynamic shifting)."""

@@ -30,7 +30,7 @@ from .config import ConfigError
 from .evaluation import Evaluator
 from .loop import LogConfig, RunConfig, Trainer, validate_run, wait_for_rewards
 from .loop import main as loop_main
-from .policy import Policy
+from .policy import Policy, resolve_solver
 
 __all__ = [
     "PGRunConfig",
@@ -175,17 +175,6 @@ def validate_common(cfg, *, embedded_presets=("tiny",), unet_ok: bool = False) -
     if tc.autocast not in ("none", "bfloat16", "float16"):
         raise ConfigError(f"--train.autocast: expected none, bfloat16 or float16, got {tc.autocast!r}")
     validate_run(cfg, embedded_presets=embedded_presets, unet_ok=unet_ok)
-
-
-def resolve_solver(solver: str, denoiser) -> str:
-    """``auto``: flow-sde for flow models, ddim for epsilon UNets; an explicit solver must fit the model."""
-    pred = getattr(denoiser, "prediction_type", "flow")
-    if solver == "auto":
-        return "ddim" if pred == "epsilon" else "flow-sde"
-    if (solver == "ddim") != (pred == "epsilon"):
-        fits = "ddim" if pred == "epsilon" else "flow-sde or cps"
-        raise ConfigError(f"--sample.solver: expected {fits} for a {pred} model, got {solver!r}")
-    return solver
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -541,7 +530,10 @@ class PolicyGradientTrainer(Trainer):
 
     def __init__(self, cfg, run_dir, policy: Policy, reward, evaluator: Evaluator, dist=None):
         super().__init__(cfg, run_dir, policy, reward, evaluator, dist=dist)
-        self.solver = resolve_solver(cfg.sample.solver, policy.denoiser)
+        pred = getattr(policy.denoiser, "prediction_type", "flow")
+        self.solver = resolve_solver(
+            cfg.sample.solver, pred, flow_auto="flow-sde", flow_fits="flow-sde or cps"
+        )
         if not isinstance(policy.denoiser, BatchInvariantDenoiser):
             same = policy.train_denoiser is policy.denoiser
             chunk, autocast = cfg.sample.forward_chunk, cfg.train.autocast

@@ -33,6 +33,7 @@ from . import common
 from .config import ConfigError
 from .loop import Trainer, check_at_least_one, validate_run
 from .loop import main as loop_main
+from .policy import resolve_solver
 from .rewards.registry import require_differentiable
 
 __all__ = [
@@ -41,7 +42,7 @@ __all__ = [
     "Schedule",
     "WindowSample",
     "make_schedule",
-    "resolve_solver",
+    "solver_for",
     "sample_with_grad",
     "x0_from_prediction",
     "noise_to",
@@ -113,16 +114,10 @@ class Schedule:
         return self.timesteps.shape[0]
 
 
-def resolve_solver(solver: str, denoiser) -> str:
+def solver_for(solver: str, prediction: str) -> str:
     """``auto``: Euler for flow models (the deterministic sampler DRaFT's DDIM eta 0 corresponds to), DDIM
     for epsilon UNets; an explicit solver must fit the model."""
-    pred = getattr(denoiser, "prediction_type", "flow")
-    if solver == "auto":
-        return "ddim" if pred == "epsilon" else "euler"
-    if (solver == "ddim") != (pred == "epsilon"):
-        fits = "ddim" if pred == "epsilon" else "euler, flow-sde or cps"
-        raise ConfigError(f"--sample.solver: expected {fits} for a {pred} model, got {solver!r}")
-    return solver
+    return resolve_solver(solver, prediction, flow_auto="euler", flow_fits="euler, flow-sde or cps")
 
 
 def make_schedule(policy, sc: RBSampleConfig, solver: str) -> Schedule:
@@ -304,7 +299,7 @@ def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
         from models.loader import resolve_model_dir
 
         pred = "epsilon" if resolve_model_dir(cfg.model)[1] == "UNet2DConditionModel" else "flow"
-    resolve_solver(sc.solver, type("_Model", (), {"prediction_type": pred}))
+    solver_for(sc.solver, pred)
 
 
 class RewardBackpropTrainer(Trainer):
@@ -320,7 +315,8 @@ class RewardBackpropTrainer(Trainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.check_reward(self.reward)
-        self.solver = resolve_solver(self.cfg.sample.solver, self.policy.denoiser)
+        pred = getattr(self.policy.denoiser, "prediction_type", "flow")
+        self.solver = solver_for(self.cfg.sample.solver, pred)
         self.sched = make_schedule(self.policy, self.cfg.sample, self.solver)
 
     def describe(self) -> str:
