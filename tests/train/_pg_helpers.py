@@ -262,3 +262,12 @@ def heldout_score_gain(module, run_dir: Path, argv: list) -> float:
     evals = [r for r in rows if "eval/score" in r]
     assert [r["iteration"] for r in evals] == [0, int(argv[argv.index("--max-iters") + 1])]
     return evals[-1]["eval/score"] - evals[0]["eval/score"]
+
+
+def heldout_eval(trainer, run_dir: Path, iteration: int) -> dict:
+    """The loop's evaluation of ``trainer`` now (eval-EMA weights, held-out prompts, the same seeds in every
+    run): ``{"score", "reward", ...}``."""
+    trainer.iteration = iteration
+    (Path(run_dir) / "samples").mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        return trainer.evaluator.run(trainer.policy, iteration, Path(run_dir), shift=None, dist=trainer.dist)
