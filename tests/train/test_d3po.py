@@ -141,7 +141,7 @@ def test_short_run_raises_the_heldout_reward(tmp_path):
     sampled before that iteration's update) are both higher.  Measured (stage-1 checkpoint, seed 0):
     held-out -0.896 against -0.986 (+0.090, 2026-12-04); fresh rollouts +0.073, the trained run ahead of the
     control from iteration 3 on.  With ``cps`` rollouts (Gaussian log-prob) the same run went the other way
-    (-0.47 at lr 1e-2, about -0.02 at 1e-3)."""
+    (-0.47 at lr 1e-2, about -0.02 at 1e-3: the step size, docs/math.md §6)."""
     from ._pg_helpers import heldout_eval
 
     means, heldout = {}, {}

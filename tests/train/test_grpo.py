@@ -307,3 +307,50 @@ def test_short_run_raises_the_reward(tmp_path):
     argv = [*JPEG_SHORT_RUN, "--train.kl-beta", "0", "--sample.num-steps", "10"]
     gain = paired_reward_gain(grpo, tmp_path, argv, iters=20, last=5)
     assert gain > 0.04, gain
+
+
+@pytest.mark.skipif(not HAVE_CHECKPOINT, reason=NEEDS_CHECKPOINT)
+def test_cps_score_function_direction_raises_the_expected_reward(tmp_path):
+    """The policy-gradient direction from the engine's ``cps`` log-probs (flow_grpo's form: the rollouts
+    re-scored, ``sum_steps A grad log p``) against a central finite difference of the sampler's expected
+    reward along it, with common random numbers (the same prompts and seeds): the reward must rise along the
+    ascent direction, so the sampler and the log-prob are one distribution and the gradient flows the right
+    way.  Measured (stage-1 checkpoint, 128 samples, a small random LoRA start, h 0.01): saturation 0.10344
+    against 0.10222 (+0.061 per unit step); with JPEG compressibility +0.21.  (The D3PO, SPO and 1e-2 GRPO
+    runs that fall with ``cps`` fall from their step size: GRPO gains +0.030 at lr 1e-3, docs/math.md §6.)"""
+    argv = ["--reward", "saturation", "--sample.solver", "cps", "--sample.num-steps", "10",
+            "--sample.rollout-batch", "64", "--log.progress", "false"]  # fmt: skip
+    tr = build_trainer(grpo, tmp_path, argv)
+    pol, n = tr.policy, 128
+    prompts, seeds = pol.sample_train_prompts(n, 0), list(range(1000, 1000 + n))
+
+    def mean_reward():
+        with pol.adapter("default"):
+            traj = pg.collect_rollouts(pol, prompts, list(range(n)), seeds, tr.cfg.sample, solver=tr.solver,
+                                       reward=tr.reward, pool=tr.pool, progress=tr.progress)  # fmt: skip
+        return traj
+
+    params = list(pol.trainable_parameters())
+    g0 = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # LoRA B starts at 0, which zeroes A's gradient: start from a small random adapter
+        for p in params:
+            p.add_(1e-2 * torch.randn(p.shape, generator=g0))
+    traj = mean_reward()
+    adv = traj.rewards.float() - traj.rewards.float().mean()
+    with pol.adapter("default"):
+        for s in traj.train_steps:
+            score = pg.score_steps(pol, traj, torch.arange(n), torch.full((n,), s))
+            (adv.to(score.log_prob) * score.log_prob).mean().backward()
+    ascent = [p.grad.detach().clone() for p in params]
+    norm = torch.sqrt(sum((d**2).sum() for d in ascent))
+    assert float(norm) > 0
+    h, out = 1e-2, []
+    for sign in (1.0, -1.0):
+        with torch.no_grad():
+            for p, d in zip(params, ascent, strict=True):
+                p.add_(sign * h * d / norm)
+        out.append(float(mean_reward().rewards.float().mean()))
+        with torch.no_grad():
+            for p, d in zip(params, ascent, strict=True):
+                p.sub_(sign * h * d / norm)
+    assert out[0] > out[1], out

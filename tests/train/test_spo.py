@@ -257,8 +257,8 @@ def test_short_run_raises_the_heldout_reward(tmp_path):
     both higher.  Measured (stage-1 checkpoint, seed 0, 2026-12-04, lr 3e-3): held-out -0.750 against -1.015
     (+0.265; GenEval-mini falls 0.40 -> 0.02: JPEG compressibility is hacked, as in DDPO), fresh chains
     -1.410 against -1.558 (+0.148); +0.11 at lr 1e-2.  With ``cps`` rollouts the same run went the other way
-    (-0.96 against -0.95 at 1e-3, -1.32 at 1e-2), as D3PO's does; with the scorer trained on the JPEG reward
-    (held-out pairwise accuracy ~0.6) neither moved (docs/math.md §6)."""
+    (-0.96 against -0.95 at 1e-3, -1.32 at 1e-2: the step size), as D3PO's does; with the scorer trained on
+    the JPEG reward (held-out pairwise accuracy ~0.6) neither moved (docs/math.md §6)."""
     from ._pg_helpers import heldout_eval
 
     means, heldout = {}, {}
