@@ -139,3 +139,38 @@ def summary_table() -> str:
             f"{_fmt(r.get('pct_copy_bw'), 7, 1)}{_fmt(r.get('speedup_vs_torch'), 9, 2)}"
         )
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Peak memory of one step, each configuration in its own process (bench_*_memory.py)
+# ------------------------------------------------------------------------------------------------------------
+def peak_memory_of(step, device: torch.device) -> float:
+    """Bytes one call of ``step()`` adds at its peak: on CUDA ``max_memory_allocated`` after a reset minus
+    the memory allocated before; on the CPU the growth of the process's peak RSS (``ru_maxrss``) over its
+    value before (so warm the process up first, and measure in a fresh process: :func:`run_isolated`)."""
+    import resource
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return float(torch.cuda.max_memory_allocated() - base)
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    step()
+    return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base)
+
+
+def run_isolated(module: str, argv: list[str]) -> dict:
+    """``python -m module --one ARGV`` in a fresh process -> the JSON object its last stdout line prints.
+    glibc serves big blocks from mmap there (returned on free), so the peak RSS follows the live allocations
+    instead of the heap's fragmentation.  A failure raises RuntimeError with the end of its stderr."""
+    import sys
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [sys.executable, "-m", module, "--one", *argv]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench._common import peak_memory_of, run_isolated
+
 LOSSES = ("dpo", "mapo")
 
 
@@ -85,17 +83,7 @@ def _one(args) -> dict:
         x = torch.cat([pairs.x_w, pairs.x_l]).to(device, pol.dtype)
         t = torch.full((len(x),), 500.0, device=device)
         pol.train_denoiser(x, t, pol.encode(list(pairs.texts) * 2))
-    sync()
-    if device.type == "cuda":
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        tr.train_on(1, pairs, ref_ctx)
-        sync()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        tr.train_on(1, pairs, ref_ctx)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = peak_memory_of(lambda: tr.train_on(1, pairs, ref_ctx), device)
     times = []
     for it in range(2, 5):
         sync()
@@ -133,15 +121,14 @@ def main(argv=None) -> int:
         for model in models:
             batch = args.batch or (32 if model == "embedded" else 4)
             for loss in LOSSES:
-                cmd = [sys.executable, "-m", "bench.bench_preference_memory", "--one", "--model", model,
-                       "--loss", loss, "--batch", str(batch), "--resolution", str(args.resolution),
-                       "--device", args.device, "--threads", str(args.threads), "--workdir", tmp]  # fmt: skip
-                env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
-                out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-                if out.returncode:
-                    print(out.stderr[-3000:], file=sys.stderr)
+                argv = ["--model", model, "--loss", loss, "--batch", str(batch), "--resolution",
+                        str(args.resolution), "--device", args.device, "--threads", str(args.threads),
+                        "--workdir", tmp]  # fmt: skip
+                try:
+                    row = run_isolated("bench.bench_preference_memory", argv)
+                except RuntimeError as e:
+                    print(e, file=sys.stderr)
                     return 1
-                row = json.loads(out.stdout.strip().splitlines()[-1])
                 rows.append(row)
                 print(f"{row['model']:9s} {row['device']} {batch:3d} pairs {loss:4s}: peak "
                       f"+{row['peak_mb']:7.1f} MB, {row['step_s'] * 1000:7.1f} ms/step, "

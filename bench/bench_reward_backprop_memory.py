@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench._common import peak_memory_of, run_isolated
 
 
 def _policy(model: str, device, resolution: int, workdir: Path):
@@ -75,17 +72,7 @@ def _one(args) -> dict:
         return ws.grad_forwards
 
     step(1, False)  # warm-up: weights, text encoders, allocator pools
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(args.k, True)
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        step(args.k, True)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    peak = peak_memory_of(lambda: step(args.k, True), device)
     return {"model": args.model, "k": args.k, "checkpoint": args.checkpoint, "steps": args.steps,
             "batch": args.batch, "device": device.type, "peak_mb": peak / 2**20}  # fmt: skip
 
@@ -119,19 +106,15 @@ def main(argv=None) -> int:
             batch = args.batch or (64 if model == "embedded" else 8)
             for ckpt in (1, 0):
                 for k in [int(v) for v in args.ks.split(",")]:
-                    cmd = [sys.executable, "-m", "bench.bench_reward_backprop_memory", "--one",
-                           "--model", model, "--k", str(k), "--checkpoint", str(ckpt), "--steps",
-                           str(args.steps), "--batch", str(batch), "--resolution", str(args.resolution),
-                           "--device", args.device, "--threads", str(args.threads),
-                           "--workdir", tmp]  # fmt: skip
-                    # glibc serves big blocks from mmap (returned on free), so the peak RSS follows the live
-                    # allocations instead of the heap's fragmentation (which otherwise grows with K by itself)
-                    env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
-                    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-                    if out.returncode:
-                        print(out.stderr[-3000:], file=sys.stderr)
+                    argv = ["--model", model, "--k", str(k), "--checkpoint", str(ckpt), "--steps",
+                            str(args.steps), "--batch", str(batch), "--resolution", str(args.resolution),
+                            "--device", args.device, "--threads", str(args.threads),
+                            "--workdir", tmp]  # fmt: skip
+                    try:
+                        row = run_isolated("bench.bench_reward_backprop_memory", argv)
+                    except RuntimeError as e:
+                        print(e, file=sys.stderr)
                         return 1
-                    row = json.loads(out.stdout.strip().splitlines()[-1])
                     rows.append(row)
                     print(f"{row['model']:9s} {row['device']} batch {row['batch']:3d} steps {row['steps']} "
                           f"K {k:2d} checkpoint {'on ' if ckpt else 'off'}: peak +{row['peak_mb']:8.1f} MB",
