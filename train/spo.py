@@ -16,10 +16,11 @@ spo/custom_diffusers/multi_sample_pipeline.py):
      logp_ref), 1 - eps, 1 + eps)``, reference = the frozen pretrained model (adapters disabled);
   4. eval EMA, evaluation, sample grid, checkpoint (train.loop).
 
-The scorer (``--scorer``): on the embedded default a small ``(x0_hat, t, prompt)`` model of the reward's
-eventual score (train.spo_scorer): the shipped one for the GenEval-mini rewards (it was fitted to the
-verifier's partial score); for any other ``--reward`` (or with none shipped) one fitted to that reward and
-trained into the run directory first.  The reference's time-conditioned PickScore for SD1.5 is not
+The scorer (``--scorer``): ``reward`` (the tiny preset's) ranks candidates by the run's reward on their
+``x0_hat``, not step-aware; a path names a small ``(x0_hat, t, prompt)`` model of the reward's eventual score
+(train.spo_scorer); ``none`` on the embedded default takes the shipped one for the GenEval-mini rewards (it
+was fitted to the verifier's partial score) and, for any other ``--reward``, fits one to that reward in the
+run directory first.  The reference's time-conditioned PickScore for SD1.5 is not
 implemented (its CLIP with adaLN-modulated layers is a separate architecture); a ``--model`` run takes a
 train.spo_scorer scorer whose shapes fit its latents and prompt embeddings.
 """
@@ -115,17 +116,21 @@ class SPOConfig(RunConfig):
 
 
 def preset_tiny() -> SPOConfig:
-    """The embedded default on a CPU (not yet shown to learn, see docs/math.md §6): 32 chains per iteration,
-    10 ``cps`` SDE steps (Gaussian log-prob), branching from step 2 with k 4, the shipped scorer, threshold
-    0.3 (the reference's; it keeps ~40% of the candidate sets with the shipped scorer), beta 10, eps 0.1, 16
-    tuples per optimizer step, lr 1e-3 (the reference's 6e-5 is too small for a CPU budget); 20 ODE steps for
-    evaluation; one torch thread."""
+    """The embedded default on a CPU: 32 chains per iteration, 10 ``cps`` SDE steps (Gaussian log-prob),
+    branching from step 2 with k 4; candidates ranked by the GenEval-mini verifier's partial score on their
+    one-step ``x0_hat`` (``--scorer reward``, reward ``geneval_mini_partial``; threshold 0: any strict win
+    is kept, ties dropped); beta 10, eps 0.1, 16 tuples per optimizer step, lr 1e-3 (the reference's 6e-5 is
+    too small for a CPU budget); 20 ODE steps for evaluation; one torch thread.  The shipped step-aware
+    scorer (``--scorer models/embedded/spo_scorer.safetensors --reward geneval_mini --train.threshold 0.3``,
+    pairwise accuracy ~0.6) makes the policy drift and collapse in a 13-minute run; ranked by the verifier,
+    the held-out score rises (docs/results.md)."""
     cfg = SPOConfig()
     cfg.threads = 1
+    cfg.scorer, cfg.reward = REWARD_SCORER, "geneval_mini_partial"
     sc, tc = cfg.sample, cfg.train
     sc.solver, sc.cps_log_prob, sc.num_steps = "cps", "gaussian", 10
     sc.prompts_per_iter, sc.images_per_prompt, sc.num_candidates = 32, 1, 4
-    tc.divert_start, tc.lr, tc.batch_size, tc.grad_accum = 2, 1e-3, 16, 1
+    tc.divert_start, tc.lr, tc.batch_size, tc.grad_accum, tc.threshold = 2, 1e-3, 16, 1, 0.0
     cfg.eval.num_steps = 20
     return cfg
 

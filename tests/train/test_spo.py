@@ -216,8 +216,9 @@ def test_label_map_keeps_probabilities_and_maps_other_rewards():
 
 
 def test_shipped_scorer_only_for_geneval_rewards(tmp_path, monkeypatch):
-    """The shipped scorer was fitted to GenEval-mini: a run with another --reward trains its own on that
-    reward (it used the GenEval one silently before); --scorer reward scores with the reward itself."""
+    """With no --scorer, the shipped scorer (fitted to GenEval-mini) serves only a GenEval-mini reward: a run
+    with another --reward trains its own on that reward (it used the GenEval one silently before).  --scorer
+    reward, the tiny preset's, scores with the reward itself."""
     seen = {}
 
     def fake_train(policy, sched, reward, **kw):
@@ -227,14 +228,14 @@ def test_shipped_scorer_only_for_geneval_rewards(tmp_path, monkeypatch):
 
     monkeypatch.setattr(spo_scorer, "train_scorer", fake_train)
     small = [*CHAINS_SMALL, "--reward", "jpeg_compressibility"]
-    tr = _trainer(tmp_path / "jpeg", small)
+    tr = _trainer(tmp_path / "jpeg", [*small, "--scorer", "none"])
     assert "reward" in seen and (tmp_path / "jpeg" / "scorer" / "scorer.safetensors").is_file()
     assert tr.describe().endswith("trained in the run directory")
     seen.clear()
-    tr = _trainer(tmp_path / "geneval", CHAINS_SMALL)
+    tr = _trainer(tmp_path / "geneval", [*CHAINS_SMALL, "--scorer", "none", "--reward", "geneval_mini"])
     assert not seen and tr.scorer_path == str(spo_scorer.SHIPPED)
-    tr = _trainer(tmp_path / "own", [*small, "--scorer", "reward"])
-    assert not seen and tr.scorer is None
+    tr = _trainer(tmp_path / "own", small)  # the tiny preset's scorer: the reward itself
+    assert not seen and tr.scorer is None and tr.cfg.scorer == "reward"
     x = torch.randn(2, *tr.policy.latent_shape, generator=torch.Generator().manual_seed(0))
     prompts = tr.policy.sample_train_prompts(2, 0)
     s = tr.score(prompts, x, tr.sched.num_steps)  # after the last step x0_hat is the sample itself
