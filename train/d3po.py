@@ -240,8 +240,8 @@ def preset_tiny() -> D3POConfig:
 
     ``flow-sde`` rather than the other presets' ``cps``: in 12-iteration JPEG-compressibility runs
     (tests/train/test_d3po.py) flow-sde rollouts beat the learning-rate-0 control by +0.073 while ``cps`` with
-    its Gaussian log-prob fell behind it (-0.47 at lr 1e-2, about -0.02 at lr 1e-3).  A held-out GenEval-mini
-    gain has not been measured yet (docs/math.md §6)."""
+    its Gaussian log-prob fell behind it (-0.47 at lr 1e-2, about -0.02 at lr 1e-3; the step size, not the
+    log-prob's direction: docs/math.md §6).  A held-out GenEval-mini gain has not been measured yet."""
     cfg = D3POConfig()
     cfg.threads = 1
     sc, tc = cfg.sample, cfg.train

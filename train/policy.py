@@ -26,6 +26,8 @@ import models
 from engine import rollout, scheduler_sigmas
 from models.conditioning import Conditioning
 
+from .config import ConfigError
+
 __all__ = [
     "ModelConfig",
     "Policy",
@@ -33,6 +35,7 @@ __all__ = [
     "build_policy",
     "check_model_path",
     "check_schedule",
+    "resolve_solver",
     "SD3_LORA_TARGETS",
 ]
 
@@ -498,8 +501,6 @@ def resolve_solver(
     (``prediction``: ``"flow"`` or ``"epsilon"``, the denoiser's ``prediction_type``); an explicit solver must
     fit the model (``ddim`` exactly for epsilon models; ``flow_fits`` names the loop's flow solvers in the
     error, which names the CLI ``option``)."""
-    from .config import ConfigError
-
     if solver == "auto":
         return "ddim" if prediction == "epsilon" else flow_auto
     if (solver == "ddim") != (prediction == "epsilon"):
