@@ -233,19 +233,20 @@ class D3POConfig(PGRunConfig):
 
 
 def preset_tiny() -> D3POConfig:
-    """The embedded default on a CPU: 16 prompts x 4 pairs per iteration, 10 ``flow-sde`` steps (Flow-GRPO's
-    SDE log-prob, Gaussian, mean over dims), every stochastic step trained, two optimizer steps of 32 pairs,
-    lr 1e-3 (the reference's 3e-5 is too small for a CPU budget), beta 0.1 and eps 0.1 (the reference's); 20
-    ODE steps for evaluation; one torch thread.
+    """The embedded default on a CPU: 16 prompts x 4 pairs per iteration, 10 ``cps`` steps (flow_grpo's cps
+    log-prob, ``-mean_dims (x' - mean)^2``), every stochastic step trained, two optimizer steps of 32 pairs,
+    lr 1e-3 (the reference's 3e-5 is too small for a CPU budget), beta 0.1 and eps 0.1 (the reference's);
+    pairs judged by the GenEval-mini verifier's partial score (the strict score tied 40-77% of the pairs,
+    which are not trained); 20 ODE steps for evaluation; one torch thread.
 
-    ``flow-sde`` rather than the other presets' ``cps``: in 12-iteration JPEG-compressibility runs
-    (tests/train/test_d3po.py) flow-sde rollouts beat the learning-rate-0 control by +0.073 while ``cps`` with
-    its Gaussian log-prob fell behind it (-0.47 at lr 1e-2, about -0.02 at lr 1e-3; the step size, not the
-    log-prob's direction: docs/math.md §6).  A held-out GenEval-mini gain has not been measured yet."""
-    cfg = D3POConfig()
+    In 13-minute runs (docs/results.md, 2026-12-04) this setup took the held-out score 0.359 -> 0.464; with
+    ``flow-sde`` rollouts 0.401, and with ``flow-sde`` and the strict score (the preset until then) 0.380.
+    (In 12-iteration JPEG runs at lr 1e-2, tests/train/test_d3po.py, ``cps`` fell behind the lr-0 control:
+    the step size, not the log-prob's direction, docs/math.md §6.)"""
+    cfg = D3POConfig(reward="geneval_mini_partial")
     cfg.threads = 1
     sc, tc = cfg.sample, cfg.train
-    sc.solver, sc.num_steps = "flow-sde", 10
+    sc.solver, sc.cps_log_prob, sc.num_steps = "cps", "reference", 10
     sc.prompts_per_iter, sc.images_per_prompt = 16, 4
     tc.lr, tc.batch_size, tc.grad_accum = 1e-3, 8, 4
     cfg.eval.num_steps = 20
