@@ -174,3 +174,25 @@ def run_isolated(module: str, argv: list[str]) -> dict:
     if out.returncode:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def memory_bench_parser(description: str):
+    """The options both memory benchmarks share, and their hidden per-process ones; a caller adds its own."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--model", default="all", choices=["all", "embedded", "sd3-tiny"])
+    ap.add_argument("--resolution", type=int, default=128, help="sd3-tiny image size")
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", default=None, help="write the rows here")
+    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    return ap
+
+
+def memory_bench_models(args) -> list[str]:
+    """Resolves ``--device auto`` in place -> the models ``--model`` names."""
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return ["embedded", "sd3-tiny"] if args.model == "all" else [args.model]

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._common import peak_memory_of, run_isolated
+from bench._common import memory_bench_models, memory_bench_parser, peak_memory_of, run_isolated
 
 LOSSES = ("dpo", "mapo")
 
@@ -97,25 +97,14 @@ def _one(args) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="all", choices=["all", "embedded", "sd3-tiny"])
+    ap = memory_bench_parser(__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=0, help="pairs per step; 0: 32 (embedded), 4 (sd3-tiny)")
-    ap.add_argument("--resolution", type=int, default=128, help="sd3-tiny image size")
-    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--json", default=None, help="write the rows here")
-    ap.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--loss", default="dpo", choices=LOSSES, help=argparse.SUPPRESS)
-    ap.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.one:
         print(json.dumps(_one(args)), flush=True)
         return 0
-    if args.device == "auto":
-        import torch
-
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
-    models = ["embedded", "sd3-tiny"] if args.model == "all" else [args.model]
+    models = memory_bench_models(args)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in models:
