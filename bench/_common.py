@@ -8,12 +8,15 @@ the same run, speedup over the eager PyTorch reference, compile time and peak me
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
 import platform
 import re
+import resource
 import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -148,8 +151,6 @@ def peak_memory_of(step, device: torch.device) -> float:
     """Bytes one call of ``step()`` adds at its peak: on CUDA ``max_memory_allocated`` after a reset minus
     the memory allocated before; on the CPU the growth of the process's peak RSS (``ru_maxrss``) over its
     value before (so warm the process up first, and measure in a fresh process: :func:`run_isolated`)."""
-    import resource
-
     if device.type == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
@@ -166,8 +167,6 @@ def run_isolated(module: str, argv: list[str]) -> dict:
     """``python -m module --one ARGV`` in a fresh process -> the JSON object its last stdout line prints.
     glibc serves big blocks from mmap there (returned on free), so the peak RSS follows the live allocations
     instead of the heap's fragmentation.  A failure raises RuntimeError with the end of its stderr."""
-    import sys
-
     env = dict(os.environ, PYTHONPATH=str(ROOT), MALLOC_MMAP_THRESHOLD_="65536")
     cmd = [sys.executable, "-m", module, "--one", *argv]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -178,8 +177,6 @@ def run_isolated(module: str, argv: list[str]) -> dict:
 
 def memory_bench_parser(description: str):
     """The options both memory benchmarks share, and their hidden per-process ones; a caller adds its own."""
-    import argparse
-
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--model", default="all", choices=["all", "embedded", "sd3-tiny"])
     ap.add_argument("--resolution", type=int, default=128, help="sd3-tiny image size")

@@ -22,7 +22,7 @@ from train.evaluation import Evaluator
 from train.policy import build_policy
 from train.rewards.registry import build_reward
 
-from ._pg_helpers import make_tiny_sd_pipeline, use_embedded_default
+from ._pg_helpers import heldout_eval, make_tiny_sd_pipeline, use_embedded_default
 
 
 @pytest.fixture(autouse=True)
@@ -96,9 +96,7 @@ def _train(tmp_path, loss, lr, pairs, iters, extra=()):
         for it in range(1, iters + 1):
             tr.train_iteration(it)
             tr.iteration = it
-        (tmp_path / "samples").mkdir(parents=True, exist_ok=True)
-        with torch.no_grad():
-            score = tr.evaluator.run(tr.policy, iters, tmp_path, shift=None, dist=tr.dist)["score"]
+        score = heldout_eval(tr, tmp_path, iters)["score"]
         return score, tr.heldout_accuracy(), tr
     finally:
         torch.set_num_threads(threads)
