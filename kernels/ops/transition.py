@@ -278,7 +278,6 @@ def transition_forward(x, v, p0, p1, p2, z, prev_sample, kind, level, logp_mode=
             nck,
             float(level),
             KIND=kind,
-            LOGP=logp_mode,
             SAMPLE=sample,
             CHUNK=CHUNK,
             BLOCK=BLOCK,

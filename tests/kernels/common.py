@@ -52,7 +52,7 @@ def forward_backward(fn, tensors: dict, grad_names, *, upstream_seed=1234):
     loss = 0.0
     for o in outs:
         if o.requires_grad:
-            loss = loss + (o.float() * torch.randn(o.shape, generator=g)).sum()
+            loss = loss + (o.float() * torch.randn(o.shape, generator=g).to(o.device)).sum()
     grads = {}
     if grad_names and isinstance(loss, torch.Tensor):
         got = torch.autograd.grad(loss, [leaves[k] for k in grad_names], allow_unused=True)
