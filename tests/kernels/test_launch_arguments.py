@@ -76,7 +76,7 @@ def test_launch_matches_the_kernel_signature(site, kernel, call):
     assert not any(k.arg is None for k in call.keywords), f"{site}: **kwargs launch cannot be checked"
     assert not any(isinstance(a, ast.Starred) for a in call.args), f"{site}: *args launch cannot be checked"
     unknown = [k for k in keywords if k not in params and k not in _compile_options()]
-    assert not unknown, f"{site}: {kernel.name} declares no parameter {unknown} (nor are they compile options)"
+    assert not unknown, f"{site}: {kernel.name} declares no parameter {unknown} (nor any compile option)"
     assert len(call.args) <= len(params), f"{site}: {len(call.args)} positional arguments for {len(params)}"
     given = set(params[: len(call.args)]) | set(keywords)
     twice = set(params[: len(call.args)]) & set(keywords)
