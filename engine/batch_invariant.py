@@ -72,9 +72,9 @@ class BatchInvariantDenoiser:
                     idx = slice(lo, lo + n)
                     out = self.inner(x[idx], timestep[idx], cond[idx])
                 else:  # pad with copies of the chunk's first row: the shape, not the content, must match
-                    rows = torch.cat(
-                        [torch.arange(lo, lo + n), torch.full((self.chunk - n,), lo, dtype=torch.long)]
-                    ).to(x.device)
+                    # (the index is made on x's device: a host-to-device copy cannot be CUDA-graph captured)
+                    rows = torch.arange(lo, lo + self.chunk, device=x.device)
+                    rows[n:] = lo
                     out = self.inner(x[rows], timestep[rows], cond[rows])[:n]
                 outs.append(out)
         return outs[0] if len(outs) == 1 else torch.cat(outs)
