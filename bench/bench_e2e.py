@@ -420,10 +420,14 @@ def provider_context(setup: Setup, provider: str):
         return
     backend = attention.set_attention_backend(model, "auto")
     apply_fast_path(model)
+    cudnn_sdp = torch.backends.cuda.cudnn_sdp_enabled()
+    if CUDA:
+        attention.disable_cudnn_sdpa()  # as train.policy.build_policy does
     try:
         with cpu_ref:
             yield setup.den, backend
     finally:
+        torch.backends.cuda.enable_cudnn_sdp(cudnn_sdp)
         revert_fast_path(model)
         attention.set_attention_backend(model, "sdpa")
 

@@ -23,6 +23,7 @@ _LAZY = {
     "TextEncoder": "text",
     "Vae": "vae",
     "set_attention_backend": "attention",
+    "disable_cudnn_sdpa": "attention",
     "add_adapters": "lora",
     "adapters_disabled": "lora",
     "use_adapter": "lora",

@@ -72,6 +72,27 @@ class JointAttnDispatchProcessor:
         return (out, encoder_hidden_states) if encoder_hidden_states is not None else out
 
 
+def disable_cudnn_sdpa() -> bool:
+    """Turn torch SDPA's cuDNN backend off process-wide for training (flash, memory-efficient and math stay as
+    they are); returns whether it was on.  ``NFT_CUDNN_SDPA=1`` keeps it (then this returns False).
+
+    torch >= 2.11 prefers cuDNN attention on Hopper.  On an H200 (torch 2.11, CUDA 13) its bf16 *backward*
+    gave NaN LoRA gradients through the tiny FLUX model's attention (2 heads of 16, 71 tokens, no mask) while
+    its forward, and the flash, memory-efficient and math backends forward and backward, were finite
+    (``bench/diag/flux_sdpa_nan.py``, results in ``bench/results/gpu-check-h200/``).  Public reports of the
+    same kind: pytorch/pytorch#196678, huggingface/trl#7181.  Training calls this before any forward, so a
+    checkpointed block's recomputation in the backward cannot pick cuDNN either; rollouts lose only cuDNN's
+    forward, which other kernels replace.
+    """
+    import os
+
+    if os.environ.get("NFT_CUDNN_SDPA", "") == "1" or not torch.backends.cuda.cudnn_sdp_enabled():
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    logger.info("torch SDPA: cuDNN backend off for training (NFT_CUDNN_SDPA=1 keeps it)")
+    return True
+
+
 def available_backends() -> dict[str, bool]:
     """Which optional attention libraries diffusers can use here (installed and of a supported version)."""
     from diffusers.models import attention_dispatch as ad

@@ -443,6 +443,8 @@ def build_policy(
         test_p = read_prompt_file(eval_prompts or prompts, "--eval-prompts")
         prompt_text, sampler = str, None
     transformer.requires_grad_(False)
+    if device.type == "cuda":
+        models.disable_cudnn_sdpa()  # its bf16 backward returned NaN gradients on an H200
     if mc.attention != "auto" or device.type == "cuda":
         models.set_attention_backend(transformer, mc.attention)
     targets = list(mc.lora_targets)

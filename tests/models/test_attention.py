@@ -99,3 +99,56 @@ def test_unet_processors_without_dispatch(monkeypatch):
                         lambda: {"native": True, "flash": False, "_flash_3": False, "xformers": False})
     with pytest.raises(ValueError, match="ignore diffusers' dispatch.*only 'sdpa'"):
         attention.set_attention_backend(unet, "_native_math")
+
+
+@pytest.fixture
+def cudnn_sdp_restored():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    yield
+    torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_training_turns_cudnn_sdpa_off_unless_asked_to_keep_it(monkeypatch, cudnn_sdp_restored):
+    cuda = torch.backends.cuda
+    others = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())
+    torch.backends.cuda.enable_cudnn_sdp(True)
+    monkeypatch.setenv("NFT_CUDNN_SDPA", "1")
+    assert models.disable_cudnn_sdpa() is False
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    monkeypatch.delenv("NFT_CUDNN_SDPA")
+    assert models.disable_cudnn_sdpa() is True
+    assert not torch.backends.cuda.cudnn_sdp_enabled()
+    assert models.disable_cudnn_sdpa() is False  # already off
+    # the other backends are left as they were
+    assert (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled()) == others
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["sd3-tiny", "flux-tiny"])
+def test_bf16_lora_gradients_are_finite_on_cuda_with_the_training_setting(preset, cudnn_sdp_restored):
+    """The H200 run's failure: with cuDNN SDPA (torch 2.11's default on Hopper) the tiny FLUX model's LoRA
+    gradients were NaN in bf16 autocast; with the setting training uses they are finite."""
+    from models import lora
+
+    model = models.load_transformer(preset, seed=0).to("cuda")
+    lora.add_adapters(model, rank=4, alpha=8)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(7)
+        for p in lora.adapter_parameters(model, "default"):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    for n, p in model.named_parameters():
+        if "lora_" not in n:
+            p.data = p.data.to(torch.bfloat16)
+    models.disable_cudnn_sdpa()
+    den = models.as_denoiser(model)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 16, 16, generator=g).cuda()
+    cond = models.Conditioning(
+        torch.randn(2, 7, 32, generator=g).cuda(), torch.randn(2, 32, generator=g).cuda()
+    )
+    params = lora.adapter_parameters(model, "default")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = den(x, torch.tensor([700.0, 30.0], device="cuda"), cond)
+    grads = torch.autograd.grad(out.float().square().mean(), params)
+    assert all(torch.isfinite(gr).all() for gr in grads)
+    assert any(float(gr.abs().max()) > 0 for gr in grads)

@@ -1,0 +1,1 @@
+"""One-off GPU diagnostics behind findings of the prepared GPU check (bench/results/gpu-check-h200/)."""
