@@ -16,6 +16,7 @@ models get :class:`JointAttnDispatchProcessor` (same math, dispatched); FLUX pro
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, dispatch_attention_fn
@@ -84,8 +85,6 @@ def disable_cudnn_sdpa() -> bool:
     checkpointed block's recomputation in the backward cannot pick cuDNN either; rollouts lose only cuDNN's
     forward, which other kernels replace.
     """
-    import os
-
     if os.environ.get("NFT_CUDNN_SDPA", "") == "1" or not torch.backends.cuda.cudnn_sdp_enabled():
         return False
     torch.backends.cuda.enable_cudnn_sdp(False)
