@@ -101,13 +101,6 @@ def test_unet_processors_without_dispatch(monkeypatch):
         attention.set_attention_backend(unet, "_native_math")
 
 
-@pytest.fixture
-def cudnn_sdp_restored():
-    before = torch.backends.cuda.cudnn_sdp_enabled()
-    yield
-    torch.backends.cuda.enable_cudnn_sdp(before)
-
-
 def test_training_turns_cudnn_sdpa_off_unless_asked_to_keep_it(monkeypatch, cudnn_sdp_restored):
     cuda = torch.backends.cuda
     others = (cuda.flash_sdp_enabled(), cuda.mem_efficient_sdp_enabled(), cuda.math_sdp_enabled())

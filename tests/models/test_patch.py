@@ -248,18 +248,10 @@ def test_errors():
 # ----------------------------------------------------------------------------------------------------------
 @pytest.mark.gpu
 @pytest.mark.parametrize("preset", PRESETS)
-def test_cuda_bf16_fast_path_with_lora_and_compile(preset, monkeypatch):
+def test_cuda_bf16_fast_path_with_lora_and_compile(preset, monkeypatch, cudnn_sdp_restored):
     # training's attention setting: cuDNN SDPA's bf16 backward gave NaN gradients for flux-tiny on an H200
     monkeypatch.delenv("NFT_CUDNN_SDPA", raising=False)
-    cudnn_before = torch.backends.cuda.cudnn_sdp_enabled()
     models.disable_cudnn_sdpa()
-    try:
-        _check_fast_path_with_lora_and_compile(preset)
-    finally:
-        torch.backends.cuda.enable_cudnn_sdp(cudnn_before)
-
-
-def _check_fast_path_with_lora_and_compile(preset):
     model = _model(preset, with_lora=True).to("cuda")
     for n, p in model.named_parameters():
         if "lora_" not in n:
