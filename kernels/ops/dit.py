@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import contig
+from ._common import contig, custom_op
 
 _NS = "nft_kernels"
 MAX_TOKENS_PER_PROGRAM = 64  # tokens one backward program walks through (its share of the per-channel sums)
@@ -163,7 +163,7 @@ def ada_layer_norm_backward(g, x, scale, mean, rstd, mod_grad, dtype_scale, dtyp
     return dx, parts[0].sum(dim=1).to(dtype_scale), parts[1].sum(dim=1).to(dtype_shift)
 
 
-@torch.library.custom_op(f"{_NS}::ada_layer_norm", mutates_args=())
+@custom_op(f"{_NS}::ada_layer_norm")
 def ada_layer_norm_op(
     x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -180,7 +180,7 @@ def _(x, scale, shift, eps):
     )
 
 
-@torch.library.custom_op(f"{_NS}::ada_layer_norm_backward", mutates_args=())
+@custom_op(f"{_NS}::ada_layer_norm_backward")
 def ada_layer_norm_backward_op(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -325,7 +325,7 @@ def gated_residual_backward(g, y, gate, y_grad, gate_grad, dtype_y, dtype_gate):
     return dy, parts.sum(dim=1).to(dtype_gate)
 
 
-@torch.library.custom_op(f"{_NS}::gated_residual", mutates_args=())
+@custom_op(f"{_NS}::gated_residual")
 def gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     return gated_residual_forward(x, y, gate)
 
@@ -335,7 +335,7 @@ def _(x, y, gate):
     return x.new_empty(x.shape, dtype=_out_dtype(x, y, gate))
 
 
-@torch.library.custom_op(f"{_NS}::gated_residual_backward", mutates_args=())
+@custom_op(f"{_NS}::gated_residual_backward")
 def gated_residual_backward_op(
     g: torch.Tensor,
     y: torch.Tensor,
@@ -490,7 +490,7 @@ def rms_norm_backward(g, x, weight, rstd, w_grad, dtype_x):
     return dx, parts.sum(dim=0).to(weight.dtype)
 
 
-@torch.library.custom_op(f"{_NS}::rms_norm", mutates_args=())
+@custom_op(f"{_NS}::rms_norm")
 def rms_norm_op(
     x: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -503,7 +503,7 @@ def _(x, weight, eps, out_dtype):
     return x.new_empty(x.shape, dtype=out_dtype), x.new_empty((x.numel() // d,), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{_NS}::rms_norm_backward", mutates_args=())
+@custom_op(f"{_NS}::rms_norm_backward")
 def rms_norm_backward_op(
     g: torch.Tensor,
     x: torch.Tensor,
@@ -607,7 +607,7 @@ def rotary_emb_launch(x, cos, sin, sequence_dim, backward):
     return out
 
 
-@torch.library.custom_op(f"{_NS}::rotary_emb", mutates_args=())
+@custom_op(f"{_NS}::rotary_emb")
 def rotary_emb_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sequence_dim: int) -> torch.Tensor:
     return rotary_emb_launch(x, cos, sin, sequence_dim, False)
 
@@ -617,7 +617,7 @@ def _(x, cos, sin, sequence_dim):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op(f"{_NS}::rotary_emb_backward", mutates_args=())
+@custom_op(f"{_NS}::rotary_emb_backward")
 def rotary_emb_backward_op(
     g: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sequence_dim: int, dtype_x: torch.dtype
 ) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS, contig, elementwise_grid, rows, scalar_f32
+from ._common import BLOCK, NUM_WARPS, contig, custom_op, elementwise_grid, rows, scalar_f32
 
 _NS = "nft_kernels"
 
@@ -115,7 +115,7 @@ def _no_scalar_grad(ctx, names, needs):
     pass
 
 
-@torch.library.custom_op(f"{_NS}::interpolate", mutates_args=())
+@custom_op(f"{_NS}::interpolate")
 def interpolate_op(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return interpolate_forward(x0, None, noise, t)[0]
 
@@ -125,7 +125,7 @@ def _(x0, noise, t):
     return x0.new_empty(x0.shape)
 
 
-@torch.library.custom_op(f"{_NS}::interpolate_backward", mutates_args=())
+@custom_op(f"{_NS}::interpolate_backward")
 def interpolate_backward_op(
     g: torch.Tensor, t: torch.Tensor, dtype_x0: torch.dtype, dtype_noise: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,7 +154,7 @@ def _interpolate_backward(ctx, g):
 interpolate_op.register_autograd(_interpolate_backward, setup_context=_interpolate_setup)
 
 
-@torch.library.custom_op(f"{_NS}::paired_interpolate", mutates_args=())
+@custom_op(f"{_NS}::paired_interpolate")
 def paired_interpolate_op(
     x0_w: torch.Tensor, x0_l: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,7 +166,7 @@ def _(x0_w, x0_l, noise, t):
     return x0_w.new_empty(x0_w.shape), x0_l.new_empty(x0_l.shape)
 
 
-@torch.library.custom_op(f"{_NS}::paired_interpolate_backward", mutates_args=())
+@custom_op(f"{_NS}::paired_interpolate_backward")
 def paired_interpolate_backward_op(
     g_w: torch.Tensor,
     g_l: torch.Tensor,
@@ -267,7 +267,7 @@ def euler_step_backward(g, sigma, sigma_next, dtype_x, dtype_v):
     return gx, gv
 
 
-@torch.library.custom_op(f"{_NS}::euler_step", mutates_args=())
+@custom_op(f"{_NS}::euler_step")
 def euler_step_op(
     x: torch.Tensor, v: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor
 ) -> torch.Tensor:
@@ -279,7 +279,7 @@ def _(x, v, sigma, sigma_next):
     return x.new_empty(x.shape)
 
 
-@torch.library.custom_op(f"{_NS}::euler_step_backward", mutates_args=())
+@custom_op(f"{_NS}::euler_step_backward")
 def euler_step_backward_op(
     g: torch.Tensor, sigma: torch.Tensor, sigma_next: torch.Tensor, dtype_x: torch.dtype, dtype_v: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -460,7 +460,7 @@ def dpm2_step_backward(g_xn, g_d, sigma, sigma_next, sigma_prev, dtype_x, dtype_
     return gx, gv, gxp
 
 
-@torch.library.custom_op(f"{_NS}::dpm2_step", mutates_args=())
+@custom_op(f"{_NS}::dpm2_step")
 def dpm2_step_op(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -477,7 +477,7 @@ def _(x, v, sigma, sigma_next, x0_prev, sigma_prev):
     return x.new_empty(x.shape), x.new_empty(x.shape)
 
 
-@torch.library.custom_op(f"{_NS}::dpm2_step_backward", mutates_args=())
+@custom_op(f"{_NS}::dpm2_step_backward")
 def dpm2_step_backward_op(
     g_xn: torch.Tensor,
     g_d: torch.Tensor,

@@ -25,6 +25,7 @@ from ._common import (
     PBLOCK,
     chunk_grid,
     contig,
+    custom_op,
     elementwise_grid,
     n_chunks,
     n_iter,
@@ -187,7 +188,7 @@ def gaussian_backward(a, b, g, s, mode, mean_reduce):
     return ga, gb
 
 
-@torch.library.custom_op(f"{_NS}::gaussian_log_prob", mutates_args=())
+@custom_op(f"{_NS}::gaussian_log_prob")
 def gaussian_log_prob_op(
     x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, mean_reduce: bool
 ) -> torch.Tensor:
@@ -199,7 +200,7 @@ def _(x, mean, std, mean_reduce):
     return x.new_empty((x.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{_NS}::gaussian_kl", mutates_args=())
+@custom_op(f"{_NS}::gaussian_kl")
 def gaussian_kl_op(
     mean_p: torch.Tensor, std_p: torch.Tensor, mean_q: torch.Tensor, std_q: torch.Tensor, mean_reduce: bool
 ) -> torch.Tensor:
@@ -211,7 +212,7 @@ def _(mean_p, std_p, mean_q, std_q, mean_reduce):
     return mean_p.new_empty((mean_p.shape[0],), dtype=torch.float32)
 
 
-@torch.library.custom_op(f"{_NS}::gaussian_backward", mutates_args=())
+@custom_op(f"{_NS}::gaussian_backward")
 def gaussian_backward_op(
     a: torch.Tensor, b: torch.Tensor, g: torch.Tensor, s: torch.Tensor, mode: int, mean_reduce: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,6 +27,7 @@ from ._common import (
     PBLOCK,
     chunk_grid,
     contig,
+    custom_op,
     elementwise_grid,
     n_chunks,
     n_iter,
@@ -284,7 +285,7 @@ def nft_loss_backward(g, v, v_old, x0, noise, t, r, v_ref, w_pos, w_neg, beta, c
     return gv
 
 
-@torch.library.custom_op(f"{_NS}::nft_loss", mutates_args=())
+@custom_op(f"{_NS}::nft_loss")
 def nft_loss_op(
     v: torch.Tensor,
     v_old: torch.Tensor,
@@ -308,7 +309,7 @@ def _(v, v_old, x0, noise, t, r, v_ref, beta, clip, adaptive, kl_coef):
     return v.new_empty((), dtype=f32), v.new_empty((b,), dtype=f32), v.new_empty((b,), dtype=f32)
 
 
-@torch.library.custom_op(f"{_NS}::nft_loss_backward", mutates_args=())
+@custom_op(f"{_NS}::nft_loss_backward")
 def nft_loss_backward_op(
     g: torch.Tensor,
     v: torch.Tensor,

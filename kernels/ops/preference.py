@@ -27,6 +27,7 @@ from ._common import (
     PBLOCK,
     chunk_grid,
     contig,
+    custom_op,
     elementwise_grid,
     n_chunks,
     n_iter,
@@ -313,7 +314,7 @@ def preference_loss_backward(g_loss, g_errs, dterm, pred_w, pred_l, target_w, ta
     return gw, gl
 
 
-@torch.library.custom_op(f"{_NS}::preference_loss", mutates_args=())
+@custom_op(f"{_NS}::preference_loss")
 def preference_loss_op(
     pred_w: torch.Tensor,
     pred_l: torch.Tensor,
@@ -344,7 +345,7 @@ def _(pred_w, pred_l, target_w, target_l, ref_w, ref_l, form, temp, beta, snr, n
     )
 
 
-@torch.library.custom_op(f"{_NS}::preference_loss_backward", mutates_args=())
+@custom_op(f"{_NS}::preference_loss_backward")
 def preference_loss_backward_op(
     g_loss: torch.Tensor | None,
     g_errs: torch.Tensor | None,

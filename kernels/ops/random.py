@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import BLOCK, NUM_WARPS
+from ._common import BLOCK, NUM_WARPS, custom_op
 
 _NS = "nft_kernels"
 
@@ -64,7 +64,7 @@ def randn_forward(shape, seed_t, seed_i, offset_t, offset_i, dtype, device):
     return out
 
 
-@torch.library.custom_op(f"{_NS}::randn", mutates_args=())
+@custom_op(f"{_NS}::randn")
 def randn_op(
     shape: list[int],
     seed_t: torch.Tensor | None,

@@ -44,6 +44,7 @@ from ._common import (
     PBLOCK,
     chunk_grid,
     contig,
+    custom_op,
     elementwise_grid,
     n_chunks,
     n_iter,
@@ -369,7 +370,7 @@ def transition_backward(
 # ----------------------------------------------------------------------------------------------------------
 # torch.library registration
 # ----------------------------------------------------------------------------------------------------------
-@torch.library.custom_op(f"{_NS}::transition_sample", mutates_args=())
+@custom_op(f"{_NS}::transition_sample")
 def transition_sample_op(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -395,7 +396,7 @@ def _(x, v, p0, p1, p2, noise, kind, level, logp_mode=LOGP_GAUSSIAN):
     )
 
 
-@torch.library.custom_op(f"{_NS}::transition_score", mutates_args=())
+@custom_op(f"{_NS}::transition_score")
 def transition_score_op(
     x: torch.Tensor,
     v: torch.Tensor,
@@ -421,7 +422,7 @@ def _(x, v, p0, p1, p2, prev_sample, kind, level, logp_mode=LOGP_GAUSSIAN):
     )
 
 
-@torch.library.custom_op(f"{_NS}::transition_backward", mutates_args=())
+@custom_op(f"{_NS}::transition_backward")
 def transition_backward_op(
     prev: torch.Tensor,
     mean: torch.Tensor,

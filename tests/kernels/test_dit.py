@@ -169,10 +169,10 @@ def test_custom_ops_pass_opcheck():
     angles = make((5, 8), torch.float32, seed=6)
     tests = ("test_schema", "test_autograd_registration", "test_faketensor")
     with kernels.use_backend("triton"):
-        torch.library.opcheck(dit.ada_layer_norm_op, (x, s, sh, 1e-6), test_utils=tests)
-        torch.library.opcheck(dit.gated_residual_op, (x, x.detach() * 2, s), test_utils=tests)
-        torch.library.opcheck(dit.rms_norm_op, (q, w, 1e-6, torch.float32), test_utils=tests)
-        torch.library.opcheck(dit.rotary_emb_op, (q, angles.cos(), angles.sin(), 1), test_utils=tests)
+        torch.library.opcheck(dit.ada_layer_norm_op.op, (x, s, sh, 1e-6), test_utils=tests)
+        torch.library.opcheck(dit.gated_residual_op.op, (x, x.detach() * 2, s), test_utils=tests)
+        torch.library.opcheck(dit.rms_norm_op.op, (q, w, 1e-6, torch.float32), test_utils=tests)
+        torch.library.opcheck(dit.rotary_emb_op.op, (q, angles.cos(), angles.sin(), 1), test_utils=tests)
 
 
 # ----------------------------------------------------------------------------------------------------------

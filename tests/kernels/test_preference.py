@@ -326,7 +326,7 @@ def test_custom_op_passes_opcheck():
     ]
     for args in cases:
         torch.library.opcheck(
-            ops.preference_loss_op,
+            ops.preference_loss_op.op,
             args,
             test_utils=("test_schema", "test_faketensor", "test_autograd_registration"),
         )

@@ -165,7 +165,7 @@ def test_custom_ops_pass_opcheck():
     ]
     for op, args in cases:
         torch.library.opcheck(
-            op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
+            op.op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration")
         )
 
 
