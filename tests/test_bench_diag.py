@@ -23,3 +23,11 @@ def test_diagnostics_refuse_to_run_without_cuda(capsys):
     assert rollout_capture.main() == 2
     assert train_step_overhead.main() == 2
     assert capsys.readouterr().err.count("needs a CUDA device") == 3
+
+
+def test_dispatch_overhead_measures_both_paths():
+    from bench.diag import dispatch_overhead
+
+    got = dispatch_overhead.measure(n=50)
+    assert set(got) == {f"{p}_{t}" for p in ("dispatcher", "eager", "body") for t in ("grad", "no_grad")}
+    assert all(v > 0 for v in got.values())

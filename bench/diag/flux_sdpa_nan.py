@@ -93,8 +93,15 @@ def main(argv=None) -> int:
         print("bench.diag.flux_sdpa_nan: needs a CUDA device", file=sys.stderr)
         return 2
     presets = (argv if argv is not None else sys.argv[1:]) or ["flux-tiny", "sd3-tiny"]
-    print(json.dumps({"torch": torch.__version__, "cudnn": torch.backends.cudnn.version(),
-                      "device": torch.cuda.get_device_name()}))
+    print(
+        json.dumps(
+            {
+                "torch": torch.__version__,
+                "cudnn": torch.backends.cudnn.version(),
+                "device": torch.cuda.get_device_name(),
+            }
+        )
+    )
     for preset in presets:
         for label, backends in BACKEND_SETS.items():
             for bf16 in (True, False):

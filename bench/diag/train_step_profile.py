@@ -1,4 +1,4 @@
-"""torch.profiler of the SD3.5-M NFT train step (bench_e2e's case): device time against wall time, per setting.
+"""torch.profiler of the SD3.5-M NFT train step (bench_e2e's case): device time against wall time.
 
     python -m bench.diag.train_step_profile      # on a GPU machine (diffusers carried, see bench.gpu_check)
 
@@ -17,11 +17,10 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+import kernels
 from bench import bench_e2e as E
 from models import attention
 from models.patch import apply_fast_path, revert_fast_path
-
-import kernels
 
 
 def _report(name, model, step) -> None:
