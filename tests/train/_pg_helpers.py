@@ -81,8 +81,32 @@ def build_trainer(module, tmp_path, argv, device="cpu"):
         prompts=cfg.prompts,
         eval_prompts=cfg.eval_prompts,
     )
-    trainer_cls = module.GRPOTrainer if hasattr(module, "GRPOTrainer") else module.DDPOTrainer
+    trainer_cls = next(
+        getattr(module, n) for n in ("GRPOTrainer", "DDPOTrainer", "NFTTrainer") if hasattr(module, n)
+    )
     return trainer_cls(cfg, tmp_path, policy, reward, Evaluator(cfg.eval, seed=cfg.seed, reward=reward))
+
+
+def lr0_control_reward_means(module, run_dir: Path, argv: list, iterations) -> list[float]:
+    """``train/reward_mean`` at ``iterations`` of ``module``'s run ``argv`` with ``--train.lr 0``, without
+    running its other iterations.  At rate 0, AdamW neither steps nor decays the weights, so every adapter
+    stays at its start (LoRA B = 0; NFT's old adapter, an average of it, with it), and iteration k's rewards
+    are the starting policy's on iteration k's prompts and seeds, which the loop draws from the seed and k
+    alone.  So only those rollouts run, with the run's thread count.  ``tests/train/test_lr0_control.py``
+    checks this against whole lr-0 runs of each loop, value for value."""
+    tr = build_trainer(module, run_dir, [*argv, "--train.lr", "0"])
+    threads = torch.get_num_threads()
+    if tr.cfg.threads:
+        torch.set_num_threads(tr.cfg.threads)
+    try:
+        out = []
+        for it in iterations:
+            got = tr.rollout_and_reward(it)
+            rewards = got[2] if isinstance(got, tuple) else tr.global_batch(got).rewards  # NFT / the PG loops
+            out.append(float(rewards.mean()))
+        return out
+    finally:
+        torch.set_num_threads(threads)
 
 
 def bf16_autocast_ok() -> bool:
@@ -170,18 +194,18 @@ def make_tiny_sd_pipeline(root: Path):
 def paired_reward_gain(module, run_root: Path, argv: list, *, iters: int, last: int) -> float:
     """Mean training reward over the last ``last`` iterations of a run minus that of the same run with
     ``--train.lr 0``: both draw the same prompts and rollout seeds each iteration (derived from the seed and
-    the iteration), so the difference is the effect of the updates, not of the prompt draw."""
+    the iteration), so the difference is the effect of the updates, not of the prompt draw.  The control's
+    last ``last`` iterations come from :func:`lr0_control_reward_means`."""
     from train import common
 
-    means = []
-    for name, lr in (("trained", None), ("control", "0")):
-        run = run_root / name
-        extra = ["--train.lr", lr] if lr is not None else []
-        assert module.main(["--run-dir", str(run), *argv, *extra, "--max-iters", str(iters)]) == 0
-        rows = [r for r in common.read_metrics(run) if "train/reward_mean" in r]
-        assert all(r["ratio/first_abs_dev"] == 0.0 for r in rows if r.get("train/trained_samples"))
-        means.append(sum(r["train/reward_mean"] for r in rows[-last:]) / last)
-    return means[0] - means[1]
+    run = run_root / "trained"
+    assert module.main(["--run-dir", str(run), *argv, "--max-iters", str(iters)]) == 0
+    rows = [r for r in common.read_metrics(run) if "train/reward_mean" in r]
+    assert [r["iteration"] for r in rows] == list(range(1, iters + 1))
+    assert all(r["ratio/first_abs_dev"] == 0.0 for r in rows if r.get("train/trained_samples"))
+    trained = sum(r["train/reward_mean"] for r in rows[-last:]) / last
+    control = lr0_control_reward_means(module, run_root / "control", argv, range(iters - last + 1, iters + 1))
+    return trained - sum(control) / last
 
 
 # The paired learning tests of Flow-GRPO and DDPO-IS (JPEG compressibility, small batches, few steps).

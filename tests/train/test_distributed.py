@@ -138,8 +138,12 @@ def test_fsdp_is_refused_by_the_policy_gradient_loops(capsys):
 
 # ---------------------------------------------------------------------------------------------- torchrun
 def _env(threads=1):
+    """The child processes run the PyTorch reference kernels, as a CPU user's run does (and as this package's
+    in-process runs do, tests/train/conftest.py): the Triton interpreter made these runs about 3.7x slower,
+    and the kernels are tested in it, batch invariance included, under tests/kernels."""
     env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
     env.pop("WORLD_SIZE", None)
     return env
 
@@ -241,6 +245,7 @@ def nft_runs(tmp_path_factory):
     return base
 
 
+@pytest.mark.xdist_group("nft_runs")  # one worker builds the module fixture once
 def test_nft_two_processes_match_one(nft_runs):
     keys = ["train/reward_mean", "train/reward_std", "train/r_mean", "train/loss", "train/kl"]
     _assert_same_run(nft_runs / "ddp", nft_runs / "one", keys=keys, rtol=1e-4)
@@ -253,6 +258,7 @@ def test_nft_two_processes_match_one(nft_runs):
     assert len(lines) == len({ln for ln in lines})  # written once (rank 0), not once per rank
 
 
+@pytest.mark.xdist_group("nft_runs")  # one worker builds the module fixture once
 def test_nft_resume_on_another_world_size(nft_runs, tmp_path):
     """Iteration 1 on two processes, iteration 2 resumed on one: the same as two iterations on one (the
     steps per iteration do not depend on the world size: nothing to rescale)."""
@@ -277,6 +283,7 @@ def test_grpo_two_processes_match_one_with_exact_ratio(tmp_path):
         assert all(m["ratio/first_abs_dev"] == 0.0 for m in lines.values())
 
 
+@pytest.mark.xdist_group("nft_runs")  # one worker builds the module fixture once
 def test_fsdp2_on_cpu_matches_ddp_and_resumes(nft_runs, tmp_path):
     """FSDP2 (fully_shard over gloo): sharded LoRA and optimizer state, DCP checkpoints; the run equals the
     DDP one, and a resume from the sharded checkpoint continues it."""

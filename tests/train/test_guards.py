@@ -14,6 +14,7 @@ fires: the test can fail.
 import pytest
 import torch
 
+import kernels
 import train.grpo as grpo
 import train.nft as nft
 from train import common
@@ -62,10 +63,13 @@ def _evals(run_dir):
 def rolled_back(tmp_path_factory):
     run = tmp_path_factory.mktemp("guards") / "rollback"
     lr = ["--train.lr", "1e-2"]  # hacks by iteration 5, after a better iteration 1: a trained best
-    code = nft.main(["--run-dir", str(run), *HACK, *lr, "--guard.action", "rollback", "--max-iters", "8"])
+    argv = ["--run-dir", str(run), *HACK, *lr, "--guard.action", "rollback", "--max-iters", "8"]
+    with kernels.use_backend("reference"):  # a module fixture runs outside the conftest's per-test one
+        code = nft.main(argv)
     return run, code
 
 
+@pytest.mark.xdist_group("guards_rollback")  # one worker builds the module fixture once
 def test_hacked_gold_falls_while_training_reward_rises_and_rollback_restores_the_best(rolled_back):
     run, code = rolled_back
     assert code == GUARD_EXIT
@@ -105,6 +109,7 @@ def test_hacked_gold_falls_while_training_reward_rises_and_rollback_restores_the
     assert (run / "samples" / f"iter_{it:06d}_guard.png").exists()
 
 
+@pytest.mark.xdist_group("guards_rollback")  # one worker builds the module fixture once
 def test_summary_names_the_guard_iteration_and_numbers(rolled_back, capsys):
     run, _ = rolled_back
     fired = [r for r in _evals(run) if "guard/fired" in r][0]
