@@ -245,7 +245,6 @@ def nft_runs(tmp_path_factory):
     return base
 
 
-@pytest.mark.xdist_group("nft_runs")  # one worker builds the module fixture once
 def test_nft_two_processes_match_one(nft_runs):
     keys = ["train/reward_mean", "train/reward_std", "train/r_mean", "train/loss", "train/kl"]
     _assert_same_run(nft_runs / "ddp", nft_runs / "one", keys=keys, rtol=1e-4)
@@ -258,7 +257,6 @@ def test_nft_two_processes_match_one(nft_runs):
     assert len(lines) == len({ln for ln in lines})  # written once (rank 0), not once per rank
 
 
-@pytest.mark.xdist_group("nft_runs")  # one worker builds the module fixture once
 def test_nft_resume_on_another_world_size(nft_runs, tmp_path):
     """Iteration 1 on two processes, iteration 2 resumed on one: the same as two iterations on one (the
     steps per iteration do not depend on the world size: nothing to rescale)."""
@@ -283,7 +281,6 @@ def test_grpo_two_processes_match_one_with_exact_ratio(tmp_path):
         assert all(m["ratio/first_abs_dev"] == 0.0 for m in lines.values())
 
 
-@pytest.mark.xdist_group("nft_runs")  # one worker builds the module fixture once
 def test_fsdp2_on_cpu_matches_ddp_and_resumes(nft_runs, tmp_path):
     """FSDP2 (fully_shard over gloo): sharded LoRA and optimizer state, DCP checkpoints; the run equals the
     DDP one, and a resume from the sharded checkpoint continues it."""

@@ -110,7 +110,6 @@ def control(tmp_path_factory, engine_pairs):
     return score, acc
 
 
-@pytest.mark.xdist_group("dpo_pairs")  # one worker builds the module fixture once
 @pytest.mark.parametrize("loss", ["dpo", "kto", "mapo"])
 def test_short_run_raises_the_heldout_score(tmp_path, monkeypatch, engine_pairs, control, loss):
     """40 iterations on 193 engine-made pairs raise the held-out GenEval-mini score above the lr-0 control.

@@ -69,7 +69,6 @@ def rolled_back(tmp_path_factory):
     return run, code
 
 
-@pytest.mark.xdist_group("guards_rollback")  # one worker builds the module fixture once
 def test_hacked_gold_falls_while_training_reward_rises_and_rollback_restores_the_best(rolled_back):
     run, code = rolled_back
     assert code == GUARD_EXIT
@@ -109,7 +108,6 @@ def test_hacked_gold_falls_while_training_reward_rises_and_rollback_restores_the
     assert (run / "samples" / f"iter_{it:06d}_guard.png").exists()
 
 
-@pytest.mark.xdist_group("guards_rollback")  # one worker builds the module fixture once
 def test_summary_names_the_guard_iteration_and_numbers(rolled_back, capsys):
     run, _ = rolled_back
     fired = [r for r in _evals(run) if "guard/fired" in r][0]

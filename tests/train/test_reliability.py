@@ -36,9 +36,6 @@ from train.policy import Policy
 from .test_nft import _strip  # rows without their timings: how the NFT tests compare runs
 
 ROOT = Path(__file__).resolve().parents[2]
-# Most tests here read the module fixtures ``reference`` and ``sigterm_run``: one worker builds them, once.
-pytestmark = pytest.mark.xdist_group("reliability")
-
 TINY = [
     "--sample.prompts-per-iter",
     "2",
