@@ -53,6 +53,7 @@ import torch
 import models
 from models.embedded import DEFAULT_DIR, TRANSFORMER_CONFIG, EmbeddedConfig, EmbeddedDefault, PromptEncoder
 from models.lora import EMA
+from train import common
 from train.config import ConfigError, leaf_values, parse_cli, to_dict
 from train.data import (
     STRUCTURE_FIELDS,
@@ -87,6 +88,8 @@ __all__ = [
     "evaluate",
     "build_model",
     "pretrain",
+    "resume_state",
+    "CHECKPOINT",
     "reproduce_command",
     "main",
 ]
@@ -154,6 +157,10 @@ class PretrainLogConfig:
     every: int = _h(50, "steps between loss lines")
     file: bool = _h(False, "also write <out>/pretrain_log.jsonl")
     save_every: int = _h(0, "snapshots under <out>/snapshots every N steps (0: none)")
+    checkpoint_every: int = _h(
+        500, "write <out>/checkpoint.pt (all that --resume needs) every N steps and when stopped "
+        "(0: only when stopped)"
+    )
 
 
 @dataclass
@@ -162,7 +169,13 @@ class PretrainConfig:
     out: str = _h(str(DEFAULT_DIR), "directory for default.safetensors / default.json / pretrain.json")
     seed: int = _h(0, "seed of the initialisation, the data and the training times")
     threads: int = _h(2, "torch.set_num_threads")
-    max_minutes: float | None = _h(None, "wall-clock cap; stops early and saves (none or 0: no cap)")
+    max_minutes: float | None = _h(
+        None, "wall-clock cap of this process; stops early, checkpoints and saves (none or 0: no cap)"
+    )
+    resume: bool = _h(
+        False, "continue the run in --out from its checkpoint.pt (same training options; --threads, "
+        "--max-minutes, --log.* and --eval.* may change)"
+    )
     train: TrainConfig = field(default_factory=TrainConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -222,7 +235,8 @@ def validate(cfg: PretrainConfig) -> None:
             raise ConfigError(f"{_opt(name)}: expected an integer >= 1, got {val}")
     at_least_zero = [("train.cooldown", tc.cooldown, "0: constant to the end"),
                      ("text.pretrain_steps", xc.pretrain_steps, "0: off"),
-                     ("log.save_every", lc.save_every, "0: none"), ("eval.every", ec.every, "0: never")]
+                     ("log.save_every", lc.save_every, "0: none"), ("eval.every", ec.every, "0: never"),
+                     ("log.checkpoint_every", lc.checkpoint_every, "0: only when stopped")]
     for name, val, zero in at_least_zero:
         if val < 0:
             raise ConfigError(f"{_opt(name)}: expected an integer >= 0 ({zero}), got {val}")
@@ -535,10 +549,11 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def build_model(cfg: PretrainConfig) -> tuple[EmbeddedDefault, dict | None]:
+def build_model(cfg: PretrainConfig, *, text: bool = True) -> tuple[EmbeddedDefault, dict | None]:
     """The model to train, seeded by ``--seed``: fresh (``--models.width`` / ``--models.layers``), or
     ``--models.init-from``'s weights (grown to ``--models.layers``); the prompt encoder pretrained on text
-    (``--text.pretrain-steps``, whose result is returned) and frozen (``--text.freeze``)."""
+    (``--text.pretrain-steps``, whose result is returned; skipped with ``text=False``, for a resume that loads
+    the trained weights) and frozen (``--text.freeze``)."""
     torch.manual_seed(cfg.seed)
     mc = cfg.models
     if mc.init_from:
@@ -551,7 +566,7 @@ def build_model(cfg: PretrainConfig) -> tuple[EmbeddedDefault, dict | None]:
     else:
         model = EmbeddedDefault(model_config(mc.width, mc.layers))
     text_result = None
-    if cfg.text.pretrain_steps:
+    if cfg.text.pretrain_steps and text:
         start = time.time()
         text = pretrain_text_encoder(model.text_encoder, cfg.text.pretrain_steps, cfg.text.pretrain_lr,
                                      seed=cfg.seed)
@@ -574,11 +589,65 @@ def training_batch(tc: TrainConfig, data_rng: np.random.Generator) -> tuple[torc
     return x0, ["" if d else p.text for p, d in zip(batch, drop, strict=True)]
 
 
+# --------------------------------------------------------------------------------------------- resume
+CHECKPOINT = "checkpoint.pt"
+# what a resumed run may change: none of it touches the trajectory (the thread count: the rounding only)
+_RESUME_FREE = ("out", "threads", "max_minutes", "resume")
+
+
+def _trajectory_options(cfg: PretrainConfig) -> dict:
+    return {
+        name: value
+        for name, value in leaf_values(cfg).items()
+        if name not in _RESUME_FREE and not name.startswith(("log.", "eval."))
+    }
+
+
+def resume_state(cfg: PretrainConfig) -> dict | None:
+    """With ``--resume``: the state in ``<out>/checkpoint.pt``, once its training options are checked against
+    ``cfg``'s; else ``None``.  Raises :class:`ConfigError` naming the option (before any work)."""
+    if not cfg.resume:
+        return None
+    path = Path(cfg.out) / CHECKPOINT
+    if not path.is_file():
+        raise ConfigError(
+            f"--resume: expected a checkpoint at {str(path)!r} (written every --log.checkpoint-every steps "
+            f"and when a run is stopped; a finished run removes it), got none"
+        )
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is the same refusal
+        raise ConfigError(f"--resume: expected a readable checkpoint at {str(path)!r}, got {e}") from None
+    saved = state.get("options", {})
+    for name, value in _trajectory_options(cfg).items():
+        if saved.get(name) != value:
+            raise ConfigError(
+                f"{_opt(name)}: expected {saved.get(name)!r}, the value of the run being resumed ({path}), "
+                f"got {value!r}"
+            )
+    return state
+
+
+def _all_finite(tensors) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
 # ----------------------------------------------------------------------------------------------- loop
-def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> EmbeddedDefault:
+def pretrain(
+    cfg: PretrainConfig, argv: list[str] | None = None, state: dict | None = None
+) -> EmbeddedDefault:
     """Run ``cfg`` (validated) and save the model (the weight EMA's average, if any) to ``--out`` with its
-    ``pretrain.json``; ``argv`` is recorded as its command."""
-    model, text_result = build_model(cfg)
+    ``pretrain.json``; ``argv`` is recorded as its command.
+
+    ``<out>/checkpoint.pt`` holds everything the run depends on (weights, AdamW, rate schedule, EMA, the data
+    and noise generators, the step): written atomically every ``--log.checkpoint-every`` steps, when
+    ``--max-minutes`` stops the run and on the first SIGINT / SIGTERM / SIGUSR1 (after the step in progress;
+    then :class:`train.common.Interrupted` is raised).  ``--resume`` continues from it (``state``, as
+    :func:`resume_state` returns it) bit for bit on the same machine and thread count.  A finished run removes
+    it.  Non-finite weights are never checkpointed or saved: the run stops with an error instead."""
+    if state is None:
+        state = resume_state(cfg)
+    model, text_result = build_model(cfg, text=state is None)
     tc, out = cfg.train, Path(cfg.out)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -593,11 +662,29 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> EmbeddedDefa
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     data_rng = np.random.default_rng(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
+    step, ema_loss, elapsed, resumed = 0, None, 0.0, []
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        if ema:
+            ema.load_state_dict(state["ema"])
+        data_rng.bit_generator.state = state["data_rng"]
+        gen.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        step, ema_loss, elapsed = state["step"], state["loss_ema"], state["minutes"] * 60
+        text_result, resumed = state["text_pretrain"], [*state["resumed"], state["step"]]
+        print(f"resumed {str(out)!r} at step {step} of {tc.steps} ({CHECKPOINT})", flush=True)
     log_path = out / "pretrain_log.jsonl" if cfg.log.file else None
     if log_path:
         out.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
-    start, ema_loss, step = time.time(), None, 0
+        kept = ""
+        if state is not None and log_path.exists():  # rows up to the checkpoint's step (a kill leaves more)
+            rows = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
+            kept = "".join(ln + "\n" for ln in rows if _row_step(ln) <= step)
+        common.atomic_write_text(log_path, kept)
+    begun = time.time()
+    start = begun - elapsed
 
     def log(rec):
         print(json.dumps(rec), flush=True)
@@ -606,41 +693,99 @@ def pretrain(cfg: PretrainConfig, argv: list[str] | None = None) -> EmbeddedDefa
                 f.write(json.dumps(rec) + "\n")
 
     def save(directory: Path) -> None:
-        _save(model, directory, cfg, argv, step, start, text_result)
+        tensors = [*model.state_dict().values(), *(ema.shadow if ema else [])]
+        if not _all_finite(tensors):
+            raise RuntimeError(f"step {step}: non-finite weights; nothing saved to {str(directory)!r}")
+        _save(model, directory, cfg, argv, step, start, text_result, resumed)
 
-    while step < tc.steps:
-        if cfg.max_minutes and (time.time() - start) / 60 > cfg.max_minutes:
-            print(f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached", flush=True)
-            break
-        x0, prompts = training_batch(tc, data_rng)
-        loss = flow_matching_loss(model, x0, prompts, gen, tc.time_sampling, tc.time_shift)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
-        opt.step()
-        sched.step()
-        if ema:
-            ema.update()
-        step += 1
-        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
-        minutes = round((time.time() - start) / 60, 2)
-        if step % cfg.log.every == 0 or step == tc.steps:
-            log({"step": step, "loss": round(loss.item(), 5), "loss_ema": round(ema_loss, 5),
-                 "minutes": minutes})
-        if cfg.log.save_every and step % cfg.log.save_every == 0:
-            with averaged():
-                save(out / "snapshots" / f"step{step:06d}")
-        if cfg.eval.every and step % cfg.eval.every == 0:
-            model.eval()
-            scores = evaluate(model, cfg.eval, step=step, out=out, weights=averaged)
-            model.train()
-            log({"step": step, "minutes": minutes,
-                 **{k: {m: round(v, 4) for m, v in r.items()} for k, r in scores.items()}})
+    def checkpoint() -> Path:
+        tensors = [*model.state_dict().values(), *(ema.shadow if ema else [])]
+        if not _all_finite(tensors):
+            raise RuntimeError(
+                f"step {step}: non-finite weights; not checkpointed (the last checkpoint in {str(out)!r}, "
+                f"if any, is kept)"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / CHECKPOINT
+        common.atomic_save(
+            {
+                "step": step,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "ema": ema.state_dict() if ema else None,
+                "data_rng": data_rng.bit_generator.state,
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "loss_ema": ema_loss,
+                "minutes": (time.time() - start) / 60,
+                "text_pretrain": text_result,
+                "resumed": resumed,
+                "options": _trajectory_options(cfg),
+            },
+            path,
+        )
+        return path
+
+    with common.GracefulInterrupt(verbose=False) as stop:
+        while step < tc.steps:
+            if cfg.max_minutes and (time.time() - begun) / 60 > cfg.max_minutes:
+                path = checkpoint()
+                print(
+                    f"stopping at step {step}: --max-minutes {cfg.max_minutes:g} reached; checkpoint "
+                    f"{str(path)!r} (continue with the same command and --resume)",
+                    flush=True,
+                )
+                break
+            x0, prompts = training_batch(tc, data_rng)
+            loss = flow_matching_loss(model, x0, prompts, gen, tc.time_sampling, tc.time_shift)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, tc.grad_clip)
+            opt.step()
+            sched.step()
+            if ema:
+                ema.update()
+            step += 1
+            ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+            minutes = round((time.time() - start) / 60, 2)
+            if step % cfg.log.every == 0 or step == tc.steps:
+                log({"step": step, "loss": round(loss.item(), 5), "loss_ema": round(ema_loss, 5),
+                     "minutes": minutes})
+            if cfg.log.save_every and step % cfg.log.save_every == 0:
+                with averaged():
+                    save(out / "snapshots" / f"step{step:06d}")
+            if cfg.eval.every and step % cfg.eval.every == 0:
+                model.eval()
+                scores = evaluate(model, cfg.eval, step=step, out=out, weights=averaged)
+                model.train()
+                log({"step": step, "minutes": minutes,
+                     **{k: {m: round(v, 4) for m, v in r.items()} for k, r in scores.items()}})
+            if stop.requested:
+                path = checkpoint()
+                print(
+                    f"{stop.signame}: checkpoint of step {step} written to {str(path)!r}; continue with the "
+                    f"same command and --resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                raise common.Interrupted(f"{stop.signame} at step {step}")
+            if cfg.log.checkpoint_every and step % cfg.log.checkpoint_every == 0 and step < tc.steps:
+                checkpoint()
     model.eval()
     if ema:  # the shipped weights are the average
         ema.copy_to()
     save(out)
+    if step == tc.steps:  # finished: the saved model is the result
+        (out / CHECKPOINT).unlink(missing_ok=True)
     return model
+
+
+def _row_step(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return 1 << 62  # a torn last line: dropped
 
 
 # -------------------------------------------------------------------------------------------- records
@@ -672,7 +817,9 @@ def reproduce_command(cfg: PretrainConfig, steps: int | None = None) -> str:
     return " ".join(parts)
 
 
-def _save(model, directory: Path, cfg: PretrainConfig, argv, step: int, start: float, text_result) -> None:
+def _save(
+    model, directory: Path, cfg: PretrainConfig, argv, step: int, start: float, text_result, resumed=()
+) -> None:
     model.save(directory)
     record = {
         "command": " ".join(["python -m train.pretrain", *(shlex.quote(a) for a in argv or [])]),
@@ -685,23 +832,29 @@ def _save(model, directory: Path, cfg: PretrainConfig, argv, step: int, start: f
     }
     if text_result:
         record["text_pretrain"] = text_result
+    if resumed:
+        record["resumed_at_steps"] = list(resumed)  # ``command`` is the last process's
     tmp = directory / "pretrain.json.tmp"
     tmp.write_text(json.dumps(record, indent=1) + "\n")
     os.replace(tmp, directory / "pretrain.json")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m train.pretrain``: 0 when done; 2 (with ``error: ...``) for bad input, before any work."""
+    """``python -m train.pretrain``: 0 when done; 2 (with ``error: ...``) for bad input, before any work; 3
+    when stopped by a signal after writing its checkpoint (``--resume`` continues it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         cfg = parse_args(argv)
+        state = resume_state(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        pretrain(cfg, argv)
+        pretrain(cfg, argv, state)
+    except common.Interrupted:
+        return common.INTERRUPTED_EXIT
     finally:
         torch.set_num_threads(threads)
     return 0

@@ -274,3 +274,116 @@ def test_documented_recipes_use_the_new_option_names():
         assert cfg.train.steps in (2000, 8000, 10000, 16000), command
     stage2 = parse_cli(PretrainConfig, shlex.split(commands[1])[3:], prog="", description="", presets=PRESETS)
     assert (stage2.models.layers, stage2.text.freeze, stage2.train.ema) == (8, True, 0.998)
+
+
+# --- checkpoints and --resume ---
+RESUME_ARGV = ["--train.steps", "6", "--train.batch-size", "4", "--train.warmup", "2",
+               "--train.cooldown", "3", "--models.width", "32", "--models.layers", "2", "--train.ema", "0.5",
+               "--train.caption-noise", "0.3", "--train.time-sampling", "logit-normal", "--seed", "5",
+               "--threads", "1", "--log.every", "1", "--log.file"]  # fmt: skip
+
+
+def _loss_rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "pretrain_log.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k != "minutes"} for r in rows]
+
+
+def _equal_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    wa, wb = load_file(str(a / "default.safetensors")), load_file(str(b / "default.safetensors"))
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+def _loss_then(monkeypatch, at_call: int, action) -> None:
+    """``flow_matching_loss`` runs ``action()`` at its ``at_call``-th call (during that step)."""
+    import train.pretrain as tp
+
+    real, calls = tp.flow_matching_loss, {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at_call:
+            action()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tp, "flow_matching_loss", wrapped)
+
+
+def test_a_stopped_or_killed_run_resumes_bit_for_bit(tmp_path, monkeypatch, capsys):
+    """A SIGINT during step 3 finishes the step, checkpoints it and exits 3; a crash during step 4 (nothing
+    written since the periodic checkpoint of step 2) leaves a log with step 3's row.  ``--resume`` continues
+    both to the weights and loss rows of the uninterrupted run, in this process bit for bit, and removes the
+    checkpoint when done."""
+    import os
+    import signal
+
+    from train.pretrain import CHECKPOINT, main
+
+    whole = tmp_path / "whole"
+    assert main([*RESUME_ARGV, "--out", str(whole)]) == 0
+    assert not (whole / CHECKPOINT).exists()
+
+    stopped = tmp_path / "stopped"
+    with monkeypatch.context() as m:
+        _loss_then(m, 3, lambda: os.kill(os.getpid(), signal.SIGINT))
+        assert main([*RESUME_ARGV, "--out", str(stopped)]) == 3
+    assert "SIGINT: checkpoint of step 3 written" in capsys.readouterr().err
+    assert torch.load(stopped / CHECKPOINT, weights_only=False)["step"] == 3
+
+    crashed = tmp_path / "crashed"
+
+    def crash():
+        raise RuntimeError("crash")
+
+    with monkeypatch.context() as m, pytest.raises(RuntimeError, match="crash"):
+        _loss_then(m, 4, crash)
+        main([*RESUME_ARGV, "--out", str(crashed), "--log.checkpoint-every", "2"])
+    assert torch.load(crashed / CHECKPOINT, weights_only=False)["step"] == 2
+    assert [r["step"] for r in _loss_rows(crashed)] == [1, 2, 3]
+
+    for run, at in ((stopped, 3), (crashed, 2)):
+        assert main([*RESUME_ARGV, "--out", str(run), "--resume", "--threads", "1"]) == 0
+        assert f"resumed {str(run)!r} at step {at} of 6" in capsys.readouterr().out
+        _equal_weights(run, whole)
+        assert _loss_rows(run) == _loss_rows(whole)
+        assert not (run / CHECKPOINT).exists()
+        assert json.loads((run / "pretrain.json").read_text())["resumed_at_steps"] == [at]
+
+
+def test_resume_is_refused_before_any_work_without_its_checkpoint_or_with_other_options(tmp_path, capsys):
+    from train.pretrain import CHECKPOINT, main
+
+    out = tmp_path / "run"
+    assert main([*RESUME_ARGV, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume: expected a checkpoint at {str(out / CHECKPOINT)!r}" in err and "got none" in err
+    argv = [*RESUME_ARGV, "--out", str(out), "--max-minutes", "1e-9"]  # stops before its first step
+    assert main(argv) == 0 and torch.load(out / CHECKPOINT, weights_only=False)["step"] == 0
+    capsys.readouterr()
+    assert main([*RESUME_ARGV, "--train.lr", "5e-3", "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--train.lr: expected 0.001, the value of the run being resumed" in err and "got 0.005" in err
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
+    """A NaN loss at step 2 makes every trained weight NaN: the periodic checkpoint of step 2 is refused with
+    an error, and the one of step 1 stays."""
+    from train.pretrain import CHECKPOINT, main
+
+    out = tmp_path / "run"
+    import train.pretrain as tp
+
+    real, calls = tp.flow_matching_loss, {"n": 0}
+
+    def nan_at_2(*args, **kwargs):
+        calls["n"] += 1
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(tp, "flow_matching_loss", nan_at_2)
+    with pytest.raises(RuntimeError, match="step 2: non-finite weights; not checkpointed"):
+        main([*RESUME_ARGV, "--out", str(out), "--log.checkpoint-every", "1"])
+    assert torch.load(out / CHECKPOINT, weights_only=False)["step"] == 1
