@@ -605,10 +605,16 @@ def _trajectory_options(cfg: PretrainConfig) -> dict:
 
 def resume_state(cfg: PretrainConfig) -> dict | None:
     """With ``--resume``: the state in ``<out>/checkpoint.pt``, once its training options are checked against
-    ``cfg``'s; else ``None``.  Raises :class:`ConfigError` naming the option (before any work)."""
-    if not cfg.resume:
-        return None
+    ``cfg``'s; else ``None`` (a fresh run is refused where that checkpoint exists: it would overwrite it).
+    Raises :class:`ConfigError` naming the option (before any work)."""
     path = Path(cfg.out) / CHECKPOINT
+    if not cfg.resume:
+        if path.exists():
+            raise ConfigError(
+                f"--out: expected a directory without an unfinished run, got {cfg.out!r} with {CHECKPOINT}: "
+                f"continue that run with --resume, or delete {str(path)!r} to start over"
+            )
+        return None
     if not path.is_file():
         raise ConfigError(
             f"--resume: expected a checkpoint at {str(path)!r} (written every --log.checkpoint-every steps "

@@ -366,6 +366,10 @@ def test_resume_is_refused_before_any_work_without_its_checkpoint_or_with_other_
     assert main([*RESUME_ARGV, "--train.lr", "5e-3", "--out", str(out), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "--train.lr: expected 0.001, the value of the run being resumed" in err and "got 0.005" in err
+    assert main([*RESUME_ARGV, "--out", str(out)]) == 2  # a fresh run would overwrite the unfinished one
+    err = capsys.readouterr().err
+    assert f"--out: expected a directory without an unfinished run, got {str(out)!r}" in err
+    assert "continue that run with --resume" in err
 
 
 def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch):
