@@ -19,6 +19,8 @@ from train import common
 from train.config import ConfigError
 from train.distributed import Dist, IterationPlan
 
+from .._shared import shared
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # 4 prompts x 4 images = 16 per iteration, 4 sampler steps, 8 held-out prompts: a few seconds an iteration
@@ -237,12 +239,16 @@ def _assert_same_run(a, b, *, keys, rtol):
 @pytest.fixture(scope="module")
 def nft_runs(tmp_path_factory):
     """train.nft for 2 iterations, 2 optimizer steps of 8 samples each: 2 processes (DDP, micro-batch 4, one
-    per step and process) and one process accumulating 2 micro-batches per step."""
-    base = tmp_path_factory.mktemp("nft")
-    common_args = [*SMALL, "--max-iters", "2", "--train.batch-size", "4", "--train.steps-per-iter", "2"]
-    _torchrun("train.nft", 2, [*common_args, "--run-dir", str(base / "ddp")])
-    _single("train.nft", [*common_args, "--run-dir", str(base / "one")])
-    return base
+    per step and process) and one process accumulating 2 micro-batches per step.  Run once per session
+    (the tests only read them)."""
+
+    def build(base):
+        common_args = [*SMALL, "--max-iters", "2", "--train.batch-size", "4", "--train.steps-per-iter", "2"]
+        _torchrun("train.nft", 2, [*common_args, "--run-dir", str(base / "ddp")])
+        _single("train.nft", [*common_args, "--run-dir", str(base / "one")])
+        return base
+
+    return shared(tmp_path_factory, "distributed-nft-runs", build)
 
 
 def test_nft_two_processes_match_one(nft_runs):

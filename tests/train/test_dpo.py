@@ -22,6 +22,7 @@ from train.evaluation import Evaluator
 from train.policy import build_policy
 from train.rewards.registry import build_reward
 
+from .._shared import shared
 from ._pg_helpers import heldout_eval, make_tiny_sd_pipeline, use_embedded_default
 
 
@@ -70,17 +71,21 @@ ITERS = 40  # of 16 pairs (KTO: 16 labelled images), one optimizer step each
 LEARNING = {"dpo": ("1e-3", 0.05), "kto": ("1e-3", 0.02), "mapo": ("1e-3", 0.01)}
 
 
-@pytest.fixture(scope="module")
-def engine_pairs(tmp_path_factory):
-    """Engine-made pairs on the shipped embedded default (the autouse stage-1 patch is function-scoped)."""
+def _engine_pairs(folder):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the PyTorch reference kernels, as tests/train/conftest.py sets for each test (not module fixtures)
         with kernels.use_backend("reference"):
-            tr = build_trainer(tmp_path_factory.mktemp("pairs"), PAIRS_ARGV)
-            return tr.engine_pairs()
+            return build_trainer(folder, PAIRS_ARGV).engine_pairs()
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def engine_pairs(tmp_path_factory):
+    """Engine-made pairs on the shipped embedded default (the autouse stage-1 patch is function-scoped), made
+    once per session (about 1.5 minutes on one core) whichever xdist worker asks first."""
+    return shared(tmp_path_factory, "dpo-engine-pairs", _engine_pairs)
 
 
 def _train(tmp_path, loss, lr, pairs, iters, extra=()):
@@ -104,10 +109,14 @@ def _train(tmp_path, loss, lr, pairs, iters, extra=()):
 
 @pytest.fixture(scope="module")
 def control(tmp_path_factory, engine_pairs):
-    """The learning-rate-0 control: the same run (DPO's loss) with lr 0."""
-    with kernels.use_backend("reference"):
-        score, acc, _ = _train(tmp_path_factory.mktemp("control"), "dpo", 0.0, engine_pairs, ITERS)
-    return score, acc
+    """The learning-rate-0 control: the same run (DPO's loss) with lr 0, once per session."""
+
+    def build(folder):
+        with kernels.use_backend("reference"):
+            score, acc, _ = _train(folder, "dpo", 0.0, engine_pairs, ITERS)
+        return score, acc
+
+    return shared(tmp_path_factory, "dpo-control", build)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "kto", "mapo"])

@@ -20,6 +20,8 @@ import train.nft as nft
 from train import common
 from train.guards import BEST_CHECKPOINT, GUARD_EXIT, Guard, GuardConfig
 
+from .._shared import shared
+
 HACK = [
     "--reward",
     "saturation",
@@ -61,12 +63,17 @@ def _evals(run_dir):
 
 @pytest.fixture(scope="module")
 def rolled_back(tmp_path_factory):
-    run = tmp_path_factory.mktemp("guards") / "rollback"
-    lr = ["--train.lr", "1e-2"]  # hacks by iteration 5, after a better iteration 1: a trained best
-    argv = ["--run-dir", str(run), *HACK, *lr, "--guard.action", "rollback", "--max-iters", "8"]
-    with kernels.use_backend("reference"):  # a module fixture runs outside the conftest's per-test one
-        code = nft.main(argv)
-    return run, code
+    """The rollback run, once per session (its tests only read it)."""
+
+    def build(folder):
+        run = folder / "rollback"
+        lr = ["--train.lr", "1e-2"]  # hacks by iteration 5, after a better iteration 1: a trained best
+        argv = ["--run-dir", str(run), *HACK, *lr, "--guard.action", "rollback", "--max-iters", "8"]
+        with kernels.use_backend("reference"):  # a module fixture runs outside the conftest's per-test one
+            code = nft.main(argv)
+        return run, code
+
+    return shared(tmp_path_factory, "guards-rolled-back", build)
 
 
 def test_hacked_gold_falls_while_training_reward_rises_and_rollback_restores_the_best(rolled_back):

@@ -99,20 +99,24 @@ def test_non_utf8_prompts_file_is_named(tmp_path, capsys, sd3_pipeline):
     assert f"--prompts: expected a UTF-8 text file with one prompt per line, got {str(bad)!r}" in err
 
 
-def _help(module, *argv) -> str:
-    out = subprocess.run(
-        [sys.executable, "-m", module, *argv, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
-    )
-    assert out.returncode == 0, out.stderr
-    return out.stdout
+def _help(main, capsys, *argv, code=0) -> str:
+    """``main([*argv, "--help"])`` in this process, as ``python -m`` runs it (``sys.exit(main())``): it exits
+    with ``code`` -> what it printed (stdout, or stderr for a refusal)."""
+    try:
+        got = main([*argv, "--help"])
+    except SystemExit as e:
+        got = e.code
+    out = capsys.readouterr()
+    assert got == code, out.err
+    return out.out if code == 0 else out.err
 
 
 def _option_line(text: str, option: str) -> str:
     return next(ln for ln in text.splitlines() if ln.strip().startswith(option + " "))
 
 
-def test_grpo_help_offers_only_the_solvers_it_accepts(tmp_path):
-    line = _option_line(_help("train.grpo"), "--sample.solver")
+def test_grpo_help_offers_only_the_solvers_it_accepts(tmp_path, capsys):
+    line = _option_line(_help(grpo.main, capsys), "--sample.solver")
     assert "flow-sde" in line and "cps" in line and "ddim" not in line and "auto" not in line
     for solver in ("flow-sde", "cps"):  # what the help offers is accepted
         cfg = parse_cli(grpo.GRPOConfig, ["--sample.solver", solver], prog="", description="",
@@ -120,8 +124,8 @@ def test_grpo_help_offers_only_the_solvers_it_accepts(tmp_path):
         grpo.validate(cfg)
 
 
-def test_help_shows_the_chosen_presets_defaults():
-    tiny, big = _help("train.nft"), _help("train.nft", "--preset", "sd3.5-m")
+def test_help_shows_the_chosen_presets_defaults(capsys):
+    tiny, big = _help(nft.main, capsys), _help(nft.main, capsys, "--preset", "sd3.5-m")
     want = nft.preset_sd35m()
     assert _option_line(big, "--max-iters").endswith(f"[{want.max_iters}]")
     assert _option_line(big, "--models.dtype").endswith(f"[{want.models.dtype}]")
@@ -129,9 +133,8 @@ def test_help_shows_the_chosen_presets_defaults():
     assert _option_line(tiny, "--models.dtype").endswith(f"[{nft.preset_tiny().models.dtype}]")
     assert _option_line(tiny, "--max-iters") != _option_line(big, "--max-iters")
     assert "under --preset sd3.5-m" in big
-    bad = subprocess.run([sys.executable, "-m", "train.nft", "--preset", "sd9", "--help"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--preset: expected one of tiny, sd3.5-m, got 'sd9'" in bad.stderr
+    bad = _help(nft.main, capsys, "--preset", "sd9", code=2)
+    assert "--preset: expected one of tiny, sd3.5-m, got 'sd9'" in bad
 
 
 # An editable install puts the project behind a meta-path finder that Python consults after the working
