@@ -57,7 +57,7 @@ setup(
         "serve": ["starlette", "uvicorn"],
         # the ocr reward's engine: PP-OCRv4 ONNX weights ship inside the wheel (no download at first use)
         "ocr": ["rapidocr-onnxruntime; python_version < '3.13'"],
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "ruff", "pyarrow", "starlette", "uvicorn",
-                "rapidocr-onnxruntime; python_version < '3.13'", "ftfy"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "filelock", "ruff", "pyarrow", "starlette",
+                "uvicorn", "rapidocr-onnxruntime; python_version < '3.13'", "ftfy"],
     },
 )
