@@ -549,11 +549,11 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------------------------- setup
-def build_model(cfg: PretrainConfig, *, text: bool = True) -> tuple[EmbeddedDefault, dict | None]:
+def build_model(cfg: PretrainConfig, *, pretrain_text: bool = True) -> tuple[EmbeddedDefault, dict | None]:
     """The model to train, seeded by ``--seed``: fresh (``--models.width`` / ``--models.layers``), or
     ``--models.init-from``'s weights (grown to ``--models.layers``); the prompt encoder pretrained on text
-    (``--text.pretrain-steps``, whose result is returned; skipped with ``text=False``, for a resume that loads
-    the trained weights) and frozen (``--text.freeze``)."""
+    (``--text.pretrain-steps``, whose result is returned; skipped with ``pretrain_text=False``, for a resume
+    that loads the trained weights) and frozen (``--text.freeze``)."""
     torch.manual_seed(cfg.seed)
     mc = cfg.models
     if mc.init_from:
@@ -566,7 +566,7 @@ def build_model(cfg: PretrainConfig, *, text: bool = True) -> tuple[EmbeddedDefa
     else:
         model = EmbeddedDefault(model_config(mc.width, mc.layers))
     text_result = None
-    if cfg.text.pretrain_steps and text:
+    if cfg.text.pretrain_steps and pretrain_text:
         start = time.time()
         text = pretrain_text_encoder(model.text_encoder, cfg.text.pretrain_steps, cfg.text.pretrain_lr,
                                      seed=cfg.seed)
@@ -653,7 +653,7 @@ def pretrain(
     it.  Non-finite weights are never checkpointed or saved: the run stops with an error instead."""
     if state is None:
         state = resume_state(cfg)
-    model, text_result = build_model(cfg, text=state is None)
+    model, text_result = build_model(cfg, pretrain_text=state is None)
     tc, out = cfg.train, Path(cfg.out)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
