@@ -698,19 +698,16 @@ def pretrain(
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
 
+    def require_finite(what: str) -> None:
+        if not _all_finite([*model.state_dict().values(), *(ema.shadow if ema else [])]):
+            raise RuntimeError(f"step {step}: non-finite weights; {what}")
+
     def save(directory: Path) -> None:
-        tensors = [*model.state_dict().values(), *(ema.shadow if ema else [])]
-        if not _all_finite(tensors):
-            raise RuntimeError(f"step {step}: non-finite weights; nothing saved to {str(directory)!r}")
+        require_finite(f"nothing saved to {str(directory)!r}")
         _save(model, directory, cfg, argv, step, start, text_result, resumed)
 
     def checkpoint() -> Path:
-        tensors = [*model.state_dict().values(), *(ema.shadow if ema else [])]
-        if not _all_finite(tensors):
-            raise RuntimeError(
-                f"step {step}: non-finite weights; not checkpointed (the last checkpoint in {str(out)!r}, "
-                f"if any, is kept)"
-            )
+        require_finite(f"not checkpointed (the last checkpoint in {str(out)!r}, if any, is kept)")
         out.mkdir(parents=True, exist_ok=True)
         path = out / CHECKPOINT
         common.atomic_save(
