@@ -360,14 +360,42 @@ def collect(policy, pool: dict[str, list], *, engine: int, renders: int, noisy: 
 # ------------------------------------------------------------------------------------------------------------
 # Training and metrics
 # ------------------------------------------------------------------------------------------------------------
+def _fit_loss(out: torch.Tensor, strict: torch.Tensor, partial: torch.Tensor, partial_weight: float):
+    """The fit's loss: ``BCE(l, y) + partial_weight BCE(m, q)`` (math.md §8.5)."""
+    loss = F.binary_cross_entropy_with_logits(out[:, 0], strict)
+    return loss + partial_weight * F.binary_cross_entropy_with_logits(out[:, 1], partial)
+
+
+def pgd_l2(loss_fn, images: torch.Tensor, *, eps: float, steps: int) -> torch.Tensor:
+    """The training batch's worst case (Madry et al., arXiv 1706.06083, in the L2 norm): from ``images``,
+    ``steps`` ascent steps of size ``2.5 eps / steps`` on ``loss_fn`` along each image's normalised gradient,
+    each projected back to the L2 ball of radius ``eps`` around its image and to [-1, 1].  The parameters'
+    gradients are left untouched (``autograd.grad`` on the input only)."""
+    x0 = images.detach()
+    x = x0.clone()
+    alpha = 2.5 * eps / steps
+    for _ in range(steps):
+        x.requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(loss_fn(x), x)
+        norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+        d = x.detach() + alpha * g / norm - x0
+        dn = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        x = (x0 + d * torch.clamp(eps / dn.clamp_min(1e-12), max=1.0)).clamp(-1, 1)
+    return x.detach()
+
+
 def train_model(data: dict, *, epochs: int, lr: float, batch: int, seed: int, width: int = 32,
                 hidden: int = 96, palette_tau: float | None = 0.05, head: str = "pool",
                 use_task: bool = False,
-                partial_weight: float = 0.5, init: LearnedReward | None = None, say=print) -> LearnedReward:
+                partial_weight: float = 0.5, init: LearnedReward | None = None, robust_eps: float = 0.0,
+                robust_steps: int = 3, say=print) -> LearnedReward:
     """Fit :class:`LearnedReward` to ``data`` (from :func:`collect`): binary cross-entropy of the strict
     logit on the strict label plus ``partial_weight`` times that of the partial logit on the partial score;
     AdamW with a one-cycle schedule (``lr`` its peak; ``lr == 0`` trains nothing: the untrained control).
-    ``init``: continue from (a copy of) this model instead of a fresh one (the adversarial rounds)."""
+    ``init``: continue from (a copy of) this model instead of a fresh one (the adversarial rounds).
+    ``robust_eps > 0``: adversarial training (math.md §8.5): each batch is replaced by its worst case within
+    an L2 ball of that radius per image (:func:`pgd_l2`, ``robust_steps`` steps on this loss, labels kept)."""
     torch.manual_seed(common.derive_seed(seed, "reward_model", "init") % (2**31))
     model = LearnedReward(width=width, hidden=hidden, size=data["images"].shape[-1], palette_tau=palette_tau,
                           head=head, use_task=use_task)
@@ -389,9 +417,11 @@ def train_model(data: dict, *, epochs: int, lr: float, batch: int, seed: int, wi
         tot = 0.0
         for lo in range(0, n, batch):
             i = perm[lo : lo + batch]
-            out = model(x[i], f[i])
-            loss = F.binary_cross_entropy_with_logits(out[:, 0], ys[i])
-            loss = loss + partial_weight * F.binary_cross_entropy_with_logits(out[:, 1], yp[i])
+            xb = x[i]
+            if robust_eps > 0:
+                xb = pgd_l2(lambda im, i=i: _fit_loss(model(im, f[i]), ys[i], yp[i], partial_weight), xb,
+                            eps=robust_eps, steps=robust_steps)
+            loss = _fit_loss(model(xb, f[i]), ys[i], yp[i], partial_weight)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -489,6 +519,36 @@ def attack_metrics(model: LearnedReward, data: dict, *, n: int = 128, eps: float
             "verifier_pass_after": r(strict.mean()), "fooled": r(((p1 > 0.5) & (strict == 0)).float().mean())}
 
 
+def ascent_metrics(model: LearnedReward, data: dict, *, n: int = 256, radii=(4.0, 10.0, 20.0),
+                   steps: int = 20) -> list[dict]:
+    """Does the reward's gradient point to what the verifier passes?  On the first ``n`` held-out engine
+    samples, per radius ``r``: ``steps`` ascent steps of L2 length ``r / steps`` along each image's
+    normalised gradient of the strict logit (clamped to [-1, 1]), then the mean predicted pass probability
+    and the verifier's strict pass rate and partial score, before and after (math.md §8.5).  A reward that the
+    gradient methods (§5, §7) can climb honestly raises the verifier's numbers with its own."""
+    idx = torch.nonzero(data["source"] == 0).flatten()[:n]
+    x0, f = data["images"][idx], data["feats"][idx]
+    prompts = [data["prompts"][i] for i in idx.tolist()]
+    r4 = lambda v: round(float(v), 4)
+
+    def scores(x, moved):
+        strict, partial = label(x, prompts)
+        return {"l2": r4(moved), "p": r4(predict(model, x, f).mean()), "strict": r4(strict.mean()),
+                "partial": r4(partial.mean())}
+
+    out = [scores(x0, 0.0)]
+    for radius in radii:
+        x = x0.clone()
+        for _ in range(steps):
+            x.requires_grad_(True)
+            with torch.enable_grad():
+                (g,) = torch.autograd.grad(model(x, f)[:, 0].sum(), x)
+            norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
+            x = (x.detach() + radius / steps * g / norm).clamp(-1, 1)
+        out.append(scores(x, (x - x0).flatten(1).norm(dim=1).mean()))
+    return out
+
+
 def adversarial_examples(model: LearnedReward, data: dict, n: int, *, eps: float, seed: int, tag: str):
     """``n`` training rows again after :func:`attack` (each at a budget uniform in ``[0, eps]``), relabelled
     by the verifier: the adversarial round's data."""
@@ -557,6 +617,10 @@ class RewardModelConfig:
     adversarial_rounds: int = _h(2, "adversarial rounds (attack the model, relabel, fine-tune)")
     adversarial_epochs: int = _h(3, "fine-tuning epochs per adversarial round (over all data so far)")
     adversarial_eps: float = _h(0.25, "max-norm budget of the attacks (images in [-1, 1])")
+    robust_eps: float = _h(0.0, "robust fine-tune last: L2 radius per image of each batch's worst case, "
+                                "images in [-1, 1] (0: none)")
+    robust_steps: int = _h(3, "robust fine-tune: ascent steps per batch")
+    robust_epochs: int = _h(3, "robust fine-tune: epochs at a third of the learning rate")
     cache: str | None = _h(None, "directory keeping the collected images and labels between runs (keyed "
                                  "by the data options, the seed and the base model)")
     seed: int = _h(0, "seed of the prompt draws, samples, noise and initialisation")
@@ -597,6 +661,12 @@ def validate(cfg: RewardModelConfig) -> None:
         raise ValueError(f"--adversarial: expected an integer >= 0, got {cfg.adversarial}")
     if not (0 < cfg.adversarial_eps <= 2):
         raise ValueError(f"--adversarial-eps: expected a value in (0, 2], got {cfg.adversarial_eps}")
+    if not (0 <= cfg.robust_eps <= 64):
+        raise ValueError(f"--robust-eps: expected a value in [0, 64], got {cfg.robust_eps}")
+    for name in ("robust_steps", "robust_epochs"):
+        if getattr(cfg, name) < 1:
+            v = getattr(cfg, name)
+            raise ValueError(f"--{name.replace('_', '-')}: expected an integer >= 1, got {v}")
     if cfg.head not in ("pool", "flat"):
         raise ValueError(f"--head: expected pool or flat, got {cfg.head!r}")
     if not (cfg.palette_tau >= 0 and math.isfinite(cfg.palette_tau)):
@@ -662,8 +732,7 @@ def run(cfg: RewardModelConfig, argv: list[str], say=print) -> Path:
         flush=True)
     model = train_model(train, epochs=cfg.epochs, lr=cfg.lr, batch=cfg.batch, seed=cfg.seed, width=cfg.width,
                         hidden=cfg.hidden, palette_tau=cfg.palette_tau or None, head=cfg.head,
-                        use_task=cfg.use_task,
-                        partial_weight=cfg.partial_weight, say=say)
+                        use_task=cfg.use_task, partial_weight=cfg.partial_weight, say=say)
     rounds = []
     for r in range(cfg.adversarial_rounds if cfg.adversarial else 0):
         before = attack_metrics(model, held, eps=cfg.adversarial_eps)
@@ -676,9 +745,16 @@ def run(cfg: RewardModelConfig, argv: list[str], say=print) -> Path:
         model = train_model(train, epochs=cfg.adversarial_epochs, lr=cfg.lr / 3, batch=cfg.batch,
                             seed=cfg.seed + r + 1, init=model, partial_weight=cfg.partial_weight, say=say)
         rounds.append({"fooled_before": before["fooled"], "p_after_before": before["p_after"]})
+    if cfg.robust_eps:  # from scratch the robust loss stayed at the constant predictor's: fine-tune instead
+        say(f"robust fine-tune: L2 radius {cfg.robust_eps:g}, {cfg.robust_steps} ascent steps per batch",
+            flush=True)
+        model = train_model(train, epochs=cfg.robust_epochs, lr=cfg.lr / 3, batch=cfg.batch,
+                            seed=cfg.seed + len(rounds) + 1, init=model, partial_weight=cfg.partial_weight,
+                            robust_eps=cfg.robust_eps, robust_steps=cfg.robust_steps, say=say)
     t_train = time.perf_counter() - t0 - t_data
     metrics = heldout_metrics(model, held)
     metrics["attack"] = attack_metrics(model, held, eps=cfg.adversarial_eps)
+    metrics["ascent"] = ascent_metrics(model, held)
     if cfg.seen_engine:
         seen = collect(policy, reward_train_pool(), engine=cfg.seen_engine, renders=0, noisy=0,
                        samplers=samplers, seed=cfg.seed, tag="seen")

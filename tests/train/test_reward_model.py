@@ -140,6 +140,45 @@ def test_short_training_beats_an_untrained_control():
     assert trained["acc"] > max(control["acc"], trained["majority"]) + 0.05, (trained, control)
 
 
+def test_pgd_l2_stays_in_its_ball_and_raises_the_loss(shipped):
+    """The robust fit's inner attack: every image moves at most ``eps`` in L2 and stays in [-1, 1], and the
+    loss it ascends is higher after it than before (and the parameters get no gradient from it)."""
+    model, _ = shipped
+    model = reward_model.LearnedReward(**model.config)
+    model.load_state_dict(reward_model.load_model()[0].state_dict())
+    prompts = _prompts(16, seed=4)
+    from train.data.geneval_mini import render_batch
+
+    x = render_batch(_prompts(16, seed=5), 0)
+    f = reward_model.prompt_features(prompts)
+    ys, yp = torch.zeros(16), torch.zeros(16)
+    loss = lambda im: reward_model._fit_loss(model(im, f), ys, yp, 0.5)
+    adv = reward_model.pgd_l2(loss, x, eps=2.0, steps=3)
+    assert float((adv - x).flatten(1).norm(dim=1).max()) <= 2.0 + 1e-4 and float(adv.abs().max()) <= 1.0
+    assert float((adv - x).flatten(1).norm(dim=1).mean()) > 1.0  # it used its budget
+    with torch.no_grad():
+        assert float(loss(adv)) > float(loss(x)) + 0.05
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_ascent_metrics_follow_the_gradient_within_each_radius(shipped):
+    """The card's ascent check (math.md §8.5): the predicted pass probability rises with the radius, each
+    image moves at most the radius, and the verifier's numbers are those of the moved images."""
+    model, _ = shipped
+    prompts = _prompts(12, seed=6)
+    from train.data.geneval_mini import render_batch
+
+    x = render_batch(_prompts(12, seed=7), 0)
+    data = {"images": x, "feats": reward_model.prompt_features(prompts), "prompts": prompts,
+            "source": torch.zeros(12, dtype=torch.long)}
+    rows = reward_model.ascent_metrics(model, data, radii=(1.0, 4.0), steps=5)
+    assert [r["l2"] for r in rows][0] == 0.0 and rows[1]["l2"] <= 1.0 + 1e-3 and rows[2]["l2"] <= 4.0 + 1e-3
+    assert rows[0]["p"] < rows[1]["p"] < rows[2]["p"], rows
+    strict, partial = reward_model.label(x, prompts)
+    assert rows[0]["strict"] == round(float(strict.mean()), 4)
+    assert rows[0]["partial"] == round(float(partial.mean()), 4)
+
+
 @pytest.mark.parametrize(
     "argv, msg",
     [
@@ -155,6 +194,9 @@ def test_short_training_beats_an_untrained_control():
         (["--palette-tau", "-1"], "--palette-tau: expected a finite value >= 0"),
         (["--adversarial", "-1"], "--adversarial: expected an integer >= 0, got -1"),
         (["--adversarial-eps", "3"], r"--adversarial-eps: expected a value in \(0, 2\], got 3"),
+        (["--robust-eps", "-1"], r"--robust-eps: expected a value in \[0, 64\], got -1"),
+        (["--robust-steps", "0"], "--robust-steps: expected an integer >= 1, got 0"),
+        (["--robust-epochs", "0"], "--robust-epochs: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_options_are_refused_before_work(argv, msg, capsys, tmp_path):
