@@ -82,29 +82,45 @@ def build_trainer(module, tmp_path, argv, device="cpu"):
         eval_prompts=cfg.eval_prompts,
     )
     trainer_cls = next(
-        getattr(module, n) for n in ("GRPOTrainer", "DDPOTrainer", "NFTTrainer") if hasattr(module, n)
+        getattr(module, n)
+        for n in ("SPOTrainer", "D3POTrainer", "GRPOTrainer", "DDPOTrainer", "NFTTrainer")  # spo has both
+        if hasattr(module, n)
     )
     return trainer_cls(cfg, tmp_path, policy, reward, Evaluator(cfg.eval, seed=cfg.seed, reward=reward))
 
 
-def lr0_control_reward_means(module, run_dir: Path, argv: list, iterations) -> list[float]:
+def rollout_reward_mean(trainer, it: int) -> float:
+    """The mean reward of ``trainer``'s iteration-``it`` rollouts over all ranks, without training on them:
+    what ``train/reward_mean`` logs, for every loop (NFT, the PG loops, D3PO's pairs, SPO's chains)."""
+    if hasattr(trainer, "rollout_tuples"):  # SPO (a D3POTrainer too): the chains' final samples
+        plan, _, rewards, _ = trainer.rollout_tuples(it)
+        return float(trainer.to_global(plan, rewards.float()).mean())
+    if hasattr(trainer, "rollout_pairs"):  # D3PO
+        pairs = trainer.rollout_pairs(it)
+        return float(trainer.to_global(pairs.plan, pairs.rewards).float().mean())
+    got = trainer.rollout_and_reward(it)
+    rewards = got[2] if isinstance(got, tuple) else trainer.global_batch(got).rewards  # NFT / the PG loops
+    return float(rewards.mean())
+
+
+def lr0_control_reward_means(module, run_dir: Path, argv: list, iterations, heldout_at=None):
     """``train/reward_mean`` at ``iterations`` of ``module``'s run ``argv`` with ``--train.lr 0``, without
     running its other iterations.  At rate 0, AdamW neither steps nor decays the weights, so every adapter
-    stays at its start (LoRA B = 0; NFT's old adapter, an average of it, with it), and iteration k's rewards
-    are the starting policy's on iteration k's prompts and seeds, which the loop draws from the seed and k
-    alone.  So only those rollouts run, with the run's thread count.  ``tests/train/test_lr0_control.py``
-    checks this against whole lr-0 runs of each loop, value for value."""
+    stays at its start (LoRA B = 0; NFT's old adapter, an average of it, with it, and the eval EMA), and
+    iteration k's rewards are the starting policy's on iteration k's prompts and seeds, which the loop draws
+    from the seed and k alone.  So only those rollouts run, with the run's thread count.  With ``heldout_at``
+    it returns ``(means, evaluation)``, the evaluation being the lr-0 run's held-out one after that iteration
+    (:func:`heldout_eval`: the same starting weights).  ``tests/train/test_lr0_control.py`` checks both
+    against whole lr-0 runs of each loop, value for value."""
     tr = build_trainer(module, run_dir, [*argv, "--train.lr", "0"])
     threads = torch.get_num_threads()
     if tr.cfg.threads:
         torch.set_num_threads(tr.cfg.threads)
     try:
-        out = []
-        for it in iterations:
-            got = tr.rollout_and_reward(it)
-            rewards = got[2] if isinstance(got, tuple) else tr.global_batch(got).rewards  # NFT / the PG loops
-            out.append(float(rewards.mean()))
-        return out
+        means = [rollout_reward_mean(tr, it) for it in iterations]
+        if heldout_at is None:
+            return means
+        return means, heldout_eval(tr, run_dir, heldout_at)
     finally:
         torch.set_num_threads(threads)
 
