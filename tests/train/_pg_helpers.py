@@ -80,6 +80,7 @@ def build_trainer(module, tmp_path, argv, device="cpu"):
         seed=cfg.seed,
         prompts=cfg.prompts,
         eval_prompts=cfg.eval_prompts,
+        tasks=cfg.tasks,
     )
     trainer_cls = next(
         getattr(module, n)
@@ -289,19 +290,6 @@ HELDOUT_SHORT_RUN = [
     "--max-iters",
     "10",
 ]
-
-
-def heldout_score_gain(module, run_dir: Path, argv: list) -> float:
-    """Held-out ``eval/score`` (strict, CFG-free, the same prompts and seeds every evaluation) after the run
-    minus before its first update."""
-    from train import common
-
-    assert module.main(["--run-dir", str(run_dir), *argv]) == 0
-    rows = common.read_metrics(run_dir)
-    assert all(r["ratio/first_abs_dev"] == 0.0 for r in rows if r.get("train/trained_samples"))
-    evals = [r for r in rows if "eval/score" in r]
-    assert [r["iteration"] for r in evals] == [0, int(argv[argv.index("--max-iters") + 1])]
-    return evals[-1]["eval/score"] - evals[0]["eval/score"]
 
 
 def heldout_eval(trainer, run_dir: Path, iteration: int) -> dict:

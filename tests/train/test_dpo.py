@@ -17,6 +17,7 @@ import torch
 
 import kernels
 import train.dpo as dpo
+from train import common
 from train.config import parse_cli
 from train.evaluation import Evaluator
 from train.policy import build_policy
@@ -109,11 +110,13 @@ def _train(tmp_path, loss, lr, pairs, iters, extra=()):
 
 @pytest.fixture(scope="module")
 def control(tmp_path_factory, engine_pairs):
-    """The learning-rate-0 control: the same run (DPO's loss) with lr 0, once per session."""
+    """The learning-rate-0 control: the same run (DPO's loss) with lr 0, once per session.  At rate 0 AdamW
+    neither steps nor decays the weights, so its evaluation after ``ITERS`` iterations is that of the starting
+    weights (``test_lr0_run_keeps_the_starting_weights``): the iterations are skipped."""
 
     def build(folder):
         with kernels.use_backend("reference"):
-            score, acc, _ = _train(folder, "dpo", 0.0, engine_pairs, ITERS)
+            score, acc, _ = _train(folder, "dpo", 0.0, engine_pairs, 0)
         return score, acc
 
     return shared(tmp_path_factory, "dpo-control", build)
@@ -188,6 +191,29 @@ SMALL = ["--sample.num-prompts", "8", "--sample.heldout-prompts", "4", "--sample
 def _adapters(run):
     state = torch.load(sorted((run / "checkpoints").glob("iter_*.pt"))[-1], weights_only=False)
     return state["iteration"], state["policy"]["default"], state["optimizer"]
+
+
+def test_lr0_run_keeps_the_starting_weights(tmp_path):
+    """What the learning tests' skipped control relies on: ``--train.lr 0`` leaves every adapter weight and
+    the eval EMA bit-identical to the start, so the evaluations after the run equal those before it."""
+    run = tmp_path / "run"
+    argv = [*SMALL, "--loss", "dpo", "--train.lr", "0", "--eval.every", "3", "--log.checkpoint-every", "3"]
+    assert dpo.main([*argv, "--run-dir", str(run), "--max-iters", "3"]) == 0
+    start = build_trainer(tmp_path / "fresh", argv).policy.adapter_state()
+    state = torch.load(run / "checkpoints" / "iter_000003.pt", weights_only=False)["policy"]
+    assert state["eval_ema"]["num_updates"] == 3 and start["eval_ema"]["num_updates"] == 0
+    for got, want in (
+        (state["default"], start["default"]),
+        (state["old"], start["old"]),
+        (state["eval_ema"]["shadow"], start["eval_ema"]["shadow"]),
+    ):
+        assert len(got) == len(want)
+        assert all(torch.equal(x, y) for x, y in zip(got, want, strict=True))
+    assert len(start["default"]) > 0
+    rows = [r for r in common.read_metrics(run) if "eval/score" in r or "eval/pref_acc" in r]
+    for key in ("eval/score", "eval/reward", "eval/pref_acc", "eval/implicit_acc"):
+        got = [r[key] for r in rows if key in r]
+        assert len(got) == 2 and got[0] == got[1], (key, got)
 
 
 @pytest.mark.parametrize("loss", ["dpo", "kto"])
