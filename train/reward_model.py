@@ -366,6 +366,11 @@ def _fit_loss(out: torch.Tensor, strict: torch.Tensor, partial: torch.Tensor, pa
     return loss + partial_weight * F.binary_cross_entropy_with_logits(out[:, 1], partial)
 
 
+def _unit(g: torch.Tensor) -> torch.Tensor:
+    """Each image's gradient ``g [B, ...]`` scaled to L2 norm 1 (the direction of an L2 ascent step)."""
+    return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.ndim - 1)))
+
+
 def pgd_l2(loss_fn, images: torch.Tensor, *, eps: float, steps: int) -> torch.Tensor:
     """The training batch's worst case (Madry et al., arXiv 1706.06083, in the L2 norm): from ``images``,
     ``steps`` ascent steps of size ``2.5 eps / steps`` on ``loss_fn`` along each image's normalised gradient,
@@ -378,8 +383,7 @@ def pgd_l2(loss_fn, images: torch.Tensor, *, eps: float, steps: int) -> torch.Te
         x.requires_grad_(True)
         with torch.enable_grad():
             (g,) = torch.autograd.grad(loss_fn(x), x)
-        norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-        d = x.detach() + alpha * g / norm - x0
+        d = x.detach() + alpha * _unit(g) - x0
         dn = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         x = (x0 + d * torch.clamp(eps / dn.clamp_min(1e-12), max=1.0)).clamp(-1, 1)
     return x.detach()
@@ -543,8 +547,7 @@ def ascent_metrics(model: LearnedReward, data: dict, *, n: int = 256, radii=(4.0
             x.requires_grad_(True)
             with torch.enable_grad():
                 (g,) = torch.autograd.grad(model(x, f)[:, 0].sum(), x)
-            norm = g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-            x = (x.detach() + radius / steps * g / norm).clamp(-1, 1)
+            x = (x.detach() + radius / steps * _unit(g)).clamp(-1, 1)
         out.append(scores(x, (x - x0).flatten(1).norm(dim=1).mean()))
     return out
 
