@@ -159,6 +159,13 @@ def fit(model: SoftVerifier, data: dict, *, epochs: int, lr: float = 3e-3, batch
     return model.eval().requires_grad_(False)
 
 
+def subset(data: dict, mask: torch.Tensor) -> dict:
+    """The rows of a collection (``train.reward_model.collect``'s dict) where ``mask``."""
+    idx = torch.nonzero(mask).flatten()
+    return {k: v[idx] if isinstance(v, torch.Tensor) else [v[i] for i in idx.tolist()] if isinstance(v, list)
+            else v for k, v in data.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench.soft_verifier_probe", description=__doc__.split("\n")[0])
     p.add_argument("--data", required=True, help="the reward model's cached collection (a .pt file)")
@@ -166,6 +173,8 @@ def main(argv=None) -> int:
     p.add_argument("--tau", type=float, default=0.05, help="soft palette temperature")
     p.add_argument("--ramp", type=float, nargs=2, default=(0.35, 0.3), metavar=("LO", "WIDTH"),
                    help="mask ramp: clamp((m - LO) / WIDTH, 0, 1)")
+    p.add_argument("--per-task", action="store_true",
+                   help="also the check per task type (radii 2, 4, 10), with the shipped reward model beside")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -179,6 +188,7 @@ def main(argv=None) -> int:
     given = sys.argv[1:] if argv is None else argv
     out = {"command": "python -m bench.soft_verifier_probe " + " ".join(given)}
     for kind in ("hand", "learned"):
+        torch.manual_seed(0)  # the head's initial weights
         model = SoftVerifier(kind, tau=args.tau, lo=args.ramp[0], width=args.ramp[1])
         if kind == "learned":
             fit(model, train, epochs=args.epochs)
@@ -186,6 +196,20 @@ def main(argv=None) -> int:
         res = {"heldout": rm.heldout_metrics(model, held)["engine"], "ascent": rm.ascent_metrics(model, held)}
         print(kind, json.dumps(res), flush=True)
         out[kind] = res
+        out[kind]["model"] = model
+    if args.per_task:
+        shipped, _ = rm.load_model()
+        tasks = [q.task for q in held["prompts"]]
+        out["per_task"] = {}
+        for task in dict.fromkeys(tasks):
+            part = subset(held, torch.tensor([t == task for t in tasks]))
+            row = {name: [(a["l2"], a["strict"]) for a in rm.ascent_metrics(m, part, radii=(2.0, 4.0, 10.0))]
+                   for name, m in (("shipped", shipped), ("hand", out["hand"]["model"]),
+                                   ("learned", out["learned"]["model"]))}
+            print(task, json.dumps(row), flush=True)
+            out["per_task"][task] = row
+    for kind in ("hand", "learned"):
+        del out[kind]["model"]
     out["seconds"] = round(time.time() - t0, 1)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
