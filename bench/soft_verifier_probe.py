@@ -132,31 +132,15 @@ class SoftVerifier(nn.Module):
 
 def fit(model: SoftVerifier, data: dict, *, epochs: int, lr: float = 3e-3, batch: int = 256, seed: int = 0,
         say=print) -> SoftVerifier:
-    """The ``learned`` head on ``data`` (the reward model's loss; AdamW, one-cycle): features standardised
-    with the training set's statistics."""
-    x, f, ys, yp = data["images"], data["feats"], data["strict"], data["partial"]
+    """The ``learned`` head on ``data`` (``train.reward_model.fit``: the reward model's loss and optimiser),
+    its features standardised with the training set's statistics."""
+    x, f = data["images"], data["feats"]
     with torch.no_grad():
         phi = torch.cat([model.features(x[i : i + 512], f[i : i + 512]) for i in range(0, len(x), 512)])
         model.mu.copy_(phi.mean(0))
         model.sd.copy_(phi.std(0).clamp_min(1e-3))
-    torch.manual_seed(seed)
-    opt = torch.optim.AdamW(model.mlp.parameters(), lr=lr, weight_decay=1e-4)
-    n = len(x)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * -(-n // batch),
-                                                pct_start=0.15)
-    gen = torch.Generator().manual_seed(seed)
-    for ep in range(epochs):
-        perm, tot = torch.randperm(n, generator=gen), 0.0
-        for lo in range(0, n, batch):
-            i = perm[lo : lo + batch]
-            loss = rm._fit_loss(model(x[i], f[i]), ys[i], yp[i], 0.5)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            tot += float(loss.detach()) * len(i)
-        say(f"epoch {ep + 1}/{epochs} | train loss {tot / n:.4f}", flush=True)
-    return model.eval().requires_grad_(False)
+    return rm.fit(model, data, epochs=epochs, lr=lr, batch=batch, seed=seed, params=model.mlp.parameters(),
+                  say=say)
 
 
 def subset(data: dict, mask: torch.Tensor) -> dict:

@@ -50,6 +50,7 @@ __all__ = [
     "heldout_pool",
     "collect",
     "train_model",
+    "fit",
     "evaluate",
     "check_subset",
     "save_model",
@@ -407,11 +408,21 @@ def train_model(data: dict, *, epochs: int, lr: float, batch: int, seed: int, wi
         model = LearnedReward(**init.config)
         model.load_state_dict(init.state_dict())
     model.requires_grad_(True)
+    return fit(model, data, epochs=epochs, lr=lr, batch=batch, seed=seed, partial_weight=partial_weight,
+               robust_eps=robust_eps, robust_steps=robust_steps, say=say)
+
+
+def fit(model: nn.Module, data: dict, *, epochs: int, lr: float, batch: int, seed: int,
+        partial_weight: float = 0.5, robust_eps: float = 0.0, robust_steps: int = 3, params=None,
+        say=print) -> nn.Module:
+    """:func:`train_model`'s optimisation of any ``model(images, feats) -> logits [B, 2]`` (``params``: what
+    it updates, default all its parameters): the loss :func:`_fit_loss`, AdamW, a one-cycle schedule, a
+    shuffled order from ``seed``; the model comes back in eval mode without gradients."""
     n = len(data["images"])
     steps = epochs * math.ceil(n / batch)
     if lr == 0 or steps == 0:
         return model.eval().requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    opt = torch.optim.AdamW(model.parameters() if params is None else params, lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     gen = torch.Generator().manual_seed(common.derive_seed(seed, "reward_model", "order"))
     x, f, ys, yp = data["images"], data["feats"], data["strict"], data["partial"]

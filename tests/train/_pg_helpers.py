@@ -126,6 +126,22 @@ def lr0_control_reward_means(module, run_dir: Path, argv: list, iterations, held
         torch.set_num_threads(threads)
 
 
+def trained_vs_lr0(module, trainer, tmp_path: Path, argv: list, lr: str, *, iters: int = 12, last: int = 5):
+    """``iters`` iterations of ``trainer`` (built by ``trainer(run_dir, argv)``) at rate ``lr`` against the
+    lr-0 control on the same prompts and seeds -> ``(means, heldout)``: per run (``"trained"``,
+    ``"control"``) the mean ``train/reward_mean`` of the last ``last`` iterations and the held-out reward
+    after the run (:func:`heldout_eval`; the control's from :func:`lr0_control_reward_means`)."""
+    tr = trainer(tmp_path / "trained", [*argv, "--train.lr", lr])
+    rewards = [float(tr.train_iteration(it)[0]["train/reward_mean"]) for it in range(1, iters + 1)]
+    means = {"trained": sum(rewards[-last:]) / last}
+    heldout = {"trained": heldout_eval(tr, tmp_path / "trained", iters)["reward"]}
+    control, evaluation = lr0_control_reward_means(
+        module, tmp_path / "control", argv, range(iters - last + 1, iters + 1), iters
+    )
+    means["control"], heldout["control"] = sum(control) / last, evaluation["reward"]
+    return means, heldout
+
+
 def bf16_autocast_ok() -> bool:
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -64,10 +64,7 @@ def test_bad_input_fails_before_work(tmp_path, capsys, argv, needle):
 def _trainer(tmp_path, argv):
     from ._pg_helpers import build_trainer
 
-    class _Mod:  # build_trainer picks the trainer class by attribute
-        PRESETS, validate, DDPOTrainer = d3po.PRESETS, staticmethod(d3po.validate), d3po.D3POTrainer
-
-    return build_trainer(_Mod, tmp_path, argv)
+    return build_trainer(d3po, tmp_path, argv)
 
 
 def test_pairs_share_x_t_and_rescoring_is_exact(tmp_path):
@@ -142,14 +139,9 @@ def test_short_run_raises_the_heldout_reward(tmp_path):
     held-out -0.896 against -0.986 (+0.090, 2026-12-04); fresh rollouts +0.073, the trained run ahead of the
     control from iteration 3 on.  With ``cps`` rollouts (Gaussian log-prob) the same run went the other way
     (-0.47 at lr 1e-2, about -0.02 at 1e-3: the step size, docs/math.md §6)."""
-    from ._pg_helpers import heldout_eval, lr0_control_reward_means
+    from ._pg_helpers import trained_vs_lr0
 
     argv = [*JPEG_RUN, "--log.progress", "false", "--eval.num-prompts", "32"]
-    tr = _trainer(tmp_path / "trained", [*argv, "--train.lr", "1e-2"])
-    rewards = [float(tr.train_iteration(it)[0]["train/reward_mean"]) for it in range(1, 13)]
-    means = {"trained": sum(rewards[-5:]) / 5}
-    heldout = {"trained": heldout_eval(tr, tmp_path / "trained", 12)["reward"]}
-    control, evaluation = lr0_control_reward_means(d3po, tmp_path / "control", argv, range(8, 13), 12)
-    means["control"], heldout["control"] = sum(control) / 5, evaluation["reward"]
+    means, heldout = trained_vs_lr0(d3po, _trainer, tmp_path, argv, "1e-2")
     assert heldout["trained"] - heldout["control"] > 0.03, heldout
     assert means["trained"] - means["control"] > 0.03, means

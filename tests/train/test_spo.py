@@ -195,10 +195,7 @@ def test_scorer_reading_x_t_is_refused(tmp_path, embedded_scorer):
 def _trainer(tmp_path, argv):
     from ._pg_helpers import build_trainer
 
-    class _Mod:
-        PRESETS, validate, DDPOTrainer = spo.PRESETS, staticmethod(spo.validate), spo.SPOTrainer
-
-    return build_trainer(_Mod, tmp_path, argv)
+    return build_trainer(spo, tmp_path, argv)
 
 
 def test_label_map_keeps_probabilities_and_maps_other_rewards():
@@ -260,13 +257,8 @@ def test_short_run_raises_the_heldout_reward(tmp_path):
     -1.410 against -1.558 (+0.148); +0.11 at lr 1e-2.  With ``cps`` rollouts the same run went the other way
     (-0.96 against -0.95 at 1e-3, -1.32 at 1e-2: the step size), as D3PO's does; with the scorer trained on
     the JPEG reward (held-out pairwise accuracy ~0.6) neither moved (docs/math.md §6)."""
-    from ._pg_helpers import heldout_eval, lr0_control_reward_means
+    from ._pg_helpers import trained_vs_lr0
 
-    tr = _trainer(tmp_path / "trained", [*SPO_JPEG, "--train.lr", "3e-3"])
-    rewards = [float(tr.train_iteration(it)[0]["train/reward_mean"]) for it in range(1, 13)]
-    means = {"trained": sum(rewards[-5:]) / 5}
-    heldout = {"trained": heldout_eval(tr, tmp_path / "trained", 12)["reward"]}
-    control, evaluation = lr0_control_reward_means(spo, tmp_path / "control", SPO_JPEG, range(8, 13), 12)
-    means["control"], heldout["control"] = sum(control) / 5, evaluation["reward"]
+    means, heldout = trained_vs_lr0(spo, _trainer, tmp_path, SPO_JPEG, "3e-3")
     assert heldout["trained"] - heldout["control"] > 0.1, heldout
     assert means["trained"] - means["control"] > 0.05, means
