@@ -1,0 +1,179 @@
+"""Probe (issue 23): does the learned reward's gradient, taken *through the generator*, find samples that the
+GenEval-mini verifier passes?
+
+The reward model card's ascent check (``train.reward_model.ascent_metrics``, docs/math.md §8.5) moves the
+images themselves, and no smooth reward tried so far turns a failing image into a passing one by small pixel
+moves (docs/results.md).  The gradient methods do not move pixels, though: they move the generator, whose
+output can change its layout under a small change of its input.  This probe asks the question in the
+generator's own input space, with no weights trained:
+
+- each held-out prompt gets its starting noise ``z`` (the Philox draw ``engine.rollout`` makes for its seed);
+- *ascent*: ``z`` moves along the normalised gradient of the learned reward's strict logit of the final
+  image, taken through the whole deterministic sampler (``train.reward_backprop.sample_with_grad``, every step
+  with grad, checkpointed), ``--step`` in L2 per step, then back onto ``z``'s own sphere (``|z|`` is kept, so
+  the moved noise stays a typical Gaussian draw);
+- *random*: the same ``z`` moves the same way along one fixed random direction per sample (the control: a
+  move of the noise alone changes some samples' verdicts, in both directions).
+
+After each step the new samples are scored by the verifier: the pass rate, how many failing samples now pass
+and how many passing ones now fail.  If ascent turns more failures into passes than the random moves do, the
+reward's gradient carries what the verifier wants through the generator, and a method that follows it can
+lift the gold score in principle.
+
+    python -m bench.noise_ascent_probe --n 128 --steps 8 --step 2 --threads 2 --json out.json
+
+Not a shipped reward or method: its results are in docs/results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from engine import per_sample_randn
+from train import common
+from train import reward_model as rm
+from train.reward_backprop import RBSampleConfig, make_schedule, sample_with_grad
+
+
+def _unit(v: torch.Tensor) -> torch.Tensor:
+    return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.ndim - 1)))
+
+
+def on_sphere(z: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """``z`` scaled per row to L2 norm ``radius [B]``."""
+    return _unit(z) * radius.view(-1, *([1] * (z.ndim - 1)))
+
+
+def angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-row angle between ``a`` and ``b`` in radians."""
+    a, b = a.flatten(1).double(), b.flatten(1).double()
+    cos = ((a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))).clamp(-1, 1)
+    return torch.acos(cos)
+
+
+def images_from(policy, sched, sc, prompts, seeds, z, *, grad: bool) -> torch.Tensor:
+    """The decoded samples from starting noise ``z`` (the sampler is deterministic: Euler, no noise drawn)."""
+    with torch.set_grad_enabled(grad):
+        w = sample_with_grad(policy, prompts, seeds, sched, sc, grad_from=0 if grad else sched.num_steps,
+                             x_start=z)
+        return policy.decode(w.x).float()
+
+
+def reward_grad(policy, sched, sc, reward, prompts, seeds, z) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(images, d strict logit / d z)`` at ``z``."""
+    z = z.detach().requires_grad_(True)
+    x = images_from(policy, sched, sc, prompts, seeds, z, grad=True)
+    (g,) = torch.autograd.grad(reward.logits(x, prompts).sum(), z)
+    return x.detach(), g
+
+
+def verdicts(images: torch.Tensor, prompts: list) -> torch.Tensor:
+    strict, _ = rm.label(images, prompts)
+    return strict > 0.5
+
+
+def summary(reward, images, prompts, passed, start, z, z0) -> dict:
+    r4 = lambda v: round(float(v), 4)  # noqa: E731
+    return {
+        "angle": r4(angle(z, z0).mean()),
+        "learned": r4(reward(images, prompts).mean()),
+        "pass_rate": r4(passed.float().mean()),
+        "fail_to_pass": int((passed & ~start).sum()),
+        "pass_to_fail": int((~passed & start).sum()),
+    }
+
+
+def run(policy, reward, prompts, seeds, *, steps: int, step: float, batch: int, seed: int, say=print):
+    """Both walks over ``prompts`` (one sample each) -> ``{"ascent": [...], "random": [...]}``, one summary
+    per step (step 0: the unmoved samples, the same in both)."""
+    sc = RBSampleConfig(solver="euler", num_steps=10)
+    sched = make_schedule(policy, sc, "euler")
+    n = len(prompts)
+    seeds_t = torch.tensor(seeds, dtype=torch.int64)
+    z0 = per_sample_randn(tuple(policy.latent_shape), seeds_t, 0).to(policy.dtype)
+    radius = z0.flatten(1).norm(dim=1)
+    g = torch.Generator().manual_seed(common.derive_seed(seed, "noise_ascent_probe", "random"))
+    u = _unit(torch.randn(z0.shape, generator=g))
+    chunks = [slice(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
+    out = {}
+    for walk in ("ascent", "random"):
+        z, rows, start = z0.clone(), [], None
+        for k in range(steps + 1):
+            last = k == steps
+            imgs, grads = [], []
+            for c in chunks:
+                if walk == "ascent" and not last:
+                    x, gr = reward_grad(policy, sched, sc, reward, prompts[c], seeds[c], z[c])
+                    grads.append(gr)
+                else:
+                    x = images_from(policy, sched, sc, prompts[c], seeds[c], z[c], grad=False)
+                imgs.append(x)
+            images = torch.cat(imgs)
+            passed = verdicts(images, prompts)
+            start = passed if start is None else start
+            with torch.no_grad():
+                rows.append(summary(reward, images, prompts, passed, start, z, z0))
+            say(walk, k, json.dumps(rows[-1]), flush=True)
+            if not last:
+                d = torch.cat(grads) if walk == "ascent" else u
+                z = on_sphere(z + step * _unit(d), radius)
+        out[walk] = rows
+    return out
+
+
+def _check(args) -> str | None:
+    for name in ("n", "steps", "batch"):
+        if getattr(args, name) < 1:
+            return f"--{name}: expected an integer >= 1, got {getattr(args, name)}"
+    if not (args.step > 0 and math.isfinite(args.step)):
+        return f"--step: expected a finite L2 length > 0, got {args.step}"
+    if args.threads < 1:
+        return f"--threads: expected an integer >= 1, got {args.threads}"
+    return None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench.noise_ascent_probe", description=__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, default=128, help="held-out prompts, one sample each")
+    p.add_argument("--steps", type=int, default=8, help="moves of the starting noise")
+    p.add_argument("--step", type=float, default=2.0,
+                   help="L2 length of each move (|z| is about 55 on the embedded default's 3x32x32 latents)")
+    p.add_argument("--batch", type=int, default=64, help="samples per sampler call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward-path", help="a learned reward model (default: the shipped one)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    problem = _check(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    from train.spo_scorer import build_embedded
+
+    torch.set_num_threads(args.threads)
+    t0 = time.time()
+    reward = rm.GenEvalLearned(args.reward_path)
+    policy = build_embedded(args.seed)
+    rng = np.random.default_rng(common.derive_seed(args.seed, "noise_ascent_probe", "prompts"))
+    prompts = rm.draw(rm.heldout_pool(), args.n, rng)
+    seeds = [common.derive_seed(args.seed, "noise_ascent_probe", "sample", i) for i in range(args.n)]
+    res = run(policy, reward, prompts, seeds, steps=args.steps, step=args.step, batch=args.batch,
+              seed=args.seed)
+    given = sys.argv[1:] if argv is None else argv
+    out = {"command": "python -m bench.noise_ascent_probe " + " ".join(given), **res,
+           "seconds": round(time.time() - t0, 1)}
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
