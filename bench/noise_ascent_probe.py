@@ -20,7 +20,14 @@ and how many passing ones now fail.  If ascent turns more failures into passes t
 reward's gradient carries what the verifier wants through the generator, and a method that follows it can
 lift the gold score in principle.
 
-    python -m bench.noise_ascent_probe --n 128 --steps 8 --step 2 --threads 2 --json out.json
+With ``--lora-steps K`` a third walk moves the weights instead, as the gradient methods do: ``K`` Adam steps
+(``--lora-lr``) on the LoRA adapter, each on the mean strict logit of the same samples (the same noise ``z``)
+through the whole sampler (DRaFT with its window over every step, on one fixed batch).  After each step it
+scores the same samples (``lora``) and, to see whether the update carries over, the same prompts from fresh
+noise (``lora_fresh``; flips counted against the fresh samples before training).
+
+    python -m bench.noise_ascent_probe --n 128 --steps 8 --step 0.5 --threads 2 --json out.json
+    python -m bench.noise_ascent_probe --n 128 --steps 0 --lora-steps 8 --lora-lr 1e-3 --threads 2
 
 Not a shipped reward or method: its results are in docs/results.md.
 """
@@ -91,20 +98,68 @@ def summary(reward, images, prompts, passed, start, z, z0) -> dict:
     }
 
 
-def run(policy, reward, prompts, seeds, *, steps: int, step: float, batch: int, seed: int, say=print):
-    """Both walks over ``prompts`` (one sample each) -> ``{"ascent": [...], "random": [...]}``, one summary
-    per step (step 0: the unmoved samples, the same in both)."""
+def start_noise(policy, seeds: list) -> torch.Tensor:
+    """The starting noise ``engine.rollout`` draws for ``seeds``."""
+    seeds_t = torch.tensor(seeds, dtype=torch.int64)
+    return per_sample_randn(tuple(policy.latent_shape), seeds_t, 0).to(policy.dtype)
+
+
+def lora_walk(policy, sched, sc, reward, prompts, seeds, fresh_seeds, chunks, *, steps: int, lr: float,
+              say=print) -> dict:
+    """``steps`` Adam steps on the LoRA adapter, each on the mean strict logit of the samples from ``seeds``'
+    noise through the whole sampler -> ``{"lora": [...], "lora_fresh": [...]}`` (the same samples, and the
+    same prompts from ``fresh_seeds``' noise), one summary per step.  The adapter is restored afterwards."""
+    params = policy.trainable_parameters()
+    saved = [p.detach().clone() for p in params]
+    opt = torch.optim.Adam(params, lr=lr)
+    z, zf = start_noise(policy, seeds), start_noise(policy, fresh_seeds)
+    n, out = len(prompts), {"lora": [], "lora_fresh": []}
+    starts = {}
+    try:
+        for k in range(steps + 1):
+            for name, zz, ss in (("lora", z, seeds), ("lora_fresh", zf, fresh_seeds)):
+                with torch.no_grad():
+                    images = torch.cat([images_from(policy, sched, sc, prompts[c], ss[c], zz[c], grad=False)
+                                        for c in chunks])
+                    passed = verdicts(images, prompts)
+                    starts.setdefault(name, passed)
+                    out[name].append(summary(reward, images, prompts, passed, starts[name], zz, zz))
+                say(name, k, json.dumps(out[name][-1]), flush=True)
+            if k == steps:
+                break
+            opt.zero_grad(set_to_none=True)
+            for c in chunks:
+                x = images_from(policy, sched, sc, prompts[c], seeds[c], z[c], grad=True)
+                loss = -reward.logits(x, prompts[c]).sum() / n
+                loss.backward()
+            opt.step()
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+                p.grad = None
+    return out
+
+
+def run(policy, reward, prompts, seeds, *, steps: int, step: float, batch: int, seed: int,
+        lora_steps: int = 0, lora_lr: float = 1e-3, say=print):
+    """The walks over ``prompts`` (one sample each) -> ``{"ascent": [...], "random": [...]}`` (and with
+    ``lora_steps``, :func:`lora_walk`'s two), one summary per step (step 0: the unmoved samples, the same in
+    every walk on the same noise)."""
     sc = RBSampleConfig(solver="euler", num_steps=10)
     sched = make_schedule(policy, sc, "euler")
     n = len(prompts)
-    seeds_t = torch.tensor(seeds, dtype=torch.int64)
-    z0 = per_sample_randn(tuple(policy.latent_shape), seeds_t, 0).to(policy.dtype)
+    z0 = start_noise(policy, seeds)
     radius = z0.flatten(1).norm(dim=1)
     g = torch.Generator().manual_seed(common.derive_seed(seed, "noise_ascent_probe", "random"))
     u = _unit(torch.randn(z0.shape, generator=g))
     chunks = [slice(lo, min(lo + batch, n)) for lo in range(0, n, batch)]
     out = {}
-    for walk in ("ascent", "random"):
+    if lora_steps:
+        fresh = [common.derive_seed(seed, "noise_ascent_probe", "fresh", i) for i in range(n)]
+        out.update(lora_walk(policy, sched, sc, reward, prompts, seeds, fresh, chunks, steps=lora_steps,
+                             lr=lora_lr, say=say))
+    for walk in ("ascent", "random") if steps else ():
         z, rows, start = z0.clone(), [], None
         for k in range(steps + 1):
             last = k == steps
@@ -130,11 +185,18 @@ def run(policy, reward, prompts, seeds, *, steps: int, step: float, batch: int, 
 
 
 def _check(args) -> str | None:
-    for name in ("n", "steps", "batch"):
+    for name in ("n", "batch"):
         if getattr(args, name) < 1:
             return f"--{name}: expected an integer >= 1, got {getattr(args, name)}"
+    for name in ("steps", "lora_steps"):
+        if getattr(args, name) < 0:
+            return f"--{name.replace('_', '-')}: expected an integer >= 0, got {getattr(args, name)}"
+    if args.steps == args.lora_steps == 0:
+        return "--steps, --lora-steps: expected at least one walk (a value >= 1), got 0 and 0"
     if not (args.step > 0 and math.isfinite(args.step)):
         return f"--step: expected a finite L2 length > 0, got {args.step}"
+    if not (args.lora_lr > 0 and math.isfinite(args.lora_lr)):
+        return f"--lora-lr: expected a finite learning rate > 0, got {args.lora_lr}"
     if args.threads < 1:
         return f"--threads: expected an integer >= 1, got {args.threads}"
     return None
@@ -146,6 +208,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=8, help="moves of the starting noise")
     p.add_argument("--step", type=float, default=2.0,
                    help="L2 length of each move (|z| is about 55 on the embedded default's 3x32x32 latents)")
+    p.add_argument("--lora-steps", type=int, default=0,
+                   help="Adam steps of the LoRA walk on the same samples (0: no LoRA walk)")
+    p.add_argument("--lora-lr", type=float, default=1e-3, help="the LoRA walk's Adam learning rate")
     p.add_argument("--batch", type=int, default=64, help="samples per sampler call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward-path", help="a learned reward model (default: the shipped one)")
@@ -166,7 +231,7 @@ def main(argv=None) -> int:
     prompts = rm.draw(rm.heldout_pool(), args.n, rng)
     seeds = [common.derive_seed(args.seed, "noise_ascent_probe", "sample", i) for i in range(args.n)]
     res = run(policy, reward, prompts, seeds, steps=args.steps, step=args.step, batch=args.batch,
-              seed=args.seed)
+              seed=args.seed, lora_steps=args.lora_steps, lora_lr=args.lora_lr)
     given = sys.argv[1:] if argv is None else argv
     out = {"command": "python -m bench.noise_ascent_probe " + " ".join(given), **res,
            "seconds": round(time.time() - t0, 1)}

@@ -63,11 +63,29 @@ def test_both_walks_keep_the_norm_and_share_their_start(tmp_path, capsys):
     assert "ascent 1" in capsys.readouterr().out
 
 
+def test_lora_walk_restores_the_adapter():
+    """The LoRA walk trains the adapter and puts it back: the noise walks after it are those of a run without
+    it, bit for bit (same process)."""
+    reward, policy = rm.GenEvalLearned(), build_embedded(0)
+    prompts = rm.draw(rm.heldout_pool(), 2, np.random.default_rng(1))
+    kw = dict(steps=1, step=0.5, batch=2, seed=0, say=lambda *a, **k: None)
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
+    with_lora = probe.run(policy, reward, prompts, [21, 22], lora_steps=1, lora_lr=1e-2, **kw)
+    assert all(torch.equal(a, b) for a, b in zip(before, policy.trainable_parameters(), strict=True))
+    plain = probe.run(policy, reward, prompts, [21, 22], **kw)
+    assert with_lora["ascent"] == plain["ascent"] and with_lora["random"] == plain["random"]
+    lora, fresh = with_lora["lora"], with_lora["lora_fresh"]
+    assert len(lora) == len(fresh) == 2 and lora[0] == plain["ascent"][0]
+    assert lora[1]["learned"] != lora[0]["learned"]  # the step moved the weights
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
         (["--n", "0"], "--n: expected an integer >= 1, got 0"),
         (["--step", "nan"], "--step: expected a finite L2 length > 0, got nan"),
+        (["--steps", "0"], "--steps, --lora-steps: expected at least one walk"),
+        (["--lora-lr", "0"], "--lora-lr: expected a finite learning rate > 0, got 0.0"),
     ],
 )
 def test_bad_input_is_refused_before_work(argv, needle, capsys):
