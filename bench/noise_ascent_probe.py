@@ -24,7 +24,9 @@ With ``--lora-steps K`` a third walk moves the weights instead, as the gradient 
 (``--lora-lr``) on the LoRA adapter, each on the mean strict logit of the same samples (the same noise ``z``)
 through the whole sampler (DRaFT with its window over every step, on one fixed batch).  After each step it
 scores the same samples (``lora``) and, to see whether the update carries over, the same prompts from fresh
-noise (``lora_fresh``; flips counted against the fresh samples before training).
+noise (``lora_fresh``; flips counted against the fresh samples before training).  ``--lora-per-sample``
+steps on the mean of each sample's own gradient scaled to unit norm instead, so that the few samples near a
+layout switch, whose gradients are largest, do not set the whole step.
 
     python -m bench.noise_ascent_probe --n 128 --steps 8 --step 0.5 --threads 2 --json out.json
     python -m bench.noise_ascent_probe --n 128 --steps 0 --lora-steps 8 --lora-lr 1e-3 --threads 2
@@ -104,10 +106,25 @@ def start_noise(policy, seeds: list) -> torch.Tensor:
     return per_sample_randn(tuple(policy.latent_shape), seeds_t, 0).to(policy.dtype)
 
 
+def per_sample_unit_grad(policy, sched, sc, reward, prompts, seeds, z, params) -> None:
+    """Set ``params``' ``.grad`` to minus the mean over samples of each sample's own gradient of its strict
+    logit scaled to unit norm (one backward per sample), so that no sample dominates the step."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for i in range(len(prompts)):
+        x = images_from(policy, sched, sc, prompts[i : i + 1], seeds[i : i + 1], z[i : i + 1], grad=True)
+        grads = torch.autograd.grad(reward.logits(x, prompts[i : i + 1]).sum(), params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).clamp_min(1e-30).float()
+        for p, g in zip(params, grads, strict=True):
+            p.grad.sub_(g / (norm * len(prompts)))
+
+
 def lora_walk(policy, sched, sc, reward, prompts, seeds, fresh_seeds, chunks, *, steps: int, lr: float,
-              say=print) -> dict:
+              per_sample: bool = False, say=print) -> dict:
     """``steps`` Adam steps on the LoRA adapter, each on the mean strict logit of the samples from ``seeds``'
-    noise through the whole sampler -> ``{"lora": [...], "lora_fresh": [...]}`` (the same samples, and the
+    noise through the whole sampler (``per_sample``: the mean of each sample's unit-norm gradient,
+    :func:`per_sample_unit_grad`) -> ``{"lora": [...], "lora_fresh": [...]}`` (the same samples, and the
     same prompts from ``fresh_seeds``' noise), one summary per step.  The adapter is restored afterwards."""
     params = policy.trainable_parameters()
     saved = [p.detach().clone() for p in params]
@@ -128,10 +145,13 @@ def lora_walk(policy, sched, sc, reward, prompts, seeds, fresh_seeds, chunks, *,
             if k == steps:
                 break
             opt.zero_grad(set_to_none=True)
-            for c in chunks:
-                x = images_from(policy, sched, sc, prompts[c], seeds[c], z[c], grad=True)
-                loss = -reward.logits(x, prompts[c]).sum() / n
-                loss.backward()
+            if per_sample:
+                per_sample_unit_grad(policy, sched, sc, reward, prompts, seeds, z, params)
+            else:
+                for c in chunks:
+                    x = images_from(policy, sched, sc, prompts[c], seeds[c], z[c], grad=True)
+                    loss = -reward.logits(x, prompts[c]).sum() / n
+                    loss.backward()
             opt.step()
     finally:
         with torch.no_grad():
@@ -142,7 +162,7 @@ def lora_walk(policy, sched, sc, reward, prompts, seeds, fresh_seeds, chunks, *,
 
 
 def run(policy, reward, prompts, seeds, *, steps: int, step: float, batch: int, seed: int,
-        lora_steps: int = 0, lora_lr: float = 1e-3, say=print):
+        lora_steps: int = 0, lora_lr: float = 1e-3, lora_per_sample: bool = False, say=print):
     """The walks over ``prompts`` (one sample each) -> ``{"ascent": [...], "random": [...]}`` (and with
     ``lora_steps``, :func:`lora_walk`'s two), one summary per step (step 0: the unmoved samples, the same in
     every walk on the same noise)."""
@@ -158,7 +178,7 @@ def run(policy, reward, prompts, seeds, *, steps: int, step: float, batch: int, 
     if lora_steps:
         fresh = [common.derive_seed(seed, "noise_ascent_probe", "fresh", i) for i in range(n)]
         out.update(lora_walk(policy, sched, sc, reward, prompts, seeds, fresh, chunks, steps=lora_steps,
-                             lr=lora_lr, say=say))
+                             lr=lora_lr, per_sample=lora_per_sample, say=say))
     for walk in ("ascent", "random") if steps else ():
         z, rows, start = z0.clone(), [], None
         for k in range(steps + 1):
@@ -211,6 +231,8 @@ def main(argv=None) -> int:
     p.add_argument("--lora-steps", type=int, default=0,
                    help="Adam steps of the LoRA walk on the same samples (0: no LoRA walk)")
     p.add_argument("--lora-lr", type=float, default=1e-3, help="the LoRA walk's Adam learning rate")
+    p.add_argument("--lora-per-sample", action="store_true",
+                   help="LoRA walk: step on the mean of each sample's unit-norm gradient")
     p.add_argument("--batch", type=int, default=64, help="samples per sampler call")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward-path", help="a learned reward model (default: the shipped one)")
@@ -231,7 +253,8 @@ def main(argv=None) -> int:
     prompts = rm.draw(rm.heldout_pool(), args.n, rng)
     seeds = [common.derive_seed(args.seed, "noise_ascent_probe", "sample", i) for i in range(args.n)]
     res = run(policy, reward, prompts, seeds, steps=args.steps, step=args.step, batch=args.batch,
-              seed=args.seed, lora_steps=args.lora_steps, lora_lr=args.lora_lr)
+              seed=args.seed, lora_steps=args.lora_steps, lora_lr=args.lora_lr,
+              lora_per_sample=args.lora_per_sample)
     given = sys.argv[1:] if argv is None else argv
     out = {"command": "python -m bench.noise_ascent_probe " + " ".join(given), **res,
            "seconds": round(time.time() - t0, 1)}

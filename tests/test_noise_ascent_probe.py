@@ -79,6 +79,29 @@ def test_lora_walk_restores_the_adapter():
     assert lora[1]["learned"] != lora[0]["learned"]  # the step moved the weights
 
 
+def test_per_sample_gradient_is_the_mean_of_unit_gradients():
+    """One sample: the step direction is minus its gradient scaled to norm 1; two: the mean of the two."""
+    reward, policy = rm.GenEvalLearned(), build_embedded(0)
+    prompts = rm.draw(rm.heldout_pool(), 2, np.random.default_rng(2))
+    seeds = [31, 32]
+    sc = RBSampleConfig(solver="euler", num_steps=10)
+    sched = make_schedule(policy, sc, "euler")
+    z = probe.start_noise(policy, seeds)
+    params = policy.trainable_parameters()
+
+    def flat(args):
+        probe.per_sample_unit_grad(policy, sched, sc, reward, *args, params)
+        return torch.cat([p.grad.flatten() for p in params])
+
+    one = [flat((prompts[i : i + 1], seeds[i : i + 1], z[i : i + 1])) for i in range(2)]
+    both = flat((prompts, seeds, z))
+    for g in one:
+        assert g.norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert torch.allclose(both, (one[0] + one[1]) / 2, atol=1e-6)
+    for p in params:
+        p.grad = None
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
