@@ -50,10 +50,7 @@ from engine import per_sample_randn
 from train import common
 from train import reward_model as rm
 from train.reward_backprop import RBSampleConfig, make_schedule, sample_with_grad
-
-
-def _unit(v: torch.Tensor) -> torch.Tensor:
-    return v / v.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (v.ndim - 1)))
+from train.reward_model import _unit
 
 
 def on_sphere(z: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
