@@ -26,6 +26,7 @@ _LAZY = {
     "disable_cudnn_sdpa": "attention",
     "add_adapters": "lora",
     "adapters_disabled": "lora",
+    "per_sample_lora_grads": "lora",
     "use_adapter": "lora",
     "set_active_adapter": "lora",
     "copy_adapter": "lora",

@@ -225,6 +225,69 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
             layer._disable_adapters = disabled
 
 
+class PerSampleGrads:
+    """What :func:`per_sample_lora_grads` yields: ``params`` (an adapter's LoRA weights) and, after a
+    backward, :meth:`grads`, each parameter's gradient per sample ``[batch, *param.shape]``."""
+
+    def __init__(self, params: list[nn.Parameter], deltas: list[torch.Tensor]):
+        self.params, self.deltas = params, deltas
+
+    def grads(self) -> list[torch.Tensor]:
+        return [torch.zeros_like(d) if d.grad is None else d.grad for d in self.deltas]
+
+
+@contextlib.contextmanager
+def per_sample_lora_grads(
+    model: nn.Module, batch: int, adapter: str = "default"
+) -> Iterator[PerSampleGrads]:
+    """Per-sample gradients of an adapter's LoRA weights from one batched backward.
+
+    Inside the block, every ``lora_A`` / ``lora_B`` linear of ``adapter`` computes ``x (W + delta_n)^T``
+    for row ``n`` of its input, where ``delta [batch, *W.shape]`` is a zero tensor that requires grad (a
+    forward hook adds ``einsum(x, delta)``; inputs whose first dimension is ``k * batch``, as CFG's
+    concatenated halves, use row ``n mod batch``).  The forward is unchanged (delta is 0), and since row
+    ``n`` only ever meets ``delta_n``, after a backward ``delta.grad[n]`` is exactly sample ``n``'s gradient
+    of ``W``: the model forward may be checkpointed or run many times (a sampler), the hooks run again in
+    the recompute and the contributions add up.  The cost is one more LoRA-sized matmul per LoRA linear
+    and ``batch`` copies of the adapter's gradient.  Requires a model whose rows never mix (no batch
+    norm) and LoRA without bias."""
+    _check_adapter(model, adapter, "adapter")
+    if batch < 1:
+        raise ValueError(f"batch: expected an integer >= 1, got {batch}")
+    params, deltas, handles = [], [], []
+
+    def make_hook(delta: torch.Tensor):
+        def hook(_mod, args, out):
+            x = args[0]
+            n = x.shape[0]
+            if n % batch:
+                raise ValueError(f"per_sample_lora_grads: expected a leading dimension that is a multiple of "
+                                 f"batch = {batch}, got an input shaped {tuple(x.shape)}")
+            d = delta if n == batch else delta.repeat(n // batch, *([1] * (delta.ndim - 1)))
+            return out + torch.einsum("n...i,noi->n...o", x, d.to(x.dtype)).to(out.dtype)
+
+        return hook
+
+    try:
+        for layer in _tuner_layers(model):
+            for mods in (layer.lora_A, layer.lora_B):
+                if adapter not in mods:
+                    continue
+                lin = mods[adapter]
+                if not isinstance(lin, nn.Linear) or lin.bias is not None:
+                    raise ValueError(f"per_sample_lora_grads: expected bias-free nn.Linear LoRA weights, got "
+                                     f"{lin!r}")
+                delta = torch.zeros(batch, *lin.weight.shape, device=lin.weight.device,
+                                    dtype=lin.weight.dtype, requires_grad=True)
+                params.append(lin.weight)
+                deltas.append(delta)
+                handles.append(lin.register_forward_hook(make_hook(delta)))
+        yield PerSampleGrads(params, deltas)
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _local(tensors) -> list[torch.Tensor]:
     """The local shards of FSDP2's DTensor parameters (identically sharded lists update shard by shard;
     foreach ops have no DTensor sharding rule), the tensors themselves otherwise."""

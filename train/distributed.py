@@ -203,6 +203,23 @@ class Dist:
             dist.all_gather_object(out, obj)
         return out
 
+    def all_reduce_mean(self, tensors: list) -> list:
+        """Same-dtype tensors averaged over ranks, in place (one SUM all-reduce of their concatenation, then
+        ``/ world``); returned."""
+        if not self.enabled or not tensors:
+            return tensors
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        with self._collective("all_reduce"):
+            dist.all_reduce(flat)
+        flat.div_(self.world)
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return tensors
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is True on at least one (stop requests, Ctrl-C)."""
         if not self.enabled:

@@ -19,6 +19,7 @@ versions are derived (math.md §5): the §1 steps on the model's schedule and ``
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 import kernels
+import models
 from engine import ddim_alpha_bars, guided_prediction, per_sample_randn, timesteps_from_sigmas
 from engine.profiling import nvtx_range
 
@@ -92,6 +94,13 @@ class RBTrainConfig:
     grad_accum: int = field(default=2, metadata={"help": "micro-batches per optimizer step"})
     checkpoint: bool = field(
         default=True, metadata={"help": "gradient checkpointing of every model forward in the window"}
+    )
+    unit_sample_grads: bool = field(
+        default=False,
+        metadata={
+            "help": "the engine's own option, no reference has it (math.md §5): step on the mean of each "
+            "sample's LoRA gradient scaled to unit norm instead of the mean gradient"
+        },
     )
 
 
@@ -334,6 +343,41 @@ class RewardBackpropTrainer(Trainer):
         stats (floats or 0-d tensors: ``reward``, ``loss`` and the method's own)."""
         raise NotImplementedError
 
+    def _per_sample(self, batch: int):
+        """:func:`models.per_sample_lora_grads` on the trained adapter with ``--train.unit-sample-grads``, a
+        no-op context otherwise."""
+        if not self.cfg.train.unit_sample_grads:
+            return contextlib.nullcontext(None)
+        return models.per_sample_lora_grads(self.policy.transformer, batch, "default")
+
+    def _add_unit_grads(self, acc: list, ps, weight: float) -> float:
+        """``acc[j] += weight * mean_n g_nj / |g_n|`` over the micro-batch's samples ``n`` (``|g_n|`` the norm
+        of sample ``n``'s gradient over every LoRA weight, math.md §5) -> the mean ``|g_n|``."""
+        grads = ps.grads()
+        b = grads[0].shape[0]
+        norm = torch.sqrt(sum((g.double() ** 2).flatten(1).sum(1) for g in grads)).float()
+        scale = (weight / b) / norm.clamp_min(1e-30)
+        for j, g in zip(self._acc_index(ps.params), grads, strict=True):
+            acc[j].add_(torch.einsum("n,n...->...", scale.to(g.dtype), g))
+        return float(norm.mean())
+
+    def _acc_index(self, params) -> list[int]:
+        index = {id(p): j for j, p in enumerate(self.params)}
+        try:
+            return [index[id(p)] for p in params]
+        except KeyError:
+            raise RuntimeError(
+                "--train.unit-sample-grads: expected every LoRA weight of the adapter to be trained"
+            ) from None
+
+    def _set_unit_grads(self, acc: list) -> None:
+        """The accumulated unit gradients become the parameters' gradients (averaged over ranks, as DDP
+        averages the plain ones; times the fp16 gradient scaler's scale, which the step divides out)."""
+        acc = self.dist.all_reduce_mean(acc)
+        scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
+        for p, a in zip(self.params, acc, strict=True):
+            p.grad = (a * scale).to(p.dtype)
+
     def train_iteration(self, it: int) -> tuple[dict, str]:
         cfg, tc = self.cfg, self.cfg.train
         plan = self.iteration_plan(it)
@@ -341,19 +385,30 @@ class RewardBackpropTrainer(Trainer):
         count = 0
         for si, mbs in enumerate(self.progress(plan.steps(tc.batch_size), "train")):
             self.opt.zero_grad(set_to_none=True)
+            acc = None
+            if tc.unit_sample_grads:
+                acc = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
             for mi, mb in enumerate(mbs):
                 gidx = mb.gidx.tolist()
                 prompts = [plan.prompts[i] for i in gidx]
                 seeds = [plan.seeds[i] for i in gidx]
                 gen = common.iteration_generator(cfg.seed, it, f"rbp/{si}/{mi}")
-                with self.dist.grad_sync(mi == len(mbs) - 1), self.policy.adapter("default"):
+                with (
+                    self.dist.grad_sync(mi == len(mbs) - 1),
+                    self.policy.adapter("default"),
+                    self._per_sample(len(prompts)) as ps,
+                ):
                     stats = self.forward_backward(prompts, seeds, mb.weight, gen)
+                if ps is not None:
+                    stats["sample_grad_norm"] = self._add_unit_grads(acc, ps, mb.weight)
                 if mb.dummy:
                     continue
                 count += 1
                 for k, v in stats.items():
                     v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
                     sums[k] = sums.get(k, 0.0) + v
+            if acc is not None:
+                self._set_unit_grads(acc)
             self.check_finite_rollouts()
             self.optimizer_step()
         vals = {f"train/{k}": float(v) / max(count, 1) for k, v in sums.items()}

@@ -84,7 +84,10 @@ def build_trainer(module, tmp_path, argv, device="cpu"):
     )
     trainer_cls = next(
         getattr(module, n)
-        for n in ("SPOTrainer", "D3POTrainer", "GRPOTrainer", "DDPOTrainer", "NFTTrainer")  # spo has both
+        for n in (
+            "SPOTrainer", "D3POTrainer", "GRPOTrainer", "DDPOTrainer", "NFTTrainer", "DraftTrainer",
+            "AlignPropTrainer", "ReFLTrainer",
+        )  # spo has both
         if hasattr(module, n)
     )
     return trainer_cls(cfg, tmp_path, policy, reward, Evaluator(cfg.eval, seed=cfg.seed, reward=reward))

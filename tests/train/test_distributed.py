@@ -356,3 +356,20 @@ def test_a_killed_rank_ends_the_job(tmp_path):
     err = (tmp_path / "rank0.err").read_text()
     assert code == 1 and waited < 90, (code, waited, err[-2000:])
     assert "another rank probably died" in err
+
+
+def test_draft_unit_sample_grads_two_processes_match_one(tmp_path):
+    """``--train.unit-sample-grads`` sets the gradients itself after the backward (math.md §5, per-sample unit
+    gradients), so DDP's averaging is not what reaches the step: its own all-reduce must make 2 processes
+    with one micro-batch each step as one process accumulating both."""
+    args = [
+        "--reward", "saturation", "--sample.prompts-per-iter", "4", "--sample.num-steps", "3",
+        "--train.k", "2", "--train.batch-size", "2", "--train.unit-sample-grads", "--max-iters", "2",
+        "--eval.num-prompts", "2", "--eval.num-steps", "2", "--eval.every", "100", "--log.checkpoint-every",
+        "1", "--log.progress", "false",
+    ]  # fmt: skip
+    _torchrun("train.draft", 2, [*args, "--train.grad-accum", "1", "--run-dir", str(tmp_path / "ddp")])
+    _single("train.draft", [*args, "--train.grad-accum", "2", "--run-dir", str(tmp_path / "one")])
+    _assert_same_run(tmp_path / "ddp", tmp_path / "one", keys=["train/reward_mean", "train/loss"], rtol=1e-5)
+    for d in ("ddp", "one"):
+        assert all(m["train/sample_grad_norm"] > 0 for m in _train_lines(tmp_path / d).values())

@@ -184,6 +184,55 @@ def test_gradient_flows_only_through_the_last_k_steps(policy, k):
         assert (wide - ref).abs().max() > 1e-3 * ref.abs().max()
 
 
+@pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
+def test_per_sample_lora_grads_are_each_samples_own_gradient(policy, cfg_scale):
+    """One batched backward through a checkpointed 3-step window (CFG 2 doubles the rows) gives each sample
+    the gradient of its own loss term through the same batch (the reference: a backward of that term
+    alone), and leaves the batch's own gradient as it was."""
+    import models
+
+    sc = rb.RBSampleConfig(solver="euler", num_steps=5, guidance_scale=cfg_scale)
+    sched = rb.make_schedule(policy, sc, "euler")
+    prompts, seeds = policy.sample_train_prompts(3, 9), [21, 22, 23]
+    sat = build_reward("saturation")
+    params = policy.trainable_parameters()
+
+    def losses():
+        w = rb.sample_with_grad(policy, prompts, seeds, sched, sc, grad_from=2)
+        return -sat(policy.decode(w.x), prompts)[0]
+
+    own = [_grads(policy, lambda i=i: losses()[i]) for i in range(3)]
+    plain = _grads(policy, lambda: losses().sum())
+    for p in params:
+        p.grad = None
+    with policy.adapter("default"), models.per_sample_lora_grads(policy.transformer, 3) as ps:
+        losses().sum().backward()
+    assert len(ps.params) == len(params) and {id(p) for p in ps.params} == {id(p) for p in params}
+    order = {id(p): j for j, p in enumerate(ps.params)}
+    per = ps.grads()
+    for i in range(3):
+        mine = torch.cat([per[order[id(p)]][i].flatten() for p in params])
+        assert own[i].abs().max() > 0
+        torch.testing.assert_close(mine, own[i], rtol=1e-4, atol=1e-6 * float(own[i].abs().max()))
+    batched = torch.cat([p.grad.flatten() for p in params])
+    torch.testing.assert_close(batched, plain, rtol=1e-5, atol=1e-7 * float(plain.abs().max()))
+    # the hooks are gone after the block: no delta in the graph, the same gradient as before
+    torch.testing.assert_close(_grads(policy, lambda: losses().sum()), plain, rtol=0, atol=0)
+
+
+def test_per_sample_lora_grads_refuses_a_batch_it_cannot_split(policy):
+    import models
+
+    with pytest.raises(ValueError, match="batch: expected an integer >= 1, got 0"):
+        with models.per_sample_lora_grads(policy.transformer, 0):
+            pass
+    sc = rb.RBSampleConfig(solver="euler", num_steps=2)
+    sched = rb.make_schedule(policy, sc, "euler")
+    with policy.adapter("default"), models.per_sample_lora_grads(policy.transformer, 2):
+        with pytest.raises(ValueError, match="multiple of batch = 2"):
+            rb.sample_with_grad(policy, policy.sample_train_prompts(3, 1), [1, 2, 3], sched, sc, grad_from=1)
+
+
 @pytest.mark.parametrize("solver", ["euler", "flow-sde", "cps"])
 def test_no_grad_sampler_is_the_engine_rollout(policy, solver):
     sc = rb.RBSampleConfig(solver=solver, num_steps=5)
@@ -239,6 +288,56 @@ def test_training_raises_the_reward_over_an_lr0_control(tmp_path, module):
         means.append(sum(r["train/reward_mean"] for r in _rows(run)[-2:]) / 2)
     print(module.__name__, means)
     assert means[0] - means[1] > 0.02, means
+
+
+@pytest.mark.parametrize(
+    "module, extra",
+    [(draft, ["--train.k", "2"]), (alignprop, []), (refl, [])],
+    ids=["draft-k2", "alignprop", "refl"],
+)
+def test_unit_sample_grads_step_on_the_mean_of_unit_gradients(tmp_path, module, extra):
+    """``--train.unit-sample-grads`` (math.md §5, per-sample unit gradients): the optimizer step's gradient
+    is the mean over the step's samples of each sample's own gradient scaled to unit norm, whatever the
+    micro-batching; checked against a backward of each sample alone through the method's own
+    ``forward_backward`` (the micro-batch's random draw, AlignProp's truncation point or ReFL's stop step,
+    replayed from the same generator state)."""
+    from ._pg_helpers import build_trainer
+
+    argv = [*SMALL, *extra, "--run-dir", str(tmp_path / "r"), "--train.unit-sample-grads"]
+    trainer = build_trainer(module, tmp_path, argv)
+    seen = []
+    trainer.optimizer_step = lambda: seen.append([p.grad.clone() for p in trainer.params])
+    vals, _ = trainer.train_iteration(0)
+    assert len(seen) == 1 and vals["train/sample_grad_norm"] > 0
+    got = torch.cat([g.flatten() for g in seen[0]])
+    plan = trainer.iteration_plan(0)
+    (mbs,) = list(plan.steps(trainer.cfg.train.batch_size))
+    units = []
+    for si, mb in enumerate(mbs):
+        gen = common.iteration_generator(trainer.cfg.seed, 0, f"rbp/0/{si}")
+        gidx = mb.gidx.tolist()
+        for n, i in enumerate(gidx):
+            for p in trainer.params:
+                p.grad = None
+            if n == 0:
+                state = gen.get_state()
+            gen.set_state(state)
+            with trainer.policy.adapter("default"):
+                trainer.forward_backward([plan.prompts[i]], [plan.seeds[i]], 1.0, gen)
+            g = torch.cat([p.grad.flatten() for p in trainer.params])
+            units.append(g / g.norm())
+    want = torch.stack(units).mean(0)
+    assert 0.2 < float(want.norm()) < 1.0  # unit gradients that point different ways
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-4 * float(want.abs().max()))
+    # the plain mean gradient differs (the samples' gradient norms differ)
+    for p in trainer.params:
+        p.grad = None
+    trainer.cfg.train.unit_sample_grads = False
+    seen.clear()
+    trainer.train_iteration(0)
+    plain = torch.cat([g.flatten() for g in seen[0]])
+    cos = float(plain @ got / (plain.norm() * got.norm()))
+    assert cos < 0.999, cos
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
