@@ -168,8 +168,17 @@ class Dist:
         return torch.device("cuda", self.local_rank) if self.enabled else torch.device("cuda")
 
     def close(self) -> None:
+        """Drop the DDP / FSDP wrappers, then destroy the process group.  The order matters: a DDP reducer
+        that outlives ``destroy_process_group`` holds the last reference to the gloo process group, and its
+        destructor then waits for the group's worker threads while holding the GIL; a worker that is
+        releasing a finished collective's tensor needs the GIL, and the rank hangs at exit (seen once in
+        about ten two-process runs; pytorch/pytorch#56297)."""
+        import gc
+
         import torch.distributed as dist
 
+        self.ddp = self.fsdp_root = None
+        gc.collect()
         if dist.is_available() and dist.is_initialized():
             with contextlib.suppress(Exception):
                 dist.destroy_process_group()
