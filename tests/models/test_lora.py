@@ -235,3 +235,47 @@ def test_save_keys_are_pipeline_format(tmp_path, sd3):
 def test_load_missing_file(tmp_path, sd3):
     with pytest.raises(FileNotFoundError, match="pytorch_lora_weights.safetensors"):
         lora.load_lora(sd3, tmp_path)
+
+
+@pytest.mark.parametrize("preset", ["sd3-tiny", "flux-tiny"])
+def test_per_sample_lora_grads_on_diffusers_transformers(preset):
+    """On the diffusers SD3 and FLUX transformers (joint attention, FLUX's single-stream blocks over the
+    concatenated tokens), one backward inside ``per_sample_lora_grads`` gives each sample the gradient of its
+    own loss term through the same batch, and the adapter's own gradient is unchanged."""
+    model = models.load_transformer(preset, seed=0)
+    lora.add_adapters(model, rank=4, alpha=8)
+    _perturb(model, "default", seed=1)  # B away from 0, so lora_A gets a gradient too
+    g = torch.Generator().manual_seed(7)
+    b = 3
+    x = torch.randn(b, 4, 16, 16, generator=g)
+    cond = models.Conditioning(torch.randn(b, 7, 32, generator=g), torch.randn(b, 32, generator=g))
+    t = torch.tensor([800.0, 200.5, 500.0])
+    params = lora.adapter_parameters(model, "default")
+    den = models.as_denoiser(model)
+
+    def terms():
+        out = den(x, t, cond).float()
+        return (out.flatten(1) ** 2).mean(1) * torch.tensor([1.0, 2.0, 0.5])
+
+    def grad_of(loss):
+        for p in params:
+            p.grad = None
+        loss.backward()
+        return torch.cat([p.grad.flatten() for p in params])
+
+    with lora.use_adapter(model, "default"):
+        own = [grad_of(terms()[i]) for i in range(b)]
+        plain = grad_of(terms().sum())
+        for p in params:
+            p.grad = None
+        with lora.per_sample_lora_grads(model, b) as ps:
+            terms().sum().backward()
+    assert {id(p) for p in ps.params} == {id(p) for p in params}
+    order = {id(p): j for j, p in enumerate(ps.params)}
+    per = ps.grads()
+    for i in range(b):
+        mine = torch.cat([per[order[id(p)]][i].flatten() for p in params])
+        assert own[i].abs().max() > 0
+        torch.testing.assert_close(mine, own[i], rtol=1e-4, atol=1e-6 * float(own[i].abs().max()))
+    batched = torch.cat([p.grad.flatten() for p in params])
+    torch.testing.assert_close(batched, plain, rtol=1e-5, atol=1e-7 * float(plain.abs().max()))
