@@ -381,24 +381,32 @@ def _pipe_args(pipe, prompts, preset, clip=None):
     return ["--model", str(pipe), "--prompts", str(prompts), "--preset", preset, *reward, *PIPE]
 
 
-def test_draft_plus_on_a_tiny_sd3_pipeline(tmp_path, tiny_sd3, tiny_clip):
-    """DRaFT-2 + KL on a tiny SD3 pipeline, tiny CLIP-score reward (the VAE decodes with grad)."""
+@pytest.mark.parametrize("unit", [False, True], ids=["mean", "unit-sample-grads"])
+def test_draft_plus_on_a_tiny_sd3_pipeline(tmp_path, tiny_sd3, tiny_clip, unit):
+    """DRaFT-2 + KL on a tiny SD3 pipeline, tiny CLIP-score reward (the VAE decodes with grad), CFG 2; also
+    with ``--train.unit-sample-grads`` (per-sample gradients through the diffusers transformer's LoRA)."""
     pipe, prompts = tiny_sd3
     argv = _pipe_args(pipe, prompts, "sd3.5-m", tiny_clip)
     argv += ["--train.k", "2", "--sample.guidance-scale", "2"]
-    argv += ["--train.kl-coeff", "0.1"]
+    argv += ["--train.kl-coeff", "0.1", *(["--train.unit-sample-grads"] if unit else [])]
     assert draft.main(["--run-dir", str(tmp_path / "r"), *argv, "--max-iters", "1"]) == 0
     (row,) = _rows(tmp_path / "r")
     assert math.isfinite(row["train/loss"]) and row["train/kl"] == 0.0
+    assert (row.get("train/sample_grad_norm", 0.0) > 0) == unit
 
 
-@pytest.mark.parametrize("module", [refl, alignprop])
-def test_unet_ddim_runs(tmp_path, tiny_sd15, tiny_clip, module):
+@pytest.mark.parametrize(
+    "module, extra", [(refl, []), (alignprop, []), (alignprop, ["--train.unit-sample-grads"])],
+    ids=["refl", "alignprop", "alignprop-unit-sample-grads"],
+)  # fmt: skip
+def test_unet_ddim_runs(tmp_path, tiny_sd15, tiny_clip, module, extra):
     pipe, prompts = tiny_sd15
-    argv = ["--run-dir", str(tmp_path / "r"), *_pipe_args(pipe, prompts, "sd1.5", tiny_clip)]
+    argv = ["--run-dir", str(tmp_path / "r"), *_pipe_args(pipe, prompts, "sd1.5", tiny_clip), *extra]
     assert module.main([*argv, "--max-iters", "1"]) == 0
     (row,) = _rows(tmp_path / "r")
     assert math.isfinite(row["train/loss"])
+    if extra:
+        assert row["train/sample_grad_norm"] > 0
 
 
 def test_unet_gradient_reaches_the_lora_through_the_vae(tiny_sd15):
