@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import models
 from engine import per_sample_randn
 from train import common
 from train import reward_model as rm
@@ -103,18 +104,22 @@ def start_noise(policy, seeds: list) -> torch.Tensor:
     return per_sample_randn(tuple(policy.latent_shape), seeds_t, 0).to(policy.dtype)
 
 
-def per_sample_unit_grad(policy, sched, sc, reward, prompts, seeds, z, params) -> None:
+def per_sample_unit_grad(policy, sched, sc, reward, prompts, seeds, z, params, chunks=None) -> None:
     """Set ``params``' ``.grad`` to minus the mean over samples of each sample's own gradient of its strict
-    logit scaled to unit norm (one backward per sample), so that no sample dominates the step."""
+    logit scaled to unit norm (per chunk of samples, one batched backward with
+    :func:`models.per_sample_lora_grads`, as ``--train.unit-sample-grads`` does), so that no sample
+    dominates the step."""
+    n = len(prompts)
     for p in params:
         p.grad = torch.zeros_like(p)
-    for i in range(len(prompts)):
-        x = images_from(policy, sched, sc, prompts[i : i + 1], seeds[i : i + 1], z[i : i + 1], grad=True)
-        grads = torch.autograd.grad(reward.logits(x, prompts[i : i + 1]).sum(), params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).clamp_min(1e-30).float()
-        for p, g in zip(params, grads, strict=True):
-            p.grad.sub_(g / (norm * len(prompts)))
+    for c in chunks or [slice(0, n)]:
+        b = len(prompts[c])
+        with models.per_sample_lora_grads(policy.transformer, b) as ps:
+            x = images_from(policy, sched, sc, prompts[c], seeds[c], z[c], grad=True)
+            reward.logits(x, prompts[c]).sum().backward(inputs=ps.deltas)
+        units, _ = ps.unit_sum()
+        for p, u in zip(ps.params, units, strict=True):
+            p.grad.sub_(u / n)
 
 
 def lora_walk(policy, sched, sc, reward, prompts, seeds, fresh_seeds, chunks, *, steps: int, lr: float,
@@ -143,7 +148,7 @@ def lora_walk(policy, sched, sc, reward, prompts, seeds, fresh_seeds, chunks, *,
                 break
             opt.zero_grad(set_to_none=True)
             if per_sample:
-                per_sample_unit_grad(policy, sched, sc, reward, prompts, seeds, z, params)
+                per_sample_unit_grad(policy, sched, sc, reward, prompts, seeds, z, params, chunks)
             else:
                 for c in chunks:
                     x = images_from(policy, sched, sc, prompts[c], seeds[c], z[c], grad=True)

@@ -235,6 +235,15 @@ class PerSampleGrads:
     def grads(self) -> list[torch.Tensor]:
         return [torch.zeros_like(d) if d.grad is None else d.grad for d in self.deltas]
 
+    def unit_sum(self) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """``(units, norms)``: per parameter ``sum_n g_n / |g_n|`` (``params``' order), and ``|g_n|
+        [batch]``, the norm of sample ``n``'s gradient over all of them (fp64 sums; a zero gradient adds
+        nothing)."""
+        grads = self.grads()
+        norms = torch.sqrt(sum((g.double() ** 2).flatten(1).sum(1) for g in grads)).float()
+        inv = 1.0 / norms.clamp_min(1e-30)
+        return [torch.einsum("n,n...->...", inv.to(g.dtype), g) for g in grads], norms
+
 
 @contextlib.contextmanager
 def per_sample_lora_grads(

@@ -378,13 +378,10 @@ class NablaGFNTrainer(PolicyGradientTrainer):
         the reference clips each parameter group; then the shared step (LoRA clip, step, zero, eval EMA)."""
         tc = self.cfg.train
         if self.dist.enabled:
-            import torch.distributed as tdist
-
             for p in self.phi_params:
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
-                tdist.all_reduce(p.grad)
-                p.grad /= self.dist.world
+            self.dist.all_reduce_mean([p.grad for p in self.phi_params])
         gn = torch.nn.utils.clip_grad_norm_(self.phi_params, tc.grad_clip)
         if not torch.isfinite(gn):
             raise common.TrainingStopped(

@@ -350,33 +350,21 @@ class RewardBackpropTrainer(Trainer):
             return contextlib.nullcontext(None)
         return models.per_sample_lora_grads(self.policy.transformer, batch, "default")
 
-    def _add_unit_grads(self, acc: list, ps, weight: float) -> float:
-        """``acc[j] += weight * mean_n g_nj / |g_n|`` over the micro-batch's samples ``n`` (``|g_n|`` the norm
+    def _add_unit_grads(self, acc: dict, ps, weight: float) -> torch.Tensor:
+        """``acc[p] += weight * mean_n g_n / |g_n|`` over the micro-batch's samples ``n`` (``|g_n|`` the norm
         of sample ``n``'s gradient over every LoRA weight, math.md §5) -> the mean ``|g_n|``."""
-        grads = ps.grads()
-        b = grads[0].shape[0]
-        norm = torch.sqrt(sum((g.double() ** 2).flatten(1).sum(1) for g in grads)).float()
-        scale = (weight / b) / norm.clamp_min(1e-30)
-        for j, g in zip(self._acc_index(ps.params), grads, strict=True):
-            acc[j].add_(torch.einsum("n,n...->...", scale.to(g.dtype), g))
-        return float(norm.mean())
+        units, norms = ps.unit_sum()
+        for p, u in zip(ps.params, units, strict=True):
+            acc[p].add_(u, alpha=weight / norms.shape[0])
+        return norms.mean()
 
-    def _acc_index(self, params) -> list[int]:
-        index = {id(p): j for j, p in enumerate(self.params)}
-        try:
-            return [index[id(p)] for p in params]
-        except KeyError:
-            raise RuntimeError(
-                "--train.unit-sample-grads: expected every LoRA weight of the adapter to be trained"
-            ) from None
-
-    def _set_unit_grads(self, acc: list) -> None:
+    def _set_unit_grads(self, acc: dict) -> None:
         """The accumulated unit gradients become the parameters' gradients (averaged over ranks, as DDP
         averages the plain ones; times the fp16 gradient scaler's scale, which the step divides out)."""
-        acc = self.dist.all_reduce_mean(acc)
+        grads = self.dist.all_reduce_mean([acc[p] for p in self.params])
         scale = float(self.scaler.get_scale()) if self.scaler is not None else 1.0
-        for p, a in zip(self.params, acc, strict=True):
-            p.grad = (a * scale).to(p.dtype)
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = (g.mul_(scale) if scale != 1.0 else g).to(p.dtype)
 
     def train_iteration(self, it: int) -> tuple[dict, str]:
         cfg, tc = self.cfg, self.cfg.train
@@ -385,16 +373,16 @@ class RewardBackpropTrainer(Trainer):
         count = 0
         for si, mbs in enumerate(self.progress(plan.steps(tc.batch_size), "train")):
             self.opt.zero_grad(set_to_none=True)
-            acc = None
+            acc = None  # --train.unit-sample-grads: the step's unit gradients, reduced over ranks by hand
             if tc.unit_sample_grads:
-                acc = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+                acc = {p: torch.zeros_like(p, dtype=torch.float32) for p in self.params}
             for mi, mb in enumerate(mbs):
                 gidx = mb.gidx.tolist()
                 prompts = [plan.prompts[i] for i in gidx]
                 seeds = [plan.seeds[i] for i in gidx]
                 gen = common.iteration_generator(cfg.seed, it, f"rbp/{si}/{mi}")
                 with (
-                    self.dist.grad_sync(mi == len(mbs) - 1),
+                    self.dist.grad_sync(mi == len(mbs) - 1 and acc is None),
                     self.policy.adapter("default"),
                     self._per_sample(len(prompts)) as ps,
                 ):
