@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 import train.make_pairs as mp
 from train.data import parse_prompt
 from train.data.preference import LabelRecord, PairRecord, load_image, read_preference_jsonl
@@ -21,8 +22,11 @@ TINY = ["--num-prompts", "8", "--k", "4", "--num-steps", "4", "--threads", "1", 
 
 @pytest.fixture(scope="module")
 def pairs_run(tmp_path_factory):
+    """One make_pairs run, with the PyTorch reference kernels that tests/train/conftest.py sets for each
+    test (a module fixture runs outside it): a test's --labels run must draw these images, byte for byte."""
     out = tmp_path_factory.mktemp("pairs") / "out"
-    assert mp.main(["--out", str(out), *TINY]) == 0
+    with kernels.use_backend("reference"):
+        assert mp.main(["--out", str(out), *TINY]) == 0
     return out
 
 
