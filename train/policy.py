@@ -401,9 +401,12 @@ def build_policy(
     prompts: str | None = None,
     eval_prompts: str | None = None,
     tasks: tuple[str, ...] = (),
+    embedded_dir: str | None = None,
 ) -> Policy:
     """The embedded default (``preset == 'tiny'`` without ``--model``) or a local SD3/SD3.5/FLUX directory.
-    ``tasks`` (embedded default only) keeps those GenEval-mini task types, in training and in evaluation."""
+    ``tasks`` (embedded default only) keeps those GenEval-mini task types, in training and in evaluation;
+    ``embedded_dir`` (embedded only) loads another embedded checkpoint (a directory with ``default.json`` and
+    ``default.safetensors``, e.g. ``models/embedded/stage3``) in place of the shipped one."""
     dtype = _DTYPES[mc.dtype]
     torch.manual_seed(seed)  # LoRA init
     vae = None
@@ -413,7 +416,10 @@ def build_policy(
         from models.embedded import DEFAULT_DIR, load_default
         from train.data import geneval_mini
 
-        bundle = load_default(device=device, dtype=dtype)
+        if embedded_dir is None:
+            bundle = load_default(device=device, dtype=dtype)
+        else:
+            bundle = load_default(device=device, dtype=dtype, directory=embedded_dir)
         transformer, encoder = bundle.transformer, bundle.text_encoder
         scheduler_config = models.load_scheduler_config(DEFAULT_DIR)  # SD3's, shift 3 (shipped)
         latent_shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)

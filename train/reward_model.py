@@ -6,7 +6,9 @@ labels, as real reward models are trained on human labels, and it is what the re
 over-optimisation of the learned one shows (``--eval.rewards geneval_mini``).
 
 ``python -m train.reward_model --help``.  The data: the embedded model's own samples from the engine
-(several samplers and guidance scales, so both passing and failing images), renders of the prompt (pass),
+(several samplers and guidance scales, so both passing and failing images; ``--base DIR`` samples another
+embedded checkpoint, e.g. ``models/embedded/stage3``, the shipped default's samples are then scored beside the
+held-out ones), renders of the prompt (pass),
 renders of another prompt shown with this one (mostly fail), and noisy copies of the samples; every image
 is labelled by the verifier with the prompt it is paired with (strict 0/1, and the partial score).
 
@@ -17,8 +19,9 @@ tasks (:func:`heldout_pool`).  The card records, on engine samples of held-out p
 correlation of ``p`` with the strict and with the partial score.
 
 Output (``--out DIR``): ``reward_model.safetensors`` (fp32 weights, < 1 MB) and ``reward_model.json`` (the
-card: architecture, command, data counts, held-out numbers, a small fixed check subset the tests recompute,
-and the SHA-256 of the base model's weights).  ``--out models/embedded --overwrite`` replaces the shipped
+card: architecture, command, data counts, held-out numbers, a small fixed check subset of the shipped
+default's samples that the tests recompute, and the SHA-256 of the weights of the model that made the samples
+and of the shipped default the check used).  ``--out models/embedded --overwrite`` replaces the shipped
 model that the ``geneval_learned`` reward loads by default.
 """
 
@@ -635,6 +638,8 @@ class RewardModelConfig:
                                 "images in [-1, 1] (0: none)")
     robust_steps: int = _h(3, "robust fine-tune: ascent steps per batch")
     robust_epochs: int = _h(3, "robust fine-tune: epochs at a third of the learning rate")
+    base: str | None = _h(None, "embedded checkpoint directory whose samples make the data (default: the "
+                                "shipped models/embedded; e.g. models/embedded/stage3)")
     cache: str | None = _h(None, "directory keeping the collected images and labels between runs (keyed "
                                  "by the data options, the seed and the base model)")
     seed: int = _h(0, "seed of the prompt draws, samples, noise and initialisation")
@@ -688,6 +693,9 @@ def validate(cfg: RewardModelConfig) -> None:
     if not (cfg.partial_weight >= 0 and math.isfinite(cfg.partial_weight)):
         raise ValueError(f"--partial-weight: expected a finite value >= 0, got {cfg.partial_weight}")
     parse_samplers(cfg.samplers)
+    if cfg.base is not None and not (Path(cfg.base) / "default.safetensors").is_file():
+        raise ValueError(f"--base: expected an embedded checkpoint directory with default.safetensors, "
+                         f"got {cfg.base!r}")
 
 
 def _cache_path(cache: str | None, key: dict) -> Path | None:
@@ -721,8 +729,10 @@ def run(cfg: RewardModelConfig, argv: list[str], say=print) -> Path:
     samplers = parse_samplers(cfg.samplers)
     from models.embedded import DEFAULT_DIR
 
-    base_sha = common.file_sha256(Path(DEFAULT_DIR) / "default.safetensors")
-    policy = build_embedded(cfg.seed)
+    base_sha = common.file_sha256(Path(cfg.base or DEFAULT_DIR) / "default.safetensors")
+    default_sha = common.file_sha256(Path(DEFAULT_DIR) / "default.safetensors")
+    policy = build_embedded(cfg.seed, cfg.base)
+    default_policy = policy if base_sha == default_sha else build_embedded(cfg.seed)
     key = {k: getattr(cfg, k) for k in ("engine", "renders", "noisy", "heldout_engine", "heldout_renders",
                                         "samplers", "seed")}
     cached = _cache_path(cfg.cache, {**key, "base": base_sha})
@@ -773,6 +783,13 @@ def run(cfg: RewardModelConfig, argv: list[str], say=print) -> Path:
         seen = collect(policy, reward_train_pool(), engine=cfg.seen_engine, renders=0, noisy=0,
                        samplers=samplers, seed=cfg.seed, tag="seen")
         metrics["seen_prompts_fresh_seeds"] = evaluate(model, seen)
+    if default_policy is not policy:  # the samples the training loops will score: the shipped default's
+        held_default = collect(default_policy, heldout_pool(), engine=cfg.heldout_engine, renders=0, noisy=0,
+                               samplers=samplers, seed=cfg.seed, tag="heldout")
+        metrics["engine_shipped_default"] = evaluate(model, held_default)
+        e = metrics["engine_shipped_default"]
+        say(f"held-out samples of the shipped default: accuracy {e['acc']:.3f} "
+            f"(majority {e['majority']:.3f}), AUC {e['auc']:.3f}", flush=True)
     metrics["adversarial_rounds"] = rounds
     e = metrics["engine"]
     say(f"held-out engine samples: accuracy {e['acc']:.3f} (majority {e['majority']:.3f}), "
@@ -789,7 +806,8 @@ def run(cfg: RewardModelConfig, argv: list[str], say=print) -> Path:
                  "heldout_prompts": sum(len(v) for v in heldout_pool().values()),
                  "train_prompts": sum(len(v) for v in reward_train_pool().values())},
         "heldout": metrics,
-        "check": check_subset(policy, model),
+        "check": {**check_subset(default_policy, model), "base_model_sha256": default_sha},
+        "base_model": cfg.base or "models/embedded",
         "base_model_sha256": base_sha,
         "seconds": {"data": round(t_data, 1), "data_from_cache": from_cache,
                     "data_collection": t_collect, "train": round(t_train, 1),

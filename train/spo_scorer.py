@@ -386,10 +386,12 @@ def _check(args) -> None:
         raise ValueError(f"--threads: expected an integer >= 0, got {args.threads}")
 
 
-def build_embedded(seed: int):
+def build_embedded(seed: int, directory: str | None = None):
+    """The embedded default's policy (``directory``: another embedded checkpoint in its place)."""
     from .policy import ModelConfig, build_policy
 
-    return build_policy(ModelConfig(), preset="tiny", model_path=None, device=torch.device("cpu"), seed=seed)
+    return build_policy(ModelConfig(), preset="tiny", model_path=None, device=torch.device("cpu"), seed=seed,
+                        embedded_dir=directory)
 
 
 def main(argv=None) -> int:

@@ -197,6 +197,8 @@ def test_ascent_metrics_follow_the_gradient_within_each_radius(shipped):
         (["--robust-eps", "-1"], r"--robust-eps: expected a value in \[0, 64\], got -1"),
         (["--robust-steps", "0"], "--robust-steps: expected an integer >= 1, got 0"),
         (["--robust-epochs", "0"], "--robust-epochs: expected an integer >= 1, got 0"),
+        (["--base", "nowhere"], "--base: expected an embedded checkpoint directory with default.safetensors, "
+                                "got 'nowhere'"),
     ],
 )
 def test_bad_options_are_refused_before_work(argv, msg, capsys, tmp_path):
@@ -205,6 +207,25 @@ def test_bad_options_are_refused_before_work(argv, msg, capsys, tmp_path):
 
     assert re.search(msg, capsys.readouterr().err)
     assert not (tmp_path / "o").exists()
+
+
+def test_base_samples_another_checkpoint_and_the_card_says_so(tmp_path, capsys):
+    """--base: the data come from another embedded checkpoint (here the 4-block stage 1, for speed); the card
+    names it and its SHA-256, and scores held-out samples of the shipped default beside its own; the check
+    subset is the shipped default's."""
+    from models.embedded import DEFAULT_DIR
+
+    stage1 = Path(DEFAULT_DIR) / "stage1"
+    argv = ["--preset", "smoke", "--seen-engine", "0", "--heldout-renders", "0", "--base", str(stage1),
+            "--out", str(tmp_path), "--threads", "1"]
+    assert reward_model.main(argv) == 0
+    card = json.loads((tmp_path / "reward_model.json").read_text())
+    assert card["base_model"] == str(stage1)
+    assert card["base_model_sha256"] == common.file_sha256(stage1 / "default.safetensors")
+    assert card["check"]["base_model_sha256"] == common.file_sha256(Path(DEFAULT_DIR) / "default.safetensors")
+    held, shipped = card["heldout"]["engine"], card["heldout"]["engine_shipped_default"]
+    assert held["n"] == shipped["n"] == 48 and card["check"]["n"] == 48
+    assert held["pass_rate"] != shipped["pass_rate"]  # two models' samples of the same prompts and noise
 
 
 def test_existing_model_is_not_overwritten_without_the_flag(tmp_path, capsys):
