@@ -21,7 +21,7 @@ setup(
                                     "train", "train.*", "bench", "bench.*"]),
     package_data={
         "models": ["embedded/*.safetensors", "embedded/*.json", "embedded/stage1/*.safetensors",
-                   "embedded/stage1/*.json"]
+                   "embedded/stage1/*.json", "embedded/stage3/*.safetensors", "embedded/stage3/*.json"]
     },
     include_package_data=True,
     install_requires=[

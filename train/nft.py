@@ -97,8 +97,9 @@ def preset_tiny() -> NFTConfig:
     64-wide model (nearly full rank), a higher learning rate than SD3.5-M's (1.5e-3: in 14-minute runs 3e-3
     peaked lower on an earlier checkpoint and 6e-3 lost score on its stage-1 weights), no KL term (it costs a
     third forward per sample-timestep); evaluation on 192 held-out prompts every 10 iterations; one torch
-    thread (12.9 s per iteration on the shipped 8-block model against 21.2 s with two, 6.9 against 10.9 s on
-    the 4-block one: its ops are too small to split, and the reward worker takes the other core).
+    thread (12.9 s per iteration on the 8-block model shipped until 2026-12-05 against 21.2 s with two, 6.9
+    against 10.9 s on the 4-block one: its ops are too small to split, and the reward worker takes the other
+    core; about 26 s per iteration on the 12-block default on today's slower 2-core machine).
 
     Deliberate difference from the reference recipe: 8 optimizer steps of 16 images per iteration
     (``--train.steps-per-iter 8``), not one.  The default run's learning rate and its 15-minute target were

@@ -43,6 +43,17 @@ SMALL = [
 ]
 
 
+STAGE3 = Path(embedded.DEFAULT_DIR) / "stage3"  # the 8-block model, the shipped default until 2026-12-05
+
+
+def use_checkpoint(monkeypatch, directory) -> None:
+    """``models.embedded.load_default`` loads the checkpoint in ``directory`` instead of the shipped one."""
+    def load(device=None, dtype=None):
+        return embedded.EmbeddedDefault.from_pretrained(directory, device=device, dtype=dtype)
+
+    monkeypatch.setattr(embedded, "load_default", load)
+
+
 def use_embedded_default(monkeypatch) -> None:
     """The stage-1 embedded checkpoint (or ``EMBEDDED_DIR``), or a seeded random model without it."""
     if HAVE_CHECKPOINT:

@@ -1,7 +1,7 @@
 """train.reward_model and the ``geneval_learned`` reward (math.md §8.5): the shipped model loads, its card
-matches its base model and its small held-out check recomputes; gradients reach the images; a short
-training run from scratch beats an untrained (lr 0) control on held-out prompts; bad options are refused
-before any work."""
+names the checkpoints it was trained and checked on and its small held-out check recomputes; ``--base``;
+gradients reach the images; a short training run from scratch beats an untrained (lr 0) control on held-out
+prompts; bad options are refused before any work."""
 
 import json
 from pathlib import Path
@@ -29,10 +29,16 @@ def test_shipped_model_is_small_and_its_card_describes_it(shipped):
     assert reward_model.SHIPPED.stat().st_size < 1_000_000
     from models.embedded import DEFAULT_DIR
 
-    assert card["base_model_sha256"] == common.file_sha256(Path(DEFAULT_DIR) / "default.safetensors")
+    # its check was taken on the shipped default; its data were sampled from a checkpoint that ships too
+    assert card["check"]["base_model_sha256"] == common.file_sha256(Path(DEFAULT_DIR) / "default.safetensors")
+    base = Path(DEFAULT_DIR).parent.parent / card["base_model"]
+    assert card["base_model_sha256"] == common.file_sha256(base / "default.safetensors")
     assert card["command"].startswith("python -m train.reward_model")
     e = card["heldout"]["engine"]
     assert e["n"] >= 256 and e["acc"] > e["majority"] and e["auc"] > 0.7, e
+    if card["base_model_sha256"] != card["check"]["base_model_sha256"]:  # the shipped default's samples
+        e = card["heldout"]["engine_shipped_default"]
+        assert e["n"] >= 256 and e["acc"] > e["majority"] and e["auc"] > 0.7, e
 
 
 def test_shipped_check_subset_recomputes_within_tolerance(shipped):
