@@ -99,7 +99,7 @@ def preset_tiny() -> NFTConfig:
     third forward per sample-timestep); evaluation on 192 held-out prompts every 10 iterations; one torch
     thread (12.9 s per iteration on the 8-block model shipped until 2026-12-05 against 21.2 s with two, 6.9
     against 10.9 s on the 4-block one: its ops are too small to split, and the reward worker takes the other
-    core; about 26 s per iteration on the 12-block default on today's slower 2-core machine).
+    core; 26.7-28.1 s per iteration on the 12-block default, on a slower 2-core machine, 2026-12-05).
 
     Deliberate difference from the reference recipe: 8 optimizer steps of 16 images per iteration
     (``--train.steps-per-iter 8``), not one.  The default run's learning rate and its 15-minute target were
