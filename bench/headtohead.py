@@ -399,6 +399,7 @@ def run_command(spec: RunSpec, args, run_dir: Path) -> list[str]:
         "--seed": str(args.seed),
         "--device": args.device,
         "--threads": str(args.threads),  # the loops' own option; the tiny presets would otherwise use 1
+        "--train-threads": str(args.threads),  # the same in training (train.nft's tiny preset would use 2)
         "--run-dir": str(run_dir),
         "--max-minutes": f"{args.max_minutes:g}",
         "--max-iters": str(QUICK_MAX_ITERS if args.quick else FULL_MAX_ITERS),

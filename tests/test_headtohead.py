@@ -198,7 +198,7 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
         assert run["command"].startswith("OMP_NUM_THREADS=1 ")
         assert ("train.grpo" if name == h2h.GRPO else "train.nft") in run["command"]
         assert "--eval.num-steps 10" in run["command"] and "--seed 0" in run["command"]
-        assert "--threads 1" in run["command"]
+        assert "--threads 1" in run["command"] and "--train-threads 1" in run["command"]
         curve = run["curve"]
         assert [p["iteration"] for p in curve] == [0, 1]  # stopped after one iteration, then evaluated
         assert curve[0]["train_s"] == 0 and curve[1]["train_s"] > 0

@@ -443,7 +443,7 @@ class D3POTrainer(PolicyGradientTrainer):
             [steps_all[torch.randperm(len(steps_all), generator=g)[:n_train]] for _ in range(n)]
         )
         loss_sum, count, acc, clamped, qw_sum = 0.0, 0, 0.0, 0.0, 0.0
-        with nvtx_range("train"):
+        with self.train_phase():
             self.opt.zero_grad(set_to_none=True)
             for mbs in self.progress(plan.steps(tc.batch_size, trainable=trainable), "train"):
                 for mi, mb in enumerate(mbs):

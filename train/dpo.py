@@ -639,7 +639,7 @@ class DPOTrainer(Trainer):
             ref_ctx = lambda: self.policy.adapter("old")  # noqa: E731
             if not len(data):
                 return {**extra, "train/loss": 0.0}, "no pairs (all ties)"
-        with nvtx_range("train"):
+        with self.train_phase():
             stats = self.train_on(it, data, ref_ctx)
         vals = {**extra, **{f"train/{k}": v for k, v in stats.items()}, "train/beta": self.beta}
         summary = f"loss {stats['loss']:.4f} | implicit acc {stats['implicit_acc']:.3f}"

@@ -31,6 +31,7 @@ a run unless ``--overwrite``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -145,6 +146,13 @@ class RunConfig:
         default=0,
         metadata={"help": "torch intra-op CPU threads for the run (0: torch's default; the tiny presets: 1)"},
     )
+    train_threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch intra-op CPU threads while the loop trains on an iteration's rollouts, when no "
+            "reward is being computed beside it (0: as --threads; train.nft's tiny preset: 2)"
+        },
+    )
     models: ModelConfig = field(default_factory=ModelConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -209,14 +217,17 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
                 raise ConfigError(f"{_opt(name)}: expected a finite number, got {shown}")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
-    if cfg.threads < 0:
-        raise ConfigError(f"--threads: expected an integer >= 0 (0: torch's default), got {cfg.threads}")
     cores = os.cpu_count() or 1
-    if cfg.threads > 4 * cores:
-        raise ConfigError(
-            f"--threads: expected at most {4 * cores} (4 x the {cores} CPU cores; 0: torch's default), "
-            f"got {cfg.threads}"
-        )
+    for opt, n, zero in (
+        ("--threads", cfg.threads, "torch's default"),
+        ("--train-threads", cfg.train_threads, "as --threads"),
+    ):
+        if n < 0:
+            raise ConfigError(f"{opt}: expected an integer >= 0 (0: {zero}), got {n}")
+        if n > 4 * cores:
+            raise ConfigError(
+                f"{opt}: expected at most {4 * cores} (4 x the {cores} CPU cores; 0: {zero}), got {n}"
+            )
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device: expected a machine with CUDA for 'cuda', found none")
     if cfg.max_iters is not None and cfg.max_iters < 1:
@@ -576,6 +587,22 @@ class Trainer:
                 f"{common.intact_note(self.run_dir)}"
             )
 
+    @contextlib.contextmanager
+    def train_phase(self):
+        """An iteration's training on its rollouts: under ``nvtx_range("train")``, with ``--train-threads``
+        torch threads when set.  Every reward of the iteration has been awaited by then, so the core the
+        reward worker held during the rollouts is free (``train.nft``'s tiny preset rolls out on one thread
+        beside the worker and trains on two).  Thread counts change only the order of float reductions."""
+        n, before = self.cfg.train_threads, torch.get_num_threads()
+        if n:
+            torch.set_num_threads(n)
+        try:
+            with nvtx_range("train"):
+                yield
+        finally:
+            if n:
+                torch.set_num_threads(before)
+
     def progress(self, it, desc):
         """tqdm bars on rank 0 when stderr is a terminal; a log file gets the one line per iteration only."""
         if not self.cfg.log.progress or not self.dist.is_main or not sys.stderr.isatty():
@@ -922,6 +949,7 @@ RESUME_SAFE = frozenset(
         "max_iters",
         "max_minutes",
         "threads",
+        "train_threads",
         "device",
         "log.progress",
         "log.loggers",
@@ -931,6 +959,7 @@ RESUME_SAFE = frozenset(
         "eval.grid_images",
         "sample.rollout_batch",
         "sample.forward_chunk",
+        "train.timesteps_per_forward",
         "dist.timeout_s",
         "dist.fsdp_reshard",
         "guard.gold_drop",

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engine import guided_prediction, nvtx_range
+from engine import guided_prediction
 
 from . import common
 from .config import ConfigError
@@ -554,7 +554,7 @@ class NablaGFNTrainer(PolicyGradientTrainer):
         self.policy.ema_old(0.0)  # old <- default: the rollout policy, for eps_old
         traj = self.rollout_and_reward(it)
         batch = self.global_batch(traj)
-        with nvtx_range("train"):
+        with self.train_phase():
             stats = self.train_nabla(it, traj)
         vals = {
             "train/reward_mean": batch.rewards.mean(),

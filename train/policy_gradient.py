@@ -666,7 +666,7 @@ class PolicyGradientTrainer(Trainer):
         batch = self.global_batch(traj)
         adv_g, mask_g, adv_stats = self.advantages(batch)  # over whole groups, identical on every rank
         local = traj.plan.local
-        with nvtx_range("train"):
+        with self.train_phase():
             stats = self.train_on(it, traj, adv_g[local], mask_g[local])
         vals = {
             "train/reward_mean": batch.rewards.mean(),

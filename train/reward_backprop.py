@@ -367,6 +367,12 @@ class RewardBackpropTrainer(Trainer):
             p.grad = (g.mul_(scale) if scale != 1.0 else g).to(p.dtype)
 
     def train_iteration(self, it: int) -> tuple[dict, str]:
+        """Every step of the iteration samples, scores and backpropagates in this thread (no reward worker
+        runs beside it), so all of it is the training phase (``--train-threads``)."""
+        with self.train_phase():
+            return self._train_steps(it)
+
+    def _train_steps(self, it: int) -> tuple[dict, str]:
         cfg, tc = self.cfg, self.cfg.train
         plan = self.iteration_plan(it)
         sums: dict[str, torch.Tensor | float] = {}

@@ -391,7 +391,7 @@ class SPOTrainer(D3POTrainer):
         g = common.iteration_generator(cfg.seed, it, f"train-{dist.rank}")
         order = torch.randperm(len(tup), generator=g).to(dev)
         loss_sum, count, acc, margin = 0.0, 0, 0.0, 0.0
-        with nvtx_range("train"):
+        with self.train_phase():
             self.opt.zero_grad(set_to_none=True)
             for s in self.progress(range(n_opt), "train"):
                 total = sum(max(0, min(per, c - s * per)) for c in counts)
