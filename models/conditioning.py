@@ -52,7 +52,12 @@ class Conditioning:
         return self._map(lambda t: t.to(*args, **kwargs))
 
     def repeat_interleave(self, n: int) -> Conditioning:
+        """Each row ``n`` times in a row: ``a a b b``."""
         return self._map(lambda t: t.repeat_interleave(n, dim=0))
+
+    def repeat(self, n: int) -> Conditioning:
+        """The whole batch ``n`` times over: ``a b a b``."""
+        return self._map(lambda t: t.repeat(n, *([1] * (t.dim() - 1))))
 
     @staticmethod
     def cat(items: list[Conditioning]) -> Conditioning:

@@ -81,6 +81,14 @@ class TrainConfig:
             "its OCR recipe: 2); must divide the images per iteration / world size"
         },
     )
+    timesteps_per_forward: int = field(
+        default=1,
+        metadata={
+            "help": "trained timesteps stacked into one forward and backward (1: one at a time, as the "
+            "reference; 0: all of a micro-batch's); the same gradient in another float order, for speed "
+            "where the model's ops are small (the tiny preset: 0), at that many times the activation memory"
+        },
+    )
     old_flat: int = field(default=0, metadata={"help": "old-adapter EMA: steps before decay starts"})
     old_uprate: float = field(default=1e-3, metadata={"help": "old-adapter EMA: decay growth per step"})
     old_uphold: float = field(default=0.5, metadata={"help": "old-adapter EMA: maximum decay"})
@@ -96,10 +104,13 @@ def preset_tiny() -> NFTConfig:
     """The embedded default on a CPU: 16 prompts x 8 images per iteration, 10 dpm2 steps, LoRA rank 32 on a
     64-wide model (nearly full rank), a higher learning rate than SD3.5-M's (1.5e-3: in 14-minute runs 3e-3
     peaked lower on an earlier checkpoint and 6e-3 lost score on its stage-1 weights), no KL term (it costs a
-    third forward per sample-timestep); evaluation on 192 held-out prompts every 10 iterations; one torch
-    thread (12.9 s per iteration on the 8-block model shipped until 2026-12-05 against 21.2 s with two, 6.9
-    against 10.9 s on the 4-block one: its ops are too small to split, and the reward worker takes the other
-    core; 26.7-28.1 s per iteration on the 12-block default, on a slower 2-core machine, 2026-12-05).
+    third forward per sample-timestep); evaluation on 192 held-out prompts every 10 iterations.  Threads: one
+    for the rollouts, beside the reward worker on the other core (two there made the 8-block model's
+    iteration 21.2 s instead of 12.9 s), two for training (``--train-threads 2``: the worker is idle then),
+    with a micro-batch's 9 trained timesteps stacked into one forward (``--train.timesteps-per-forward 0``:
+    the same gradient in another float order).  On the 12-block default that makes an iteration 15 s instead
+    of 27-28 s with one thread and one timestep per forward, at 1.8 GB peak memory instead of 0.8 (2-core
+    machine, 2026-12-05; docs/results.md).
 
     Deliberate difference from the reference recipe: 8 optimizer steps of 16 images per iteration
     (``--train.steps-per-iter 8``), not one.  The default run's learning rate and its 15-minute target were
@@ -110,7 +121,7 @@ def preset_tiny() -> NFTConfig:
     A 13-minute budget (``--max-minutes``; ``--max-iters`` 100 stays the cap) makes the bare command end with
     its verdict within 15 minutes on two cores: the budget is checked before each iteration and covers the
     first evaluation (192 held-out prompts, and once more with the base model and CFG: 19 s); past it come
-    at most one iteration (13-24 s) with its periodic evaluation, the final evaluation (11 s), the checkpoint
+    at most one iteration (15-28 s) with its periodic evaluation, the final evaluation (11 s), the checkpoint
     and the LoRA export, and the start-up before the clock (10-20 s): measured on a loaded two-core machine.
     """
     cfg = NFTConfig()
@@ -119,6 +130,8 @@ def preset_tiny() -> NFTConfig:
     cfg.models.lora_rank, cfg.models.lora_alpha = 32, 32.0
     cfg.train.lr, cfg.train.batch_size, cfg.train.kl_coef = 1.5e-3, 16, 0.0
     cfg.train.steps_per_iter = 8
+    cfg.train.timesteps_per_forward = 0
+    cfg.train_threads = 2
     cfg.eval.every = 10
     return cfg
 
@@ -179,6 +192,11 @@ def validate(cfg: NFTConfig) -> None:
         raise ConfigError(f"--train.weighting: expected adaptive or none, got {tc.weighting!r}")
     if tc.adv_std not in ("global", "group"):
         raise ConfigError(f"--train.adv-std: expected global or group, got {tc.adv_std!r}")
+    if tc.timesteps_per_forward < 0:
+        raise ConfigError(
+            f"--train.timesteps-per-forward: expected an integer >= 0 (0: all trained timesteps in one "
+            f"forward), got {tc.timesteps_per_forward}"
+        )
     if not 0 < tc.timestep_fraction <= 1:
         raise ConfigError(
             f"--train.timestep-fraction: expected a value in (0, 1], got {tc.timestep_fraction}"
@@ -225,7 +243,7 @@ class NFTTrainer(Trainer):
         plan, x0, rewards, comps = self.rollout_and_reward(it)
         adv = group_advantages(rewards, plan.group_ids, std=cfg.train.adv_std)  # step 2, over whole groups
         r = nft_optimality(adv, cfg.train.adv_clip_max)  # step 3
-        with nvtx_range("train"):
+        with self.train_phase():
             stats = self.train_on(it, plan, x0, r[plan.local])  # steps 4-6 on this rank's samples
         decay = old_decay(self.opt_step, cfg.train)
         self.policy.ema_old(decay)  # step 7
@@ -316,44 +334,56 @@ class NFTTrainer(Trainer):
                 noises = torch.stack([torch.randn(shape, generator=g, device=dev) for g in gens])
                 keep = torch.ones(len(idx), dtype=torch.bool) if tc.kl_coef > 0 else measured[mb.gidx]
                 keep = keep & (not mb.dummy)
-                for j in range(n_train):
-                    t = sigmas[t_idx[mb.gidx, j].to(dev)]
-                    noise = noises[:, j]
-                    x_t = kernels.interpolate(xb, noise, t)
+                # trained timesteps in chunks of k, stacked timestep-major into one forward: rows c*b to
+                # (c+1)*b-1 are the chunk's c-th timestep.  The loss is the mean over the chunk's rows, the
+                # mean of its timesteps' losses, so weighting it by k / n_train sums to the reference's
+                # per-timestep backward of loss_j / n_train
+                k = tc.timesteps_per_forward or n_train
+                for j0 in range(0, n_train, k):
+                    js = range(j0, min(j0 + k, n_train))
+                    nj, b = len(js), len(idx)
+                    t = sigmas[t_idx[mb.gidx][:, j0 : j0 + nj].T.reshape(-1).to(dev)]
+                    noise = noises[:, j0 : j0 + nj].transpose(0, 1).reshape(nj * b, *xb.shape[1:])
+                    xr = xb.repeat(nj, *([1] * (xb.dim() - 1))) if nj > 1 else xb
+                    cr = cond.repeat(nj) if nj > 1 else cond
+                    x_t = kernels.interpolate(xr, noise, t)
                     ts = 1000.0 * t
-                    last = mi == len(mbs) - 1 and j == n_train - 1
-                    want_ref = tc.kl_coef > 0 or (si == 0 and mi == 0 and j == 0)
+                    last = mi == len(mbs) - 1 and js[-1] == n_train - 1
+                    # v_ref: on every row under a KL term, else on the first timestep's rows of the first
+                    # micro-batch of the first step (the KL measurement)
+                    measure = si == 0 and mi == 0 and j0 == 0
+                    ref_rows = nj * b if tc.kl_coef > 0 else (b if measure else 0)
                     with torch.no_grad():
                         with self.policy.adapter("old"):
-                            v_old = self.policy.denoiser(x_t, ts, cond)
+                            v_old = self.policy.denoiser(x_t, ts, cr)
                         v_ref = None
-                        if want_ref:
+                        if ref_rows:
                             with self.policy.adapters_disabled():
-                                v_ref = self.policy.denoiser(x_t, ts, cond)
+                                v_ref = self.policy.denoiser(x_t[:ref_rows], ts[:ref_rows], cr[:ref_rows])
                     with self.dist.grad_sync(last), self.policy.adapter("default"):
-                        v = self.policy.train_denoiser(x_t, ts, cond)
+                        v = self.policy.train_denoiser(x_t, ts, cr)
                         loss = kernels.nft_loss(
                             v,
                             v_old,
-                            xb,
+                            xr,
                             noise,
                             t,
-                            rb,
+                            rb.repeat(nj),
                             beta=tc.beta,
                             adv_clip_max=tc.adv_clip_max,
                             weighting=tc.weighting,
                             v_ref=v_ref if tc.kl_coef > 0 else None,
                             kl_coef=tc.kl_coef,
                         )
-                        (loss * (mb.weight / n_train)).backward()
+                        (loss * (mb.weight * nj / n_train)).backward()
                     if not mb.dummy:
-                        loss_sum += loss.detach()
-                        micro += 1
+                        loss_sum += loss.detach() * nj
+                        micro += nj
                     if v_ref is not None:
-                        per_sample = ((v.detach().float() - v_ref.float()) ** 2).flatten(1).mean(1)
-                        k = keep.to(dev)
-                        kl_sum += (per_sample * k).sum()
-                        kl_count += k.sum()
+                        per_sample = ((v[:ref_rows].detach().float() - v_ref.float()) ** 2).flatten(1).mean(1)
+                        kr = keep.repeat(ref_rows // b).to(dev)
+                        kl_sum += (per_sample * kr).sum()
+                        kl_count += kr.sum()
             self.optimizer_step()
         kl_sum, kl_count = self.dist.all_gather(torch.stack([kl_sum, kl_count])).sum(0)
         return {

@@ -228,3 +228,48 @@ def test_steps_per_iter_must_divide_the_iteration(tmp_path, capsys):
                      "--sample.images-per-prompt", "3", "--train.steps-per-iter", "4"]) == 2
     err = capsys.readouterr().err
     assert "--train.steps-per-iter: expected a divisor of the images per iteration" in err
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 1e-2])
+def test_stacked_timesteps_give_the_reference_gradient(policy, tmp_path, kl_coef):
+    """``--train.timesteps-per-forward`` 4 and 0 (all 9) stack trained timesteps into one forward; the
+    optimizer sees the gradient of the reference's one-backward-per-timestep loop (``1``, the default) up to
+    float order, and the logged loss and KL agree.  Two micro-batches of 4 into one step, random LoRA weights
+    (zero-initialised B would give A no gradient)."""
+    cfg = nft.preset_tiny()
+    cfg.sample.prompts_per_iter, cfg.sample.images_per_prompt = 2, 4
+    cfg.train.batch_size, cfg.train.steps_per_iter, cfg.train.kl_coef = 4, 1, kl_coef
+    g = torch.Generator().manual_seed(0)
+    params = policy.trainable_parameters() + policy.old_parameters()
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    start = [p.detach().clone() for p in params]
+    x0 = torch.randn(8, *policy.latent_shape, generator=g)
+    r = torch.rand(8, generator=g)
+    out = {}
+    for k in (1, 4, 0):
+        with torch.no_grad():
+            for p, s in zip(params, start, strict=True):
+                p.copy_(s)
+        cfg.train.timesteps_per_forward = k
+        trainer = _trainer(cfg, policy, tmp_path / str(k))
+        grads = []
+        trainer.opt.register_step_pre_hook(
+            lambda opt, args, kwargs, t=trainer, seen=grads: seen.append(
+                torch.cat([p.grad.flatten() for p in t.params])
+            )
+        )
+        plan = trainer.iteration_plan(1)
+        stats = trainer.train_on(1, plan, x0[plan.local], r[plan.local])
+        assert trainer.opt_step == 1 and len(grads) == 1
+        out[k] = (grads[0], stats)
+    ref_grad, ref_stats = out[1]
+    assert float(ref_grad.norm()) > 0 and ref_stats["train/kl"] > 0
+    for k in (4, 0):
+        grad, stats = out[k]
+        rel = float((grad - ref_grad).norm() / ref_grad.norm())
+        assert rel < 1e-5, (k, rel)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-6 * float(ref_grad.abs().max()))
+        assert stats["train/loss"] == pytest.approx(ref_stats["train/loss"], rel=1e-5)
+        assert stats["train/kl"] == pytest.approx(ref_stats["train/kl"], rel=1e-4)
