@@ -592,9 +592,14 @@ class Trainer:
         """An iteration's training on its rollouts: under ``nvtx_range("train")``, with ``--train-threads``
         torch threads when set.  Every reward of the iteration has been awaited by then, so the core the
         reward worker held during the rollouts is free (``train.nft``'s tiny preset rolls out on one thread
-        beside the worker and trains on two).  Thread counts change only the order of float reductions."""
+        beside the worker and trains on two).  Thread counts change only the order of float reductions.
+        Never more than this process's share of the cores (``cores // LOCAL_WORLD_SIZE`` under torchrun):
+        several ranks on one CPU machine would otherwise oversubscribe it."""
         n, before = self.cfg.train_threads, torch.get_num_threads()
         if n:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+            n = min(n, max(1, cores // max(1, local)))
             torch.set_num_threads(n)
         try:
             with nvtx_range("train"):

@@ -90,6 +90,11 @@ def test_threads_apply_to_the_run_and_are_restored(tmp_path, monkeypatch):
         in_train.clear(), seen.clear()
         assert _run(tmp_path / "s", "--max-iters", "1", "--threads", "1", "--train-threads", "0") == 0
         assert in_train == [1] and seen == [1] and torch.get_num_threads() == 3
+        in_train.clear(), seen.clear()
+        # never more than this process's share of the cores: many ranks on the machine leave one each
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "4096")
+        assert _run(tmp_path / "t", "--max-iters", "1", "--threads", "1") == 0
+        assert in_train == [1] and seen == [1] and torch.get_num_threads() == 3
     finally:
         torch.set_num_threads(original)
 
