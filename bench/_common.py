@@ -193,3 +193,33 @@ def memory_bench_models(args) -> list[str]:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return ["embedded", "sd3-tiny"] if args.model == "all" else [args.model]
+
+
+def heldout_probe_setup(name: str, *, n: int, seed: int, threads: int, reward_path=None):
+    """What the embedded-default probes (``bench.noise_ascent_probe``, ``bench.x0hat_probe``) start from:
+    ``threads`` torch threads, the learned reward (``reward_path``, default the shipped one), the embedded
+    default, ``n`` held-out prompts and one Philox seed each, drawn from generators keyed by ``(seed, name)``
+    -> ``(policy, reward, prompts, seeds)``."""
+    import numpy as np
+
+    from train import common
+    from train import reward_model as rm
+    from train.spo_scorer import build_embedded
+
+    torch.set_num_threads(threads)
+    reward = rm.GenEvalLearned(reward_path)
+    policy = build_embedded(seed)
+    rng = np.random.default_rng(common.derive_seed(seed, name, "prompts"))
+    prompts = rm.draw(rm.heldout_pool(), n, rng)
+    seeds = [common.derive_seed(seed, name, "sample", i) for i in range(n)]
+    return policy, reward, prompts, seeds
+
+
+def write_probe_json(path, module: str, argv, result: dict, seconds: float) -> None:
+    """A probe's results with the command that made them (``argv``: its arguments, None = ``sys.argv``) at
+    ``path`` (nothing when ``path`` is None)."""
+    if not path:
+        return
+    given = sys.argv[1:] if argv is None else argv
+    out = {"command": f"python -m {module} " + " ".join(given), **result, "seconds": round(seconds, 1)}
+    Path(path).write_text(json.dumps(out, indent=1))

@@ -41,12 +41,11 @@ import json
 import math
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
 import models
+from bench._common import heldout_probe_setup, write_probe_json
 from engine import per_sample_randn
 from train import common
 from train import reward_model as rm
@@ -245,23 +244,13 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from train.spo_scorer import build_embedded
-
-    torch.set_num_threads(args.threads)
     t0 = time.time()
-    reward = rm.GenEvalLearned(args.reward_path)
-    policy = build_embedded(args.seed)
-    rng = np.random.default_rng(common.derive_seed(args.seed, "noise_ascent_probe", "prompts"))
-    prompts = rm.draw(rm.heldout_pool(), args.n, rng)
-    seeds = [common.derive_seed(args.seed, "noise_ascent_probe", "sample", i) for i in range(args.n)]
+    policy, reward, prompts, seeds = heldout_probe_setup("noise_ascent_probe", n=args.n, seed=args.seed,
+                                                         threads=args.threads, reward_path=args.reward_path)
     res = run(policy, reward, prompts, seeds, steps=args.steps, step=args.step, batch=args.batch,
               seed=args.seed, lora_steps=args.lora_steps, lora_lr=args.lora_lr,
               lora_per_sample=args.lora_per_sample)
-    given = sys.argv[1:] if argv is None else argv
-    out = {"command": "python -m bench.noise_ascent_probe " + " ".join(given), **res,
-           "seconds": round(time.time() - t0, 1)}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    write_probe_json(args.json, "bench.noise_ascent_probe", argv, res, time.time() - t0)
     return 0
 
 

@@ -26,12 +26,10 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
 
-from train import common
+from bench._common import heldout_probe_setup, write_probe_json
 from train import reward_model as rm
 from train.reward_backprop import RBSampleConfig, make_schedule, sample_with_grad
 
@@ -95,21 +93,11 @@ def main(argv=None) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from train.spo_scorer import build_embedded
-
-    torch.set_num_threads(args.threads)
     t0 = time.time()
-    reward = rm.GenEvalLearned(args.reward_path)
-    policy = build_embedded(args.seed)
-    rng = np.random.default_rng(common.derive_seed(args.seed, "x0hat_probe", "prompts"))
-    prompts = rm.draw(rm.heldout_pool(), args.n, rng)
-    seeds = [common.derive_seed(args.seed, "x0hat_probe", "sample", i) for i in range(args.n)]
+    policy, reward, prompts, seeds = heldout_probe_setup("x0hat_probe", n=args.n, seed=args.seed,
+                                                         threads=args.threads, reward_path=args.reward_path)
     res = run(policy, reward, prompts, seeds, num_steps=args.num_steps, batch=args.batch)
-    given = sys.argv[1:] if argv is None else argv
-    out = {"command": "python -m bench.x0hat_probe " + " ".join(given), **res,
-           "seconds": round(time.time() - t0, 1)}
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1))
+    write_probe_json(args.json, "bench.x0hat_probe", argv, res, time.time() - t0)
     return 0
 
 
