@@ -340,15 +340,14 @@ class NFTTrainer(Trainer):
                 # per-timestep backward of loss_j / n_train
                 k = tc.timesteps_per_forward or n_train
                 for j0 in range(0, n_train, k):
-                    js = range(j0, min(j0 + k, n_train))
-                    nj, b = len(js), len(idx)
+                    nj, b = min(k, n_train - j0), len(idx)
                     t = sigmas[t_idx[mb.gidx][:, j0 : j0 + nj].T.reshape(-1).to(dev)]
                     noise = noises[:, j0 : j0 + nj].transpose(0, 1).reshape(nj * b, *xb.shape[1:])
                     xr = xb.repeat(nj, *([1] * (xb.dim() - 1))) if nj > 1 else xb
                     cr = cond.repeat(nj) if nj > 1 else cond
                     x_t = kernels.interpolate(xr, noise, t)
                     ts = 1000.0 * t
-                    last = mi == len(mbs) - 1 and js[-1] == n_train - 1
+                    last = mi == len(mbs) - 1 and j0 + nj == n_train
                     # v_ref: on every row under a KL term, else on the first timestep's rows of the first
                     # micro-batch of the first step (the KL measurement)
                     measure = si == 0 and mi == 0 and j0 == 0
