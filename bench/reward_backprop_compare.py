@@ -1,16 +1,25 @@
-"""DRaFT-1, AlignProp, ReFL and Nabla-GFlowNet on one budget on the embedded default: the learned reward, the
+"""DRaFT-1, AlignProp, ReFL and Nabla-GFlowNet on one budget on the embedded default: the training reward, the
 gold verifier score and the samples' diversity over training, as one table and one plot.
 
 Each method runs through its own CLI (``python -m train.<method>``, its ``tiny`` preset: 16 samples per
 iteration, reward ``geneval_learned``) for the same number of iterations with the same seed and evaluation
-protocol (20-step DPM-Solver++ 2M, CFG-free); every evaluation logs ``eval/reward`` (the learned reward on
-the held-out samples), ``eval/score`` (the GenEval-mini verifier, gold) and ``eval/diversity`` /
-``eval/drift`` (train.diversity).  The table holds iteration 0 and the last evaluation; the plot one panel
-per metric.  Nabla-GFlowNet's claim (arXiv 2412.07775) is that at equal reward its samples stay more diverse
-than DRaFT's; the summary compares diversity at the evaluations where each method's learned reward is
-highest.
+protocol (20-step DPM-Solver++ 2M, CFG-free); every evaluation logs ``eval/reward`` (the training reward, the
+learned one by default, on the held-out samples), ``eval/score`` (the GenEval-mini verifier, gold) and
+``eval/diversity`` / ``eval/drift`` (train.diversity).  The table holds iteration 0 and the last evaluation;
+the plot one panel per metric.  Nabla-GFlowNet's claim (arXiv 2412.07775) is that at equal reward its samples
+stay more diverse than DRaFT's; the summaries give diversity at the evaluation where each method's training
+reward is highest, and at equal training reward (below).
 
     python -m bench.reward_backprop_compare --out runs/rb_compare --iters 20 --every 5
+
+``--reward`` trains every method on another differentiable reward (``saturation`` is one they all move, so
+the diversity claim can be tested where the reward actually rises), ``--method-extra METHOD=OPTIONS`` gives
+one method its own options (a reward scale, a learning rate), ``--jobs N`` runs N methods at once (give each
+``--threads``), and ``--merge DIR ...`` rebuilds the table, summaries and plot from earlier outputs (several
+seeds, or methods run in separate invocations) without training.  The equal-reward summary takes the highest
+training reward that every method of a seed reaches after iteration 0 (and half of that gain) and reads each
+method's diversity, gold score and drift there, linearly interpolated between the two evaluations around the
+first crossing.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import time
 from pathlib import Path
 
 METHODS = ("draft", "alignprop", "refl", "nabla_gfn")
-METRICS = (("eval/reward", "learned reward (held-out)"), ("eval/score", "gold: GenEval-mini"),
+METRICS = (("eval/reward", "training reward (held-out)"), ("eval/score", "gold: GenEval-mini"),
            ("eval/diversity", "diversity"), ("eval/drift", "drift from base"))  # fmt: skip
 COLOURS = {
     "draft": (200, 40, 40),
@@ -33,39 +42,108 @@ COLOURS = {
 }
 
 
-def run_method(method: str, out: Path, iters: int, every: int, prompts: int, seed: int, extra: list) -> dict:
-    run = out / method
-    cmd = [sys.executable, "-m", f"train.{method}", "--run-dir", str(run), "--overwrite", "--max-iters",
-           str(iters), "--eval.every", str(every), "--eval.num-prompts", str(prompts), "--seed", str(seed),
-           "--eval.num-steps", "20", "--eval.solver", "dpm2", "--eval.cfg-scale", "1", "--max-minutes", "600",
-           "--log.progress", "false", "--log.checkpoint-every", str(iters), *extra]  # fmt: skip
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+def method_command(method: str, out: Path, iters: int, every: int, prompts: int, seed: int, extra: list):
+    return [sys.executable, "-m", f"train.{method}", "--run-dir", str(out / method), "--overwrite",
+            "--max-iters", str(iters), "--eval.every", str(every), "--eval.num-prompts", str(prompts),
+            "--seed", str(seed), "--eval.num-steps", "20", "--eval.solver", "dpm2", "--eval.cfg-scale", "1",
+            "--max-minutes", "600", "--log.progress", "false", "--log.checkpoint-every", str(iters),
+            *extra]  # fmt: skip
+
+
+def collect(method: str, run: Path, iters: int, seed: int, wall: float, cmd: list) -> dict:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
     evals = [r for r in rows if "eval/score" in r and "iteration" in r]
-    if evals[-1]["iteration"] != iters:
-        raise SystemExit(f"train.{method} stopped at iteration {evals[-1]['iteration']} of {iters}")
-    return {"method": method, "wall_s": wall, "evals": evals, "cmd": " ".join(cmd[1:])}
+    if not evals or evals[-1]["iteration"] != iters:
+        got = evals[-1]["iteration"] if evals else "none"
+        raise SystemExit(f"train.{method} stopped at iteration {got} of {iters}")
+    return {"method": method, "seed": seed, "wall_s": wall, "evals": evals, "cmd": " ".join(cmd[1:])}
+
+
+def run_methods(jobs: list[tuple[str, list]], out: Path, args) -> list[dict]:
+    """Run ``(method, extra options)`` through their CLIs, ``args.jobs`` at a time; the results in the
+    given order.  A failing run stops the comparison with its command and the tail of its output."""
+    pending, running, done = list(jobs), {}, {}
+    while pending or running:
+        while pending and len(running) < args.jobs:
+            method, extra = pending.pop(0)
+            cmd = method_command(method, out, args.iters, args.every, args.eval_prompts, args.seed, extra)
+            log = open(out / f"{method}.log", "w")
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True)
+            running[method] = (proc, cmd, log, time.perf_counter())
+        time.sleep(0.5)
+        for method, (proc, cmd, log, t0) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del running[method]
+            if proc.returncode != 0:
+                for other in running.values():
+                    other[0].kill()
+                tail = (out / f"{method}.log").read_text()[-3000:]
+                raise SystemExit(f"{' '.join(cmd)} exited {proc.returncode}:\n{tail}")
+            wall = time.perf_counter() - t0
+            done[method] = collect(method, out / method, args.iters, args.seed, wall, cmd)
+            print(f"{method}: {wall:.0f} s", flush=True)
+    return [done[m] for m, _ in jobs]
 
 
 def table(results: list[dict]) -> str:
-    head = "| method | wall s | " + " | ".join(f"{label} (it 0 -> last)" for _, label in METRICS) + " |"
-    lines = [head, "|" + "---|" * (2 + len(METRICS))]
+    head = "| method | seed | wall s | " + " | ".join(f"{lab} (it 0 -> last)" for _, lab in METRICS) + " |"
+    lines = [head, "|" + "---|" * (3 + len(METRICS))]
     for r in results:
         first, last = r["evals"][0], r["evals"][-1]
         cells = []
         for key, _ in METRICS:
             a, b = first.get(key), last.get(key)
             cells.append("n/a" if a is None or b is None else f"{a:.3f} -> {b:.3f}")
-        lines.append(f"| {r['method']} | {r['wall_s']:.0f} | " + " | ".join(cells) + " |")
+        row = f"| {r['method']} | {r.get('seed', 0)} | {r['wall_s']:.0f} | "
+        lines.append(row + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def crossing(evals: list[dict], level: float, key: str = "eval/reward") -> dict | None:
+    """The metrics where the training reward first reaches ``level`` after iteration 0: each value (and the
+    iteration) linearly interpolated in the reward between the evaluation before the crossing and the one at
+    it; None if it never does."""
+    for prev, cur in zip(evals, evals[1:], strict=False):
+        a, b = prev.get(key), cur.get(key)
+        if a is None or b is None or b < level:
+            continue
+        f = 1.0 if b <= a else min(max((level - a) / (b - a), 0.0), 1.0)
+        out = {"iteration": prev["iteration"] + f * (cur["iteration"] - prev["iteration"])}
+        for k, _ in METRICS:
+            if k in prev and k in cur:
+                out[k] = prev[k] + f * (cur[k] - prev[k])
+        out[key] = level if b > a else b
+        return out
+    return None
+
+
+def at_equal_reward(results: list[dict], fractions=(0.5, 1.0)) -> str:
+    """Per seed: the highest training reward that every method reaches after iteration 0 (``fractions`` of its
+    gain over the start), and each method's metrics where it first gets there (Nabla-GFN's claim: at equal
+    reward, more diversity than DRaFT)."""
+    lines = []
+    for seed in sorted({r.get("seed", 0) for r in results}):
+        group = [r for r in results if r.get("seed", 0) == seed]
+        start = max(r["evals"][0]["eval/reward"] for r in group)
+        top = min(max(e["eval/reward"] for e in r["evals"][1:]) for r in group if len(r["evals"]) > 1)
+        if top <= start:
+            lines.append(f"- seed {seed}: no reward above the start ({start:.3f}) that every method reaches")
+            continue
+        for frac in fractions:
+            level = start + frac * (top - start)
+            cells = []
+            for r in group:
+                c = crossing(r["evals"], level)
+                vals = ", ".join(f"{label.split(':')[0]} {c[k]:.3f}" for k, label in METRICS[1:] if k in c)
+                cells.append(f"{r['method']} (it {c['iteration']:.1f}): {vals}")
+            lines.append(f"- seed {seed}, training reward {level:.4f}: " + "; ".join(cells))
     return "\n".join(lines)
 
 
 def at_best_reward(results: list[dict]) -> str:
-    """Per method: the evaluation with the highest learned reward after iteration 0, its gold score and
+    """Per method: the evaluation with the highest training reward after iteration 0, its gold score and
     diversity (Nabla-GFN's claim is about diversity at equal reward)."""
     lines = []
     for r in results:
@@ -74,45 +152,69 @@ def at_best_reward(results: list[dict]) -> str:
         nan = float("nan")
         rew, div = best.get("eval/reward", nan), best.get("eval/diversity", nan)
         lines.append(
-            f"- {r['method']}: best learned reward {rew:.3f} at iteration {best['iteration']}, gold "
+            f"- {r['method']} (seed {r.get('seed', 0)}): best training reward {rew:.3f} at iteration "
+            f"{best['iteration']}, gold "
             f"{best['eval/score']:.3f}, diversity {div:.3f}"
         )
     return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
-    """One panel per metric, iteration on x, one line per method (PIL only)."""
+    """One panel per metric against the iteration, and a last one of diversity against the training reward
+    (the claim's axes); one line per method and seed (PIL only)."""
     from PIL import Image, ImageDraw
 
+    panels = [("iteration", key, label) for key, label in METRICS]
+    panels.append(("eval/reward", "eval/diversity", "diversity against training reward"))
     w, h, pad = 360, 240, 36
-    img = Image.new("RGB", (w * len(METRICS), h + 24), "white")
+    img = Image.new("RGB", (w * len(panels), h + 24), "white")
     d = ImageDraw.Draw(img)
-    x_max = max(e["iteration"] for r in results for e in r["evals"]) or 1
-    for p, (key, label) in enumerate(METRICS):
+
+    def span(key):
         vals = [e[key] for r in results for e in r["evals"] if key in e]
         if not vals:
-            continue
+            return None
         lo, hi = min(vals), max(vals)
-        hi = hi if hi > lo else lo + 1e-6
+        return lo, (hi if hi > lo else lo + 1e-6)
+
+    for p, (xkey, key, label) in enumerate(panels):
+        ys, xs = span(key), span(xkey)
+        if ys is None or xs is None:
+            continue
+        (lo, hi), (xlo, xhi) = ys, xs
         x0 = p * w
         d.rectangle([x0 + pad, 20, x0 + w - 10, h - pad + 20], outline=(0, 0, 0))
         d.text((x0 + pad, 4), label, fill=(0, 0, 0))
         d.text((x0 + 2, 20), f"{hi:.2f}", fill=(0, 0, 0))
         d.text((x0 + 2, h - pad + 10), f"{lo:.2f}", fill=(0, 0, 0))
-        d.text((x0 + w - 40, h - pad + 24), f"it {x_max}", fill=(0, 0, 0))
+        right = f"it {xhi:.0f}" if xkey == "iteration" else f"{xhi:.2f}"
+        d.text((x0 + w - 40, h - pad + 24), right, fill=(0, 0, 0))
+        if xkey != "iteration":
+            d.text((x0 + pad, h - pad + 24), f"{xlo:.2f}", fill=(0, 0, 0))
         for r in results:
             pts = [
-                (x0 + pad + (w - pad - 10) * e["iteration"] / x_max,
+                (x0 + pad + (w - pad - 10) * (e[xkey] - xlo) / (xhi - xlo),
                  20 + (h - pad) * (1 - (e[key] - lo) / (hi - lo)))
-                for e in r["evals"] if key in e
+                for e in r["evals"] if key in e and xkey in e
             ]  # fmt: skip
-            if len(pts) > 1:
-                d.line(pts, fill=COLOURS[r["method"]], width=2)
+            if len(pts) > 1:  # seed 0 thick, other seeds thin
+                d.line(pts, fill=COLOURS[r["method"]], width=2 if r.get("seed", 0) == 0 else 1)
             for x, y in pts:
                 d.ellipse([x - 2, y - 2, x + 2, y + 2], fill=COLOURS[r["method"]])
-    for i, m in enumerate(METHODS):
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in results)):
         d.text((pad + i * 110, h + 8), m, fill=COLOURS[m])
     img.save(path)
+
+
+def parse_method_extra(items: list[str]) -> dict[str, list[str]]:
+    out = {}
+    for item in items:
+        method, sep, opts = item.partition("=")
+        if not sep or method not in METHODS:
+            raise SystemExit(f"--method-extra: expected METHOD=OPTIONS, METHOD one of {', '.join(METHODS)}; "
+                             f"got {item!r}")  # fmt: skip
+        out.setdefault(method, []).extend(opts.split())
+    return out
 
 
 def main(argv=None) -> int:
@@ -123,20 +225,43 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-prompts", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--reward", default=None, help="the differentiable reward of every method (default: each "
+                    "preset's, geneval_learned on the embedded default)")  # fmt: skip
     ap.add_argument("--extra", default="", help="options passed to every method, space separated")
+    ap.add_argument("--method-extra", action="append", default=[], metavar="METHOD=OPTIONS",
+                    help="options for one method only, space separated (repeatable)")  # fmt: skip
+    ap.add_argument("--jobs", type=int, default=1, help="methods run at once")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="no training: the table, summaries and plot of earlier outputs")  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for m in args.methods.split(","):
+    if args.jobs < 1:
+        raise SystemExit(f"--jobs: expected an integer >= 1, got {args.jobs}")
+    methods = args.methods.split(",")
+    for m in methods:
         if m not in METHODS:
             raise SystemExit(f"--methods: expected names from {', '.join(METHODS)}, got {m!r}")
-        extra = args.extra.split()
-        results.append(run_method(m, out, args.iters, args.every, args.eval_prompts, args.seed, extra))
-        print(f"{m}: {results[-1]['wall_s']:.0f} s", flush=True)
-    text = table(results) + "\n\n" + at_best_reward(results) + "\n"
+    if len(set(methods)) != len(methods):
+        raise SystemExit(f"--methods: expected each method once (they share --out), got {args.methods}")
+    per_method = parse_method_extra(args.method_extra)
+    if args.merge:
+        results = []
+        for d in args.merge:
+            f = Path(d) / "results.json"
+            if not f.is_file():
+                raise SystemExit(f"--merge: expected {f} (an earlier --out), not found")
+            results.extend(json.loads(f.read_text()))
+    else:
+        reward = ["--reward", args.reward] if args.reward else []
+        jobs = [(m, [*reward, *args.extra.split(), *per_method.get(m, [])]) for m in methods]
+        out.mkdir(parents=True, exist_ok=True)
+        results = run_methods(jobs, out, args)
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(results) + "\n\n" + at_best_reward(results) + "\n\nAt equal training reward:\n"
+    text += at_equal_reward(results) + "\n"
     (out / "table.md").write_text(text)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    if not args.merge:
+        (out / "results.json").write_text(json.dumps(results, indent=1))
     plot(results, out / "curves.png")
     print(text)
     print(f"plot: {out / 'curves.png'}")

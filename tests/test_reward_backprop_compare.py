@@ -1,0 +1,85 @@
+"""bench.reward_backprop_compare: the equal-reward reading, the per-method options, the parallel runs and the
+merge of earlier outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench import reward_backprop_compare as rbc
+
+
+def _evals(rewards, diversities, every=5):
+    return [
+        {"iteration": i * every, "eval/reward": r, "eval/score": 0.5, "eval/diversity": d,
+         "eval/drift": 0.01 * i}  # fmt: skip
+        for i, (r, d) in enumerate(zip(rewards, diversities, strict=True))
+    ]
+
+
+def test_crossing_interpolates_between_the_evaluations_around_the_first_crossing():
+    ev = _evals([0.10, 0.12, 0.20, 0.15, 0.30], [0.50, 0.48, 0.40, 0.45, 0.30])
+    c = rbc.crossing(ev, 0.16)  # first reached between iterations 5 (0.12) and 10 (0.20), halfway
+    assert c["iteration"] == pytest.approx(7.5)
+    assert c["eval/reward"] == pytest.approx(0.16)
+    assert c["eval/diversity"] == pytest.approx(0.44)
+    assert c["eval/drift"] == pytest.approx(0.015)
+    assert rbc.crossing(ev, 0.31) is None
+
+
+def test_equal_reward_takes_the_highest_level_every_method_of_a_seed_reaches():
+    fast = {"method": "draft", "seed": 0, "evals": _evals([0.10, 0.20, 0.30], [0.5, 0.4, 0.3])}
+    slow = {"method": "nabla_gfn", "seed": 0, "evals": _evals([0.10, 0.12, 0.14], [0.5, 0.5, 0.5])}
+    flat = {"method": "refl", "seed": 1, "evals": _evals([0.10, 0.09, 0.10], [0.5, 0.5, 0.5])}
+    text = rbc.at_equal_reward([fast, slow, flat])
+    lines = text.splitlines()
+    assert lines[0].startswith("- seed 0, training reward 0.1200:") and lines[1].startswith(
+        "- seed 0, training reward 0.1400:"
+    )
+    # at 0.14 DRaFT is 40% of the way from iteration 0 to 5 (diversity 0.5 -> 0.4), Nabla-GFN at iteration 10
+    assert "draft (it 2.0): gold 0.500, diversity 0.460" in lines[1]
+    assert "nabla_gfn (it 10.0): gold 0.500, diversity 0.500" in lines[1]
+    assert lines[2] == "- seed 1: no reward above the start (0.100) that every method reaches"
+
+
+def test_bad_options_are_refused_before_any_run(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--method-extra: expected METHOD=OPTIONS"):
+        rbc.main(["--out", str(tmp_path / "o"), "--method-extra", "dpo=--train.lr 1"])
+    with pytest.raises(SystemExit, match="--methods: expected names"):
+        rbc.main(["--out", str(tmp_path / "o"), "--methods", "draft,ddpo"])
+    with pytest.raises(SystemExit, match="--methods: expected each method once"):
+        rbc.main(["--out", str(tmp_path / "o"), "--methods", "draft,refl,draft"])
+    with pytest.raises(SystemExit, match="--jobs: expected an integer >= 1, got 0"):
+        rbc.main(["--out", str(tmp_path / "o"), "--jobs", "0"])
+    with pytest.raises(SystemExit, match="results.json"):
+        rbc.main(["--out", str(tmp_path / "o"), "--merge", str(tmp_path / "missing")])
+    assert not (tmp_path / "o").exists()
+
+
+FAST = (
+    "--sample.prompts-per-iter 2 --sample.num-steps 2 --train.batch-size 2 --train.grad-accum 1 "
+    "--eval.diversity-prompts 1 --eval.diversity-images 2 --threads 1"
+)
+
+
+@pytest.mark.slow
+def test_two_methods_at_once_then_merged(tmp_path):
+    """Two CLIs run side by side with the shared options, one with its own; then ``--merge`` rebuilds the
+    summaries from the output without training."""
+    out = tmp_path / "cmp"
+    argv = ["--out", str(out), "--iters", "1", "--every", "1", "--eval-prompts", "2", "--methods",
+            "draft,refl", "--reward", "saturation", "--extra", FAST, "--method-extra", "refl=--train.lr 0",
+            "--jobs", "2"]  # fmt: skip
+    assert rbc.main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results] == ["draft", "refl"]
+    assert all([e["iteration"] for e in r["evals"]] == [0, 1] for r in results)
+    assert "--reward saturation" in results[0]["cmd"] and "--train.lr 0" in results[1]["cmd"]
+    assert "--train.lr 0" not in results[0]["cmd"]
+    # the same start on the same seed: one base model, one held-out protocol
+    assert results[0]["evals"][0]["eval/reward"] == results[1]["evals"][0]["eval/reward"]
+    first = (out / "table.md").read_text()
+    merged = tmp_path / "merged"
+    assert rbc.main(["--out", str(merged), "--merge", str(out)]) == 0
+    assert (merged / "table.md").read_text() == first and (merged / "curves.png").is_file()
