@@ -329,3 +329,14 @@ def heldout_eval(trainer, run_dir: Path, iteration: int) -> dict:
     (Path(run_dir) / "samples").mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         return trainer.evaluator.run(trainer.policy, iteration, Path(run_dir), shift=None, dist=trainer.dist)
+
+
+def make_tiny_flow_pipeline(root: Path, family: str):
+    """A random tiny diffusers SD3 or FLUX pipeline (tests/models/test_text_vae.py's) saved under ``root`` and
+    a two-prompt file -> ``(pipeline folder, prompts file)``."""
+    from tests.models.test_text_vae import _flux_pipeline, _sd3_pipeline
+
+    pipe = _sd3_pipeline(root) if family == "sd3" else _flux_pipeline(root)
+    pipe.save_pretrained(root / "pipe")
+    (root / "prompts.txt").write_text("a red cat\na blue dog\n")
+    return root / "pipe", root / "prompts.txt"

@@ -1,7 +1,7 @@
 """train.nabla_gfn (residual Nabla-DB, math.md §7): the CLI on the embedded default (the derived flow-sde
 port) with small budgets, resume restoring phi and continuing bit-identically, a non-differentiable reward
-refused before any work, the UNet (DDIM eta) path on a tiny random SD1.5-style pipeline, and a short
-run against its lr-0 control on the training reward."""
+refused before any work, the UNet (DDIM eta) path on a tiny random SD1.5-style pipeline, tiny SD3 and FLUX
+pipelines, and a short run against its lr-0 control on the training reward."""
 
 import pytest
 import torch
@@ -9,7 +9,7 @@ import torch
 import train.nabla_gfn as ngfn
 from train import common
 
-from ._pg_helpers import make_tiny_sd_pipeline, use_embedded_default
+from ._pg_helpers import make_tiny_flow_pipeline, make_tiny_sd_pipeline, use_embedded_default
 
 FAST = [
     "--sample.prompts-per-iter",
@@ -110,6 +110,25 @@ def test_unet_ddim_path(tmp_path):
     assert ngfn.main(["--run-dir", str(tmp_path / "run"), *argv]) == 0
     row = next(r for r in common.read_metrics(tmp_path / "run") if "train/loss" in r)
     assert row["reg/first_abs_dev"] == 0.0 and row["train/g_norm"] > 0
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_pipelines_run_with_a_clip_reward(tmp_path, family):
+    """Tiny random diffusers SD3 and FLUX pipelines (the derived flow-sde port, the ``sd3`` preset's CFG) with
+    a tiny CLIP-score reward: a step trains the LoRA and phi, and the rollout adapter is the old one."""
+    from ._clip_helpers import write_clip
+
+    pipe, prompts = make_tiny_flow_pipeline(tmp_path, family)
+    write_clip(tmp_path / "clip")
+    argv = [
+        "--model", str(pipe), "--prompts", str(prompts), "--preset", "sd3", "--models.dtype", "float32",
+        "--models.resolution", "16", "--models.lora-rank", "4", "--reward", "clip_score",
+        "--reward-clip-path", str(tmp_path / "clip"), "--sample.guidance-scale", "2.0", *FAST,
+        "--max-iters", "1",
+    ]  # fmt: skip
+    assert ngfn.main(["--run-dir", str(tmp_path / "run"), *argv]) == 0
+    row = next(r for r in common.read_metrics(tmp_path / "run") if "train/loss" in r)
+    assert row["reg/first_abs_dev"] == 0.0 and row["train/g_norm"] > 0 and row["train/phi_norm"] > 0
 
 
 def test_learns_the_training_reward_vs_lr0(tmp_path):
