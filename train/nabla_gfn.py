@@ -112,7 +112,9 @@ def preset_tiny() -> NablaGFNConfig:
     iteration, 10 SDE steps (noise level 0.7), 2 blocks (3 transitions per sample), one optimizer step of
     16 samples, the differentiable learned GenEval-mini reward ``geneval_learned``, phi a 32/64/64 UNet
     cross-attending in its mid block only (self-attention over 32 x 32 positions would dominate the step
-    on a CPU), one torch thread."""
+    on a CPU), one torch thread.  With one optimizer step per iteration the regulariser to the rollout
+    policy is zero (the step starts from the rollout weights); ``--train.grad-accum 1`` gives two steps, as
+    the reference's two per iteration, and a non-zero ``reg`` on the second."""
     cfg = NablaGFNConfig(reward="geneval_learned", threads=1)
     cfg.sample.prompts_per_iter, cfg.sample.images_per_prompt, cfg.sample.num_steps = 8, 2, 10
     cfg.train.timestep_fraction, cfg.train.batch_size, cfg.train.grad_accum = 0.2, 8, 2
