@@ -136,6 +136,9 @@ def at_equal_reward(results: list[dict], fractions=(0.5, 1.0)) -> str:
             cells = []
             for r in group:
                 c = crossing(r["evals"], level)
+                if c is None:  # a run with no evaluation after iteration 0
+                    cells.append(f"{r['method']}: not reached")
+                    continue
                 vals = ", ".join(f"{label.split(':')[0]} {c[k]:.3f}" for k, label in METRICS[1:] if k in c)
                 cells.append(f"{r['method']} (it {c['iteration']:.1f}): {vals}")
             lines.append(f"- seed {seed}, training reward {level:.4f}: " + "; ".join(cells))

@@ -32,7 +32,8 @@ def test_equal_reward_takes_the_highest_level_every_method_of_a_seed_reaches():
     fast = {"method": "draft", "seed": 0, "evals": _evals([0.10, 0.20, 0.30], [0.5, 0.4, 0.3])}
     slow = {"method": "nabla_gfn", "seed": 0, "evals": _evals([0.10, 0.12, 0.14], [0.5, 0.5, 0.5])}
     flat = {"method": "refl", "seed": 1, "evals": _evals([0.10, 0.09, 0.10], [0.5, 0.5, 0.5])}
-    text = rbc.at_equal_reward([fast, slow, flat])
+    only_start = {"method": "alignprop", "seed": 0, "evals": _evals([0.10], [0.5])}
+    text = rbc.at_equal_reward([fast, slow, flat, only_start])
     lines = text.splitlines()
     assert lines[0].startswith("- seed 0, training reward 0.1200:") and lines[1].startswith(
         "- seed 0, training reward 0.1400:"
@@ -40,6 +41,7 @@ def test_equal_reward_takes_the_highest_level_every_method_of_a_seed_reaches():
     # at 0.14 DRaFT is 40% of the way from iteration 0 to 5 (diversity 0.5 -> 0.4), Nabla-GFN at iteration 10
     assert "draft (it 2.0): gold 0.500, diversity 0.460" in lines[1]
     assert "nabla_gfn (it 10.0): gold 0.500, diversity 0.500" in lines[1]
+    assert lines[1].endswith("; alignprop: not reached")
     assert lines[2] == "- seed 1: no reward above the start (0.100) that every method reaches"
 
 
