@@ -114,8 +114,8 @@ def test_unet_ddim_path(tmp_path):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_flow_pipelines_run_with_a_clip_reward(tmp_path, family):
-    """Tiny random diffusers SD3 and FLUX pipelines (the derived flow-sde port, the ``sd3`` preset's CFG) with
-    a tiny CLIP-score reward: a step trains the LoRA and phi, and the rollout adapter is the old one."""
+    """Tiny random diffusers SD3 and FLUX pipelines (the derived flow-sde port, the ``sd3`` preset, CFG 2)
+    with a tiny CLIP-score reward: a step trains the LoRA and phi, and the rollout adapter is the old one."""
     from ._clip_helpers import write_clip
 
     pipe, prompts = make_tiny_flow_pipeline(tmp_path, family)
