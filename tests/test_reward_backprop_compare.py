@@ -79,8 +79,9 @@ def test_two_methods_at_once_then_merged(tmp_path):
     assert all([e["iteration"] for e in r["evals"]] == [0, 1] for r in results)
     assert "--reward saturation" in results[0]["cmd"] and "--train.lr 0" in results[1]["cmd"]
     assert "--train.lr 0" not in results[0]["cmd"]
-    # the same start on the same seed: one base model, one held-out protocol
-    assert results[0]["evals"][0]["eval/reward"] == results[1]["evals"][0]["eval/reward"]
+    # the same start on the same seed: one base model, one held-out protocol (two processes: a tolerance)
+    start = [r["evals"][0]["eval/reward"] for r in results]
+    assert start[0] == pytest.approx(start[1], rel=1e-5)
     first = (out / "table.md").read_text()
     merged = tmp_path / "merged"
     assert rbc.main(["--out", str(merged), "--merge", str(out)]) == 0
