@@ -195,6 +195,16 @@ def memory_bench_models(args) -> list[str]:
     return ["embedded", "sd3-tiny"] if args.model == "all" else [args.model]
 
 
+def add_heldout_probe_args(p: argparse.ArgumentParser) -> None:
+    """The options every embedded-default probe shares (``heldout_probe_setup``'s and ``write_probe_json``'s):
+    ``--batch``, ``--seed``, ``--reward-path``, ``--threads``, ``--json``."""
+    p.add_argument("--batch", type=int, default=64, help="samples per sampler call")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward-path", help="a learned reward model (default: the shipped one)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", help="write the results here")
+
+
 def heldout_probe_setup(name: str, *, n: int, seed: int, threads: int, reward_path=None):
     """What the embedded-default probes (``bench.noise_ascent_probe``, ``bench.x0hat_probe``) start from:
     ``threads`` torch threads, the learned reward (``reward_path``, default the shipped one), the embedded

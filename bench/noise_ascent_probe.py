@@ -45,7 +45,7 @@ import time
 import torch
 
 import models
-from bench._common import heldout_probe_setup, write_probe_json
+from bench._common import add_heldout_probe_args, heldout_probe_setup, write_probe_json
 from engine import per_sample_randn
 from train import common
 from train import reward_model as rm
@@ -234,11 +234,7 @@ def main(argv=None) -> int:
     p.add_argument("--lora-lr", type=float, default=1e-3, help="the LoRA walk's Adam learning rate")
     p.add_argument("--lora-per-sample", action="store_true",
                    help="LoRA walk: step on the mean of each sample's unit-norm gradient")
-    p.add_argument("--batch", type=int, default=64, help="samples per sampler call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reward-path", help="a learned reward model (default: the shipped one)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", help="write the results here")
+    add_heldout_probe_args(p)
     args = p.parse_args(argv)
     problem = _check(args)
     if problem:

@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench._common import heldout_probe_setup, write_probe_json
+from bench._common import add_heldout_probe_args, heldout_probe_setup, write_probe_json
 from train import reward_model as rm
 from train.reward_backprop import RBSampleConfig, make_schedule, sample_with_grad
 
@@ -83,11 +83,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench.x0hat_probe", description=__doc__.split("\n")[0])
     p.add_argument("--n", type=int, default=256, help="held-out prompts, one sample each")
     p.add_argument("--num-steps", type=int, default=10, help="Euler steps of the sampler")
-    p.add_argument("--batch", type=int, default=64, help="samples per sampler call")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reward-path", help="a learned reward model (default: the shipped one)")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", help="write the results here")
+    add_heldout_probe_args(p)
     args = p.parse_args(argv)
     problem = _check(args)
     if problem:
