@@ -19,7 +19,9 @@ one method its own options (a reward scale, a learning rate), ``--jobs N`` runs 
 seeds, or methods run in separate invocations) without training.  The equal-reward summary takes the highest
 training reward that every method of a seed reaches after iteration 0 (and half of that gain) and reads each
 method's diversity, gold score and drift there, linearly interpolated between the two evaluations around the
-first crossing.
+first crossing.  The table and plot name the feature space of the diversity (``eval/feature``; pass
+``--extra "--eval.feature geneval_objects"`` for the verifier's objects); runs in different spaces are
+refused.
 """
 
 from __future__ import annotations
@@ -87,8 +89,19 @@ def run_methods(jobs: list[tuple[str, list]], out: Path, args) -> list[dict]:
     return [done[m] for m, _ in jobs]
 
 
+def feature_of(results: list[dict]) -> str:
+    """The one feature space (``eval/feature``) of every run's diversity and drift; runs measured in different
+    spaces are not compared."""
+    names = {e["eval/feature"] for r in results for e in r["evals"] if e.get("eval/feature")}
+    if len(names) > 1:
+        raise SystemExit(f"expected runs whose diversity is in one feature space (eval/feature), got "
+                         f"{', '.join(sorted(names))}")
+    return names.pop() if names else "?"
+
+
 def table(results: list[dict]) -> str:
-    head = "| method | seed | wall s | " + " | ".join(f"{lab} (it 0 -> last)" for _, lab in METRICS) + " |"
+    labels = [f"{lab} ({feature_of(results)})" if key == "eval/diversity" else lab for key, lab in METRICS]
+    head = "| method | seed | wall s | " + " | ".join(f"{lab} (it 0 -> last)" for lab in labels) + " |"
     lines = [head, "|" + "---|" * (3 + len(METRICS))]
     for r in results:
         first, last = r["evals"][0], r["evals"][-1]
@@ -167,8 +180,10 @@ def plot(results: list[dict], path: Path) -> None:
     (the claim's axes); one line per method and seed (PIL only)."""
     from PIL import Image, ImageDraw
 
-    panels = [("iteration", key, label) for key, label in METRICS]
-    panels.append(("eval/reward", "eval/diversity", "diversity against training reward"))
+    feature = feature_of(results)
+    panels = [("iteration", key, f"{label} ({feature})" if key == "eval/diversity" else label)
+              for key, label in METRICS]  # fmt: skip
+    panels.append(("eval/reward", "eval/diversity", f"diversity ({feature}) against training reward"))
     w, h, pad = 360, 240, 36
     img = Image.new("RGB", (w * len(panels), h + 24), "white")
     d = ImageDraw.Draw(img)

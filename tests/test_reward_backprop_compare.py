@@ -59,6 +59,20 @@ def test_bad_options_are_refused_before_any_run(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_the_table_names_the_feature_and_mixed_features_are_refused(tmp_path):
+    a = {"method": "draft", "seed": 0, "wall_s": 1.0, "evals": _evals([0.1, 0.2], [0.5, 0.4])}
+    b = {"method": "refl", "seed": 0, "wall_s": 1.0, "evals": _evals([0.1, 0.2], [0.5, 0.4])}
+    for e in a["evals"] + b["evals"]:
+        e["eval/feature"] = "geneval_objects"
+    assert "diversity (geneval_objects) (it 0 -> last)" in rbc.table([a, b]).splitlines()[0]
+    b["evals"][1]["eval/feature"] = "geneval_palette_grid4"
+    for i, r in enumerate((a, b)):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "results.json").write_text(json.dumps([r]))
+    with pytest.raises(SystemExit, match="one feature space .*geneval_objects, geneval_palette_grid4"):
+        rbc.main(["--out", str(tmp_path / "o"), "--merge", str(tmp_path / "0"), str(tmp_path / "1")])
+
+
 FAST = (
     "--sample.prompts-per-iter 2 --sample.num-steps 2 --train.batch-size 2 --train.grad-accum 1 "
     "--eval.diversity-prompts 1 --eval.diversity-images 2 --threads 1"

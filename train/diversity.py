@@ -12,13 +12,21 @@ The feature space (named in the log as ``eval/feature``):
   step (train/rewards/geneval_mini.py: every pixel takes the nearest colour of background + palette) pooled
   over a 4 x 4 grid of cells: per cell the share of its pixels of each of the 5 colours.  It sees which
   colours sit where, i.e. the objects' colours, positions and sizes the verifier reads;
+* ``geneval_objects`` (``--eval.feature geneval_objects``): the verifier's detected objects themselves
+  (train/rewards/geneval_mini.py ``detect``: components of one palette colour of at least ``min_area``
+  pixels, their shape class, and the specks' "clutter" object).  Each object is a unit-norm Gaussian bump
+  (std one cell) at its centroid on an 8 x 8 grid, in its own channel of (colour, shape) (4 x 4, and one for
+  clutter).  It sees which objects there are and where, not their texture: a faint background texture below
+  the verifier's speck threshold moves it not at all, where it moves the palette grid's cells;
 * ``clip:<dir>``: the L2-normalised image embedding of a local CLIP (``--eval.feature-clip-path``);
 * ``pixels16``: otherwise, the image in [0, 1] area-downsampled to at most 16 x 16 (a documented fallback; it
   measures layout and colour, not semantics).
 
-Every feature is scaled so a distance is Euclidean and bounded: palette grid ``<= sqrt(2)`` (the root mean
-over cells of the squared distance between two colour distributions), CLIP ``<= 2`` (unit vectors), pixels
-``<= 1`` (root-mean-square pixel difference).
+Every feature is scaled so a distance is Euclidean: palette grid ``<= sqrt(2)`` (the root mean over cells of
+the squared distance between two colour distributions), CLIP ``<= 2`` (unit vectors), pixels ``<= 1``
+(root-mean-square pixel difference), objects divided by ``sqrt(2)``: 1 between two one-object images whose
+objects differ in colour or shape (or lie far apart), 0.47 for the same object moved by one cell (4 px of 32),
+and growing with the number of objects that differ.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch
 
 __all__ = [
     "PaletteGridFeature",
+    "ObjectFeature",
     "PixelFeature",
     "ClipFeature",
     "build_feature",
@@ -54,6 +63,39 @@ class PaletteGridFeature:
         onehot = torch.nn.functional.one_hot(d.argmin(1), len(self.colors)).permute(0, 3, 1, 2).float()
         shares = torch.nn.functional.adaptive_avg_pool2d(onehot, self.cells)  # [B, K, c, c]: 1 per cell
         return shares.permute(0, 2, 3, 1).flatten(1) / self.cells  # 1/sqrt(cells^2): a root mean over cells
+
+
+class ObjectFeature:
+    """GenEval-mini's detected objects, each a unit-norm Gaussian bump (std ``sigma_cells`` cells) at its
+    centroid on a ``cells x cells`` grid in its (colour, shape) channel, summed per image and divided by
+    ``sqrt(2)`` -> ``[B, 17 cells^2]``."""
+
+    SHAPES = ("circle", "square", "triangle", "unknown")
+
+    def __init__(self, cells: int = 8, sigma_cells: float = 1.0):
+        from train.data.geneval_mini import PALETTE
+
+        from .rewards.geneval_mini import GenEvalMini
+
+        self.cells, self.sigma_cells = cells, sigma_cells
+        self.name = "geneval_objects"
+        self.verifier = GenEvalMini()
+        self.channels = {(c, s): i for i, (c, s) in enumerate((c, s) for c in PALETTE for s in self.SHAPES)}
+        self.clutter = len(self.channels)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        k = self.cells
+        centres = (torch.arange(k, dtype=torch.float64) + 0.5) / k  # cell centres, in image fractions
+        out = torch.zeros(b, self.clutter + 1, k, k, dtype=torch.float64)
+        for i, objects in enumerate(self.verifier.detect(images)):
+            for o in objects:
+                ch = self.clutter if o.shape == "clutter" else self.channels[(o.color, o.shape)]
+                gy = torch.exp(-0.5 * ((centres - o.cy / h) * k / self.sigma_cells) ** 2)
+                gx = torch.exp(-0.5 * ((centres - o.cx / w) * k / self.sigma_cells) ** 2)
+                bump = gy[:, None] * gx[None, :]
+                out[i, ch] += bump / bump.norm()
+        return (out.flatten(1) / 2**0.5).float()
 
 
 class PixelFeature:
@@ -105,12 +147,20 @@ def check_clip_path(path: str) -> None:
         )
 
 
-def build_feature(*, geneval: bool, clip_path: str | None = None, device: str = "cpu"):
-    """The feature of a run's diversity and drift: a local CLIP when given, else the GenEval-mini palette grid
-    on the embedded default's prompts, else downsampled pixels."""
+FEATURES = ("auto", "geneval_palette_grid4", "geneval_objects", "pixels16")
+
+
+def build_feature(*, geneval: bool, clip_path: str | None = None, device: str = "cpu", name: str = "auto"):
+    """The feature of a run's diversity and drift (``--eval.feature``): ``auto`` is a local CLIP when given,
+    else the GenEval-mini palette grid on the embedded default's prompts, else downsampled pixels."""
     if clip_path:
         return ClipFeature(clip_path, device)
-    return PaletteGridFeature() if geneval else PixelFeature()
+    if name == "auto":
+        name = "geneval_palette_grid4" if geneval else "pixels16"
+    if name.startswith("geneval_") and not geneval:
+        raise ValueError(f"--eval.feature: {name} reads GenEval-mini prompts' images (the embedded default)")
+    return {"geneval_palette_grid4": PaletteGridFeature, "geneval_objects": ObjectFeature,
+            "pixels16": PixelFeature}[name]()
 
 
 def group_diversity(features: torch.Tensor, groups: torch.Tensor) -> float:

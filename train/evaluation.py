@@ -66,6 +66,14 @@ class EvalConfig:
         },
     )
     diversity_images: int = field(default=4, metadata={"help": "samples per diversity prompt (>= 2)"})
+    feature: str = field(
+        default="auto",
+        metadata={
+            "help": "feature of eval/diversity and eval/drift: auto (a --eval.feature-clip-path CLIP, else "
+            "geneval_palette_grid4 on the embedded default, else pixels16), geneval_palette_grid4, "
+            "geneval_objects (the verifier's detected objects: texture-blind) or pixels16"
+        },
+    )
     feature_clip_path: str | None = field(
         default=None,
         metadata={
@@ -95,9 +103,16 @@ def validate_eval(cfg: EvalConfig) -> None:
             f"--eval.diversity-images: expected an integer >= 2 (a spread needs two samples), got "
             f"{cfg.diversity_images}"
         )
-    if cfg.feature_clip_path:
-        from .diversity import check_clip_path
+    from .diversity import FEATURES, check_clip_path
 
+    if cfg.feature not in FEATURES:
+        raise ValueError(f"--eval.feature: expected one of {', '.join(FEATURES)}, got {cfg.feature!r}")
+    if cfg.feature_clip_path:
+        if cfg.feature != "auto":
+            raise ValueError(
+                f"--eval.feature: expected auto with --eval.feature-clip-path (the CLIP is the feature), "
+                f"got {cfg.feature!r}"
+            )
         check_clip_path(cfg.feature_clip_path)
     if cfg.rewards:
         from .rewards.registry import HTTP_PREFIXES, REWARD_NAMES
@@ -329,7 +344,8 @@ class Evaluator:
         from .diversity import build_feature, group_diversity, paired_distance
 
         if self.feature is None:
-            self.feature = build_feature(geneval=geneval, clip_path=self.cfg.feature_clip_path)
+            self.feature = build_feature(geneval=geneval, clip_path=self.cfg.feature_clip_path,
+                                         name=self.cfg.feature)
         feats = self._gather(self.feature(images), total, dist)
         out = {}
         if len(groups):

@@ -293,6 +293,11 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
         read_prompt_file(cfg.prompts, "--prompts")
         read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
     validate_eval(cfg.eval)
+    if cfg.eval.feature.startswith("geneval_") and not embedded:
+        raise ConfigError(
+            f"--eval.feature: expected auto or pixels16 for a --model run ({cfg.eval.feature} reads the "
+            f"embedded default's GenEval-mini images), got {cfg.eval.feature}"
+        )
     check_schedule(None if embedded else cfg.model, cfg.sample.shift)  # the model's scheduler config
     resolve_reward(cfg, embedded=embedded)
 

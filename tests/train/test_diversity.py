@@ -9,7 +9,14 @@ import torch
 
 import train.grpo as grpo
 from train import common
-from train.diversity import PaletteGridFeature, PixelFeature, group_diversity, paired_distance
+from train.diversity import (
+    ObjectFeature,
+    PaletteGridFeature,
+    PixelFeature,
+    build_feature,
+    group_diversity,
+    paired_distance,
+)
 from train.evaluation import EvalConfig, Evaluator
 from train.policy import ModelConfig, build_policy
 
@@ -47,6 +54,51 @@ def test_palette_grid_feature_scale():
     f = feat(x)
     assert torch.allclose((f * 4).view(6, 16, 5).sum(-1), torch.ones(6, 16))  # shares sum to 1 per cell
     assert float(torch.cdist(f, f).max()) <= math.sqrt(2) + 1e-6
+
+
+def _square(color: int, x0: int, y0: int, size: int = 8, image=None):
+    """A square of palette colour ``color`` (0 red, 1 green, 2 blue) on black, in [-1, 1]."""
+    x = -torch.ones(1, 3, 32, 32) if image is None else image.clone()
+    x[0, :, y0 : y0 + size, x0 : x0 + size] = -1.0
+    x[0, color, y0 : y0 + size, x0 : x0 + size] = 1.0
+    return x
+
+
+def test_object_feature_scale_and_texture_blindness():
+    """One unit bump per detected object in its (colour, shape) channel, over sqrt 2: a different colour at
+    the same place is at distance 1, the same object moved by one cell (4 px) about half that and a far move
+    almost 1; a second object adds its own unit; specks below the verifier's object size move nothing, where
+    the palette grid sees them."""
+    feat, grid = ObjectFeature(), PaletteGridFeature()
+    red = _square(0, 4, 4)
+    assert feat.verifier.detect(red)[0][0][:2] == ("square", "red")
+    f = lambda x: feat(x)[0]  # noqa: E731
+    assert feat(red).shape == (1, 17 * 64)
+    assert float(f(red).norm()) == pytest.approx(1 / math.sqrt(2))
+    assert float((f(red) - f(_square(2, 4, 4))).norm()) == pytest.approx(1.0)
+    near = float((f(red) - f(_square(0, 8, 4))).norm())
+    far = float((f(red) - f(_square(0, 20, 20))).norm())
+    assert 0.3 < near < 0.6 and 0.95 < far <= 1.0
+    two = _square(2, 20, 20, image=red)
+    assert float((f(red) - f(two)).norm()) == pytest.approx(1 / math.sqrt(2))
+    specks = red.clone()
+    for k in range(12):  # 12 isolated one-pixel specks of green on the background (fewer than 64 pixels)
+        specks[0, :, 24, 2 * k] = -1.0
+        specks[0, 1, 24, 2 * k] = 1.0
+    assert [o.shape for o in feat.verifier.detect(specks)[0]] == ["square"]
+    assert torch.equal(feat(specks), feat(red))
+    # three cells of the grid's bottom row turn 4 of their 64 pixels green: 2 (4/64)^2 each, over 16 cells
+    assert float((grid(specks) - grid(red)).norm()) == pytest.approx(math.sqrt(3 * 2 * (4 / 64) ** 2 / 16))
+    assert torch.equal(feat(-torch.ones(2, 3, 32, 32)), torch.zeros(2, 17 * 64))
+
+
+def test_feature_option_choices_and_errors():
+    assert build_feature(geneval=True, name="geneval_objects").name == "geneval_objects"
+    assert build_feature(geneval=True).name == "geneval_palette_grid4"
+    assert build_feature(geneval=False).name == "pixels16"
+    assert build_feature(geneval=True, name="pixels16").name == "pixels16"
+    with pytest.raises(ValueError, match="--eval.feature: geneval_objects reads GenEval-mini"):
+        build_feature(geneval=False, name="geneval_objects")
 
 
 def test_pixel_feature_scale():
@@ -122,3 +174,15 @@ def test_every_loop_logs_reward_gold_diversity_and_drift(tmp_path, monkeypatch):
         assert r["eval/reward"] < 0  # minus the JPEG size in kB
     assert rows[0]["eval/drift"] == 0.0
     assert "eval/base_cfg/gold/geneval_mini" in rows[0]
+
+
+def test_object_feature_run_logs_it(tmp_path, monkeypatch):
+    """``--eval.feature geneval_objects`` on a loop: the metrics name it; diversity and drift come in it."""
+    use_embedded_default(monkeypatch)
+    argv = ["--run-dir", str(tmp_path / "r"), *SMALL, "--max-iters", "1", "--reward", "saturation"]
+    argv += ["--eval.feature", "geneval_objects", "--eval.diversity-prompts", "2"]
+    argv += ["--eval.diversity-images", "3"]
+    assert grpo.main(argv) == 0
+    rows = [r for r in common.read_metrics(tmp_path / "r") if "eval/score" in r]
+    assert [r["eval/feature"] for r in rows] == ["geneval_objects"] * 2
+    assert rows[0]["eval/drift"] == 0.0 and all(r["eval/diversity"] >= 0 for r in rows)

@@ -173,6 +173,12 @@ def test_stop_keeps_the_guard_state_across_resume(tmp_path, capsys):
         (nft, ["--eval.rewards", "nope"], "--eval.rewards: expected distinct names from"),
         (nft, ["--eval.diversity-images", "1"], "--eval.diversity-images: expected an integer >= 2"),
         (nft, ["--eval.feature-clip-path", "/nowhere"], "--eval.feature-clip-path: expected a local CLIP"),
+        (nft, ["--eval.feature", "clip"], "--eval.feature: expected one of auto, geneval_palette_grid4, "),
+        (
+            nft,
+            ["--eval.feature", "pixels16", "--eval.feature-clip-path", "/nowhere"],
+            "--eval.feature: expected auto with --eval.feature-clip-path",
+        ),
         (
             grpo,
             ["--guard.max-kl", "0.1", "--train.kl-beta", "0"],
