@@ -108,7 +108,9 @@ def table(results: list[dict]) -> str:
         cells = []
         for key, _ in METRICS:
             a, b = first.get(key), last.get(key)
-            cells.append("n/a" if a is None or b is None else f"{a:.3f} -> {b:.3f}")
+            se = last.get(f"{key}_se")  # eval/diversity_se: the standard error over the diversity prompts
+            cells.append("n/a" if a is None or b is None else f"{a:.3f} -> {b:.3f}" + (
+                f" (se {se:.3f})" if se is not None else ""))
         row = f"| {r['method']} | {r.get('seed', 0)} | {r['wall_s']:.0f} | "
         lines.append(row + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -64,7 +64,10 @@ def test_the_table_names_the_feature_and_mixed_features_are_refused(tmp_path):
     b = {"method": "refl", "seed": 0, "wall_s": 1.0, "evals": _evals([0.1, 0.2], [0.5, 0.4])}
     for e in a["evals"] + b["evals"]:
         e["eval/feature"] = "geneval_objects"
-    assert "diversity (geneval_objects) (it 0 -> last)" in rbc.table([a, b]).splitlines()[0]
+    a["evals"][-1]["eval/diversity_se"] = 0.05
+    lines = rbc.table([a, b]).splitlines()
+    assert "diversity (geneval_objects) (it 0 -> last)" in lines[0]
+    assert "| 0.500 -> 0.400 (se 0.050) |" in lines[2] and "| 0.500 -> 0.400 |" in lines[3]
     b["evals"][1]["eval/feature"] = "geneval_palette_grid4"
     for i, r in enumerate((a, b)):
         (tmp_path / str(i)).mkdir()

@@ -41,7 +41,9 @@ __all__ = [
     "PixelFeature",
     "ClipFeature",
     "build_feature",
+    "group_diversities",
     "group_diversity",
+    "standard_error",
     "paired_distance",
 ]
 
@@ -163,9 +165,9 @@ def build_feature(*, geneval: bool, clip_path: str | None = None, device: str = 
             "pixels16": PixelFeature}[name]()
 
 
-def group_diversity(features: torch.Tensor, groups: torch.Tensor) -> float:
-    """math.md §9.2: the mean over groups (prompts) of the mean pairwise Euclidean distance between the
-    group's ``features`` rows; groups with fewer than two samples are skipped (NaN when none has two)."""
+def group_diversities(features: torch.Tensor, groups: torch.Tensor) -> list[float]:
+    """Per group (prompt) with at least two samples, in ``torch.unique(groups)`` order: the mean pairwise
+    Euclidean distance between the group's ``features`` rows."""
     out = []
     for g in torch.unique(groups):
         f = features[groups == g].double()
@@ -174,7 +176,22 @@ def group_diversity(features: torch.Tensor, groups: torch.Tensor) -> float:
             continue
         d = (f[:, None] - f[None]).norm(dim=-1)  # exact zeros on the diagonal (cdist's matmul path is not)
         out.append(float(d.sum() / (k * (k - 1))))  # the diagonal is 0: the mean over k(k-1) ordered pairs
+    return out
+
+
+def group_diversity(features: torch.Tensor, groups: torch.Tensor) -> float:
+    """math.md §9.2: the mean over groups (prompts) of :func:`group_diversities`; groups with fewer than two
+    samples are skipped (NaN when none has two)."""
+    out = group_diversities(features, groups)
     return sum(out) / len(out) if out else float("nan")
+
+
+def standard_error(values: list[float]) -> float:
+    """The standard error of the mean of ``values``: sample standard deviation / sqrt(n) (NaN below two)."""
+    n = len(values)
+    if n < 2:
+        return float("nan")
+    return float(torch.tensor(values, dtype=torch.float64).std() / n**0.5)
 
 
 def paired_distance(features: torch.Tensor, reference: torch.Tensor) -> float:

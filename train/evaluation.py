@@ -13,7 +13,8 @@ writes a PNG grid of held-out prompts and samples to ``<run>/samples/``.
 Beside the score every evaluation logs the training reward on the held-out samples (``reward``: one reward's
 mean, or the ``--reward-weights``-weighted mean of the parts' means, each also as ``reward/NAME``), the gold
 rewards of ``--eval.rewards`` that the run does not train on (``gold/NAME``: their means), and, for the
-policy (not the one-off base-CFG evaluation), ``diversity`` and ``drift`` (train.diversity, math.md §9.2):
+policy (not the one-off base-CFG evaluation), ``diversity`` (and ``diversity_se``, its standard error over
+the prompts) and ``drift`` (train.diversity, math.md §9.2):
 ``--eval.diversity-prompts`` held-out prompts (at most an eighth of them) sampled ``--eval.diversity-images``
 times each on their own fixed seeds, and the held-out samples against the base model's from the same seeds.
 """
@@ -341,7 +342,7 @@ class Evaluator:
     def _spread(self, policy, images, index, n, total, groups, initial, shift, dist, geneval) -> dict:
         """``diversity`` and ``drift`` (math.md §9.2) from this rank's ``images`` (positions ``index`` of the
         held-out + diversity list)."""
-        from .diversity import build_feature, group_diversity, paired_distance
+        from .diversity import build_feature, group_diversities, paired_distance, standard_error
 
         if self.feature is None:
             self.feature = build_feature(geneval=geneval, clip_path=self.cfg.feature_clip_path,
@@ -349,7 +350,10 @@ class Evaluator:
         feats = self._gather(self.feature(images), total, dist)
         out = {}
         if len(groups):
-            out["diversity"] = group_diversity(feats[n:], groups)
+            per_prompt = group_diversities(feats[n:], groups)
+            out["diversity"] = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
+            if len(per_prompt) > 1:  # the standard error over the prompts: the spread's own noise
+                out["diversity_se"] = standard_error(per_prompt)
         if self.reference is None:
             if initial:
                 self.reference = feats[:n].clone()

@@ -14,8 +14,10 @@ from train.diversity import (
     PaletteGridFeature,
     PixelFeature,
     build_feature,
+    group_diversities,
     group_diversity,
     paired_distance,
+    standard_error,
 )
 from train.evaluation import EvalConfig, Evaluator
 from train.policy import ModelConfig, build_policy
@@ -31,6 +33,9 @@ def test_group_diversity_by_hand():
     f3 = torch.tensor([[0.0], [1.0], [3.0]])  # pairs 1, 3, 2: mean 2
     assert group_diversity(f3, torch.zeros(3, dtype=torch.long)) == pytest.approx(2.0)
     assert math.isnan(group_diversity(f3, torch.arange(3)))
+    assert group_diversities(f, groups) == pytest.approx([5.0, 0.0])
+    assert standard_error([5.0, 0.0]) == pytest.approx(math.sqrt(12.5) / math.sqrt(2))  # sd sqrt(12.5)
+    assert math.isnan(standard_error([1.0]))
 
 
 def test_paired_distance_by_hand_and_shape_check():
@@ -155,6 +160,28 @@ def test_drift_reference_is_the_base_from_the_same_noise(tmp_path, monkeypatch):
             s.copy_(p)  # the evaluation samples the eval EMA
     moved = initial.run(policy, 1, tmp_path, extras=True)
     assert moved["drift"] > 0
+
+
+def test_diversity_standard_error_is_over_the_prompts(tmp_path, monkeypatch):
+    """With two or more diversity prompts the evaluation logs ``diversity_se``: the standard error of the
+    per-prompt spreads, recomputed here from the same samples (same process: exact); with one, none."""
+    use_embedded_default(monkeypatch)
+    policy = build_policy(ModelConfig(), preset="tiny", model_path=None, device=torch.device("cpu"), seed=0)
+    reward = lambda images, prompts: (images.mean((1, 2, 3)), {})  # noqa: E731
+    (tmp_path / "samples").mkdir()
+    cfg = EvalConfig(num_prompts=24, num_steps=6, diversity_prompts=3, diversity_images=3)
+    ev = Evaluator(cfg, seed=0, reward=reward)
+    res = ev.run(policy, 0, tmp_path, extras=True, initial=True)
+    prompts, seeds, groups = ev.diversity_set(policy)
+    assert len(set(groups.tolist())) == 3
+    with torch.no_grad():
+        images = ev.sample(policy, prompts, base_cfg=False, shift=None, seeds=seeds)
+    per = group_diversities(ev.feature(images), groups)
+    assert res["diversity"] == pytest.approx(sum(per) / 3, rel=1e-12)
+    assert res["diversity_se"] == pytest.approx(standard_error(per), rel=1e-12) and res["diversity_se"] > 0
+    cfg = EvalConfig(num_prompts=8, num_steps=2, diversity_prompts=1, diversity_images=2)
+    one = Evaluator(cfg, seed=0, reward=reward)
+    assert "diversity_se" not in one.run(policy, 0, tmp_path, extras=True, initial=True)
 
 
 def test_every_loop_logs_reward_gold_diversity_and_drift(tmp_path, monkeypatch):
