@@ -184,32 +184,22 @@ def test_diversity_standard_error_is_over_the_prompts(tmp_path, monkeypatch):
     assert "diversity_se" not in one.run(policy, 0, tmp_path, extras=True, initial=True)
 
 
-def test_every_loop_logs_reward_gold_diversity_and_drift(tmp_path, monkeypatch):
+@pytest.mark.parametrize("feature", ["auto", "geneval_objects"])
+def test_every_loop_logs_reward_gold_diversity_and_drift(tmp_path, monkeypatch, feature):
     """train.grpo (the policy-gradient family) gets the metrics from the shared loop, with no code of its
-    own: the training reward and a gold reward beside it, diversity and drift in the named feature space."""
+    own: the training reward and a gold reward beside it, diversity and drift in the named feature space
+    (``--eval.feature``: auto is the palette grid on the embedded default)."""
     use_embedded_default(monkeypatch)
     argv = ["--run-dir", str(tmp_path / "r"), *SMALL, "--max-iters", "1", "--reward", "jpeg_compressibility"]
     argv += ["--eval.rewards", "geneval_mini,saturation", "--eval.diversity-prompts", "2"]
-    argv += ["--eval.diversity-images", "2"]
+    argv += ["--eval.diversity-images", "2", "--eval.feature", feature]
     assert grpo.main(argv) == 0
     rows = [r for r in common.read_metrics(tmp_path / "r") if "eval/score" in r]
     assert [r["iteration"] for r in rows] == [0, 1]
     for r in rows:
-        assert r["eval/feature"] == "geneval_palette_grid4"
+        assert r["eval/feature"] == {"auto": "geneval_palette_grid4"}.get(feature, feature)
         assert r["eval/diversity"] > 0 and r["eval/drift"] >= 0
         assert 0 <= r["eval/gold/geneval_mini"] <= 1 and 0 <= r["eval/gold/saturation"] <= 1
         assert r["eval/reward"] < 0  # minus the JPEG size in kB
     assert rows[0]["eval/drift"] == 0.0
     assert "eval/base_cfg/gold/geneval_mini" in rows[0]
-
-
-def test_object_feature_run_logs_it(tmp_path, monkeypatch):
-    """``--eval.feature geneval_objects`` on a loop: the metrics name it; diversity and drift come in it."""
-    use_embedded_default(monkeypatch)
-    argv = ["--run-dir", str(tmp_path / "r"), *SMALL, "--max-iters", "1", "--reward", "saturation"]
-    argv += ["--eval.feature", "geneval_objects", "--eval.diversity-prompts", "2"]
-    argv += ["--eval.diversity-images", "3"]
-    assert grpo.main(argv) == 0
-    rows = [r for r in common.read_metrics(tmp_path / "r") if "eval/score" in r]
-    assert [r["eval/feature"] for r in rows] == ["geneval_objects"] * 2
-    assert rows[0]["eval/drift"] == 0.0 and all(r["eval/diversity"] >= 0 for r in rows)
