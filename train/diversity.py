@@ -16,8 +16,9 @@ The feature space (named in the log as ``eval/feature``):
   (train/rewards/geneval_mini.py ``detect``: components of one palette colour of at least ``min_area``
   pixels, their shape class, and the specks' "clutter" object).  Each object is a unit-norm Gaussian bump
   (std one cell) at its centroid on an 8 x 8 grid, in its own channel of (colour, shape) (4 x 4, and one for
-  clutter).  It sees which objects there are and where, not their texture: a faint background texture below
-  the verifier's speck threshold moves it not at all, where it moves the palette grid's cells;
+  clutter).  It sees which objects there are and where, not their texture: specks smaller than an object
+  (fewer than the verifier's clutter threshold in all) move it not at all, where they move the palette grid's
+  cells;
 * ``clip:<dir>``: the L2-normalised image embedding of a local CLIP (``--eval.feature-clip-path``);
 * ``pixels16``: otherwise, the image in [0, 1] area-downsampled to at most 16 x 16 (a documented fallback; it
   measures layout and colour, not semantics).

@@ -22,7 +22,7 @@ from train.diversity import (
 from train.evaluation import EvalConfig, Evaluator
 from train.policy import ModelConfig, build_policy
 
-from ._pg_helpers import SMALL, use_embedded_default
+from ._pg_helpers import SMALL, make_tiny_flow_pipeline, use_embedded_default
 
 
 def test_group_diversity_by_hand():
@@ -203,3 +203,11 @@ def test_every_loop_logs_reward_gold_diversity_and_drift(tmp_path, monkeypatch, 
         assert r["eval/reward"] < 0  # minus the JPEG size in kB
     assert rows[0]["eval/drift"] == 0.0
     assert "eval/base_cfg/gold/geneval_mini" in rows[0]
+
+
+def test_geneval_features_are_refused_for_a_model_run(tmp_path, capsys):
+    pipe, prompts = make_tiny_flow_pipeline(tmp_path, "sd3")
+    argv = ["--run-dir", str(tmp_path / "r"), "--model", str(pipe), "--prompts", str(prompts), "--preset"]
+    assert grpo.main([*argv, "sd3.5-m", "--eval.feature", "geneval_objects"]) == 2
+    assert "--eval.feature: expected auto or pixels16 for a --model run" in capsys.readouterr().err
+    assert not (tmp_path / "r" / "metrics.jsonl").exists()
