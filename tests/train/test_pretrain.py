@@ -11,7 +11,11 @@ was the shipped default at 38ceb80 and is ``models/embedded/stage3`` since the d
   (``train.pretrain.main(argv + ["--out", DIR, "--log-every", "1", "--log-file"])``, one process per run):
   the logged losses and each weight tensor's sum and sum of magnitudes, with tolerances, since another
   process on another CPU may round differently (on the machine that recorded it the sha256 of the new
-  code's weights equals the fixture's).
+  code's weights equals the fixture's).  The prompt encoder's attention bias ``qkv.bias`` is compared on its
+  query and value thirds only (the fixture's ``qkv_bias_q_v``, recorded by the same 38ceb80 code on a second
+  machine): the key bias adds ``q . b_k`` to every score of a query, which the softmax ignores, so its
+  gradient is zero up to rounding and Adam turns that rounding into steps of a full learning rate whose signs
+  depend on the CPU (on an AVX-512 machine the whole tensor's sum differed from the fixture's by 0.0067).
 """
 
 from __future__ import annotations
@@ -181,6 +185,17 @@ def _threads(n: int):
         torch.set_num_threads(before)
 
 
+def test_the_key_bias_gets_no_gradient_beyond_rounding():
+    """Why the fixture leaves the key third of ``qkv.bias`` out: the softmax over keys ignores ``q . b_k``."""
+    torch.manual_seed(0)
+    enc = EmbeddedDefault(model_config(32, 2)).text_encoder
+    emb, pooled = enc(enc.tokenize(["a red circle", "two blue squares above a green triangle"]))
+    (emb.square().mean() + pooled.sin().sum()).backward()
+    for block in enc.blocks:
+        q, k, v = block.qkv.bias.grad.chunk(3)
+        assert float(k.abs().max()) < 1e-6 * float(q.abs().max() + v.abs().max()), float(k.abs().max())
+
+
 def test_renamed_options_translate_the_fixture():
     """Every old option of the fixture's command lines has its new name in RENAMED, with the same value."""
     for name, run in RUNS.items():
@@ -212,6 +227,10 @@ def test_pretraining_steps_equal_the_pre_refactor_code(name, tmp_path):
     for key in sorted(saved):
         total, magnitude = fixture["sum_abs_sum"][key]
         value = saved[key].double()
+        if key.endswith("qkv.bias"):  # the key third is the CPU's rounding (module docstring): q and v only
+            q, _, v = value.chunk(3)
+            value = torch.cat([q, v])
+            total, magnitude = fixture["qkv_bias_q_v"][key]
         assert float(value.sum()) == pytest.approx(total, rel=1e-4, abs=1e-4 * magnitude + 1e-6), key
         assert float(value.abs().sum()) == pytest.approx(magnitude, rel=1e-5), key
         digest.update(key.encode())
