@@ -90,10 +90,12 @@ def preset_tiny() -> DDPOConfig:
     (reference 3e-4 and 1e-4: too slow to move anything in 10 iterations here), and the per-prompt statistics
     need 8 rewards (one iteration's group of a prompt) instead of 16: with 16, a prompt's first group is
     scored against the whole batch, which mixes easy and hard task types, and on ``--tasks
-    counting,two_object`` 10 iterations went 0.281 -> 0.250; with 8, 0.281 -> 0.438 (tests/train/
-    test_pg_heldout.py, measured with a 32-reward buffer and the Gaussian cps log-prob; 0.281 -> 0.359 with
-    the reference's buffer of 16, every step trained and flow_grpo's cps log-prob).  The buffer (16), the
-    timestep fraction (1.0: every step with noise) and the advantage clip (5) are the reference's."""
+    counting,two_object`` 10 iterations went 0.281 -> 0.250; with 8, 0.281 -> 0.438 (on the stage-1
+    checkpoint and the schedule before 2026-12-03, a 64-image evaluation, a 32-reward buffer and the Gaussian
+    cps log-prob; 0.281 -> 0.359 with the reference's buffer of 16, every step trained and flow_grpo's cps
+    log-prob; on the current schedule such gains are within noise: docs/results.md, Policy gradients).  The
+    buffer (16), the timestep fraction (1.0: every step with noise) and the advantage clip (5) are the
+    reference's."""
     cfg = apply_tiny_settings(DDPOConfig())
     cfg.train.stat_min_count = cfg.sample.images_per_prompt
     return cfg

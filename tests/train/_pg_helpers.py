@@ -290,38 +290,6 @@ JPEG_SHORT_RUN = [
 ]
 
 
-# The held-out learning tests of Flow-GRPO and DDPO-IS: GenEval-mini's strict reward on the counting and
-# two-object task types (64 held-out prompts), cps rollouts as in the tiny presets, 8 prompts x 8 images.
-HELDOUT_SHORT_RUN = [
-    "--tasks",
-    "counting,two_object",
-    "--sample.solver",
-    "cps",
-    "--sample.prompts-per-iter",
-    "8",
-    "--sample.images-per-prompt",
-    "8",
-    "--train.batch-size",
-    "16",
-    "--train.grad-accum",
-    "2",
-    "--train.lr",
-    "1e-3",
-    "--train.clip-range",
-    "1e-3",
-    "--eval.every",
-    "10",
-    "--eval.num-steps",
-    "10",
-    "--log.progress",
-    "false",
-    "--log.checkpoint-every",
-    "100",
-    "--max-iters",
-    "10",
-]
-
-
 def heldout_eval(trainer, run_dir: Path, iteration: int) -> dict:
     """The loop's evaluation of ``trainer`` now (eval-EMA weights, held-out prompts, the same seeds in every
     run): ``{"score", "reward", ...}``."""

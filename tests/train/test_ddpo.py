@@ -226,7 +226,7 @@ def test_short_run_raises_the_reward(tmp_path):
     steps, a 32-reward buffer: the settings pinned here).  With ddpo-pytorch's defaults (every step, a
     16-reward buffer; the preset's since 2026-12-03) this 20-iteration run is not a reliable signal: on the
     old 6-step schedule 0.020/0.082/-0.051 on seeds 0/1/2, and on the 10-step diffusers schedule it missed
-    the 0.04 margin on seed 0.  The held-out test (tests/train/test_pg_heldout.py) runs the defaults."""
+    the 0.04 margin on seed 0."""
     argv = [*JPEG_SHORT_RUN, "--sample.num-steps", "10", "--train.timestep-fraction", "0.99"]
     argv += ["--train.stat-buffer", "32"]
     gain = paired_reward_gain(ddpo, tmp_path, argv, iters=20, last=5)
