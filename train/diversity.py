@@ -44,6 +44,7 @@ __all__ = [
     "build_feature",
     "group_diversities",
     "group_diversity",
+    "diversity_stats",
     "standard_error",
     "paired_distance",
 ]
@@ -180,11 +181,17 @@ def group_diversities(features: torch.Tensor, groups: torch.Tensor) -> list[floa
     return out
 
 
-def group_diversity(features: torch.Tensor, groups: torch.Tensor) -> float:
-    """math.md §9.2: the mean over groups (prompts) of :func:`group_diversities`; groups with fewer than two
-    samples are skipped (NaN when none has two)."""
+def diversity_stats(features: torch.Tensor, groups: torch.Tensor) -> tuple[float, float]:
+    """math.md §9.2: ``(eval/diversity, eval/diversity_se)``, the mean over groups (prompts) of
+    :func:`group_diversities` and its :func:`standard_error`; groups with fewer than two samples are skipped
+    (the mean is NaN when none has two, the standard error when fewer than two groups do)."""
     out = group_diversities(features, groups)
-    return sum(out) / len(out) if out else float("nan")
+    return (sum(out) / len(out) if out else float("nan")), standard_error(out)
+
+
+def group_diversity(features: torch.Tensor, groups: torch.Tensor) -> float:
+    """The mean of :func:`diversity_stats`."""
+    return diversity_stats(features, groups)[0]
 
 
 def standard_error(values: list[float]) -> float:

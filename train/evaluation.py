@@ -21,6 +21,7 @@ times each on their own fixed seeds, and the held-out samples against the base m
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,7 +343,7 @@ class Evaluator:
     def _spread(self, policy, images, index, n, total, groups, initial, shift, dist, geneval) -> dict:
         """``diversity`` and ``drift`` (math.md §9.2) from this rank's ``images`` (positions ``index`` of the
         held-out + diversity list)."""
-        from .diversity import build_feature, group_diversities, paired_distance, standard_error
+        from .diversity import build_feature, diversity_stats, paired_distance
 
         if self.feature is None:
             self.feature = build_feature(geneval=geneval, clip_path=self.cfg.feature_clip_path,
@@ -350,10 +351,9 @@ class Evaluator:
         feats = self._gather(self.feature(images), total, dist)
         out = {}
         if len(groups):
-            per_prompt = group_diversities(feats[n:], groups)
-            out["diversity"] = sum(per_prompt) / len(per_prompt) if per_prompt else float("nan")
-            if len(per_prompt) > 1:  # the standard error over the prompts: the spread's own noise
-                out["diversity_se"] = standard_error(per_prompt)
+            out["diversity"], se = diversity_stats(feats[n:], groups)
+            if not math.isnan(se):  # two or more prompts: the standard error over them, the spread's noise
+                out["diversity_se"] = se
         if self.reference is None:
             if initial:
                 self.reference = feats[:n].clone()
