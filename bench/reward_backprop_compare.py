@@ -33,9 +33,13 @@ import sys
 import time
 from pathlib import Path
 
+from train.diversity import paired_difference
+from train.evaluation import paired_score_change, read_record
+
 METHODS = ("draft", "alignprop", "refl", "nabla_gfn")
 METRICS = (("eval/reward", "training reward (held-out)"), ("eval/score", "gold: GenEval-mini"),
            ("eval/diversity", "diversity"), ("eval/drift", "drift from base"))  # fmt: skip
+RECORD_KEYS = ("iteration", "prompts", "seeds", "tasks", "columns", "diversity", "diversity_prompts", "drift")
 COLOURS = {
     "draft": (200, 40, 40),
     "alignprop": (40, 120, 200),
@@ -58,6 +62,9 @@ def collect(method: str, run: Path, iters: int, seed: int, wall: float, cmd: lis
     if not evals or evals[-1]["iteration"] != iters:
         got = evals[-1]["iteration"] if evals else "none"
         raise SystemExit(f"train.{method} stopped at iteration {got} of {iters}")
+    for e in evals:  # each evaluation's per-image and per-prompt values (train.evaluation.read_record)
+        rec = read_record(run, e["iteration"])
+        e["record"] = {k: rec[k] for k in RECORD_KEYS if k in rec}
     return {"method": method, "seed": seed, "wall_s": wall, "evals": evals, "cmd": " ".join(cmd[1:])}
 
 
@@ -101,8 +108,9 @@ def feature_of(results: list[dict]) -> str:
 
 def table(results: list[dict]) -> str:
     labels = [f"{lab} ({feature_of(results)})" if key == "eval/diversity" else lab for key, lab in METRICS]
-    head = "| method | seed | wall s | " + " | ".join(f"{lab} (it 0 -> last)" for lab in labels) + " |"
-    lines = [head, "|" + "---|" * (3 + len(METRICS))]
+    head = "| method | seed | wall s | " + " | ".join(f"{lab} (it 0 -> last)" for lab in labels)
+    head += " | gold change, paired (it 0 -> last) |"
+    lines = [head, "|" + "---|" * (4 + len(METRICS))]
     for r in results:
         first, last = r["evals"][0], r["evals"][-1]
         cells = []
@@ -111,9 +119,20 @@ def table(results: list[dict]) -> str:
             se = last.get(f"{key}_se")  # eval/diversity_se: the standard error over the diversity prompts
             cells.append("n/a" if a is None or b is None else f"{a:.3f} -> {b:.3f}" + (
                 f" (se {se:.3f})" if se is not None else ""))
+        cells.append(gold_change(first, last))
         row = f"| {r['method']} | {r.get('seed', 0)} | {r['wall_s']:.0f} | "
         lines.append(row + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def gold_change(first: dict, last: dict) -> str:
+    """The gold score's change from ``first`` to ``last`` (iteration 0 is the learning-rate-0 control) with
+    its paired standard error over the same held-out prompts and noise (train.evaluation.paired_score_change);
+    n/a for results collected before evaluations wrote records."""
+    if "record" not in first or "record" not in last:
+        return "n/a"
+    change, se = paired_score_change(first["record"], last["record"])
+    return f"{change:+.3f} (se {se:.3f})"
 
 
 def crossing(evals: list[dict], level: float, key: str = "eval/reward") -> dict | None:
@@ -130,6 +149,10 @@ def crossing(evals: list[dict], level: float, key: str = "eval/reward") -> dict 
             if k in prev and k in cur:
                 out[k] = prev[k] + f * (cur[k] - prev[k])
         out[key] = level if b > a else b
+        pp = [e.get("record", {}).get("diversity") for e in (prev, cur)]
+        if all(pp) and len(pp[0]) == len(pp[1]):  # per diversity prompt, interpolated the same way
+            out["diversity_per_prompt"] = [x + f * (y - x) for x, y in zip(*pp, strict=True)]
+            out["diversity_prompts"] = prev["record"].get("diversity_prompts")
         return out
     return None
 
@@ -148,7 +171,7 @@ def at_equal_reward(results: list[dict], fractions=(0.5, 1.0)) -> str:
             continue
         for frac in fractions:
             level = start + frac * (top - start)
-            cells = []
+            cells, crossings = [], {}
             for r in group:
                 c = crossing(r["evals"], level)
                 if c is None:  # a run with no evaluation after iteration 0
@@ -156,8 +179,30 @@ def at_equal_reward(results: list[dict], fractions=(0.5, 1.0)) -> str:
                     continue
                 vals = ", ".join(f"{label.split(':')[0]} {c[k]:.3f}" for k, label in METRICS[1:] if k in c)
                 cells.append(f"{r['method']} (it {c['iteration']:.1f}): {vals}")
+                crossings[r["method"]] = c
             lines.append(f"- seed {seed}, training reward {level:.4f}: " + "; ".join(cells))
+            lines += paired_diversity(crossings)
     return "\n".join(lines)
+
+
+def paired_diversity(crossings: dict[str, dict], against: str = "draft") -> list[str]:
+    """At one reward level: each method's diversity minus ``against``'s, prompt by prompt (one seed's runs
+    share the diversity prompts and noise), with the paired standard error
+    (train.diversity.paired_difference); nothing when ``against`` or the per-prompt values are missing."""
+    base = crossings.get(against, {})
+    if "diversity_per_prompt" not in base:
+        return []
+    out = []
+    for method, c in crossings.items():
+        if method == against or "diversity_per_prompt" not in c:
+            continue
+        if c.get("diversity_prompts") != base.get("diversity_prompts"):
+            raise SystemExit(f"expected {method} and {against} of one seed to share the diversity prompts, "
+                             f"got different ones (another --eval.num-prompts or --eval.diversity-prompts?)")
+        d, se = paired_difference(c["diversity_per_prompt"], base["diversity_per_prompt"])
+        out.append(f"  - diversity, {method} - {against}: {d:+.4f} (paired se {se:.4f}, "
+                   f"{len(c['diversity_per_prompt'])} prompts)")
+    return out
 
 
 def at_best_reward(results: list[dict]) -> str:

@@ -45,7 +45,10 @@ __all__ = [
     "group_diversities",
     "group_diversity",
     "diversity_stats",
+    "mean_and_se",
     "standard_error",
+    "paired_difference",
+    "paired_distances",
     "paired_distance",
 ]
 
@@ -182,16 +185,20 @@ def group_diversities(features: torch.Tensor, groups: torch.Tensor) -> list[floa
 
 
 def diversity_stats(features: torch.Tensor, groups: torch.Tensor) -> tuple[float, float]:
-    """math.md §9.2: ``(eval/diversity, eval/diversity_se)``, the mean over groups (prompts) of
-    :func:`group_diversities` and its :func:`standard_error`; groups with fewer than two samples are skipped
-    (the mean is NaN when none has two, the standard error when fewer than two groups do)."""
-    out = group_diversities(features, groups)
-    return (sum(out) / len(out) if out else float("nan")), standard_error(out)
+    """math.md §9.2: ``(eval/diversity, eval/diversity_se)``, the :func:`mean_and_se` of
+    :func:`group_diversities`; groups with fewer than two samples are skipped (the mean is NaN when none has
+    two, the standard error when fewer than two groups do)."""
+    return mean_and_se(group_diversities(features, groups))
 
 
 def group_diversity(features: torch.Tensor, groups: torch.Tensor) -> float:
     """The mean of :func:`diversity_stats`."""
     return diversity_stats(features, groups)[0]
+
+
+def mean_and_se(values: list[float]) -> tuple[float, float]:
+    """The mean of ``values`` (NaN when empty) and its :func:`standard_error`."""
+    return (sum(values) / len(values) if values else float("nan")), standard_error(values)
 
 
 def standard_error(values: list[float]) -> float:
@@ -202,11 +209,25 @@ def standard_error(values: list[float]) -> float:
     return float(torch.tensor(values, dtype=torch.float64).std() / n**0.5)
 
 
-def paired_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
-    """math.md §9.2: the mean over rows of ``||features_i - reference_i||`` (drift from the same noise)."""
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """math.md §9.2: two runs' per-prompt values on the same prompts and noise -> the mean of ``a - b`` and
+    its paired standard error (of the per-prompt differences), which leaves out the spread between prompts
+    that both runs share."""
+    if len(a) != len(b):
+        raise ValueError(f"paired difference: expected values of the same prompts, got {len(a)} and {len(b)}")
+    return mean_and_se([x - y for x, y in zip(a, b, strict=True)])
+
+
+def paired_distances(features: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per row, ``||features_i - reference_i||`` (float64): each sample's drift from the same noise."""
     if features.shape != reference.shape:
         raise ValueError(
             f"drift reference: expected features shaped {tuple(features.shape)} (the held-out samples), got "
             f"{tuple(reference.shape)}; the held-out set changed since the reference was taken"
         )
-    return float((features.double() - reference.double()).norm(dim=1).mean())
+    return (features.double() - reference.double()).norm(dim=1)
+
+
+def paired_distance(features: torch.Tensor, reference: torch.Tensor) -> float:
+    """math.md §9.2: the mean of :func:`paired_distances` (drift from the same noise)."""
+    return float(paired_distances(features, reference).mean())

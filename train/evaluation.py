@@ -8,7 +8,9 @@ with a 40-step Euler ODE at CFG 4.5, DiffusionNFT with a 40-step Euler ODE CFG-f
 
 On the embedded default the score is GenEval-mini's (strict, overall = mean over task types, plus the partial
 score and one number per task); for other prompt sets it is the training reward's mean.  Each evaluation
-writes a PNG grid of held-out prompts and samples to ``<run>/samples/``.
+writes a PNG grid of held-out prompts and samples to ``<run>/samples/`` and beside it a JSON record of every
+held-out image's scores (and drift) and every diversity prompt's diversity: runs of one seed share the
+prompts and noise, so two runs' records compare sample by sample (``bench.reward_backprop_compare``).
 
 Beside the score every evaluation logs the training reward on the held-out samples (``reward``: one reward's
 mean, or the ``--reward-weights``-weighted mean of the parts' means, each also as ``reward/NAME``), the gold
@@ -21,6 +23,7 @@ times each on their own fixed seeds, and the held-out samples against the base m
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +33,7 @@ import torch
 from . import common
 from .grid import save_grid
 
-__all__ = ["EvalConfig", "Evaluator"]
+__all__ = ["EvalConfig", "Evaluator", "read_record", "paired_score_change"]
 
 
 @dataclass
@@ -276,7 +279,10 @@ class Evaluator:
         extras: bool = False,
         initial: bool = False,
     ) -> dict:
-        """Evaluate and (rank 0) write the grid.  Under ``dist`` each rank samples an equal contiguous share
+        """Evaluate and (rank 0) write the grid and the record (``samples/iter_XXXXXX.json``, or
+        ``base_cfg.json``: each held-out image's prompt, seed, task and score columns, and with ``extras`` its
+        drift and each diversity prompt's diversity, for paired comparisons between runs, which share the
+        prompts and noise of a seed).  Under ``dist`` each rank samples an equal contiguous share
         of the held-out list (padded by repeating the last prompt, so every rank runs the same forwards) and
         the per-image scores are all-gathered: every rank returns the same numbers.  With ``extras`` also
         ``diversity`` and ``drift`` (the drift reference: these samples when ``initial``, i.e. the initial
@@ -328,32 +334,51 @@ class Evaluator:
         elif "reward" in col:
             res["reward"] = float(col["reward"].mean())
         res.update({k: float(v.mean()) for k, v in col.items() if k.startswith("gold/")})
+        detail = {}
         if extras:
-            res.update(self._spread(policy, images, index, n, total, groups, initial, shift, dist, geneval))
+            res.update(
+                self._spread(policy, images, index, n, total, groups, initial, shift, dist, geneval, detail)
+            )
         if dist is None or dist.is_main:
-            name = "base_cfg.png" if base_cfg else f"iter_{iteration:06d}.png"
+            name = "base_cfg" if base_cfg else f"iter_{iteration:06d}"
             save_grid(
                 torch.stack([grid[i] for i in pick]),
                 [texts[i] for i in pick],
-                Path(run_dir) / "samples" / name,
+                Path(run_dir) / "samples" / f"{name}.png",
                 scores=[float(scores[i, 0]) for i in pick],
             )
+            record = {
+                "iteration": iteration,
+                "prompts": texts,
+                "seeds": seeds[:n],
+                **({"tasks": [p.task for p in prompts]} if geneval else {}),
+                "columns": {k: v.tolist() for k, v in col.items()},
+                **detail,
+            }
+            if div_prompts:
+                k = self.cfg.diversity_images
+                record["diversity_prompts"] = [policy.prompt_text(p) for p in div_prompts[::k]]
+            common.atomic_write_text(Path(run_dir) / "samples" / f"{name}.json", json.dumps(record))
         return {k: float(v) for k, v in res.items()}
 
-    def _spread(self, policy, images, index, n, total, groups, initial, shift, dist, geneval) -> dict:
+    def _spread(self, policy, images, index, n, total, groups, initial, shift, dist, geneval, detail) -> dict:
         """``diversity`` and ``drift`` (math.md §9.2) from this rank's ``images`` (positions ``index`` of the
-        held-out + diversity list)."""
-        from .diversity import build_feature, diversity_stats, paired_distance
+        held-out + diversity list); ``detail`` gets their per-prompt and per-image values (the evaluation's
+        record, for paired comparisons between runs)."""
+        from .diversity import build_feature, group_diversities, mean_and_se, paired_distances
 
         if self.feature is None:
             self.feature = build_feature(geneval=geneval, clip_path=self.cfg.feature_clip_path,
                                          name=self.cfg.feature)
         feats = self._gather(self.feature(images), total, dist)
         out = {}
+        detail["feature"] = self.feature.name
         if len(groups):
-            out["diversity"], se = diversity_stats(feats[n:], groups)
+            per_prompt = group_diversities(feats[n:], groups)
+            out["diversity"], se = mean_and_se(per_prompt)
             if not math.isnan(se):  # two or more prompts: the standard error over them, the spread's noise
                 out["diversity_se"] = se
+            detail["diversity"] = per_prompt
         if self.reference is None:
             if initial:
                 self.reference = feats[:n].clone()
@@ -363,5 +388,44 @@ class Evaluator:
                 mine = [prompts[i] for i in ix]
                 base = self.sample(policy, mine, base_cfg=False, base=True, shift=shift, index=ix)
                 self.reference = self._gather(self.feature(base), n, dist).clone()
-        out["drift"] = paired_distance(feats[:n], self.reference)
+        drift = paired_distances(feats[:n], self.reference)
+        out["drift"] = float(drift.mean())
+        detail["drift"] = drift.tolist()
         return out
+
+
+def read_record(run_dir: str | Path, iteration: int) -> dict:
+    """The record that :meth:`Evaluator.run` wrote for the evaluation at ``iteration`` of the run in
+    ``run_dir``."""
+    path = Path(run_dir) / "samples" / f"iter_{iteration:06d}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"evaluation record: expected {path} (each evaluation writes one), not found")
+    return json.loads(path.read_text())
+
+
+def paired_score_change(before: dict, after: dict, column: str = "strict") -> tuple[float, float]:
+    """math.md §9.2: the change of the held-out score from record ``before`` to ``after`` (two evaluations of
+    the same prompts on the same noise: one run's iterations, or two runs of one seed) and its paired standard
+    error.  With tasks (GenEval-mini) the score is the mean over task types of each type's mean, so the change
+    is the mean over types of each type's mean paired difference, and its variance the sum of the types'
+    ``var(difference) / n`` over ``types^2``; without, the mean over images.  ``column``: ``strict`` (the
+    score) or another of the records' columns (``partial``, ``reward``, ``gold/NAME``)."""
+    for key in ("prompts", "seeds"):
+        if before[key] != after[key]:
+            raise ValueError(
+                f"paired score change: expected two evaluations of the same held-out {key}, got "
+                f"iterations {before['iteration']} and {after['iteration']} on different ones"
+            )
+    if column not in before["columns"] or column not in after["columns"]:
+        have = ", ".join(sorted(set(before["columns"]) & set(after["columns"])))
+        raise ValueError(f"paired score change: expected a column of both records ({have}), got {column!r}")
+    diff = torch.tensor(after["columns"][column], dtype=torch.float64) - torch.tensor(
+        before["columns"][column], dtype=torch.float64
+    )
+    tasks = before.get("tasks") or ["all"] * len(diff)
+    means, variances = [], []
+    for task in dict.fromkeys(tasks):
+        d = diff[[i for i, t in enumerate(tasks) if t == task]]
+        means.append(float(d.mean()))
+        variances.append(float(d.var()) / len(d) if len(d) > 1 else float("nan"))
+    return sum(means) / len(means), math.sqrt(sum(variances)) / len(means)

@@ -724,16 +724,18 @@ class Trainer:
 
     def on_guard(self, clock, metrics) -> None:
         """A guard fired: with ``--guard.action rollback`` restore the best checkpoint and evaluate it again
-        (the grid of the weights the guard caught is kept as ``iter_XXXXXX_guard.png``); the caller stops."""
+        (the grid and record of the weights the guard caught are kept as ``iter_XXXXXX_guard.png`` and
+        ``.json``); the caller stops."""
         fired = self.guard.fired
         self.say(f"guard {fired['guard']} fired at iteration {fired['iteration']}: {fired['text']}",
                  flush=True)
         if self.cfg.guard.action != "rollback":
             return
         best = self.rollback()
-        grid = self.run_dir / "samples" / f"iter_{self.iteration:06d}.png"
-        if self.dist.is_main and self.last_eval == self.iteration and grid.exists():
-            os.replace(grid, grid.with_name(f"iter_{self.iteration:06d}_guard.png"))
+        for ext in ("png", "json"):  # the grid and the record of the caught weights' evaluation
+            path = self.run_dir / "samples" / f"iter_{self.iteration:06d}.{ext}"
+            if self.dist.is_main and self.last_eval == self.iteration and path.exists():
+                os.replace(path, path.with_name(f"iter_{self.iteration:06d}_guard.{ext}"))
         self.say(f"guard: rolled back to the best checkpoint (iteration {best}); evaluating it", flush=True)
         vals = self.evaluate(self.iteration, clock, metrics, note={"guard/rolled_back_to": best})
         fired["gold_after"] = vals.get(f"eval/gold/{self.guard.key}")

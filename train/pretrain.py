@@ -532,7 +532,8 @@ def evaluate(
     """Held-out GenEval-mini of ``model`` (its ``weights``) at each of ``ec.cfg_scales``, by the training
     loops' :class:`train.evaluation.Evaluator` on ``ec.per_task`` test prompts per task type ->
     ``{"cfg<scale>": {"score", <task>..., "score_partial"}}``.  Each scale's sample grid goes to
-    ``<out>/eval_cfg<scale>/samples/iter_<step>.png`` (``out`` None: nowhere)."""
+    ``<out>/eval_cfg<scale>/samples/iter_<step>.png``, with its record beside it (``.json``; ``out`` None:
+    nowhere)."""
     ec = ec or PretrainEvalConfig()
     policy = ModelPolicy(model, test_prompts(ec.per_task), weights)
     results = {}
