@@ -45,6 +45,38 @@ def test_equal_reward_takes_the_highest_level_every_method_of_a_seed_reaches():
     assert lines[2] == "- seed 1: no reward above the start (0.100) that every method reaches"
 
 
+def test_equal_reward_pairs_the_diversity_prompt_by_prompt_against_draft():
+    """Each method's per-prompt diversity at the crossing, interpolated like the means, minus DRaFT's on the
+    same prompts: the paired standard error leaves out the spread between prompts that both share."""
+    fast = {"method": "draft", "seed": 0, "evals": _evals([0.10, 0.20, 0.30], [0.5, 0.4, 0.3])}
+    slow = {"method": "nabla_gfn", "seed": 0, "evals": _evals([0.10, 0.12, 0.14], [0.5, 0.5, 0.5])}
+    per_prompt = {"draft": [[0.2, 0.8], [0.1, 0.7], [0.0, 0.6]],
+                  "nabla_gfn": [[0.2, 0.8], [0.3, 0.9], [0.1, 0.9]]}  # fmt: skip
+    for r in (fast, slow):
+        for e, d in zip(r["evals"], per_prompt[r["method"]], strict=True):
+            e["record"] = {"diversity": d, "diversity_prompts": ["a circle", "two squares"]}
+    lines = rbc.at_equal_reward([fast, slow]).splitlines()
+    # at 0.14 DRaFT is 40% of the way from iteration 0 to 5: prompts 0.16, 0.76; Nabla-GFN at 10: 0.1, 0.9
+    assert lines[-1] == "  - diversity, nabla_gfn - draft: +0.0400 (paired se 0.1000, 2 prompts)"
+    for e in slow["evals"]:
+        e["record"]["diversity_prompts"] = ["a circle", "three squares"]
+    with pytest.raises(SystemExit, match="expected nabla_gfn and draft of one seed to share the diversity"):
+        rbc.at_equal_reward([fast, slow])
+
+
+def test_the_table_gives_the_paired_gold_change_from_iteration_0():
+    r = {"method": "refl", "seed": 0, "wall_s": 1.0, "evals": _evals([0.1, 0.2], [0.5, 0.4])}
+    tasks = ["colors"] * 2 + ["counting"] * 2
+    common = {"prompts": ["a", "b", "c", "d"], "seeds": [1, 2, 3, 4], "tasks": tasks}
+    r["evals"][0]["record"] = {**common, "iteration": 0, "columns": {"strict": [0, 1, 0, 0]}}
+    r["evals"][1]["record"] = {**common, "iteration": 5, "columns": {"strict": [1, 1, 1, 0]}}
+    row = rbc.table([r]).splitlines()[2]
+    # colors +0.5, counting +0.5: +0.5; per task var 0.5 over 2 -> se sqrt(0.25 + 0.25) / 2
+    assert row.endswith(f"| +0.500 (se {0.5 ** 0.5 / 2:.3f}) |")
+    del r["evals"][0]["record"]  # results collected before evaluations wrote records
+    assert rbc.table([r]).splitlines()[2].endswith("| n/a |")
+
+
 def test_bad_options_are_refused_before_any_run(tmp_path, capsys):
     with pytest.raises(SystemExit, match="--method-extra: expected METHOD=OPTIONS"):
         rbc.main(["--out", str(tmp_path / "o"), "--method-extra", "dpo=--train.lr 1"])
@@ -99,7 +131,11 @@ def test_two_methods_at_once_then_merged(tmp_path):
     # the same start on the same seed: one base model, one held-out protocol (two processes: a tolerance)
     start = [r["evals"][0]["eval/reward"] for r in results]
     assert start[0] == pytest.approx(start[1], rel=1e-5)
+    # each evaluation's record came along; one seed gives both methods the same held-out prompts and noise
+    recs = [[e["record"] for e in r["evals"]] for r in results]
+    assert recs[0][0]["seeds"] == recs[1][1]["seeds"] and len(recs[0][0]["diversity"]) == 1
     first = (out / "table.md").read_text()
+    assert "| refl | 0 |" in first and "| +0.000 (se " in first.split("| refl | 0 |")[1]  # lr 0: no change
     merged = tmp_path / "merged"
     assert rbc.main(["--out", str(merged), "--merge", str(out)]) == 0
     assert (merged / "table.md").read_text() == first and (merged / "curves.png").is_file()

@@ -406,10 +406,11 @@ def read_record(run_dir: str | Path, iteration: int) -> dict:
 def paired_score_change(before: dict, after: dict, column: str = "strict") -> tuple[float, float]:
     """math.md §9.2: the change of the held-out score from record ``before`` to ``after`` (two evaluations of
     the same prompts on the same noise: one run's iterations, or two runs of one seed) and its paired standard
-    error.  With tasks (GenEval-mini) the score is the mean over task types of each type's mean, so the change
-    is the mean over types of each type's mean paired difference, and its variance the sum of the types'
-    ``var(difference) / n`` over ``types^2``; without, the mean over images.  ``column``: ``strict`` (the
-    score) or another of the records' columns (``partial``, ``reward``, ``gold/NAME``)."""
+    error.  ``column``: ``strict`` (the score) or another of the records' columns (``partial``,
+    ``reward/NAME``, ``gold/NAME``).  GenEval-mini's ``strict`` and ``partial`` are means over task types of
+    each type's mean (``eval/score``), so their change is the mean over types of each type's mean paired
+    difference, and its variance the sum of the types' ``var(difference) / n`` over ``types^2``; every other
+    column is logged as a mean over images, and so is its change."""
     for key in ("prompts", "seeds"):
         if before[key] != after[key]:
             raise ValueError(
@@ -422,7 +423,8 @@ def paired_score_change(before: dict, after: dict, column: str = "strict") -> tu
     diff = torch.tensor(after["columns"][column], dtype=torch.float64) - torch.tensor(
         before["columns"][column], dtype=torch.float64
     )
-    tasks = before.get("tasks") or ["all"] * len(diff)
+    by_task = column in ("strict", "partial") and before.get("tasks")
+    tasks = before["tasks"] if by_task else ["all"] * len(diff)
     means, variances = [], []
     for task in dict.fromkeys(tasks):
         d = diff[[i for i, t in enumerate(tasks) if t == task]]

@@ -16,10 +16,12 @@ from train.diversity import (
     build_feature,
     group_diversities,
     group_diversity,
+    paired_difference,
     paired_distance,
+    paired_distances,
     standard_error,
 )
-from train.evaluation import EvalConfig, Evaluator
+from train.evaluation import EvalConfig, Evaluator, paired_score_change, read_record
 from train.policy import ModelConfig, build_policy
 
 from ._pg_helpers import SMALL, make_tiny_flow_pipeline, use_embedded_default
@@ -44,6 +46,40 @@ def test_paired_distance_by_hand_and_shape_check():
     assert paired_distance(a, b) == pytest.approx(2.5)
     with pytest.raises(ValueError, match="drift reference: expected features shaped"):
         paired_distance(a, b[:1])
+    assert paired_distances(a, b).tolist() == [5.0, 0.0]
+
+
+def test_paired_difference_by_hand():
+    """The mean of the per-prompt differences and their standard error: a shift that every prompt shares has
+    no paired noise, however far apart the prompts are."""
+    a, b = [1.0, 5.0, 9.0], [0.5, 4.5, 8.5]
+    assert paired_difference(a, b) == pytest.approx((0.5, 0.0))
+    d, se = paired_difference([1.0, 5.0, 9.0, 2.0], [0.0, 5.0, 8.0, 2.0])  # differences 1, 0, 1, 0
+    assert d == pytest.approx(0.5) and se == pytest.approx(math.sqrt(1 / 3) / 2)
+    with pytest.raises(ValueError, match="expected values of the same prompts, got 3 and 2"):
+        paired_difference(a, b[:2])
+
+
+def _record(it, strict, tasks, prompts=None):
+    n = len(strict)
+    return {"iteration": it, "prompts": prompts or [f"p{i}" for i in range(n)], "seeds": list(range(n)),
+            "tasks": tasks, "columns": {"strict": strict}}  # fmt: skip
+
+
+def test_paired_score_change_is_the_task_mean_of_the_paired_differences():
+    tasks = ["colors"] * 4 + ["counting"] * 2
+    before = _record(0, [0, 0, 1, 1, 0, 1], tasks)
+    after = _record(5, [1, 0, 1, 0, 1, 1], tasks)  # colors: +1, 0, 0, -1 (mean 0); counting: +1, 0 (0.5)
+    change, se = paired_score_change(before, after)
+    assert change == pytest.approx(0.25)  # the GenEval-mini score (mean over tasks) moves 0.5 -> 0.75
+    var_colors, var_counting = 2 / 3 / 4, 0.5 / 2  # sample variances over n, per task
+    assert se == pytest.approx(math.sqrt(var_colors + var_counting) / 2)
+    untasked = {**after, "tasks": None}
+    assert paired_score_change({**before, "tasks": None}, untasked)[0] == pytest.approx(1 / 6)  # per image
+    with pytest.raises(ValueError, match="expected two evaluations of the same held-out prompts"):
+        paired_score_change(before, _record(5, [1] * 6, tasks, prompts=list("abcdef")))
+    with pytest.raises(ValueError, match=r"expected a column of both records \(strict\), got 'partial'"):
+        paired_score_change(before, after, "partial")
 
 
 def test_palette_grid_feature_scale():
@@ -203,6 +239,18 @@ def test_every_loop_logs_reward_gold_diversity_and_drift(tmp_path, monkeypatch, 
         assert r["eval/reward"] < 0  # minus the JPEG size in kB
     assert rows[0]["eval/drift"] == 0.0
     assert "eval/base_cfg/gold/geneval_mini" in rows[0]
+    # each evaluation's record holds the per-image and per-prompt values whose means were logged
+    first, last = (read_record(tmp_path / "r", it) for it in (0, 1))
+    for r, rec in zip(rows, (first, last), strict=True):
+        assert rec["feature"] == r["eval/feature"] and len(rec["diversity"]) == len(rec["diversity_prompts"])
+        assert sum(rec["diversity"]) / len(rec["diversity"]) == pytest.approx(r["eval/diversity"], rel=1e-12)
+        assert sum(rec["drift"]) / len(rec["drift"]) == pytest.approx(r["eval/drift"], rel=1e-12)
+        gold = rec["columns"]["gold/geneval_mini"]
+        assert sum(gold) / len(gold) == pytest.approx(r["eval/gold/geneval_mini"], rel=1e-6)
+    # the logged means are float32 of rewards of a few kB: their difference carries ~1e-6 of rounding
+    assert paired_score_change(first, last, "reward/jpeg_compressibility")[0] == pytest.approx(
+        rows[1]["eval/reward"] - rows[0]["eval/reward"], abs=1e-5)  # fmt: skip
+    assert (tmp_path / "r" / "samples" / "base_cfg.json").exists()
 
 
 def test_geneval_features_are_refused_for_a_model_run(tmp_path, capsys):
