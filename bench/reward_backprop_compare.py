@@ -160,8 +160,10 @@ def crossing(evals: list[dict], level: float, key: str = "eval/reward") -> dict 
 def at_equal_reward(results: list[dict], fractions=(0.5, 1.0)) -> str:
     """Per seed: the highest training reward that every method reaches after iteration 0 (``fractions`` of its
     gain over the start), and each method's metrics where it first gets there (Nabla-GFN's claim: at equal
-    reward, more diversity than DRaFT)."""
-    lines = []
+    reward, more diversity than DRaFT), with each method's paired diversity difference from DRaFT's; with
+    several seeds, those differences pooled per fraction (the mean over seeds, and its standard error from the
+    seeds' paired ones: independent seeds)."""
+    lines, pooled = [], {}
     for seed in sorted({r.get("seed", 0) for r in results}):
         group = [r for r in results if r.get("seed", 0) == seed]
         start = max(r["evals"][0]["eval/reward"] for r in group)
@@ -181,14 +183,25 @@ def at_equal_reward(results: list[dict], fractions=(0.5, 1.0)) -> str:
                 cells.append(f"{r['method']} (it {c['iteration']:.1f}): {vals}")
                 crossings[r["method"]] = c
             lines.append(f"- seed {seed}, training reward {level:.4f}: " + "; ".join(cells))
-            lines += paired_diversity(crossings)
+            for method, d, se, n in paired_diversity(crossings):
+                lines.append(f"  - diversity, {method} - draft: {d:+.4f} (paired se {se:.4f}, {n} prompts)")
+                pooled.setdefault((frac, method), []).append((d, se))
+    for (frac, method), values in pooled.items():
+        k = len(values)
+        if k < 2:
+            continue
+        mean = sum(d for d, _ in values) / k
+        se = sum(s**2 for _, s in values) ** 0.5 / k
+        lines.append(f"- {k} seeds at {frac:g} of the common gain: diversity, {method} - draft: {mean:+.4f} "
+                     f"(se {se:.4f})")  # fmt: skip
     return "\n".join(lines)
 
 
-def paired_diversity(crossings: dict[str, dict], against: str = "draft") -> list[str]:
+def paired_diversity(crossings: dict[str, dict], against: str = "draft") -> list[tuple]:
     """At one reward level: each method's diversity minus ``against``'s, prompt by prompt (one seed's runs
     share the diversity prompts and noise), with the paired standard error
-    (train.diversity.paired_difference); nothing when ``against`` or the per-prompt values are missing."""
+    (train.diversity.paired_difference) -> ``(method, difference, se, prompts)``; none when ``against`` or
+    the per-prompt values are missing."""
     base = crossings.get(against, {})
     if "diversity_per_prompt" not in base:
         return []
@@ -200,8 +213,7 @@ def paired_diversity(crossings: dict[str, dict], against: str = "draft") -> list
             raise SystemExit(f"expected {method} and {against} of one seed to share the diversity prompts, "
                              f"got different ones (another --eval.num-prompts or --eval.diversity-prompts?)")
         d, se = paired_difference(c["diversity_per_prompt"], base["diversity_per_prompt"])
-        out.append(f"  - diversity, {method} - {against}: {d:+.4f} (paired se {se:.4f}, "
-                   f"{len(c['diversity_per_prompt'])} prompts)")
+        out.append((method, d, se, len(c["diversity_per_prompt"])))
     return out
 
 

@@ -58,6 +58,10 @@ def test_equal_reward_pairs_the_diversity_prompt_by_prompt_against_draft():
     lines = rbc.at_equal_reward([fast, slow]).splitlines()
     # at 0.14 DRaFT is 40% of the way from iteration 0 to 5: prompts 0.16, 0.76; Nabla-GFN at 10: 0.1, 0.9
     assert lines[-1] == "  - diversity, nabla_gfn - draft: +0.0400 (paired se 0.1000, 2 prompts)"
+    # a second seed with the same runs: pooled per fraction, the standard error of a mean of two seeds
+    again = [{**r, "seed": 1} for r in (fast, slow)]
+    lines = rbc.at_equal_reward([fast, slow, *again]).splitlines()
+    assert lines[-1] == "- 2 seeds at 1 of the common gain: diversity, nabla_gfn - draft: +0.0400 (se 0.0707)"
     for e in slow["evals"]:
         e["record"]["diversity_prompts"] = ["a circle", "three squares"]
     with pytest.raises(SystemExit, match="expected nabla_gfn and draft of one seed to share the diversity"):
