@@ -22,6 +22,12 @@ method's diversity, gold score and drift there, linearly interpolated between th
 first crossing.  The table and plot name the feature space of the diversity (``eval/feature``; pass
 ``--extra "--eval.feature geneval_objects"`` for the verifier's objects); runs in different spaces are
 refused.
+
+Paired differences (math.md §9.2): the runs of one seed share the held-out and diversity prompts and their
+noise, and every evaluation writes its per-image and per-prompt values (``samples/iter_XXXXXX.json``, kept in
+``results.json``).  So the table gives each run's gold change from iteration 0 (the learning-rate-0 control)
+with its paired standard error, and the equal-reward summary each method's diversity minus DRaFT-1's,
+prompt by prompt, with the paired standard error, pooled over the seeds of a ``--merge``.
 """
 
 from __future__ import annotations
