@@ -10,7 +10,7 @@ On the embedded default the score is GenEval-mini's (strict, overall = mean over
 score and one number per task); for other prompt sets it is the training reward's mean.  Each evaluation
 writes a PNG grid of held-out prompts and samples to ``<run>/samples/`` and beside it a JSON record of every
 held-out image's scores (and drift) and every diversity prompt's diversity: runs of one seed share the
-prompts and noise, so two runs' records compare sample by sample (``bench.reward_backprop_compare``).
+prompts and noise, so two runs' records compare sample by sample (``bench.paired_eval``).
 
 Beside the score every evaluation logs the training reward on the held-out samples (``reward``: one reward's
 mean, or the ``--reward-weights``-weighted mean of the parts' means, each also as ``reward/NAME``), the gold
