@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from train.diversity import paired_difference
+from train.diversity import paired_difference, standard_error
 from train.evaluation import paired_score_change, read_record
 
 METHODS = ("draft", "alignprop", "refl", "nabla_gfn")
@@ -167,8 +167,9 @@ def at_equal_reward(results: list[dict], fractions=(0.5, 1.0)) -> str:
     """Per seed: the highest training reward that every method reaches after iteration 0 (``fractions`` of its
     gain over the start), and each method's metrics where it first gets there (Nabla-GFN's claim: at equal
     reward, more diversity than DRaFT), with each method's paired diversity difference from DRaFT's; with
-    several seeds, those differences pooled per fraction (the mean over seeds, and its standard error from the
-    seeds' paired ones: independent seeds)."""
+    several seeds, those differences pooled per fraction: the mean over the seeds, with two standard errors,
+    one from the seeds' paired ones (the evaluations' noise) and one from the spread of the seeds' differences
+    (which also holds the training's own randomness; itself noisy with few seeds)."""
     lines, pooled = [], {}
     for seed in sorted({r.get("seed", 0) for r in results}):
         group = [r for r in results if r.get("seed", 0) == seed]
@@ -198,8 +199,10 @@ def at_equal_reward(results: list[dict], fractions=(0.5, 1.0)) -> str:
             continue
         mean = sum(d for d, _ in values) / k
         se = sum(s**2 for _, s in values) ** 0.5 / k
+        spread = standard_error([d for d, _ in values])
         lines.append(f"- {k} seeds at {frac:g} of the common gain: diversity, {method} - draft: {mean:+.4f} "
-                     f"(se {se:.4f})")  # fmt: skip
+                     f"(se {se:.4f} from the paired evaluations, {spread:.4f} from the spread over the "
+                     f"seeds)")  # fmt: skip
     return "\n".join(lines)
 
 

@@ -61,7 +61,10 @@ def test_equal_reward_pairs_the_diversity_prompt_by_prompt_against_draft():
     # a second seed with the same runs: pooled per fraction, the standard error of a mean of two seeds
     again = [{**r, "seed": 1} for r in (fast, slow)]
     lines = rbc.at_equal_reward([fast, slow, *again]).splitlines()
-    assert lines[-1] == "- 2 seeds at 1 of the common gain: diversity, nabla_gfn - draft: +0.0400 (se 0.0707)"
+    assert lines[-1] == (
+        "- 2 seeds at 1 of the common gain: diversity, nabla_gfn - draft: +0.0400 (se 0.0707 from the paired "
+        "evaluations, 0.0000 from the spread over the seeds)"
+    )
     for e in slow["evals"]:
         e["record"]["diversity_prompts"] = ["a circle", "three squares"]
     with pytest.raises(SystemExit, match="expected nabla_gfn and draft of one seed to share the diversity"):

@@ -113,6 +113,7 @@ def test_hacked_gold_falls_while_training_reward_rises_and_rollback_restores_the
     assert after["eval/gold/geneval_mini"] == best["eval/gold/geneval_mini"]
     assert after["eval/reward"] == best["eval/reward"]
     assert (run / "samples" / f"iter_{it:06d}_guard.png").exists()
+    assert (run / "samples" / f"iter_{it:06d}_guard.json").exists()  # the caught weights' record, kept too
 
 
 def test_summary_names_the_guard_iteration_and_numbers(rolled_back, capsys):
