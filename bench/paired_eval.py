@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 from train.diversity import paired_difference
-from train.evaluation import paired_score_change, read_record
+from train.evaluation import paired_score_change, read_record, record_mean
 
 
 def iterations(run: Path) -> list[int]:
@@ -45,8 +45,7 @@ def compare(before: dict, after: dict) -> dict:
             continue
         a, b = before["columns"][col], after["columns"][col]
         change, se = paired_score_change(before, after, col)
-        tasks = before.get("tasks") if col in ("strict", "partial") else None
-        means = {"before": _mean(a, tasks), "after": _mean(b, tasks)}
+        means = {"before": record_mean(before, col), "after": record_mean(after, col)}
         out["columns"][col] = {**means, "change": change, "se": se}
         if col == "strict":
             out["fail_to_pass"] = sum(1 for x, y in zip(a, b, strict=True) if y > x)
@@ -56,17 +55,9 @@ def compare(before: dict, after: dict) -> dict:
             if key == "diversity" and before.get("diversity_prompts") != after.get("diversity_prompts"):
                 raise SystemExit("expected two evaluations of the same diversity prompts, got different ones")
             change, se = paired_difference(after[key], before[key])
-            out[key] = {"before": _mean(before[key]), "after": _mean(after[key]), "change": change, "se": se}
+            means = {k: sum(r[key]) / len(r[key]) for k, r in (("before", before), ("after", after))}
+            out[key] = {**means, "change": change, "se": se}
     return out
-
-
-def _mean(values: list[float], tasks: list[str] | None = None) -> float:
-    """The mean over images, or with ``tasks`` GenEval-mini's score: the mean over task types of each type's
-    mean."""
-    per = {}
-    for v, t in zip(values, tasks or ["all"] * len(values), strict=True):
-        per.setdefault(t, []).append(v)
-    return sum(sum(v) / len(v) for v in per.values()) / len(per)
 
 
 def report(res: dict, what: str) -> str:

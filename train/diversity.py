@@ -44,7 +44,6 @@ __all__ = [
     "build_feature",
     "group_diversities",
     "group_diversity",
-    "diversity_stats",
     "mean_and_se",
     "standard_error",
     "paired_difference",
@@ -184,16 +183,10 @@ def group_diversities(features: torch.Tensor, groups: torch.Tensor) -> list[floa
     return out
 
 
-def diversity_stats(features: torch.Tensor, groups: torch.Tensor) -> tuple[float, float]:
-    """math.md §9.2: ``(eval/diversity, eval/diversity_se)``, the :func:`mean_and_se` of
-    :func:`group_diversities`; groups with fewer than two samples are skipped (the mean is NaN when none has
-    two, the standard error when fewer than two groups do)."""
-    return mean_and_se(group_diversities(features, groups))
-
-
 def group_diversity(features: torch.Tensor, groups: torch.Tensor) -> float:
-    """The mean of :func:`diversity_stats`."""
-    return diversity_stats(features, groups)[0]
+    """math.md §9.2: ``eval/diversity``, the mean of :func:`group_diversities` (NaN when no group has two
+    samples; the evaluator also takes their :func:`mean_and_se`, ``eval/diversity_se``)."""
+    return mean_and_se(group_diversities(features, groups))[0]
 
 
 def mean_and_se(values: list[float]) -> tuple[float, float]:

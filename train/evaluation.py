@@ -33,7 +33,7 @@ import torch
 from . import common
 from .grid import save_grid
 
-__all__ = ["EvalConfig", "Evaluator", "read_record", "paired_score_change"]
+__all__ = ["EvalConfig", "Evaluator", "read_record", "record_mean", "paired_score_change"]
 
 
 @dataclass
@@ -403,6 +403,21 @@ def read_record(run_dir: str | Path, iteration: int) -> dict:
     return json.loads(path.read_text())
 
 
+def _column_tasks(record: dict, column: str) -> list[str]:
+    """The groups whose means a column's logged value averages: GenEval-mini's ``strict`` and ``partial`` are
+    means over task types of each type's mean (``eval/score``); every other column is a mean over images."""
+    n = len(record["columns"][column])
+    return record["tasks"] if column in ("strict", "partial") and record.get("tasks") else ["all"] * n
+
+
+def record_mean(record: dict, column: str = "strict") -> float:
+    """The value that the evaluation of ``record`` logged for ``column`` (``strict``: ``eval/score``)."""
+    per = {}
+    for v, t in zip(record["columns"][column], _column_tasks(record, column), strict=True):
+        per.setdefault(t, []).append(v)
+    return sum(sum(v) / len(v) for v in per.values()) / len(per)
+
+
 def paired_score_change(before: dict, after: dict, column: str = "strict") -> tuple[float, float]:
     """math.md §9.2: the change of the held-out score from record ``before`` to ``after`` (two evaluations of
     the same prompts on the same noise: one run's iterations, or two runs of one seed) and its paired standard
@@ -423,8 +438,7 @@ def paired_score_change(before: dict, after: dict, column: str = "strict") -> tu
     diff = torch.tensor(after["columns"][column], dtype=torch.float64) - torch.tensor(
         before["columns"][column], dtype=torch.float64
     )
-    by_task = column in ("strict", "partial") and before.get("tasks")
-    tasks = before["tasks"] if by_task else ["all"] * len(diff)
+    tasks = _column_tasks(before, column)
     means, variances = [], []
     for task in dict.fromkeys(tasks):
         d = diff[[i for i, t in enumerate(tasks) if t == task]]
