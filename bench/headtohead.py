@@ -29,7 +29,10 @@ partial score, per task type), final and best score, the training seconds (and i
 method's best score (the lower of Flow-GRPO's and DiffusionNFT's best: the paper's measure), ``null`` when
 not reached; across runs, the ratio of Flow-GRPO's time to DiffusionNFT's (dpm2) where both reached a target,
 DiffusionNFT dpm2 against flow-sde, and each CFG-free result against the base model with CFG
-(``eval/base_cfg/score`` at iteration 0).
+(``eval/base_cfg/score`` at iteration 0).  Every run is evaluated on the same held-out prompts and noise, so
+the scores are also compared image by image from the evaluations' records (docs/math.md §9.2, paired
+differences): each run's final score against its iteration 0 (its learning-rate-0 control), and each pair of
+runs' final scores, each with its paired standard error.
 
 Writes ``<out-dir>/headtohead-<device>.json`` (``-quick`` added with ``--quick``) and a PNG of the score
 against training seconds and against iterations (drawn with PIL).
@@ -333,9 +336,49 @@ def compare(a_name: str, a: dict, b_name: str, b: dict, targets: dict[str, float
     return out
 
 
-def summarize(runs: dict[str, dict], target: float, relative_delta: float) -> dict:
+PAIRED_COLUMNS = ("strict", "partial")
+
+
+def _change(before: dict, after: dict) -> dict:
+    from train.evaluation import paired_score_change  # torch and the loops: only when records are read
+
+    out = {}
+    for column in PAIRED_COLUMNS:
+        mean, se = paired_score_change(before, after, column)
+        # a task type with one image has no variance estimate: no standard error (JSON has no NaN)
+        out[column] = {"mean": mean, "se": se if math.isfinite(se) else None}
+    return out
+
+
+def paired_summary(records: dict[str, dict]) -> dict | None:
+    """docs/math.md §9.2: ``records``: run name -> ``{"first": record, "final": record}`` (the evaluation
+    records of its iteration 0 and of its last evaluation; ``None`` where missing).  Returns each run's
+    ``change_from_iteration_0`` and, for each pair of runs in order, ``final_difference`` (``"a - b"``: a's
+    final score minus b's), the strict and partial scores' mean paired change and standard error; ``None``
+    when no run has both records.  The runs share the held-out prompts and seeds (``paired_score_change``
+    refuses them otherwise)."""
+    change = {
+        name: _change(r["first"], r["final"])
+        for name, r in records.items()
+        if r.get("first") is not None and r.get("final") is not None
+    }
+    finals = [(name, r["final"]) for name, r in records.items() if r.get("final") is not None]
+    diffs = {
+        f"{a} - {b}": _change(rb, ra)
+        for i, (a, ra) in enumerate(finals)
+        for b, rb in finals[i + 1 :]
+    }
+    if not change and not diffs:
+        return None
+    return {"change_from_iteration_0": change, "final_difference": diffs}
+
+
+def summarize(
+    runs: dict[str, dict], target: float, relative_delta: float, records: dict[str, dict] | None = None
+) -> dict:
     """``runs``: name -> ``{"curve": [...], "base_cfg": {...}}``.  Adds each run's ``summary`` in place and
-    returns the cross-run summary (targets, GRPO vs NFT, NFT dpm2 vs flow-sde, CFG-free vs base CFG)."""
+    returns the cross-run summary (targets, GRPO vs NFT, NFT dpm2 vs flow-sde, CFG-free vs base CFG, and with
+    ``records`` (see :func:`paired_summary`) the paired score changes)."""
     first = next(iter(runs.values()))
     base_free = first["curve"][0]["score"] if first["curve"] and first["curve"][0]["iteration"] == 0 else None
     base_cfg = first.get("base_cfg")
@@ -385,6 +428,8 @@ def summarize(runs: dict[str, dict], target: float, relative_delta: float) -> di
             }
             for n, r in runs.items()
         }
+    if records:
+        out["paired"] = paired_summary(records)
     return out
 
 
@@ -519,6 +564,18 @@ def device_slug(device: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", torch.cuda.get_device_name()).strip("-").lower()
 
 
+def _record(run_dir: Path, iteration: int) -> dict | None:
+    """The evaluation record of ``iteration`` (``None`` if the run wrote none: the summary then leaves that
+    run's paired changes out rather than lose the run)."""
+    from train.evaluation import read_record
+
+    try:
+        return read_record(run_dir, iteration)
+    except FileNotFoundError as e:
+        print(f"warning: {e}; its paired changes are left out", file=sys.stderr)
+        return None
+
+
 def run_all(args) -> dict:
     """Run every requested loop and return the results document (not yet written)."""
     env = child_env(args.threads)
@@ -528,6 +585,7 @@ def run_all(args) -> dict:
     root = Path(args.keep_runs) if keep else Path(tempfile.mkdtemp(prefix="headtohead-"))
     root.mkdir(parents=True, exist_ok=True)
     runs: dict[str, dict] = {}
+    records: dict[str, dict] = {}
     try:
         for spec in args.runs:
             run_dir = root / spec.name
@@ -554,12 +612,16 @@ def run_all(args) -> dict:
                 "base_cfg": base_cfg_from_metrics(rows),
                 "curve": curve,
             }
+            records[spec.name] = {
+                "first": _record(run_dir, 0) if curve[0]["iteration"] == 0 else None,
+                "final": _record(run_dir, curve[-1]["iteration"]),
+            }
             if not keep:
                 runs[spec.name]["log"] = None
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
-    summary = summarize(runs, args.target, args.relative_delta)
+    summary = summarize(runs, args.target, args.relative_delta, records)
     quick = dict(QUICK_OVERRIDES)
     env_info = _common.environment()
     return {
@@ -814,7 +876,18 @@ def report(doc: dict) -> str:
         if key in s:
             ratios = ", ".join(f"{k} {_r(v['ratio_train_s'])}" for k, v in s[key]["time_to_target"].items())
             lines.append(f"{title} training time to target: {ratios}")
+    paired = s.get("paired")
+    if paired:
+        lines.append("paired on the same held-out prompts and noise (strict score, standard error):")
+        for name, c in paired["change_from_iteration_0"].items():
+            lines.append(f"  {name}: final - iteration 0 {_pm(c['strict'])}")
+        for pair, c in paired["final_difference"].items():
+            lines.append(f"  final, {pair}: {_pm(c['strict'])}")
     return "\n".join(lines)
+
+
+def _pm(v: dict) -> str:
+    return f"{v['mean']:+.3f} ({'n/a' if v['se'] is None else format(v['se'], '.3f')})"
 
 
 def main(argv=None) -> int:

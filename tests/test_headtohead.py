@@ -4,6 +4,7 @@ argument errors, and one end-to-end ``--quick`` run of the three loops (JSON sch
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from PIL import Image
@@ -112,6 +113,46 @@ def test_summarize_targets_ratios_and_cfg_comparison():
     assert runs[h2h.NFT]["summary"]["best"]["iteration"] == 3
 
 
+def _rec(it, strict, partial, prompts=("a", "b", "c", "d")):
+    return {"iteration": it, "prompts": list(prompts), "seeds": [1, 2, 3, 4],
+            "tasks": ["colors", "colors", "counting", "counting"],
+            "columns": {"strict": strict, "partial": partial}}  # fmt: skip
+
+
+def test_paired_summary_changes_and_differences_image_by_image(capsys):
+    """Each run's final score against its iteration 0, and the runs' finals against each other, as the mean
+    over task types of each type's mean paired difference (math.md §9.2), with its standard error."""
+    first = _rec(0, [0, 1, 0, 0], [0.5, 1, 0.5, 0.5])
+    records = {
+        h2h.NFT: {"first": first, "final": _rec(9, [1, 1, 1, 0], [1, 1, 1, 0.5])},
+        h2h.GRPO: {"first": first, "final": _rec(30, [0, 1, 0, 1], [0.5, 1, 0.5, 1])},
+        h2h.NFT_SDE: {"first": None, "final": None},  # a run without records is left out
+    }
+    p = h2h.paired_summary(records)
+    assert set(p["change_from_iteration_0"]) == {h2h.NFT, h2h.GRPO}
+    nft = p["change_from_iteration_0"][h2h.NFT]["strict"]  # colors 0.5 -> 1, counting 0 -> 0.5
+    assert nft["mean"] == pytest.approx(0.5) and nft["se"] == pytest.approx(math.sqrt(0.5 / 2 + 0.5 / 2) / 2)
+    grpo = p["change_from_iteration_0"][h2h.GRPO]["partial"]  # colors +0, counting +0.25
+    assert grpo["mean"] == pytest.approx(0.125) and grpo["se"] == pytest.approx(math.sqrt(0.125 / 2) / 2)
+    (pair,) = p["final_difference"]
+    assert pair == f"{h2h.NFT} - {h2h.GRPO}"
+    d = p["final_difference"][pair]["strict"]  # colors 1 - 0.5, counting 0.5 - 0.5
+    assert d["mean"] == pytest.approx(0.25) and d["se"] == pytest.approx(math.sqrt(0.5 / 2 + 2 / 2) / 2)
+    assert h2h.paired_summary({h2h.NFT: {"first": None, "final": None}}) is None
+    other = {h2h.GRPO: {"first": None, "final": _rec(3, [0] * 4, [0] * 4, prompts=("w", "x", "y", "z"))}}
+    with pytest.raises(ValueError, match="same held-out prompts"):
+        h2h.paired_summary({h2h.NFT: records[h2h.NFT], **other})
+    runs = _runs()
+    s = h2h.summarize(runs, target=0.35, relative_delta=0.1, records=records)
+    assert s["paired"] == p
+    assert "paired on the same held-out prompts" not in h2h.report(_doc(_runs()))
+    doc = _doc(runs)
+    doc["summary"] = s
+    text = h2h.report(doc)
+    assert f"{h2h.NFT}: final - iteration 0 +0.500 (0.354)" in text
+    assert f"final, {h2h.NFT} - {h2h.GRPO}: +0.250 (0.559)" in text
+
+
 def test_nice_ticks_cover_the_range_with_round_steps():
     for lo, hi in ((0.0, 547.3), (0.18, 0.26), (0.0, 1.0), (0.2, 0.2)):
         ticks = h2h.nice_ticks(lo, hi)
@@ -178,7 +219,7 @@ def test_out_dir_that_is_a_file_is_refused(tmp_path, capsys):
     assert "--out-dir: expected a directory" in capsys.readouterr().err
 
 
-def test_quick_run_end_to_end(tmp_path, monkeypatch):
+def test_quick_run_end_to_end(tmp_path, monkeypatch, capsys):
     """The three loops for real (tiny batches), with a budget small enough that the harness must stop each
     run with SIGINT after its first iteration (max-iters is 2)."""
     # the runs take the CPU reference path, as the benchmark does outside pytest (not Triton's interpreter)
@@ -214,6 +255,13 @@ def test_quick_run_end_to_end(tmp_path, monkeypatch):
     assert s["targets"]["relative"] == pytest.approx(s["base"]["cfg_free_score"] + 0.05, abs=1e-6)  # rounded
     for key in ("grpo_vs_nft", "nft_flow_sde_vs_dpm2", "cfg_free_vs_base_cfg"):
         assert key in s
+    # the evaluations' records, paired image by image: every run against its iteration 0, and each pair
+    assert set(s["paired"]["change_from_iteration_0"]) == set(doc["runs"])
+    assert len(s["paired"]["final_difference"]) == 3
+    for c in [*s["paired"]["change_from_iteration_0"].values(), *s["paired"]["final_difference"].values()]:
+        # 12 prompts: a task type with one image has no variance, so no standard error
+        assert -1 <= c["strict"]["mean"] <= 1 and (c["strict"]["se"] is None or c["strict"]["se"] >= 0)
+    assert "paired on the same held-out prompts" in capsys.readouterr().out
     assert Image.open(out / "headtohead-cpu-quick.png").size == (1500, 720)
 
 
