@@ -133,17 +133,20 @@ def test_flow_pipelines_run_with_a_clip_reward(tmp_path, family):
 
 def test_learns_the_training_reward_vs_lr0(tmp_path):
     """On saturation (deliberately hackable, differentiable; not the default reward): the trained run's
-    rollouts of the last iterations score higher than the lr-0 control's on the same prompts and seeds.
-    Can fail: a short run with a thin margin. lr 3e-3 rather than the reference's 1e-3 so that 3 optimizer
-    steps move the reward, and reward scale 1e6 rather than 1e3, the scale at which this port climbs
-    saturation at all (docs/results.md, Nabla-GFlowNet's diversity claim). Measured 2026-12-05 over the last
-    2 iterations: 0.3272 vs 0.3254 (at 1e3: 0.3262)."""
-    argv = [*FAST, "--reward", "saturation", "--sample.prompts-per-iter", "2", "--eval.every", "100",
+    rollouts of the last 3 of 6 iterations score higher than the lr-0 control's on the same prompts and seeds.
+    Reward scale 1e6 rather than the reference's 1e3, the scale at which this port climbs saturation at all
+    (docs/results.md, Nabla-GFlowNet's diversity claim), and lr 1e-2 rather than 1e-3 so that a few steps
+    move it; 8 samples of 4 steps, every transition trained.  Measured 2026-12-06 (stage-1 checkpoint), the
+    gap on seeds 0-3: +0.029, +0.022, +0.029, +0.028 (at lr 3e-3: +0.005 to +0.010).  The earlier setting
+    (4 samples of 2 steps, half the transitions, lr 3e-3, 3 iterations) gave +0.002, 0.000, +0.001 on
+    seeds 0-2: no signal."""
+    argv = [*FAST, "--reward", "saturation", "--sample.prompts-per-iter", "4", "--sample.num-steps", "4",
+            "--train.timestep-fraction", "1", "--train.batch-size", "8", "--eval.every", "100",
             "--train.reward-scale", "1e6"]  # fmt: skip
     means = []
-    for name, lr in (("trained", "3e-3"), ("control", "0")):
-        run = ["--run-dir", str(tmp_path / name), *argv, "--train.lr", lr, "--max-iters", "3"]
+    for name, lr in (("trained", "1e-2"), ("control", "0")):
+        run = ["--run-dir", str(tmp_path / name), *argv, "--train.lr", lr, "--max-iters", "6"]
         assert ngfn.main(run) == 0
         rows = [r for r in common.read_metrics(tmp_path / name) if "train/reward_mean" in r]
-        means.append(sum(r["train/reward_mean"] for r in rows[-2:]) / 2)
-    assert means[0] > means[1], means
+        means.append(sum(r["train/reward_mean"] for r in rows[-3:]) / 3)
+    assert means[0] - means[1] > 0.01, means
