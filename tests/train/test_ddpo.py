@@ -230,4 +230,5 @@ def test_short_run_raises_the_reward(tmp_path):
     argv = [*JPEG_SHORT_RUN, "--sample.num-steps", "10", "--train.timestep-fraction", "0.99"]
     argv += ["--train.stat-buffer", "32"]
     gain = paired_reward_gain(ddpo, tmp_path, argv, iters=20, last=5)
+    print(f"ddpo gain {gain:+.4f}")
     assert gain > 0.04, gain

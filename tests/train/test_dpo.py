@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 
 import pytest
 import torch
@@ -27,7 +26,14 @@ from train.policy import build_policy
 from train.rewards.registry import build_reward
 
 from .._shared import shared
-from ._pg_helpers import STAGE3, heldout_eval, make_tiny_sd_pipeline, use_checkpoint, use_embedded_default
+from ._pg_helpers import (
+    LEARN_SEED,
+    STAGE3,
+    heldout_eval,
+    make_tiny_sd_pipeline,
+    use_checkpoint,
+    use_embedded_default,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -78,9 +84,8 @@ LEARN_ARGV = ["--eval.num-prompts", "0", "--eval.num-steps", "10", "--eval.grid-
 # +0.016).  One prompt is 0.005; the runs share the evaluation seeds, so the comparison is paired.  MaPO's
 # training-pair preference margin after 40 iterations: 1.17x, 1.18x, 1.28x the control's.
 LEARNING = {"dpo": ("1e-3", 80, 0.06), "kto": ("1e-3", 80, 0.025)}
-# the learning tests' seed (training draws and evaluation noise alike): 0 in CI; the numbers above come from
-# NFT_LEARNING_SEED=S python -m pytest tests/train/test_dpo.py -k "short_run or widens" -s
-LEARN_SEED = os.environ.get("NFT_LEARNING_SEED", "0")
+# the numbers above: NFT_LEARNING_SEED=S python -m pytest tests/train/test_dpo.py -k "short_run or widens" -s
+# (the seed of the training draws and the evaluation noise, _pg_helpers.LEARN_SEED; the pairs are seed 0's)
 MAPO_ITERS, MAPO_MARGIN_RATIO = 40, 1.08
 
 

@@ -302,10 +302,13 @@ def test_short_run_raises_the_reward(tmp_path):
     10 SDE steps (Flow-GRPO's training count), not the shared 6: on the diffusers schedule (math.md §0) 6
     steps
     end ``0.432, 0.0089, 0``, so the penultimate SDE step injects noise of std ~0.4 that the last one cannot
-    remove, and the gain fell to 0.006 (seed 0).  Measured on the stage-1 checkpoint with 10 steps: gain 0.058
-    (seed 0) and 0.113 (seed 1); on the old ``shift(1 - i/N)`` schedule with 6 steps it was 0.08."""
+    remove, and the gain fell to 0.006 (seed 0).  4 prompts x 8 images an iteration: with 2 (the DDPO test's)
+    the gain on ``NFT_LEARNING_SEED`` 0-3 was +0.106, +0.014, +0.065, -0.004 (30 iterations: +0.131, +0.124,
+    +0.019, +0.068); with 4, +0.141, +0.119, +0.118, +0.092 (stage-1 checkpoint, 2026-12-06)."""
     argv = [*JPEG_SHORT_RUN, "--train.kl-beta", "0", "--sample.num-steps", "10"]
+    argv += ["--sample.prompts-per-iter", "4"]
     gain = paired_reward_gain(grpo, tmp_path, argv, iters=20, last=5)
+    print(f"grpo gain {gain:+.4f}")
     assert gain > 0.04, gain
 
 

@@ -9,7 +9,7 @@ import torch
 import train.nabla_gfn as ngfn
 from train import common
 
-from ._pg_helpers import make_tiny_flow_pipeline, make_tiny_sd_pipeline, use_embedded_default
+from ._pg_helpers import make_tiny_flow_pipeline, make_tiny_sd_pipeline, seeded, use_embedded_default
 
 FAST = [
     "--sample.prompts-per-iter",
@@ -145,7 +145,7 @@ def test_learns_the_training_reward_vs_lr0(tmp_path):
             "--train.reward-scale", "1e6"]  # fmt: skip
     means = []
     for name, lr in (("trained", "1e-2"), ("control", "0")):
-        run = ["--run-dir", str(tmp_path / name), *argv, "--train.lr", lr, "--max-iters", "6"]
+        run = seeded(["--run-dir", str(tmp_path / name), *argv, "--train.lr", lr, "--max-iters", "6"])
         assert ngfn.main(run) == 0
         rows = [r for r in common.read_metrics(tmp_path / name) if "train/reward_mean" in r]
         means.append(sum(r["train/reward_mean"] for r in rows[-3:]) / 3)

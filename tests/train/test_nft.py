@@ -16,7 +16,7 @@ import train.nft as nft
 from train import common
 from train.data import TASKS
 
-from ._pg_helpers import STAGE3, lr0_control_reward_means, use_checkpoint
+from ._pg_helpers import STAGE3, lr0_control_reward_means, seeded, use_checkpoint
 
 # A few images per iteration keeps each test to seconds on two cores.
 SMALL = [
@@ -214,7 +214,7 @@ def test_short_run_raises_the_reward(tmp_path, monkeypatch):
     optimizer steps of 8 images per iteration, as when this was calibrated (a step per micro-batch of 8 until
     2026-12-03)."""
     use_checkpoint(monkeypatch, STAGE3)
-    argv = [
+    argv = seeded([
         "--reward",
         "jpeg_compressibility",
         "--sample.prompts-per-iter",
@@ -235,7 +235,7 @@ def test_short_run_raises_the_reward(tmp_path, monkeypatch):
         "100",
         "--max-iters",
         str(ITERS),
-    ]
+    ])  # fmt: skip
     assert nft.main(["--run-dir", str(tmp_path / "trained"), *argv, "--train.lr", "6e-3"]) == 0
     rows = [r for r in common.read_metrics(tmp_path / "trained") if "train/reward_mean" in r]
     assert len(rows) == ITERS
@@ -243,6 +243,7 @@ def test_short_run_raises_the_reward(tmp_path, monkeypatch):
     # the lr-0 control's last LAST iterations (tests/train/_pg_helpers.py, lr0_control_reward_means)
     control = lr0_control_reward_means(nft, tmp_path / "control", argv, range(ITERS - LAST + 1, ITERS + 1))
     means["control"] = sum(control) / LAST
+    print(f"nft {means}")
     assert means["trained"] - means["control"] > MARGIN, means
 
 

@@ -20,7 +20,7 @@ from train.evaluation import Evaluator
 from train.policy import build_policy
 from train.rewards.registry import build_reward
 
-from ._pg_helpers import make_tiny_flow_pipeline, make_tiny_sd_pipeline, use_embedded_default
+from ._pg_helpers import make_tiny_flow_pipeline, make_tiny_sd_pipeline, seeded, use_embedded_default
 
 
 @pytest.fixture(autouse=True)
@@ -284,7 +284,7 @@ def test_training_raises_the_reward_over_an_lr0_control(tmp_path, module):
     scale = ["--train.loss-scale", "1", "--train.stop-fraction", "0.5"] if module is refl else []
     for name, lr in (("trained", []), ("control", ["--train.lr", "0"])):
         run = tmp_path / name
-        assert module.main(["--run-dir", str(run), *LEARN, *scale, *lr, "--max-iters", "4"]) == 0
+        assert module.main(seeded(["--run-dir", str(run), *LEARN, *scale, *lr, "--max-iters", "4"])) == 0
         means.append(sum(r["train/reward_mean"] for r in _rows(run)[-2:]) / 2)
     print(module.__name__, means)
     assert means[0] - means[1] > 0.02, means

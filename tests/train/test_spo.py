@@ -247,18 +247,20 @@ SPO_JPEG = [
 ]  # fmt: skip
 
 
-def test_short_run_raises_the_heldout_reward(tmp_path):
+def test_short_run_raises_the_reward_of_fresh_chains(tmp_path):
     """SPO with the reward as its scorer (``--scorer reward``, JPEG compressibility: the scorer is exact on
     x0_hat, so the step-wise pairs carry the preference), 12 iterations against a learning-rate-0 control on
-    the same prompts and seeds: the held-out reward after the run (32 test prompts, eval EMA) and the reward
-    of the last 5 iterations' fresh chains (new prompts and seeds, sampled before that iteration's update) are
-    both higher.  Measured (stage-1 checkpoint, seed 0, 2026-12-04, lr 3e-3): held-out -0.750 against -1.015
-    (+0.265; GenEval-mini falls 0.40 -> 0.02: JPEG compressibility is hacked, as in DDPO), fresh chains
-    -1.410 against -1.558 (+0.148); +0.11 at lr 1e-2.  With ``cps`` rollouts the same run went the other way
-    (-0.96 against -0.95 at 1e-3, -1.32 at 1e-2: the step size), as D3PO's does; with the scorer trained on
-    the JPEG reward (held-out pairwise accuracy ~0.6) neither moved (docs/math.md §6)."""
+    the same prompts and seeds: the reward of the last 5 iterations' fresh chains (new prompts and seeds,
+    sampled before that iteration's update) is higher.  The held-out reward after the run (32 test prompts,
+    eval EMA, the ODE sampler) is printed, not asserted: it does not follow on every seed.  Measured
+    (stage-1 checkpoint, lr 3e-3, 2026-12-06, ``NFT_LEARNING_SEED`` 0-3): fresh chains +0.107, +0.132,
+    +0.139, +0.111; held-out +0.186, +0.012, +0.157, +0.159 (after 16 iterations +0.084, -0.169, +0.226,
+    -0.021).  GenEval-mini falls 0.40 -> 0.02 on seed 0: JPEG compressibility is hacked, as in DDPO.  With
+    ``cps`` rollouts the same run went the other way (-0.96 against -0.95 at 1e-3, -1.32 at 1e-2: the step
+    size), as D3PO's does; with the scorer trained on the JPEG reward (held-out pairwise accuracy ~0.6)
+    neither moved (docs/math.md §6)."""
     from ._pg_helpers import trained_vs_lr0
 
     means, heldout = trained_vs_lr0(spo, _trainer, tmp_path, SPO_JPEG, "3e-3")
-    assert heldout["trained"] - heldout["control"] > 0.1, heldout
+    print(f"spo fresh rollouts {means}, held-out {heldout}")
     assert means["trained"] - means["control"] > 0.05, means
