@@ -77,3 +77,31 @@ def test_links_resolve():
     assert targets, "expected links into docs/"
     missing = sorted({t for t in targets if not (ROOT / t).exists()})
     assert not missing, f"README.md links to files that do not exist: {missing}"
+
+
+def _slugs(markdown: str) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens, repeats numbered."""
+    seen: dict[str, int] = {}
+    out = set()
+    fence = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            fence = not fence
+        m = None if fence else re.match(r"^#{1,6}\s+(.*?)\s*#*\s*$", line)
+        if not m:
+            continue
+        slug = re.sub(r"[^\w\- ]", "", m.group(1).lower()).replace(" ", "-")
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        out.add(slug if n == 0 else f"{slug}-{n}")
+    return out
+
+
+def test_link_anchors_resolve():
+    """Every ``file.md#anchor`` link of the README names a heading of that file."""
+    text = README.read_text(encoding="utf-8")
+    links = re.findall(r"\]\(([^)#:\s]+\.md)#([^)\s]+)\)", text)
+    assert links, "expected anchored links into docs/"
+    slugs = {f: _slugs((ROOT / f).read_text(encoding="utf-8")) for f, _ in links}
+    bad = sorted({f"{f}#{a}" for f, a in links if a not in slugs[f]})
+    assert not bad, f"README.md links to headings that do not exist: {bad}"
