@@ -98,10 +98,12 @@ def _slugs(markdown: str) -> set[str]:
 
 
 def test_link_anchors_resolve():
-    """Every ``file.md#anchor`` link of the README names a heading of that file."""
-    text = README.read_text(encoding="utf-8")
-    links = re.findall(r"\]\(([^)#:\s]+\.md)#([^)\s]+)\)", text)
-    assert links, "expected anchored links into docs/"
-    slugs = {f: _slugs((ROOT / f).read_text(encoding="utf-8")) for f, _ in links}
-    bad = sorted({f"{f}#{a}" for f, a in links if a not in slugs[f]})
-    assert not bad, f"README.md links to headings that do not exist: {bad}"
+    """Every ``file.md#anchor`` (or ``#anchor``) link of the README and of docs/*.md names a heading of that
+    file."""
+    bad = []
+    for doc in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for target, anchor in re.findall(r"\]\(([^)#:\s]*)#([^)\s]+)\)", doc.read_text(encoding="utf-8")):
+            path = doc.parent / target if target else doc
+            if not path.is_file() or anchor not in _slugs(path.read_text(encoding="utf-8")):
+                bad.append(f"{doc.relative_to(ROOT)}: {target}#{anchor}")
+    assert not bad, f"links to headings that do not exist: {bad}"
