@@ -355,8 +355,8 @@ def paired_summary(records: dict[str, dict]) -> dict | None:
     records of its iteration 0 and of its last evaluation; ``None`` where missing).  Returns each run's
     ``change_from_iteration_0`` and, for each pair of runs in order, ``final_difference`` (``"a - b"``: a's
     final score minus b's), the strict and partial scores' mean paired change and standard error; ``None``
-    when no run has both records.  The runs share the held-out prompts and seeds (``paired_score_change``
-    refuses them otherwise)."""
+    when there is neither (no run with both records, fewer than two with a final one).  The runs share the
+    held-out prompts and seeds (``paired_score_change`` refuses them otherwise)."""
     change = {
         name: _change(r["first"], r["final"])
         for name, r in records.items()
