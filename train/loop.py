@@ -61,7 +61,15 @@ from .distributed import (
 )
 from .evaluation import EvalConfig, Evaluator, validate_eval
 from .guards import BEST_CHECKPOINT, GUARD_EXIT, Guard, GuardConfig, validate_guards
-from .policy import ModelConfig, Policy, build_policy, check_model_path, check_schedule, read_prompt_file
+from .policy import (
+    ModelConfig,
+    Policy,
+    build_policy,
+    check_embedded_dir,
+    check_model_path,
+    check_schedule,
+    read_prompt_file,
+)
 from .rewards.registry import RewardError, build_reward
 
 __all__ = [
@@ -288,6 +296,7 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
             raise ConfigError(
                 f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
             )
+    check_embedded_dir(mc.embedded_dir, embedded=embedded)
     if not embedded:
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=unet_ok)
         read_prompt_file(cfg.prompts, "--prompts")
@@ -1316,12 +1325,13 @@ def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report
         report(f"error: {e}")
         return 1
     extra = trainer.describe()
+    model = f" ({cfg.models.embedded_dir})" if cfg.models.embedded_dir else ""
     procs = f" | {dist.world} processes ({cfg.dist.strategy})" if dist.enabled else ""
     try:
         with common.GracefulInterrupt(verbose=dist.is_main) as interrupt:
             trainer.interrupt = interrupt
             trainer.say(
-                f"run dir: {run_dir} | device {device} | preset {cfg.preset} | reward {cfg.reward}"
+                f"run dir: {run_dir} | device {device} | preset {cfg.preset}{model} | reward {cfg.reward}"
                 f"{' | ' + extra if extra else ''}{procs}",
                 flush=True,
             )

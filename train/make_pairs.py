@@ -40,6 +40,7 @@ from .policy import (
     ModelConfig,
     Policy,
     build_policy,
+    check_embedded_dir,
     check_model_path,
     check_schedule,
     read_prompt_file,
@@ -337,6 +338,7 @@ def validate(cfg: PairsConfig) -> None:
             raise ConfigError(
                 f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
             )
+    check_embedded_dir(mc.embedded_dir, embedded=embedded)
     if not embedded:
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=True)
         read_prompt_file(cfg.prompts, "--prompts")

@@ -68,6 +68,34 @@ class ModelConfig:
     resolution: int = field(
         default=512, metadata={"help": "image size of a --model run (latent size: / VAE factor)"}
     )
+    embedded_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "embedded default only: a directory with default.safetensors and default.json (a "
+            "train.pretrain --out, models/embedded/stage1 or stage3) to train instead of the shipped model"
+        },
+    )
+
+
+def check_embedded_dir(path: str | None, *, embedded: bool) -> None:
+    """Fail before any work unless ``--models.embedded-dir`` is unset, or set on an embedded-default run to a
+    directory holding an embedded checkpoint (``default.safetensors`` and ``default.json``)."""
+    if not path:
+        return
+    if not embedded:
+        raise ValueError(
+            f"--models.embedded-dir: replaces the embedded default; expected none with --model or a preset "
+            f"other than tiny, got {path!r}"
+        )
+    from models.embedded.model import CONFIG_NAME, WEIGHTS_NAME
+
+    root = Path(path).expanduser()
+    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (root / n).is_file()]
+    if missing:
+        raise ValueError(
+            f"--models.embedded-dir: expected a directory with {WEIGHTS_NAME} and {CONFIG_NAME} (a "
+            f"train.pretrain --out), got {path!r} without {' and '.join(missing)}"
+        )
 
 
 def check_model_path(path: str | None, *, preset: str, unet_ok: bool = False) -> None:
@@ -405,9 +433,11 @@ def build_policy(
 ) -> Policy:
     """The embedded default (``preset == 'tiny'`` without ``--model``) or a local SD3/SD3.5/FLUX directory.
     ``tasks`` (embedded default only) keeps those GenEval-mini task types, in training and in evaluation;
-    ``embedded_dir`` (embedded only) loads another embedded checkpoint (a directory with ``default.json`` and
-    ``default.safetensors``, e.g. ``models/embedded/stage3``) in place of the shipped one."""
+    ``embedded_dir`` (embedded only; default ``--models.embedded-dir``) loads another embedded checkpoint (a
+    directory with ``default.json`` and ``default.safetensors``, e.g. ``models/embedded/stage3``) in place of
+    the shipped one."""
     dtype = _DTYPES[mc.dtype]
+    embedded_dir = embedded_dir or getattr(mc, "embedded_dir", None)
     torch.manual_seed(seed)  # LoRA init
     vae = None
     if model_path is None:

@@ -174,3 +174,45 @@ def test_models_folder_in_the_working_directory_is_named(tmp_path):
     cmd = [sys.executable, "-c", _EDITABLE_LAUNCHER, str(ROOT), "train.nft", "--help"]
     out = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
     assert out.returncode == 0 and "--max-iters" in out.stdout, out.stderr[-2000:]
+
+
+def test_embedded_dir_is_checked_before_work(tmp_path, capsys, sd3_pipeline):
+    """``--models.embedded-dir`` must hold an embedded checkpoint, and only replaces the embedded default."""
+    err = _refused(nft.main, tmp_path, capsys, ["--models.embedded-dir", str(tmp_path)])
+    assert "--models.embedded-dir: expected a directory with default.safetensors and default.json" in err
+    assert f"got {str(tmp_path)!r} without default.safetensors and default.json" in err
+    pipe, prompts = sd3_pipeline
+    stage1 = str(ROOT / "models" / "embedded" / "stage1")
+    argv = ["--model", str(pipe), "--prompts", str(prompts), "--reward", JPEG]
+    err = _refused(nft.main, tmp_path, capsys, [*argv, "--models.embedded-dir", stage1])
+    assert "--models.embedded-dir: replaces the embedded default; expected none with --model" in err
+
+
+def test_embedded_dir_trains_and_reloads_that_checkpoint(tmp_path, capsys):
+    """A run on ``--models.embedded-dir models/embedded/stage1`` names it and trains LoRA on that checkpoint
+    (not the shipped model), and its config records it: ``train.export.load_policy`` rebuilds the run on
+    the same base weights."""
+    import torch
+
+    from models.embedded import EmbeddedDefault
+    from train.export import load_policy
+
+    stage1 = ROOT / "models" / "embedded" / "stage1"
+    run = tmp_path / "run"
+    argv = ["--run-dir", str(run), "--models.embedded-dir", str(stage1), "--max-iters", "1",
+            "--sample.prompts-per-iter", "2", "--sample.images-per-prompt", "4", "--sample.num-steps", "2",
+            "--train.batch-size", "4", "--eval.num-prompts", "2", "--eval.num-steps", "2",
+            "--eval.every", "1", "--eval.diversity-prompts", "0", "--log.progress", "false"]  # fmt: skip
+    assert nft.main(argv) == 0
+    assert f"preset tiny ({stage1})" in capsys.readouterr().out
+    policy, it = load_policy(run)
+    assert it == 1
+    base = {
+        n.replace(".base_layer", ""): t
+        for n, t in policy.transformer.state_dict().items()
+        if "lora_" not in n
+    }
+    for directory, same in ((stage1, True), (ROOT / "models" / "embedded", False)):
+        want = EmbeddedDefault.from_pretrained(directory).transformer.state_dict()
+        equal = set(base) == set(want) and all(torch.equal(base[n], want[n]) for n in want)
+        assert equal is same, directory  # the shipped 12-block model has other blocks than stage 1's 4

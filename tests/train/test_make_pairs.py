@@ -146,6 +146,7 @@ def test_rollout_pairs_are_best_and_worst_of_the_seeds(policy, one_thread):
         (["--models.dtype", "int8"], "--models.dtype: expected float32, bfloat16 or float16, got 'int8'"),
         (["--preset", "sd3.5-m"], "--model: expected a local diffusers directory for preset 'sd3.5-m'"),
         (["--k", "two"], "--k: expected a value of type int, got 'two'"),
+        (["--models.embedded-dir", "/nonexistent"], "--models.embedded-dir: expected a directory with"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(tmp_path, capsys, argv, words):
