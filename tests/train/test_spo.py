@@ -252,7 +252,9 @@ def test_short_run_raises_the_reward_of_fresh_chains(tmp_path):
     x0_hat, so the step-wise pairs carry the preference), 12 iterations against a learning-rate-0 control on
     the same prompts and seeds: the reward of the last 5 iterations' fresh chains (new prompts and seeds,
     sampled before that iteration's update) is higher.  The held-out reward after the run (32 test prompts,
-    eval EMA, the ODE sampler) is printed, not asserted: it does not follow on every seed.  Measured
+    eval EMA, the ODE sampler) is printed, not asserted: it does not follow on every seed, since the ODE's
+    samples are not what the SDE-trained run optimises (docs/results.md, "The rollout sampler and the
+    evaluation's ODE").  Measured
     (stage-1 checkpoint, lr 3e-3, 2026-12-06, ``NFT_LEARNING_SEED`` 0-3): fresh chains +0.107, +0.132,
     +0.139, +0.111; held-out +0.186, +0.012, +0.157, +0.159 (after 16 iterations +0.084, -0.169, +0.226,
     -0.021).  GenEval-mini falls 0.40 -> 0.02 on seed 0: JPEG compressibility is hacked, as in DDPO.  With

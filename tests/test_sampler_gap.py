@@ -1,0 +1,80 @@
+"""bench.sampler_gap: a run's reward on held-out prompts under its evaluation sampler, its rollout sampler and
+others, base against trained from the same noise."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import train.d3po as d3po
+from bench import sampler_gap
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [
+    "--models.embedded-dir", str(ROOT / "models" / "embedded" / "stage1"), "--reward", "jpeg_compressibility",
+    "--sample.solver", "flow-sde", "--sample.num-steps", "3", "--sample.prompts-per-iter", "2",
+    "--sample.images-per-prompt", "2", "--train.batch-size", "2", "--train.grad-accum", "1",
+    "--max-iters", "2", "--eval.every", "1", "--eval.num-prompts", "4", "--eval.num-steps", "3",
+    "--eval.diversity-prompts", "0", "--log.progress", "false",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gap")
+    for name, lr in (("lr0", "0"), ("trained", "3e-2")):
+        assert d3po.main(["--run-dir", str(root / name), *RUN, "--train.lr", lr]) == 0
+    return root
+
+
+def _gap(run, tmp_path, *extra) -> dict:
+    out = tmp_path / "gap.json"
+    assert sampler_gap.main([str(run), "--json", str(out), *extra]) == 0
+    return json.loads(out.read_text())
+
+
+def test_zero_adapters_change_nothing_under_any_sampler(runs, tmp_path):
+    """At learning rate 0 the LoRA stays zero, so every sampler's trained samples are the base's, exactly."""
+    res = _gap(runs / "lr0", tmp_path, "--samplers", "euler:3,cps:3:0.5", "--images", "2")
+    assert list(res["rows"]) == ["eval", "rollout", "euler:3", "cps:3:0.5"]
+    assert res["images"] == 8
+    for row in res["rows"].values():
+        assert row["change"] == 0.0 and row["base"] == row["trained"]
+    rollout = res["rows"]["rollout"]
+    assert (rollout["solver"], rollout["num_steps"], rollout["noise"]) == ("flow-sde", 3, 0.7)
+
+
+def test_the_eval_row_is_the_runs_own_evaluation(runs, tmp_path, capsys):
+    """With the run's prompts and one image each, the ``eval`` row scores what the run's evaluation scored:
+    its base mean is the iteration-0 ``eval/reward`` and its trained mean the last one (the eval EMA)."""
+    res = _gap(runs / "trained", tmp_path)
+    logged = [json.loads(line) for line in (runs / "trained" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["iteration"]: r["eval/reward"] for r in logged if "eval/reward" in r}
+    row = res["rows"]["eval"]
+    assert res["iteration"] == 2 and res["images"] == 4
+    assert row["base"] == pytest.approx(evals[0], abs=1e-5)
+    assert row["trained"] == pytest.approx(evals[2], abs=1e-5)
+    assert row["trained"] != row["base"]  # the run learned something, so the check can fail
+    assert "rollout                flow-sde" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["--samplers", "heun:3"], "--samplers: expected SOLVER:STEPS[:NOISE] with SOLVER in dpm2, euler"),
+        (["--samplers", "euler:3:0.5"], "--samplers: euler is an ODE and takes no NOISE, got 'euler:3:0.5'"),
+        (["--samplers", "euler:0"], "--samplers: expected STEPS >= 1 and a finite NOISE >= 0, got 'euler:0'"),
+        (["--samplers", "ddim:3:1"], "--samplers: expected dpm2, euler, flow-sde or cps for this run"),
+        (["--images", "0"], "--images: expected an integer >= 1, got 0"),
+    ],
+)
+def test_bad_input_is_refused(runs, capsys, argv, words):
+    assert sampler_gap.main([str(runs / "lr0"), *argv]) == 2
+    assert words in capsys.readouterr().out
+
+
+def test_a_folder_without_a_run_is_refused(tmp_path, capsys):
+    assert sampler_gap.main([str(tmp_path)]) == 2
+    assert "RUN: expected a run directory holding config.json" in capsys.readouterr().out
