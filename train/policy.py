@@ -449,7 +449,7 @@ def build_policy(
         if embedded_dir is None:
             bundle = load_default(device=device, dtype=dtype)
         else:
-            bundle = load_default(device=device, dtype=dtype, directory=embedded_dir)
+            bundle = load_default(device=device, dtype=dtype, directory=Path(embedded_dir).expanduser())
         transformer, encoder = bundle.transformer, bundle.text_encoder
         scheduler_config = models.load_scheduler_config(DEFAULT_DIR)  # SD3's, shift 3 (shipped)
         latent_shape = (bundle.latent_channels, bundle.sample_size, bundle.sample_size)
