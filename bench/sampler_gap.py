@@ -56,8 +56,19 @@ def parse_sampler(spec: str) -> dict:
     return {"solver": parts[0], "num_steps": steps, "noise": noise}
 
 
-def run_samplers(cfg: dict, epsilon: bool) -> dict[str, dict]:
-    """The run's ``eval`` and ``rollout`` protocols as sampler rows (with their CFG scales)."""
+def rollout_solver(run: Path) -> str | None:
+    """The rollout solver the run resolved (``protocol/rollout_solver``, its first metrics row), if logged."""
+    path = run / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.is_file() else ():
+        row = json.loads(line)
+        if "protocol/rollout_solver" in row:
+            return row["protocol/rollout_solver"]
+    return None
+
+
+def run_samplers(cfg: dict, epsilon: bool, resolved: str | None = None) -> dict[str, dict]:
+    """The run's ``eval`` and ``rollout`` protocols as sampler rows (with their CFG scales); ``resolved`` is
+    the solver a ``--sample.solver auto`` run rolled out with."""
     ev, sc = cfg["eval"], cfg["sample"]
     rows = {
         "eval": {"solver": "ddim", "num_steps": ev["num_steps"], "noise": 0.0} if epsilon
@@ -65,7 +76,12 @@ def run_samplers(cfg: dict, epsilon: bool) -> dict[str, dict]:
     }  # fmt: skip
     solver = sc.get("solver", "dpm2")
     if solver == "auto":
-        solver = "ddim" if epsilon else "flow-sde"
+        solver = "ddim" if epsilon else resolved
+        if solver is None:
+            raise ValueError(
+                "RUN: --sample.solver auto, and its metrics.jsonl does not say which solver it resolved to "
+                "(protocol/rollout_solver, logged since 2026-12-06); name the rollout sampler in --samplers"
+            )
     noise = None
     if solver == "ddim":
         noise = sc.get("eta", 1.0)
@@ -112,7 +128,7 @@ def measure(run: Path, *, iteration=None, samplers=(), prompts: int | None = Non
     cfg = json.loads((run / "config.json").read_text())
     policy, it = load_policy(run, iteration=iteration)
     epsilon = getattr(policy.denoiser, "prediction_type", "flow") == "epsilon"
-    rows = run_samplers(cfg, epsilon)
+    rows = run_samplers(cfg, epsilon, rollout_solver(run))
     for spec in samplers:
         row = parse_sampler(spec)
         if (row["solver"] == "ddim") != epsilon:

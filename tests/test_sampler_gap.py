@@ -78,3 +78,16 @@ def test_bad_input_is_refused(runs, capsys, argv, words):
 def test_a_folder_without_a_run_is_refused(tmp_path, capsys):
     assert sampler_gap.main([str(tmp_path)]) == 2
     assert "RUN: expected a run directory holding config.json" in capsys.readouterr().out
+
+
+def test_an_auto_solver_is_read_from_the_runs_metrics(runs):
+    """``--sample.solver auto`` resolves per loop and model; the run logs what it resolved at iteration 0."""
+    first = json.loads((runs / "lr0" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["protocol/rollout_solver"] == "flow-sde"
+    assert sampler_gap.rollout_solver(runs / "lr0") == "flow-sde"
+    cfg = json.loads((runs / "lr0" / "config.json").read_text())
+    cfg["sample"]["solver"] = "auto"
+    assert sampler_gap.run_samplers(cfg, False, "euler")["rollout"]["solver"] == "euler"
+    assert sampler_gap.run_samplers(cfg, True, None)["rollout"]["solver"] == "ddim"
+    with pytest.raises(ValueError, match="does not say which solver it resolved to"):
+        sampler_gap.run_samplers(cfg, False, None)

@@ -648,7 +648,8 @@ class Trainer:
     def evaluate(self, it, clock, metrics, base=False, note=None) -> dict:
         """Held-out evaluation (eval-EMA weights, ``--eval.cfg-scale``); with ``base`` (a fresh run's
         iteration 0) also the base model at ``--eval.base-cfg-scale``.  Logged: the scores, the protocol
-        (``protocol/eval``), the training reward on the held-out samples (``eval/reward``), the gold rewards
+        (``protocol/eval``; at iteration 0 also the resolved rollout solver, ``protocol/rollout_solver``), the
+        training reward on the held-out samples (``eval/reward``), the gold rewards
         (``eval/gold/NAME``), ``eval/diversity`` and ``eval/drift`` in ``eval/feature``'s space (math.md
         §9.2; a fresh run's iteration-0 samples, its initial weights, are the drift reference).  The guards
         read the row (train.guards); a new best by the first gold reward is kept as ``checkpoints/best.pt``
@@ -660,6 +661,8 @@ class Trainer:
             )
             vals = {f"eval/{k}": v for k, v in res.items()}
             vals["protocol/eval"] = self.evaluator.protocol(self.policy)
+            if base:  # the rollout solver as resolved (--sample.solver auto depends on the loop and model)
+                vals["protocol/rollout_solver"] = getattr(self, "solver", self.cfg.sample.solver)
             if self.evaluator.feature_name():
                 vals["eval/feature"] = self.evaluator.feature_name()
             if base:
