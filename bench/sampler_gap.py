@@ -15,7 +15,9 @@ level), ``ddim`` for an epsilon UNet (NOISE: eta).  The two default rows are the
 ``--samplers`` rows use the evaluation's CFG scale.  The held-out prompts and the seeds of an image are the
 evaluation's (``--eval.num-prompts`` prompts x ``--images``), so the ``eval`` row's trained mean with
 ``--images 1`` is the run's ``eval/reward`` at that checkpoint.  ``--weights trained`` scores the trained
-adapter instead of the eval EMA.  ``--json FILE`` writes the numbers.
+adapter instead of the eval EMA.  With ``--reward geneval_mini`` (or ``geneval_mini_partial``) on the embedded
+default each row also gives GenEval-mini's score as the evaluation logs it, a mean over task types.  ``--json
+FILE`` writes the numbers.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import torch
 from train import common
 from train.config import from_dict
 from train.diversity import paired_difference
-from train.evaluation import EvalConfig, Evaluator
+from train.evaluation import EvalConfig, Evaluator, paired_score_change, record_mean
 
 ODE = ("dpm2", "euler")
 SOLVERS = (*ODE, "flow-sde", "cps", "ddim")
@@ -119,6 +121,23 @@ def sample(policy, prompts, seeds, row: dict, *, shift, batch: int, weights: str
     return torch.cat(out)
 
 
+# GenEval-mini's rewards whose benchmark score is a mean over task types (train.evaluation's record columns)
+TASK_MEAN = {"geneval_mini": "strict", "geneval_mini_partial": "partial"}
+
+
+def task_mean(vals: dict, held: list, seeds: list, column: str) -> dict:
+    """GenEval-mini's score as the evaluation logs it (the mean over task types of each type's mean) for the
+    base and trained samples, and its paired change and standard error (evaluation.paired_score_change)."""
+    records = {
+        which: {"iteration": which, "prompts": [p.text for p in held], "seeds": list(seeds),
+                "tasks": [p.task for p in held], "columns": {column: v}}
+        for which, v in vals.items()
+    }  # fmt: skip
+    change, se = paired_score_change(records["base"], records["trained"], column)
+    means = {which: record_mean(r, column) for which, r in records.items()}
+    return {**means, "change": change, "se": se}
+
+
 def measure(run: Path, *, iteration=None, samplers=(), prompts: int | None = None, images: int = 1,
             weights: str = "ema", batch: int = 64, reward_name: str | None = None) -> dict:  # fmt: skip
     """Every sampler row's base and trained mean reward on the held-out prompts and their paired change."""
@@ -167,6 +186,8 @@ def measure(run: Path, *, iteration=None, samplers=(), prompts: int | None = Non
                 "change": change,
                 "se": se,
             }
+            if name in TASK_MEAN and hasattr(held[0], "task"):
+                out["rows"][key]["task_mean"] = task_mean(vals, held, seeds, TASK_MEAN[name])
     finally:
         if hasattr(reward, "close"):
             reward.close()
@@ -186,6 +207,14 @@ def report(res: dict) -> str:
             f"{key:<22} {r['solver']:<9} {r['num_steps']:>5} {noise:>6} {r['cfg']:>5g} {r['base']:>9.4f} "
             f"{r['trained']:>9.4f} {r['change']:>+9.4f} ({r['se']:.4f})"
         )
+    if any("task_mean" in r for r in res["rows"].values()):
+        lines.append("GenEval-mini score (the mean over task types, as the evaluation logs it):")
+        for key, r in res["rows"].items():
+            t = r["task_mean"]
+            lines.append(
+                f"{key:<22} {'':<9} {'':>5} {'':>6} {'':>5} {t['base']:>9.4f} {t['trained']:>9.4f} "
+                f"{t['change']:>+9.4f} ({t['se']:.4f})"
+            )
     return "\n".join(lines)
 
 

@@ -91,3 +91,17 @@ def test_an_auto_solver_is_read_from_the_runs_metrics(runs):
     assert sampler_gap.run_samplers(cfg, True, None)["rollout"]["solver"] == "ddim"
     with pytest.raises(ValueError, match="does not say which solver it resolved to"):
         sampler_gap.run_samplers(cfg, False, None)
+
+
+def test_geneval_mini_rows_give_the_evaluations_task_mean_score(runs, tmp_path, capsys):
+    """``--reward geneval_mini_partial`` adds GenEval-mini's partial score as the evaluation logs it (a mean
+    over task types, not over images: the run's 4 held-out prompts hold one task type twice): the ``eval``
+    row's base and trained values are the run's ``eval/score_partial`` at iterations 0 and 2."""
+    res = _gap(runs / "trained", tmp_path, "--reward", "geneval_mini_partial")
+    logged = [json.loads(line) for line in (runs / "trained" / "metrics.jsonl").read_text().splitlines()]
+    scores = {r["iteration"]: r["eval/score_partial"] for r in logged if "eval/score_partial" in r}
+    row = res["rows"]["eval"]
+    t = row["task_mean"]
+    assert (t["base"], t["trained"]) == pytest.approx((scores[0], scores[2]), abs=1e-6)
+    assert t["change"] == pytest.approx(t["trained"] - t["base"], abs=1e-12)
+    assert "GenEval-mini score (the mean over task types" in capsys.readouterr().out
