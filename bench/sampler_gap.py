@@ -60,12 +60,10 @@ def parse_sampler(spec: str) -> dict:
 
 def rollout_solver(run: Path) -> str | None:
     """The rollout solver the run resolved (``protocol/rollout_solver``, its first metrics row), if logged."""
-    path = run / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.is_file() else ():
-        row = json.loads(line)
-        if "protocol/rollout_solver" in row:
-            return row["protocol/rollout_solver"]
-    return None
+    if not (run / "metrics.jsonl").is_file():
+        return None
+    key = "protocol/rollout_solver"
+    return next((r[key] for r in common.read_metrics(run) if key in r), None)
 
 
 def run_samplers(cfg: dict, epsilon: bool, resolved: str | None = None) -> dict[str, dict]:
@@ -171,8 +169,14 @@ def measure(run: Path, *, iteration=None, samplers=(), prompts: int | None = Non
     shift = cfg["sample"].get("shift")
     out = {"run": str(run), "iteration": it, "weights": weights, "reward": name, "images": len(held)}
     out["rows"] = {}
+    done = {}  # a row repeating an earlier row's sampler (NFT rolls out as it evaluates) is not resampled
     try:
         for key, row in rows.items():
+            same = (row["solver"], row["num_steps"], row["noise"], row["cfg"])
+            if same in done:
+                out["rows"][key] = {**out["rows"][done[same]], **row}
+                continue
+            done[same] = key
             vals = {}
             for which, w in (("base", None), ("trained", weights)):
                 with torch.no_grad():
