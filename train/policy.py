@@ -437,7 +437,7 @@ def build_policy(
     directory with ``default.json`` and ``default.safetensors``, e.g. ``models/embedded/stage3``) in place of
     the shipped one."""
     dtype = _DTYPES[mc.dtype]
-    embedded_dir = embedded_dir or getattr(mc, "embedded_dir", None)
+    embedded_dir = embedded_dir or mc.embedded_dir
     torch.manual_seed(seed)  # LoRA init
     vae = None
     if model_path is None:
