@@ -17,6 +17,7 @@ Flow models: derived (math.md §5): Euler steps on the model's schedule (``--sam
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 
@@ -100,11 +101,33 @@ def validate(cfg: AlignPropConfig) -> None:
             f"--train.trunc-mean: with --train.trunc-std 0 the point int({m:g}) must lie in [{lo}, {hi}], "
             f"got --train.trunc-mean {tc.trunc_mean}"
         )
+    p = truncation_acceptance(cfg.sample.num_steps, tc.trunc_mean, tc.trunc_std)
+    if tc.trunc_std > 0 and p < MIN_ACCEPTANCE:
+        raise ConfigError(
+            f"--train.trunc-mean/--train.trunc-std: expected a law that draws a truncation point in "
+            f"[{lo}, {hi}] at least once in {1 / MIN_ACCEPTANCE:.0f} draws, got mean {tc.trunc_mean:g} and "
+            f"std {tc.trunc_std:g} (at 50 steps), which does with probability {p:.1e}"
+        )
     if tc.loss_form not in LOSS_FORMS:
         raise ConfigError(f"--train.loss-form: expected one of {', '.join(LOSS_FORMS)}, got {tc.loss_form!r}")
     if not tc.loss_coeff > 0:
         raise ConfigError(f"--train.loss-coeff: expected a value > 0, got {tc.loss_coeff}")
     validate_common(cfg)
+
+
+MIN_ACCEPTANCE = 1e-4  # below it :func:`truncation_point`'s 100000 redraws fail with probability > e^-10
+
+
+def truncation_acceptance(num_steps: int, mean: float, std: float) -> float:
+    """The probability that one draw of :func:`truncation_point` is kept: ``int(x)`` lies in
+    ``[1, num_steps - 1]`` exactly when ``x = mean' + std' z`` lies in ``[1, num_steps)`` (``int`` truncates
+    toward zero), with ``mean'``, ``std'`` scaled by ``num_steps / 50``."""
+    scale = num_steps / REFERENCE_STEPS
+    m, s = mean * scale, std * scale
+    if s == 0:
+        return float(1 <= m < num_steps)
+    cdf = lambda x: 0.5 * math.erfc(-(x - m) / (s * math.sqrt(2)))
+    return max(cdf(num_steps) - cdf(1), 0.0)
 
 
 def truncation_point(draw, num_steps: int, mean: float = 42.0, std: float = 5.0) -> int:

@@ -32,6 +32,7 @@ from .reward_backprop import (
     RBTrainConfig,
     RewardBackpropTrainer,
     apply_tiny_settings,
+    check_counts,
     noise_to,
     sample_with_grad,
     validate_common,
@@ -91,6 +92,7 @@ PRESETS = {"tiny": preset_tiny, "sd1.5": preset_sd15, "sd3.5-m": preset_sd35m}
 
 
 def validate(cfg: DraftConfig) -> None:
+    check_counts(cfg)
     tc, n = cfg.train, cfg.sample.num_steps
     if not 1 <= tc.k <= n:
         raise ConfigError(f"--train.k: expected an integer in [1, --sample.num-steps = {n}], got {tc.k}")

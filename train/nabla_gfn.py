@@ -182,6 +182,8 @@ def validate(cfg: NablaGFNConfig) -> None:
             f"--sample.sde-window: expected none (Nabla-DB trains on every step), got "
             f"{','.join(map(str, sc.sde_window))}"
         )
+    if sc.num_steps < 1:
+        raise ConfigError(f"--sample.num-steps: expected an integer >= 1, got {sc.num_steps}")
     nb = n_blocks(sc.num_steps, tc.timestep_fraction)
     if nb < 1 or sc.num_steps % nb:
         raise ConfigError(

@@ -275,12 +275,10 @@ def apply_tiny_settings(cfg):
 # ------------------------------------------------------------------------------------------------------------
 # Config checks and the trainer
 # ------------------------------------------------------------------------------------------------------------
-def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
-    """The checks every reward-backprop config shares, before any work; the embedded default's reward
-    defaults to :func:`default_reward`."""
+def check_counts(cfg) -> None:
+    """The step, prompt, image and batch counts must be >= 1: checked first by the methods whose own
+    checks use them (a zero step count is then named as such, not as a window that does not fit)."""
     sc, tc = cfg.sample, cfg.train
-    if sc.solver not in SOLVERS:
-        raise ConfigError(f"--sample.solver: expected one of {', '.join(SOLVERS)}, got {sc.solver!r}")
     check_at_least_one(
         [
             ("--sample.num-steps", sc.num_steps),
@@ -290,6 +288,15 @@ def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
             ("--train.grad-accum", tc.grad_accum),
         ]
     )
+
+
+def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
+    """The checks every reward-backprop config shares, before any work; the embedded default's reward
+    defaults to :func:`default_reward`."""
+    sc = cfg.sample
+    if sc.solver not in SOLVERS:
+        raise ConfigError(f"--sample.solver: expected one of {', '.join(SOLVERS)}, got {sc.solver!r}")
+    check_counts(cfg)
     if sc.eta < 0:
         raise ConfigError(f"--sample.eta: expected a value >= 0, got {sc.eta}")
     if sc.noise_level < 0:

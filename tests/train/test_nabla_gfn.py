@@ -87,6 +87,7 @@ def test_non_differentiable_reward_refused_before_work(tmp_path, capsys, reward)
         (["--train.timestep-fraction", "0.1"], "--train.timestep-fraction"),
         (["--train.reward-weighting", "cubic"], "--train.reward-weighting"),
         (["--train.flow-channels", "48,64"], "--train.flow-channels"),
+        (["--sample.num-steps", "0"], "--sample.num-steps: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_options_refused(tmp_path, capsys, args, option):

@@ -93,11 +93,36 @@ def test_non_differentiable_reward_is_refused_before_work(tmp_path, capsys, modu
         (["--train.lv", "2", "--train.k", "2"], "--train.k: DRaFT-LV"),
         (["--train.kl-coeff", "-1"], "--train.kl-coeff"),
         (["--sample.solver", "ddim"], "--sample.solver: expected euler, flow-sde or cps"),
+        (["--sample.num-steps", "0"], "--sample.num-steps: expected an integer >= 1, got 0"),
     ],
 )
 def test_bad_draft_options_fail_before_work(tmp_path, capsys, argv, needle):
     assert draft.main(["--run-dir", str(tmp_path / "r"), *argv]) == 2
     assert needle in capsys.readouterr().err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("mean", ["100", "-30"])
+def test_alignprop_truncation_law_outside_the_steps_fails_before_work(tmp_path, capsys, mean):
+    """A law that (almost) never draws a point in [1, N - 1] is refused by validation, not after the base
+    evaluation by the redraw loop's give-up."""
+    assert alignprop.main(["--run-dir", str(tmp_path / "r"), "--train.trunc-mean", mean]) == 2
+    err = capsys.readouterr().err
+    assert "--train.trunc-mean/--train.trunc-std: expected a law that draws a truncation point in [1, 9]" \
+        in err
+    assert f"got mean {mean} and std 5" in err and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "n, mean, std", [(10, 42.0, 5.0), (10, 55.0, 10.0), (20, 5.0, 20.0), (50, 49.0, 3.0)]
+)
+def test_alignprop_truncation_acceptance_is_the_redraw_loops_rate(n, mean, std):
+    """The validation's closed form against the rate at which the reference's redraw loop keeps a draw."""
+    z = torch.randn(200_000, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scale = n / alignprop.REFERENCE_STEPS
+    b = (mean * scale + std * scale * z).trunc()  # Python's int() of each draw
+    rate = float(((b >= 1) & (b < n)).double().mean())
+    p = alignprop.truncation_acceptance(n, mean, std)
+    assert abs(rate - p) <= 5 * (p * (1 - p) / len(z)) ** 0.5 + 1e-12, (rate, p)
 
 
 # ---------------------------------------------------------------------------------------------- the window
