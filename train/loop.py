@@ -213,16 +213,21 @@ def resolve_reward(cfg: RunConfig, *, embedded: bool) -> None:
         )
 
 
-def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = False) -> None:
-    """The checks every loop shares, run before any work: every number finite, budgets, threads, device, the
-    evaluation, logging and LoRA sections, the optimizer's and the sampler's common fields, the reward, and
-    for a ``--model`` run (or a preset other than ``embedded_presets``, which run the embedded default) the
-    model directory (a UNet only where ``unet_ok``: DDPO) and the prompt files."""
+def check_finite(cfg) -> None:
+    """Every float option finite: first in :func:`main`, before the method's own checks compute with them."""
     for name, val in leaf_values(cfg).items():
         for v in val if isinstance(val, (tuple, list)) else (val,):
             if isinstance(v, float) and not math.isfinite(v):
                 shown = ",".join(map(str, val)) if isinstance(val, (tuple, list)) else val
                 raise ConfigError(f"{_opt(name)}: expected a finite number, got {shown}")
+
+
+def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = False) -> None:
+    """The checks every loop shares, run before any work: every number finite, budgets, threads, device, the
+    evaluation, logging and LoRA sections, the optimizer's and the sampler's common fields, the reward, and
+    for a ``--model`` run (or a preset other than ``embedded_presets``, which run the embedded default) the
+    model directory (a UNet only where ``unet_ok``: DDPO) and the prompt files."""
+    check_finite(cfg)
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
     cores = os.cpu_count() or 1
@@ -269,7 +274,7 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
     mc = cfg.models
     if mc.dtype not in ("float32", "bfloat16", "float16"):
         raise ConfigError(f"--models.dtype: expected float32, bfloat16 or float16, got {mc.dtype!r}")
-    check_at_least_one([("--models.lora-rank", mc.lora_rank)])
+    check_at_least_one([("--models.lora-rank", mc.lora_rank), ("--models.resolution", mc.resolution)])
     if not mc.lora_alpha > 0:
         raise ConfigError(f"--models.lora-alpha: expected a value > 0, got {mc.lora_alpha}")
     tc, sc = getattr(cfg, "train", None), getattr(cfg, "sample", None)
@@ -282,6 +287,10 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
             raise ConfigError(f"--train.weight-decay: expected a value >= 0, got {tc.weight_decay}")
     if sc is not None and sc.shift is not None and not sc.shift > 0:
         raise ConfigError(f"--sample.shift: expected a value > 0, got {sc.shift}")
+    for name, what in (("noise_level", ""), ("eta", ""), ("guidance_scale", " (1: none)")):
+        val = getattr(sc, name, None)
+        if val is not None and val < 0:  # the solvers' own refusal comes only after the base evaluation
+            raise ConfigError(f"--sample.{name.replace('_', '-')}: expected a value >= 0{what}, got {val}")
     embedded = cfg.preset in embedded_presets and not cfg.model
     if cfg.tasks:
         from .data import TASKS
@@ -1121,6 +1130,7 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
         resume_dir = None
         if cfg.resume:
             cfg, resume_dir = resume_config(config_cls, argv, cfg.resume)
+        check_finite(cfg)
         validate(cfg)
         validate_guards(cfg, trainer_cls)
         validate_dist(cfg.dist, algo=algo)

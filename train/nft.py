@@ -201,6 +201,12 @@ def validate(cfg: NFTConfig) -> None:
         raise ConfigError(
             f"--train.timestep-fraction: expected a value in (0, 1], got {tc.timestep_fraction}"
         )
+    if tc.old_flat < 0:
+        raise ConfigError(f"--train.old-flat: expected an integer >= 0, got {tc.old_flat}")
+    if tc.old_uprate < 0:
+        raise ConfigError(f"--train.old-uprate: expected a value >= 0, got {tc.old_uprate}")
+    if not 0 <= tc.old_uphold <= 1:  # the old adapter's EMA decay: 1 keeps it at the initial weights
+        raise ConfigError(f"--train.old-uphold: expected a value in [0, 1], got {tc.old_uphold}")
     validate_run(cfg)
 
 

@@ -446,6 +446,14 @@ def test_a_second_signal_aborts(tmp_path, monkeypatch, capsys):
         (["--eval.images-per-prompt", "0"], "--eval.images-per-prompt: expected an integer >= 1, got 0"),
         (["--train.lr", "-1"], "--train.lr: expected a value >= 0 (0: a control run), got -1.0"),
         (["--reward-weights", "inf"], "--reward-weights: expected a finite number, got inf"),
+        (["--sample.solver", "flow-sde", "--sample.noise-level", "-1"],
+         "--sample.noise-level: expected a value >= 0, got -1.0"),
+        (["--sample.guidance-scale", "-1"],
+         "--sample.guidance-scale: expected a value >= 0 (1: none), got -1.0"),
+        (["--models.resolution", "0"], "--models.resolution: expected an integer >= 1, got 0"),
+        (["--train.old-flat", "-1"], "--train.old-flat: expected an integer >= 0, got -1"),
+        (["--train.old-uprate", "-0.1"], "--train.old-uprate: expected a value >= 0, got -0.1"),
+        (["--train.old-uphold", "2"], "--train.old-uphold: expected a value in [0, 1], got 2.0"),
     ],
 )
 def test_bad_option_is_refused_before_any_work(tmp_path, capsys, argv, needle):
@@ -453,6 +461,33 @@ def test_bad_option_is_refused_before_any_work(tmp_path, capsys, argv, needle):
     assert nft.main(["--run-dir", str(run), *TINY, "--max-iters", "1", *argv]) == 2
     assert needle in capsys.readouterr().err
     assert not run.exists()  # not even the run directory was created
+
+
+@pytest.mark.parametrize(
+    "module, argv, needle",
+    [
+        ("grpo", ["--sample.eta", "-1"], "--sample.eta: expected a value >= 0, got -1.0"),
+        ("ddpo", ["--sample.guidance-scale", "-2"],
+         "--sample.guidance-scale: expected a value >= 0 (1: none)"),
+        ("d3po", ["--sample.eta", "-0.5"], "--sample.eta: expected a value >= 0, got -0.5"),
+        ("dpo", ["--sample.noise-level", "-1"], "--sample.noise-level: expected a value >= 0, got -1.0"),
+        ("nabla_gfn", ["--sample.noise-level", "-1"],
+         "--sample.noise-level: expected a value >= 0, got -1.0"),
+        ("nabla_gfn", ["--train.timestep-fraction", "inf"],
+         "--train.timestep-fraction: expected a finite number, got inf"),
+        ("alignprop", ["--models.resolution", "-1"],
+         "--models.resolution: expected an integer >= 1, got -1"),
+    ],
+)
+def test_negative_sampler_values_are_refused_before_any_work(tmp_path, capsys, module, argv, needle):
+    """Each of these once passed validation and failed after the base evaluation (the solver's own check, an
+    OverflowError) or not at all (a resolution the embedded default ignores)."""
+    import importlib
+
+    run = tmp_path / "r"
+    main = importlib.import_module(f"train.{module}").main
+    assert main(["--run-dir", str(run), "--max-iters", "1", *argv]) == 2
+    assert needle in capsys.readouterr().err and not run.exists()
 
 
 def test_every_loop_validates_the_shared_options(tmp_path, capsys):
