@@ -117,5 +117,7 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "run" / "checkpoints" / "iter_000005.pt").write_bytes(b"")
+    # as a run writes it: the checkpoint's checksum beside it is not a checkpoint
+    (tmp_path / "run" / "checkpoints" / "iter_000005.pt.sha256").write_text("0  iter_000005.pt\n")
     assert export.main([str(tmp_path / "run"), "--iteration", "3"]) == 2
     assert "--iteration: expected one of the checkpointed iterations [5], got 3" in capsys.readouterr().err
