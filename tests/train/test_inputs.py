@@ -176,6 +176,28 @@ def test_models_folder_in_the_working_directory_is_named(tmp_path):
     assert out.returncode == 0 and "--max-iters" in out.stdout, out.stderr[-2000:]
 
 
+def test_hub_kernels_distribution_shadowing_ours_is_named(tmp_path):
+    """transformers >= 5.25 installs the Hub's ``kernels`` distribution, whose import name is ours: when it
+    wins, the error names the distribution and the fix, not a folder in the working directory."""
+    site = tmp_path / "site"
+    (site / "kernels").mkdir(parents=True)
+    (site / "kernels" / "__init__.py").write_text("def get_kernel(name): ...\n")
+    info = site / "kernels-0.19.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: kernels\nVersion: 0.19.1\n")
+    (info / "top_level.txt").write_text("kernels\n")
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "PYTHONPATH": str(site)}
+    cmd = [sys.executable, "-c", _EDITABLE_LAUNCHER, str(ROOT), "train.nft", "--max-iters", "1"]
+    out = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert f"the package 'kernels' resolves to {site / 'kernels' / '__init__.py'}" in out.stderr
+    assert "the installed distribution kernels 0.19.1 (the Hugging Face Hub kernel loader" in out.stderr
+    assert "pip uninstall kernels, or install this project in another virtualenv" in out.stderr
+
+
 def test_embedded_dir_is_checked_before_work(tmp_path, capsys, sd3_pipeline):
     """``--models.embedded-dir`` must hold an embedded checkpoint, and only replaces the embedded default."""
     err = _refused(nft.main, tmp_path, capsys, ["--models.embedded-dir", str(tmp_path)])
