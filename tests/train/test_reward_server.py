@@ -7,6 +7,7 @@ time."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -135,6 +136,29 @@ def test_cli_refuses_bad_options_by_name(capsys):
     assert (
         "--device: expected DEV or NAME=DEV entries for saturation, got 'ocr=cpu'" in capsys.readouterr().err
     )
+    if not torch.cuda.is_available():
+        assert main(["--reward", "saturation", "--port", "1", "--device", "cuda:0"]) == 2
+        assert "--device: expected a device this machine has, got 'cuda:0'" in capsys.readouterr().err
+
+
+def test_cli_refuses_an_address_it_cannot_listen_on_before_loading(capsys, monkeypatch):
+    import train.rewards.serve as serve
+
+    loaded = []
+    monkeypatch.setattr(serve, "registry_reward", lambda *a, **k: loaded.append(a))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["--reward", "saturation", "--port", str(port)]) == 2
+        assert f"--host/--port: expected an address free to listen on, got 127.0.0.1:{port}" in (
+            capsys.readouterr().err
+        )
+    assert main(["--reward", "saturation", "--port", "8000", "--host", "no-such-host.invalid"]) == 2
+    assert "--host: expected an address this machine can listen on, got 'no-such-host.invalid'" in (
+        capsys.readouterr().err
+    )
+    assert loaded == []
 
 
 SLOW_SERVER = """

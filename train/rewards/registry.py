@@ -267,18 +267,19 @@ def parse_reward_paths(paths: Sequence[str] | dict[str, str]) -> dict[str, str]:
     return out
 
 
-def resolve_device(device: str) -> str:
-    """``--reward-device``: ``auto`` is CUDA when present, else the CPU; others must name a torch device."""
+def resolve_device(device: str, option: str = "--reward-device") -> str:
+    """``option`` (the loops' ``--reward-device``): ``auto`` is CUDA when present, else the CPU; others must
+    name a torch device."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise ValueError(f"--reward-device: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
+        raise ValueError(f"{option}: expected auto, cpu, cuda or cuda:N, got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"--reward-device: expected auto, cpu, cuda or cuda:N, got {device!r}")
+        raise ValueError(f"{option}: expected auto, cpu, cuda or cuda:N, got {device!r}")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--reward-device: expected a device this machine has, got {device!r} (no CUDA)")
+        raise ValueError(f"{option}: expected a device this machine has, got {device!r} (no CUDA)")
     return str(dev)
 
 

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import math
+import socket
 import sys
 import threading
 import time
@@ -243,7 +244,26 @@ def registry_reward(name: str, *, device: str, paths: dict, clip_path: str | Non
 def reward_device(device: str) -> str:
     from .registry import resolve_device
 
-    return resolve_device(device)
+    return resolve_device(device, option="--device")
+
+
+def check_listen_address(host: str, port: int) -> None:
+    """Resolve and bind ``host:port`` once (with ``SO_REUSEADDR``, as uvicorn binds), so that an unknown
+    host or a port in use is refused before the rewards load."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise ValueError(
+            f"--host: expected an address this machine can listen on, got {host!r} ({e})"
+        ) from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            raise ValueError(
+                f"--host/--port: expected an address free to listen on, got {host}:{port} ({e.strerror})"
+            ) from None
 
 
 class _Server:
@@ -337,6 +357,7 @@ def main(argv=None) -> int:
             raise ValueError(f"--max-wait-ms: expected milliseconds >= 0, got {args.max_wait_ms}")
         devices = parse_devices(args.device, names)
         paths = parse_reward_paths(args.reward_paths)
+        check_listen_address(args.host, args.port)
         rewards = {}
         for n in names:
             dev = reward_device(devices[n])
