@@ -211,6 +211,36 @@ def resolve_reward(cfg: RunConfig, *, embedded: bool) -> None:
             f"--eval.rewards: expected gold rewards for a --model run's text prompts (e.g. clip_score), got "
             f"{','.join(golds)} (GenEval-mini scores only the embedded default's prompts)"
         )
+    if "ocr" in names or "ocr" in golds:
+        check_ocr_prompts(cfg, embedded=embedded, option="--reward" if "ocr" in names else "--eval.rewards",
+                          train_prompts="ocr" in names)
+
+
+def check_ocr_prompts(cfg, *, embedded: bool, option: str, train_prompts: bool) -> None:
+    """The ocr reward scores the text between a prompt's first two double quotes (flow_grpo's rule): every
+    prompt it will score must have some, checked before any work (it raised at the first evaluation).  The
+    training reward scores the training and the held-out prompts, a gold reward the held-out ones."""
+    if embedded:
+        raise ConfigError(
+            f'{option}: expected prompts with "quoted text" for the ocr reward, got the embedded default\'s '
+            f"GenEval-mini prompts, which have none (a --model run with --prompts)"
+        )
+    from .rewards.ocr import quoted_text
+
+    files = []
+    if train_prompts and getattr(cfg, "prompts", None):
+        files.append(("--prompts", cfg.prompts))
+    if hasattr(cfg, "eval_prompts") and (cfg.eval_prompts or cfg.prompts):
+        files.append(("--eval-prompts" if cfg.eval_prompts else "--prompts", cfg.eval_prompts or cfg.prompts))
+    for opt, path in dict.fromkeys(files):
+        for i, prompt in enumerate(read_prompt_file(path, opt), 1):
+            try:
+                quoted_text(prompt)
+            except ValueError:
+                raise ConfigError(
+                    f'{opt}: expected every prompt to hold "quoted text" for the ocr reward ({option} ocr), '
+                    f"got prompt {i} of {path}: {prompt!r}"
+                ) from None
 
 
 def check_finite(cfg) -> None:

@@ -56,6 +56,31 @@ def test_model_run_needs_a_reward(tmp_path, capsys, sd3_pipeline):
     assert "--reward: expected a reward for a --model run's text prompts" in err and "'geneval_mini'" in err
 
 
+def test_ocr_reward_needs_quoted_text_in_every_prompt_it_scores(tmp_path, capsys, sd3_pipeline):
+    """The ocr reward reads the prompt's "quoted text": prompts without any are refused before any work (they
+    raised at the first evaluation, after the base model's)."""
+    err = _refused(nft.main, tmp_path, capsys, ["--reward", "ocr"])
+    assert '--reward: expected prompts with "quoted text" for the ocr reward' in err and "GenEval-mini" in err
+    pipe, plain = sd3_pipeline
+    quoted = tmp_path / "quoted.txt"
+    quoted.write_text('a sign that says "open"\na mug with "hello" on it\n')
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text('a sign that says "open"\na blue dog\n')
+    model = ["--model", str(pipe)]
+    err = _refused(nft.main, tmp_path, capsys, [*model, "--reward", "ocr", "--prompts", str(mixed)])
+    want = '--prompts: expected every prompt to hold "quoted text" for the ocr reward (--reward ocr), got '
+    assert f"{want}prompt 2 of {mixed}: 'a blue dog'" in err
+    argv = [*model, "--reward", "ocr", "--prompts", str(quoted), "--eval-prompts", str(plain)]
+    err = _refused(nft.main, tmp_path, capsys, argv)
+    assert "--eval-prompts: expected every prompt to hold" in err
+    assert f"prompt 1 of {plain}: 'a red cat'" in err
+    # as a gold reward it scores only the held-out prompts: unquoted training prompts are fine
+    argv = [*model, "--reward", JPEG, "--eval.rewards", "ocr", "--prompts", str(plain), "--eval-prompts",
+            str(mixed)]
+    err = _refused(nft.main, tmp_path, capsys, argv)
+    assert "(--eval.rewards ocr), got prompt 2 of" in err
+
+
 def test_embedded_default_keeps_geneval_mini_as_default_reward():
     cfg = parse_cli(nft.NFTConfig, [], prog="train.nft", description="", presets=nft.PRESETS)
     assert cfg.reward is None
