@@ -531,6 +531,12 @@ def _iteration_of(path: Path) -> int:
     return int(path.stem.split("_")[1])
 
 
+def checkpointed_iterations(run_dir: Path) -> list[int]:
+    """The iterations ``run_dir/checkpoints`` holds checkpoints of (``.pt``, FSDP ``.dcp``), oldest first."""
+    ckdir = Path(run_dir) / "checkpoints"
+    return [_iteration_of(p) for p in _checkpoints(ckdir)] if ckdir.is_dir() else []
+
+
 def _remove_checkpoint(p: Path) -> None:
     if p.is_dir():
         shutil.rmtree(p, ignore_errors=True)

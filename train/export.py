@@ -77,7 +77,7 @@ def _checkpoint_path(run_dir: Path, iteration: int | None) -> Path:
     else:
         path = ckdir / f"iter_{iteration:06d}.pt"
         if not path.exists() and not path.with_suffix(".dcp").exists():
-            have = [int(p.stem.split("_")[1]) for p in common._checkpoints(ckdir)] if ckdir.is_dir() else []
+            have = common.checkpointed_iterations(run_dir)
             raise FileNotFoundError(
                 f"--iteration: expected one of the checkpointed iterations {have}, got {iteration}"
             )
