@@ -321,8 +321,11 @@ def main(argv=None) -> int:
                     help="no training: the table, summaries and plot of earlier outputs")  # fmt: skip
     args = ap.parse_args(argv)
     out = Path(args.out)
-    if args.jobs < 1:
-        raise SystemExit(f"--jobs: expected an integer >= 1, got {args.jobs}")
+    for name, val, low in (("--jobs", args.jobs, 1), ("--iters", args.iters, 1), ("--every", args.every, 1),
+                           ("--eval-prompts", args.eval_prompts, 0)):
+        if val < low:  # else the first method's CLI refuses it under its own option name
+            zero = " (0: all)" if low == 0 else ""
+            raise SystemExit(f"{name}: expected an integer >= {low}{zero}, got {val}")
     methods = args.methods.split(",")
     for m in methods:
         if m not in METHODS:

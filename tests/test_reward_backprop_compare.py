@@ -93,6 +93,10 @@ def test_bad_options_are_refused_before_any_run(tmp_path, capsys):
         rbc.main(["--out", str(tmp_path / "o"), "--methods", "draft,refl,draft"])
     with pytest.raises(SystemExit, match="--jobs: expected an integer >= 1, got 0"):
         rbc.main(["--out", str(tmp_path / "o"), "--jobs", "0"])
+    with pytest.raises(SystemExit, match="--iters: expected an integer >= 1, got 0"):
+        rbc.main(["--out", str(tmp_path / "o"), "--iters", "0"])
+    with pytest.raises(SystemExit, match=r"--eval-prompts: expected an integer >= 0 \(0: all\), got -5"):
+        rbc.main(["--out", str(tmp_path / "o"), "--eval-prompts", "-5"])
     with pytest.raises(SystemExit, match="results.json"):
         rbc.main(["--out", str(tmp_path / "o"), "--merge", str(tmp_path / "missing")])
     assert not (tmp_path / "o").exists()
