@@ -55,7 +55,7 @@ class EvalConfig:
         metadata={"help": "CFG scale of the one-off evaluation of the base model at iteration 0"},
     )
     batch: int = field(default=128, metadata={"help": "images per evaluation micro-batch"})
-    grid_images: int = field(default=32, metadata={"help": "images in the sample grid"})
+    grid_images: int = field(default=32, metadata={"help": "images in the sample grid (0: no grid)"})
     rewards: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -311,7 +311,7 @@ class Evaluator:
         share = len(index)
         rank = dist.rank if dist is not None else 0
         g = min(self.cfg.grid_images, n)
-        pick = torch.linspace(0, n - 1, g).round().long().tolist()
+        pick = torch.linspace(0, n - 1, g).round().long().tolist() if g > 0 else []  # 0: no grid
         grid_local = {i: images[i - rank * share] for i in pick if rank * share <= i < (rank + 1) * share}
         if dist is not None and dist.enabled:
             grid = {k: v for part in dist.all_gather_object(grid_local) for k, v in part.items()}
@@ -341,12 +341,13 @@ class Evaluator:
             )
         if dist is None or dist.is_main:
             name = "base_cfg" if base_cfg else f"iter_{iteration:06d}"
-            save_grid(
-                torch.stack([grid[i] for i in pick]),
-                [texts[i] for i in pick],
-                Path(run_dir) / "samples" / f"{name}.png",
-                scores=[float(scores[i, 0]) for i in pick],
-            )
+            if pick:
+                save_grid(
+                    torch.stack([grid[i] for i in pick]),
+                    [texts[i] for i in pick],
+                    Path(run_dir) / "samples" / f"{name}.png",
+                    scores=[float(scores[i, 0]) for i in pick],
+                )
             record = {
                 "iteration": iteration,
                 "prompts": texts,

@@ -287,9 +287,10 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
             ("--eval.batch", ev.batch),
         ]
     )
-    for name, val in (("--eval.num-prompts", ev.num_prompts), ("--eval.grid-images", ev.grid_images)):
+    for name, val, zero in (("--eval.num-prompts", ev.num_prompts, "all"),
+                            ("--eval.grid-images", ev.grid_images, "no grid")):
         if val < 0:
-            raise ConfigError(f"{name}: expected an integer >= 0 (0: all), got {val}")
+            raise ConfigError(f"{name}: expected an integer >= 0 (0: {zero}), got {val}")
     if ev.solver not in ("dpm2", "euler"):
         raise ConfigError(
             f"--eval.solver: expected a deterministic ODE solver (dpm2 or euler), got {ev.solver!r}"

@@ -463,6 +463,16 @@ def test_bad_option_is_refused_before_any_work(tmp_path, capsys, argv, needle):
     assert not run.exists()  # not even the run directory was created
 
 
+def test_no_grid_with_grid_images_0(tmp_path, capsys):
+    """``--eval.grid-images 0`` writes the evaluation records and no grid (it crashed stacking no images)."""
+    run = tmp_path / "r"
+    assert nft.main(["--run-dir", str(run), *TINY, "--max-iters", "1", "--eval.grid-images", "0"]) == 0
+    samples = run / "samples"
+    written = sorted(p.name for p in samples.iterdir())
+    assert written == ["base_cfg.json", "iter_000000.json", "iter_000001.json"]
+    assert f"samples: {samples}\n" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize(
     "module, argv, needle",
     [
