@@ -443,6 +443,7 @@ def run(cfg: PairsConfig, reward, *, say=print) -> dict:
     stats = pair_statistics(pairs, len(prompts))
     stats["minutes"] = (time.perf_counter() - t0) / 60
     if not records:
+        images_dir.rmdir()  # written nothing: leave --out as it was, so the same command can run again
         raise common.TrainingStopped(
             f"make_pairs: every one of the {len(prompts)} prompts gave a tie (its {cfg.k} rewards all "
             f"equal): no pairs to write; try a larger --k, more --num-prompts, or a finer reward"

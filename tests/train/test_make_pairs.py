@@ -186,3 +186,31 @@ def test_model_run_writes_vae_images(tmp_path, capsys):
     assert all(r.meta["reward_winner"] > r.meta["reward_loser"] for r in records)
     assert load_image(records[0].winner).shape == (3, 16, 16)
     assert Path(tmp_path / "o" / "images").is_dir()
+
+
+def test_all_ties_leave_out_as_it_was(tmp_path, monkeypatch, capsys):
+    """A run whose every prompt ties writes nothing, so the same command can run again without --overwrite
+    (it left an empty images/ that the next run refused as an earlier output)."""
+    import train.rewards.registry as registry
+
+    real = registry.build_reward
+
+    class Constant:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+        def __call__(self, images, prompts):
+            r, parts = self.inner(images, prompts)
+            return torch.zeros_like(r), parts
+
+    monkeypatch.setattr(registry, "build_reward", lambda *a, **k: Constant(real(*a, **k)))
+    out = tmp_path / "o"
+    argv = ["--out", str(out), "--num-prompts", "2", "--k", "2", "--num-steps", "2", "--threads", "1"]
+    assert mp.main(argv) == 1
+    assert "every one of the 2 prompts gave a tie" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+    assert mp.main(argv) == 1  # refused again for the ties, not for --out
+    assert "gave a tie" in capsys.readouterr().err
