@@ -125,6 +125,8 @@ def export_checkpoint(run_dir, *, iteration: int | None = None, ema: bool = Fals
     """Export checkpoint ``iteration`` (default: the latest) of ``run_dir``: the trained adapter, or with
     ``ema`` its evaluation EMA, to ``out`` (default ``<run>/lora[_ema]_iter_NNNNNN``) -> the written file."""
     run_dir = Path(run_dir)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out: expected a directory (new or existing), got the file {str(out)!r}")
     policy, it = load_policy(run_dir, iteration=iteration, device=device)
     if out is None:
         out = run_dir / f"{LORA_EMA_DIR if ema else LORA_DIR}_iter_{it:06d}"

@@ -121,3 +121,8 @@ def test_export_refuses_bad_input(tmp_path, capsys):
     (tmp_path / "run" / "checkpoints" / "iter_000005.pt.sha256").write_text("0  iter_000005.pt\n")
     assert export.main([str(tmp_path / "run"), "--iteration", "3"]) == 2
     assert "--iteration: expected one of the checkpointed iterations [5], got 3" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert export.main([str(tmp_path / "run"), "--out", str(tmp_path / "a_file")]) == 2
+    assert f"--out: expected a directory (new or existing), got the file {str(tmp_path / 'a_file')!r}" in (
+        capsys.readouterr().err
+    )
