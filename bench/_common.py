@@ -233,3 +233,16 @@ def write_probe_json(path, module: str, argv, result: dict, seconds: float) -> N
     given = sys.argv[1:] if argv is None else argv
     out = {"command": f"python -m {module} " + " ".join(given), **result, "seconds": round(seconds, 1)}
     Path(path).write_text(json.dumps(out, indent=1))
+
+
+def check_json_path(path) -> None:
+    """``--json``: a file path in an existing directory, checked before any work so that a mistyped path does
+    not lose a run at its end; exits 2 with one line otherwise."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir():
+        why = "a directory" if p.is_dir() else f"{str(p.parent)!r} is not a directory"
+        print(f"error: --json: expected a file path in an existing directory, got {str(p)!r} ({why})",
+              file=sys.stderr)
+        raise SystemExit(2)

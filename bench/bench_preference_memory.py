@@ -24,7 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench._common import memory_bench_models, memory_bench_parser, peak_memory_of, run_isolated
+from bench._common import (
+    check_json_path,
+    memory_bench_models,
+    memory_bench_parser,
+    peak_memory_of,
+    run_isolated,
+)
 
 LOSSES = ("dpo", "mapo")
 
@@ -101,6 +107,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=0, help="pairs per step; 0: 32 (embedded), 4 (sd3-tiny)")
     ap.add_argument("--loss", default="dpo", choices=LOSSES, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    check_json_path(args.json)
     if args.one:
         print(json.dumps(_one(args)), flush=True)
         return 0

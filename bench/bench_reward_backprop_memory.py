@@ -20,7 +20,13 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench._common import memory_bench_models, memory_bench_parser, peak_memory_of, run_isolated
+from bench._common import (
+    check_json_path,
+    memory_bench_models,
+    memory_bench_parser,
+    peak_memory_of,
+    run_isolated,
+)
 
 
 def _policy(model: str, device, resolution: int, workdir: Path):
@@ -85,6 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--k", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--checkpoint", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    check_json_path(args.json)
     if args.one:
         print(json.dumps(_one(args)), flush=True)
         return 0

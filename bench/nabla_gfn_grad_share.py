@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from bench._common import check_json_path
+
 
 def slot_name(steps: torch.Tensor, n_steps: int, n_blocks: int) -> str:
     """``terminal`` when every transition of the call is the last step, else the block of its first step
@@ -50,6 +52,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="write the calls and the summary here")
     ap.add_argument("--run-dir", default=None)
     args, rest = ap.parse_known_args(argv)
+    check_json_path(args.json)
     import train.nabla_gfn as ngfn
 
     calls: list[dict] = []

@@ -45,7 +45,7 @@ import time
 import torch
 
 import models
-from bench._common import add_heldout_probe_args, heldout_probe_setup, write_probe_json
+from bench._common import add_heldout_probe_args, check_json_path, heldout_probe_setup, write_probe_json
 from engine import per_sample_randn
 from train import common
 from train import reward_model as rm
@@ -236,6 +236,7 @@ def main(argv=None) -> int:
                    help="LoRA walk: step on the mean of each sample's unit-norm gradient")
     add_heldout_probe_args(p)
     args = p.parse_args(argv)
+    check_json_path(args.json)
     problem = _check(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 
+from bench._common import check_json_path
 from train.diversity import paired_difference
 from train.evaluation import paired_score_change, read_record, record_mean
 
@@ -81,6 +82,7 @@ def main(argv=None) -> int:
                     help="the later evaluation's iteration (default: the last)")  # fmt: skip
     ap.add_argument("--json", default=None, help="write the numbers to this file")
     args = ap.parse_args(argv)
+    check_json_path(args.json)
     runs = [Path(r) for r in args.runs]
     if len(runs) > 2:
         raise SystemExit(f"RUN: expected one run directory or two, got {len(runs)}")

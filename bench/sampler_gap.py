@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from bench._common import check_json_path
 from train import common
 from train.config import from_dict
 from train.diversity import paired_difference
@@ -235,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--json", type=Path, default=None, help="write the numbers here")
     args = ap.parse_args(argv)
+    check_json_path(args.json)
     try:
         specs = [s for s in args.samplers.split(",") if s]
         for s in specs:

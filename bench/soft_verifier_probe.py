@@ -36,6 +36,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bench._common import check_json_path
 from train import reward_model as rm
 
 _SLOT, _TASKS = 17, 6  # train.reward_model.prompt_features: per object slot, after the task one-hot
@@ -162,6 +163,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
+    check_json_path(args.json)
     if not Path(args.data).is_file():
         print(f"error: --data: expected the reward model's cached collection (a .pt file), got {args.data}",
               file=sys.stderr)

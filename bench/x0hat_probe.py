@@ -29,7 +29,7 @@ import time
 
 import torch
 
-from bench._common import add_heldout_probe_args, heldout_probe_setup, write_probe_json
+from bench._common import add_heldout_probe_args, check_json_path, heldout_probe_setup, write_probe_json
 from train import reward_model as rm
 from train.reward_backprop import RBSampleConfig, make_schedule, sample_with_grad
 
@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-steps", type=int, default=10, help="Euler steps of the sampler")
     add_heldout_probe_args(p)
     args = p.parse_args(argv)
+    check_json_path(args.json)
     problem = _check(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
