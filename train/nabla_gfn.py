@@ -184,10 +184,6 @@ def validate(cfg: NablaGFNConfig) -> None:
         )
     if sc.num_steps < 1:
         raise ConfigError(f"--sample.num-steps: expected an integer >= 1, got {sc.num_steps}")
-    if not 0 < tc.timestep_fraction <= 1:
-        raise ConfigError(
-            f"--train.timestep-fraction: expected a value in (0, 1], got {tc.timestep_fraction}"
-        )
     nb = n_blocks(sc.num_steps, tc.timestep_fraction)
     if nb < 1 or sc.num_steps % nb:
         raise ConfigError(

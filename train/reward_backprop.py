@@ -296,15 +296,7 @@ def validate_common(cfg, *, embedded_presets=("tiny",)) -> None:
     sc = cfg.sample
     if sc.solver not in SOLVERS:
         raise ConfigError(f"--sample.solver: expected one of {', '.join(SOLVERS)}, got {sc.solver!r}")
-    check_counts(cfg)
-    if sc.eta < 0:
-        raise ConfigError(f"--sample.eta: expected a value >= 0, got {sc.eta}")
-    if sc.noise_level < 0:
-        raise ConfigError(f"--sample.noise-level: expected a value >= 0, got {sc.noise_level}")
-    if sc.guidance_scale < 0:
-        raise ConfigError(
-            f"--sample.guidance-scale: expected a value >= 0 (1: none), got {sc.guidance_scale}"
-        )
+    check_counts(cfg)  # negative eta, noise level and guidance scale: validate_run, as for every loop
     embedded = cfg.preset in embedded_presets and not cfg.model
     if embedded and cfg.reward is None:
         cfg.reward = default_reward()
