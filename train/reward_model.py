@@ -826,6 +826,9 @@ def main(argv=None) -> int:
         cfg = parse_cli(RewardModelConfig, argv, prog="train.reward_model",
                         description=__doc__.split("\n\n")[0], presets=PRESETS)
         validate(cfg)
+        for option, path in (("--out", cfg.out), ("--cache", cfg.cache)):
+            if path and Path(path).exists() and not Path(path).is_dir():
+                raise ValueError(f"{option}: expected a directory (new or existing), got the file {path!r}")
         if cfg.out and (Path(cfg.out) / "reward_model.safetensors").exists() and not cfg.overwrite:
             raise FileExistsError(
                 f"--out: expected a directory without a reward model, got {cfg.out}, which holds "

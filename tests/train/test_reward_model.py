@@ -239,3 +239,13 @@ def test_existing_model_is_not_overwritten_without_the_flag(tmp_path, capsys):
     assert reward_model.main(["--out", str(tmp_path)]) == 2
     assert "pass --overwrite to replace it" in capsys.readouterr().err
     assert (tmp_path / "reward_model.safetensors").read_bytes() == b"x"
+
+
+@pytest.mark.parametrize("option", ["--out", "--cache"])
+def test_a_file_given_as_a_directory_is_refused_before_any_work(tmp_path, capsys, option):
+    path = tmp_path / "a_file"
+    path.write_text("x")
+    assert reward_model.main([option, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{option}: expected a directory (new or existing), got the file" in err and str(path) in err
+    assert path.read_text() == "x"
