@@ -101,7 +101,8 @@ class RunConfig:
 
     preset: str = field(default="tiny", metadata={"help": "named setup (see the preset list above)"})
     model: str | None = _h(
-        "local diffusers pipeline directory (SD3/SD3.5/FLUX; an SD1.5-style UNet pipeline for DDPO)"
+        "local diffusers pipeline directory (SD3/SD3.5/FLUX; SD1.5-style UNet pipelines too, except for "
+        "train.nft and train.grpo)"
     )
     prompts: str | None = _h("training prompts for a --model run: a text file, one prompt per line")
     eval_prompts: str | None = _h("held-out prompts for a --model run (default: --prompts)")

@@ -98,11 +98,17 @@ def check_embedded_dir(path: str | None, *, embedded: bool) -> None:
         )
 
 
+# The loops that also train SD1.5-style (epsilon-prediction) UNet pipelines; DiffusionNFT and Flow-GRPO are
+# defined on flow models only.
+UNET_LOOPS = ("train.ddpo", "train.dpo", "train.d3po", "train.spo", "train.draft", "train.alignprop",
+              "train.refl", "train.nabla_gfn")
+
+
 def check_model_path(path: str | None, *, preset: str, unet_ok: bool = False) -> None:
     """Fail before any work unless ``--model`` is a diffusers pipeline directory (a training run needs its
     text encoders and VAE too, not only the denoiser) whose denoiser this loop trains: SD3/SD3.5/FLUX
-    transformers, and an SD1.5-style UNet only where ``unet_ok`` (DDPO; the flow-matching loops have no
-    epsilon-prediction rollout or evaluation)."""
+    transformers, and an SD1.5-style UNet only where ``unet_ok`` (:data:`UNET_LOOPS`; DiffusionNFT and
+    Flow-GRPO have no epsilon-prediction rollout)."""
     if not path:
         raise ValueError(f"--model: expected a local diffusers directory for preset {preset!r}, got none")
     from models.loader import resolve_model_dir
@@ -123,7 +129,7 @@ def check_model_path(path: str | None, *, preset: str, unet_ok: bool = False) ->
     if cls_name == "UNet2DConditionModel" and not unet_ok:
         raise ValueError(
             f"--model: expected an SD3/SD3.5/FLUX pipeline (a flow-matching transformer) for this loop, got "
-            f"the UNet pipeline {path!r}; UNets (epsilon prediction) train with python -m train.ddpo"
+            f"the UNet pipeline {path!r}; UNets (epsilon prediction) train with {', '.join(UNET_LOOPS)}"
         )
 
 

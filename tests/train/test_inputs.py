@@ -1,8 +1,8 @@
 """A new user's bad input is refused before any work, with one message that names the CLI option, what was
 expected and what was given: a --model run without a reward (or with the embedded default's), a transformer
-folder instead of its pipeline, a UNet for a flow-matching loop, a wrong --model path, a non-UTF-8 prompts
-file; --help matches what is accepted and shows the chosen preset's defaults; a ``models/`` folder in the
-working directory that shadows the package is named in one sentence."""
+folder instead of its pipeline, a UNet for a flow-only loop (and accepted by every other), a wrong --model
+path, a non-UTF-8 prompts file; --help matches what is accepted and shows the chosen preset's defaults; a
+``models/`` folder in the working directory that shadows the package is named in one sentence."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import train.grpo as grpo
 import train.nft as nft
 from train.config import parse_cli
+from train.policy import UNET_LOOPS
 
 from ._pg_helpers import make_tiny_sd_pipeline
 
@@ -103,7 +104,34 @@ def test_unet_is_refused_by_the_flow_loops(tmp_path, capsys, unet_pipeline, modu
     if module is grpo:
         argv += ["--preset", "sd3.5-m"]
     err = _refused(module.main, tmp_path, capsys, argv)
-    assert "--model: expected an SD3/SD3.5/FLUX pipeline" in err and "train.ddpo" in err and str(pipe) in err
+    assert "--model: expected an SD3/SD3.5/FLUX pipeline" in err and str(pipe) in err
+    assert all(name in err for name in UNET_LOOPS), err
+
+
+class _Validated(BaseException):
+    pass
+
+
+@pytest.mark.parametrize("name", UNET_LOOPS)
+def test_the_loops_named_for_unets_accept_one(tmp_path, monkeypatch, unet_pipeline, name):
+    """Every loop the refusal above (and ``--model``'s help) names for UNets passes a UNet pipeline through
+    its validation to the run."""
+    import importlib
+
+    import train.loop as loop
+
+    def reached(*args, **kwargs):
+        raise _Validated
+
+    monkeypatch.setattr(loop, "_run", reached)
+    pipe, prompts = unet_pipeline
+    gradient = name in ("train.draft", "train.alignprop", "train.refl", "train.nabla_gfn")
+    argv = ["--run-dir", str(tmp_path / "run"), "--model", str(pipe), "--prompts", str(prompts),
+            "--reward", "saturation" if gradient else JPEG]  # fmt: skip
+    if name == "train.dpo":
+        argv.append("--online")  # a --model run's pairs: its own rollouts (or a JSONL / parquet --data)
+    with pytest.raises(_Validated):
+        importlib.import_module(name).main(argv)
 
 
 def test_wrong_model_path_names_the_option(tmp_path, capsys):
