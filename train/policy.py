@@ -87,14 +87,24 @@ def check_embedded_dir(path: str | None, *, embedded: bool) -> None:
             f"--models.embedded-dir: replaces the embedded default; expected none with --model or a preset "
             f"other than tiny, got {path!r}"
         )
-    from models.embedded.model import CONFIG_NAME, WEIGHTS_NAME
+    from models.embedded.model import CONFIG_NAME, DEFAULT_DIR, WEIGHTS_NAME
+
+    def complete(d: Path) -> list[str]:
+        return [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (d / n).is_file()]
 
     root = Path(path).expanduser()
-    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (root / n).is_file()]
+    missing = complete(root)
     if missing:
+        # the README's relative paths (models/embedded/stage1) are from the repository root
+        shipped = DEFAULT_DIR.parents[1] / root
+        hint = (
+            f"; relative paths are from the working directory, and the shipped one is {str(shipped)!r}"
+            if not root.is_absolute() and not complete(shipped)
+            else ""
+        )
         raise ValueError(
             f"--models.embedded-dir: expected a directory with {WEIGHTS_NAME} and {CONFIG_NAME} (a "
-            f"train.pretrain --out), got {path!r} without {' and '.join(missing)}"
+            f"train.pretrain --out), got {path!r} without {' and '.join(missing)}{hint}"
         )
 
 

@@ -251,11 +251,17 @@ def test_hub_kernels_distribution_shadowing_ours_is_named(tmp_path):
     assert "pip uninstall kernels, or install this project in another virtualenv" in out.stderr
 
 
-def test_embedded_dir_is_checked_before_work(tmp_path, capsys, sd3_pipeline):
+def test_embedded_dir_is_checked_before_work(tmp_path, capsys, monkeypatch, sd3_pipeline):
     """``--models.embedded-dir`` must hold an embedded checkpoint, and only replaces the embedded default."""
     err = _refused(nft.main, tmp_path, capsys, ["--models.embedded-dir", str(tmp_path)])
     assert "--models.embedded-dir: expected a directory with default.safetensors and default.json" in err
     assert f"got {str(tmp_path)!r} without default.safetensors and default.json" in err
+    assert "relative paths" not in err
+    # the README's relative path, given from another working directory: the shipped checkpoint is named
+    monkeypatch.chdir(tmp_path)
+    err = _refused(nft.main, tmp_path, capsys, ["--models.embedded-dir", "models/embedded/stage1"])
+    shipped = str(ROOT / "models" / "embedded" / "stage1")
+    assert f"relative paths are from the working directory, and the shipped one is {shipped!r}" in err
     pipe, prompts = sd3_pipeline
     stage1 = str(ROOT / "models" / "embedded" / "stage1")
     argv = ["--model", str(pipe), "--prompts", str(prompts), "--reward", JPEG]
