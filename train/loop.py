@@ -67,6 +67,7 @@ from .policy import (
     build_policy,
     check_embedded_dir,
     check_model_path,
+    check_resolution,
     check_schedule,
     read_prompt_file,
 )
@@ -340,6 +341,8 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
     check_embedded_dir(mc.embedded_dir, embedded=embedded)
     if not embedded:
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=unet_ok)
+    check_resolution(cfg.model, mc.resolution, embedded=embedded)
+    if not embedded:
         read_prompt_file(cfg.prompts, "--prompts")
         read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
     validate_eval(cfg.eval)

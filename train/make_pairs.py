@@ -42,6 +42,7 @@ from .policy import (
     build_policy,
     check_embedded_dir,
     check_model_path,
+    check_resolution,
     check_schedule,
     read_prompt_file,
     resolve_solver,
@@ -341,8 +342,9 @@ def validate(cfg: PairsConfig) -> None:
     check_embedded_dir(mc.embedded_dir, embedded=embedded)
     if not embedded:
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=True)
+    check_resolution(cfg.model, mc.resolution, embedded=embedded)
+    if not embedded:
         read_prompt_file(cfg.prompts, "--prompts")
-        _check_resolution(cfg)
         if cfg.solver != "auto":
             from models.loader import resolve_model_dir
 
@@ -358,21 +360,6 @@ def validate(cfg: PairsConfig) -> None:
     check_schedule(None if embedded else cfg.model, cfg.shift, option="--shift")
     resolve_reward(cfg, embedded=embedded)
     check_out_dir(cfg)
-
-
-def _check_resolution(cfg: PairsConfig) -> None:
-    """``--models.resolution`` a positive multiple of the VAE's factor (read from ``vae/config.json``)."""
-    vae_config = Path(cfg.model).expanduser() / "vae" / "config.json"
-    try:
-        blocks = json.loads(vae_config.read_text(encoding="utf-8")).get("block_out_channels") or [0]
-    except (OSError, ValueError):
-        raise ConfigError(f"--model: expected a VAE config at {vae_config}, found none readable") from None
-    f = 2 ** (len(blocks) - 1)
-    res = cfg.models.resolution
-    if res < f or res % f:
-        raise ConfigError(
-            f"--models.resolution: expected a positive multiple of the VAE factor {f}, got {res}"
-        )
 
 
 def _write_png(image: torch.Tensor, path: Path) -> None:

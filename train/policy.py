@@ -16,6 +16,7 @@ gradient there is scaling the loss where fp16 starts.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -105,6 +106,29 @@ def check_embedded_dir(path: str | None, *, embedded: bool) -> None:
         raise ValueError(
             f"--models.embedded-dir: expected a directory with {WEIGHTS_NAME} and {CONFIG_NAME} (a "
             f"train.pretrain --out), got {path!r} without {' and '.join(missing)}{hint}"
+        )
+
+
+def check_resolution(model: str | None, resolution: int, *, embedded: bool) -> None:
+    """Fail before any work unless ``--models.resolution`` fits the run: unset (its default) on the embedded
+    default, whose checkpoint fixes its image size, and a positive multiple of the VAE's downsampling
+    factor (``2 ** (len(block_out_channels) - 1)`` of ``vae/config.json``) on a ``--model`` run."""
+    if embedded:
+        if resolution != ModelConfig.resolution:
+            raise ValueError(
+                f"--models.resolution: sets a --model run's image size; the embedded default samples at its "
+                f"checkpoint's own size (32x32 for the shipped ones), expected it unset, got {resolution}"
+            )
+        return
+    vae_config = Path(model).expanduser() / "vae" / "config.json"
+    try:
+        blocks = json.loads(vae_config.read_text(encoding="utf-8")).get("block_out_channels") or [0]
+    except (OSError, ValueError):
+        raise ValueError(f"--model: expected a VAE config at {vae_config}, found none readable") from None
+    f = 2 ** (len(blocks) - 1)
+    if resolution < f or resolution % f:
+        raise ValueError(
+            f"--models.resolution: expected a positive multiple of the VAE factor {f}, got {resolution}"
         )
 
 

@@ -134,6 +134,22 @@ def test_the_loops_named_for_unets_accept_one(tmp_path, monkeypatch, unet_pipeli
         importlib.import_module(name).main(argv)
 
 
+def test_resolution_is_checked_before_the_model_loads(tmp_path, capsys, sd3_pipeline):
+    """``--models.resolution`` must be a multiple of the --model's VAE factor (read from its config, before
+    loading anything), and is refused on the embedded default, whose checkpoint fixes the image size."""
+    import json
+
+    pipe, prompts = sd3_pipeline
+    blocks = json.loads((pipe / "vae" / "config.json").read_text())["block_out_channels"]
+    factor = 2 ** (len(blocks) - 1)
+    argv = ["--model", str(pipe), "--prompts", str(prompts), "--reward", JPEG]
+    err = _refused(nft.main, tmp_path, capsys, [*argv, "--models.resolution", str(factor + 1)])
+    want = f"--models.resolution: expected a positive multiple of the VAE factor {factor}, got {factor + 1}"
+    assert want in err
+    err = _refused(grpo.main, tmp_path, capsys, ["--models.resolution", "64"])
+    assert "--models.resolution: sets a --model run's image size; the embedded default samples" in err
+
+
 def test_wrong_model_path_names_the_option(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a cat\n")

@@ -451,6 +451,9 @@ def test_a_second_signal_aborts(tmp_path, monkeypatch, capsys):
         (["--sample.guidance-scale", "-1"],
          "--sample.guidance-scale: expected a value >= 0 (1: none), got -1.0"),
         (["--models.resolution", "0"], "--models.resolution: expected an integer >= 1, got 0"),
+        (["--models.resolution", "64"],
+         "--models.resolution: sets a --model run's image size; the embedded default samples at its "
+         "checkpoint's own size (32x32 for the shipped ones), expected it unset, got 64"),
         (["--train.old-flat", "-1"], "--train.old-flat: expected an integer >= 0, got -1"),
         (["--train.old-uprate", "-0.1"], "--train.old-uprate: expected a value >= 0, got -0.1"),
         (["--train.old-uphold", "2"], "--train.old-uphold: expected a value in [0, 1], got 2.0"),
