@@ -288,7 +288,8 @@ def validate(cfg: DPOConfig) -> None:
                 f"--train.ref-update-step: updates the reference of --online runs (offline the reference is "
                 f"the frozen initial model), got {tc.ref_update_step} without --online"
             )
-    validate_run(cfg, unet_ok=True)  # the model, prompts and reward first
+    # the model, prompts and reward first
+    validate_run(cfg, unet_ok=True, prompts_from_data=cfg.data is not None)
     embedded = cfg.preset == "tiny" and not cfg.model
     if cfg.data is not None:
         if cfg.online:

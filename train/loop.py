@@ -254,11 +254,14 @@ def check_finite(cfg) -> None:
                 raise ConfigError(f"{_opt(name)}: expected a finite number, got {shown}")
 
 
-def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = False) -> None:
+def validate_run(
+    cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = False, prompts_from_data: bool = False
+) -> None:
     """The checks every loop shares, run before any work: every number finite, budgets, threads, device, the
     evaluation, logging and LoRA sections, the optimizer's and the sampler's common fields, the reward, and
     for a ``--model`` run (or a preset other than ``embedded_presets``, which run the embedded default) the
-    model directory (a UNet only where ``unet_ok``: DDPO) and the prompt files."""
+    model directory (a UNet only where ``unet_ok``) and the prompt files (``--eval-prompts`` alone where
+    ``prompts_from_data``: an offline run trains on its data's prompts)."""
     check_finite(cfg)
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"--device: expected auto, cpu or cuda, got {cfg.device!r}")
@@ -343,7 +346,14 @@ def validate_run(cfg: RunConfig, *, embedded_presets=("tiny",), unet_ok: bool = 
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=unet_ok)
     check_resolution(cfg.model, mc.resolution, embedded=embedded)
     if not embedded:
-        read_prompt_file(cfg.prompts, "--prompts")
+        if prompts_from_data and not cfg.prompts:
+            if not cfg.eval_prompts:
+                raise ConfigError(
+                    "--eval-prompts: a --data run trains on its data's prompts and evaluates on these; "
+                    "expected a text file with one prompt per line (or --prompts), got none"
+                )
+        else:
+            read_prompt_file(cfg.prompts, "--prompts")
         read_prompt_file(cfg.eval_prompts or cfg.prompts, "--eval-prompts")
     validate_eval(cfg.eval)
     if cfg.eval.feature.startswith("geneval_") and not embedded:

@@ -389,6 +389,10 @@ class Policy:
         sampler: GenEval-mini draws a task uniformly, then a prompt of it)."""
         if self._prompt_sampler is not None:
             return self._prompt_sampler(n, seed)
+        if not self.train_prompts:
+            raise ValueError(
+                "--prompts: expected training prompts to draw from, got none (only --eval-prompts)"
+            )
         g = torch.Generator().manual_seed(seed)
         idx = torch.randint(len(self.train_prompts), (n,), generator=g)
         return [self.train_prompts[i] for i in idx.tolist()]
@@ -515,7 +519,8 @@ def build_policy(
                 f"got {mc.resolution}"
             )
         latent_shape = (vae.vae.config.latent_channels, mc.resolution // f, mc.resolution // f)
-        train_p = read_prompt_file(prompts, "--prompts")
+        # no training prompts with held-out ones: a run that trains on a dataset's prompts (train.dpo --data)
+        train_p = read_prompt_file(prompts, "--prompts") if prompts or not eval_prompts else []
         test_p = read_prompt_file(eval_prompts or prompts, "--eval-prompts")
         prompt_text, sampler = str, None
     transformer.requires_grad_(False)

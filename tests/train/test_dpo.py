@@ -295,6 +295,24 @@ def test_bad_input_is_refused_before_any_work(tmp_path, capsys, argv, option):
     assert not run.exists()
 
 
+def test_offline_model_run_needs_held_out_prompts_only(tmp_path, capsys):
+    """A ``--model`` run on ``--data`` trains on the data's prompts: without ``--prompts`` it asks for the
+    prompts it evaluates on, by name, before any work; an ``--online`` run still needs ``--prompts``."""
+    from tests.train.test_export import _pipeline
+
+    _, root, prompts = _pipeline("sd3", tmp_path)
+    data = _jsonl(tmp_path, "pairs")
+    run = tmp_path / "run"
+    base = ["--model", str(root), "--reward", "jpeg_compressibility", "--run-dir", str(run)]
+    assert dpo.main([*base, "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "--eval-prompts: a --data run trains on its data's prompts and evaluates on these" in err, err
+    assert dpo.main([*base, "--online", "--eval-prompts", str(prompts)]) == 2
+    err = capsys.readouterr().err
+    assert "--prompts: expected a text file with one prompt per line for a --model run, got none" in err, err
+    assert not run.exists()
+
+
 def test_mapo_takes_the_sd35m_preset(tmp_path, capsys):
     """The sd3.5-m preset's reference schedule (flow_grpo's ref_update_step) does not apply to MaPO: before,
     ``--preset sd3.5-m --loss mapo`` was refused for an option the user never gave.  Given, it still is."""
@@ -349,7 +367,9 @@ def test_smoke_on_tiny_diffusers_pipelines(tmp_path, family, loss):
     pipe_cls, root, prompts = _pipeline(family, tmp_path)
     data = _parquet_dir(tmp_path / "pickapic")
     run = tmp_path / "run"
-    argv = ["--model", str(root), "--prompts", str(prompts), "--reward", "jpeg_compressibility",
+    # an offline run trains on the data's prompts: held-out prompts alone are enough (SD1.5), or --prompts
+    held = ["--eval-prompts" if family == "sd15" else "--prompts", str(prompts)]
+    argv = ["--model", str(root), *held, "--reward", "jpeg_compressibility",
             "--data", str(data), "--loss", loss, "--models.resolution", "16", "--models.lora-rank", "4",
             "--models.lora-alpha", "8", "--models.dtype", "float32", "--train.batch-size", "2",
             "--train.lr", "3e-2", "--sample.heldout-prompts", "2", "--eval.num-prompts", "2",
