@@ -17,11 +17,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
+    # the earlier embedded checkpoints are folders of data only; listed as packages so that setuptools ships
+    # them without its "importable package absent from packages" warning (an error in later setuptools)
     packages=find_packages(include=["kernels", "kernels.*", "engine", "engine.*", "models", "models.*",
-                                    "train", "train.*", "bench", "bench.*"]),
+                                    "train", "train.*", "bench", "bench.*"])
+    + ["models.embedded.stage1", "models.embedded.stage3"],
     package_data={
-        "models": ["embedded/*.safetensors", "embedded/*.json", "embedded/stage1/*.safetensors",
-                   "embedded/stage1/*.json", "embedded/stage3/*.safetensors", "embedded/stage3/*.json"]
+        name: ["*.safetensors", "*.json"]
+        for name in ("models.embedded", "models.embedded.stage1", "models.embedded.stage3")
     },
     include_package_data=True,
     install_requires=[
