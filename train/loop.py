@@ -66,6 +66,7 @@ from .policy import (
     Policy,
     build_policy,
     check_embedded_dir,
+    check_model_options,
     check_model_path,
     check_resolution,
     check_schedule,
@@ -308,8 +309,7 @@ def validate_run(
                 f"--log.loggers {name}: expected {name} installed (pip install '.[log]'), found none"
             )
     mc = cfg.models
-    if mc.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--models.dtype: expected float32, bfloat16 or float16, got {mc.dtype!r}")
+    check_model_options(mc)
     check_at_least_one([("--models.lora-rank", mc.lora_rank), ("--models.resolution", mc.resolution)])
     if not mc.lora_alpha > 0:
         raise ConfigError(f"--models.lora-alpha: expected a value > 0, got {mc.lora_alpha}")

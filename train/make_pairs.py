@@ -41,6 +41,7 @@ from .policy import (
     Policy,
     build_policy,
     check_embedded_dir,
+    check_model_options,
     check_model_path,
     check_resolution,
     check_schedule,
@@ -324,8 +325,7 @@ def validate(cfg: PairsConfig) -> None:
     if cfg.threads < 0:
         raise ConfigError(f"--threads: expected an integer >= 0 (0: torch's default), got {cfg.threads}")
     mc = cfg.models
-    if mc.dtype not in ("float32", "bfloat16", "float16"):
-        raise ConfigError(f"--models.dtype: expected float32, bfloat16 or float16, got {mc.dtype!r}")
+    check_model_options(mc)
     embedded = _embedded(cfg)
     if cfg.tasks:
         from .data import TASKS

@@ -63,7 +63,10 @@ class ModelConfig:
     )
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha"})
-    lora_init: str = field(default="gaussian", metadata={"help": "LoRA init (peft init_lora_weights)"})
+    lora_init: str = field(
+        default="gaussian",
+        metadata={"help": "LoRA init: gaussian (A ~ N(0, 1/r), B = 0) or true (A Kaiming-uniform, B = 0)"},
+    )
     lora_targets: tuple[str, ...] = field(default=SD3_LORA_TARGETS, metadata={"help": "LoRA target modules"})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "gradient checkpointing"})
     resolution: int = field(
@@ -107,6 +110,31 @@ def check_embedded_dir(path: str | None, *, embedded: bool) -> None:
             f"--models.embedded-dir: expected a directory with {WEIGHTS_NAME} and {CONFIG_NAME} (a "
             f"train.pretrain --out), got {path!r} without {' and '.join(missing)}{hint}"
         )
+
+
+# ``--models.lora-init``: the inits that leave the base weights alone and start with B A = 0, so that the
+# several adapters a loop keeps on one base (trained, old, reference) all start as the base model.  peft's
+# others do not fit that: pissa, olora, loftq and corda change the base weights per adapter, orthogonal starts
+# with B A != 0, eva and mica need their own setup.
+LORA_INITS = {"gaussian": "gaussian", "true": True}
+
+
+def check_model_options(mc: ModelConfig) -> None:
+    """Fail before any work on a ``--models.dtype``, ``--models.lora-init`` or ``--models.attention`` that
+    the policy could not be built with, naming the option."""
+    if mc.dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"--models.dtype: expected float32, bfloat16 or float16, got {mc.dtype!r}")
+    if mc.lora_init not in LORA_INITS:
+        raise ValueError(
+            f"--models.lora-init: expected gaussian (A ~ N(0, 1/r), B = 0, the references' init) or true "
+            f"(peft's default: A Kaiming-uniform, B = 0), got {mc.lora_init!r}"
+        )
+    from models.attention import resolve_backend
+
+    try:
+        resolve_backend(mc.attention)
+    except (ValueError, ImportError) as e:
+        raise ValueError(f"--models.attention: {str(e).removeprefix('backend: ')}") from None
 
 
 def check_resolution(model: str | None, resolution: int, *, embedded: bool) -> None:
@@ -536,7 +564,7 @@ def build_policy(
         rank=mc.lora_rank,
         alpha=mc.lora_alpha,
         target_modules=targets,
-        init=mc.lora_init,
+        init=LORA_INITS.get(mc.lora_init, mc.lora_init),
     )
     if mc.gradient_checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()

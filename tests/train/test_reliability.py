@@ -451,6 +451,11 @@ def test_a_second_signal_aborts(tmp_path, monkeypatch, capsys):
         (["--sample.guidance-scale", "-1"],
          "--sample.guidance-scale: expected a value >= 0 (1: none), got -1.0"),
         (["--models.resolution", "0"], "--models.resolution: expected an integer >= 1, got 0"),
+        (["--models.attention", "bogus"],
+         "--models.attention: expected 'auto', 'sdpa', 'flash', 'xformers' or a diffusers "
+         "AttentionBackendName value, got 'bogus'"),
+        (["--models.lora-init", "pissa"], "--models.lora-init: expected gaussian (A ~ N(0, 1/r), B = 0, the "
+         "references' init) or true (peft's default: A Kaiming-uniform, B = 0), got 'pissa'"),
         (["--models.resolution", "64"],
          "--models.resolution: sets a --model run's image size; the embedded default samples at its "
          "checkpoint's own size (32x32 for the shipped ones), expected it unset, got 64"),
@@ -545,3 +550,22 @@ def test_stale_temporary_files_are_removed_at_start(reference, tmp_path, capsys)
         "iter_000003.pt.sha256",
         "latest",
     ]
+
+
+@pytest.mark.parametrize("init", ["gaussian", "true"])
+def test_lora_inits_start_at_the_base_model(init):
+    """Both ``--models.lora-init`` values leave B = 0 in every adapter (each starts as the base model); A is
+    N(0, 1/r) for gaussian and Kaiming-uniform (bounded by 1/sqrt(fan_in)) for true."""
+    from train.policy import ModelConfig, build_policy
+
+    policy = build_policy(ModelConfig(lora_init=init), preset="tiny", model_path=None,
+                          device=torch.device("cpu"), seed=0)  # fmt: skip
+    named = dict(policy.transformer.named_parameters())
+    a = [p for n, p in named.items() if "lora_A" in n]
+    b = [p for n, p in named.items() if "lora_B" in n]
+    assert a and b and all(not p.any() for p in b)
+    bound = max(float(p.detach().abs().max() * p.shape[1] ** 0.5) for p in a)
+    if init == "true":
+        assert bound <= 1.0 + 1e-6  # kaiming_uniform_(a=sqrt(5)): |A| <= 1/sqrt(fan_in)
+    else:
+        assert bound > 1.0
