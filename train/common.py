@@ -277,6 +277,18 @@ def prepare_run_dir(run_dir: str | Path | None, *, algo: str, resume: str | None
     return path
 
 
+def discard_unstarted_run(path: str | Path) -> None:
+    """Undo what :func:`prepare_run_dir` and a loop's ``config.json`` put into a new run directory whose run
+    failed before it started (a model the policy could not be built from): the config goes, and the
+    ``checkpoints/`` and ``samples/`` folders if they are still empty, so the corrected command can run in the
+    same directory without ``--overwrite``.  Anything else in the directory stays."""
+    path = Path(path)
+    (path / "config.json").unlink(missing_ok=True)
+    for name in ("checkpoints", "samples"):
+        with contextlib.suppress(OSError):  # not empty (or gone): left as it is
+            (path / name).rmdir()
+
+
 def open_run_dir(
     run_dir: str | Path | None,
     *,

@@ -1347,6 +1347,8 @@ def _run_owned(cfg, dist: Dist, reward, run_dir, resume_dir, trainer_cls, report
         trainer = trainer_cls(cfg, run_dir, policy, reward, evaluator, dist=dist)
     except (ConfigError, ValueError) as e:
         report(f"error: {e}")
+        if resume_dir is None and dist.is_main:  # nothing ran: the same directory takes the fixed command
+            common.discard_unstarted_run(run_dir)
         return 2
     resume_iter = None
     if found is not None:

@@ -137,6 +137,17 @@ def check_model_options(mc: ModelConfig) -> None:
         raise ValueError(f"--models.attention: {str(e).removeprefix('backend: ')}") from None
 
 
+def _linear_names(model: torch.nn.Module) -> list[str]:
+    """The model's ``nn.Linear`` names with any ``<blocks>.<index>.`` prefix dropped, each once, in order."""
+    import re
+
+    seen = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear):
+            seen.setdefault(re.sub(r"^(?:.*?\.\d+\.)+", "", name), None)
+    return sorted(seen, key=lambda n: "attn" not in n)  # the attention projections first
+
+
 def check_resolution(model: str | None, resolution: int, *, embedded: bool) -> None:
     """Fail before any work unless ``--models.resolution`` fits the run: unset (its default) on the embedded
     default, whose checkpoint fixes its image size, and a positive multiple of the VAE's downsampling
@@ -559,13 +570,21 @@ def build_policy(
     targets = list(mc.lora_targets)
     if type(transformer).__name__ == "UNet2DConditionModel" and tuple(targets) == SD3_LORA_TARGETS:
         targets = None  # the SD3 names do not exist in a UNet: models.lora's UNet default (q/k/v/out)
-    models.add_adapters(
-        transformer,
-        rank=mc.lora_rank,
-        alpha=mc.lora_alpha,
-        target_modules=targets,
-        init=LORA_INITS.get(mc.lora_init, mc.lora_init),
-    )
+    try:
+        models.add_adapters(
+            transformer,
+            rank=mc.lora_rank,
+            alpha=mc.lora_alpha,
+            target_modules=targets,
+            init=LORA_INITS.get(mc.lora_init, mc.lora_init),
+        )
+    except ValueError as e:
+        if "target modules" not in str(e).lower():
+            raise
+        raise ValueError(
+            f"--models.lora-targets: expected linear layers of the {type(transformer).__name__}, such as "
+            f"{', '.join(_linear_names(transformer)[:12])}; got {','.join(mc.lora_targets)} ({e})"
+        ) from None
     if mc.gradient_checkpointing and hasattr(transformer, "enable_gradient_checkpointing"):
         transformer.enable_gradient_checkpointing()
     denoiser = models.as_denoiser(transformer)

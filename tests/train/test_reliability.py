@@ -569,3 +569,17 @@ def test_lora_inits_start_at_the_base_model(init):
         assert bound <= 1.0 + 1e-6  # kaiming_uniform_(a=sqrt(5)): |A| <= 1/sqrt(fan_in)
     else:
         assert bound > 1.0
+
+
+def test_a_run_that_fails_to_build_leaves_its_directory_reusable(tmp_path, capsys):
+    """``--models.lora-targets`` naming no layer of the model fails when the adapters are added (the names
+    depend on the model), by name; the new run directory is left without a run in it, so the corrected
+    command runs there without ``--overwrite``."""
+    run = tmp_path / "r"
+    assert nft.main(["--run-dir", str(run), *TINY, "--max-iters", "1", "--models.lora-targets", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "--models.lora-targets: expected linear layers of the SD3Transformer2DModel, such as attn." in err
+    assert "got bogus" in err
+    left = [n for n in ("config.json", "checkpoints", "samples", "metrics.jsonl") if (run / n).exists()]
+    assert not left
+    assert nft.main(["--run-dir", str(run), *TINY, "--max-iters", "1"]) == 0
