@@ -217,6 +217,35 @@ def resolve_reward(cfg: RunConfig, *, embedded: bool) -> None:
     if "ocr" in names or "ocr" in golds:
         check_ocr_prompts(cfg, embedded=embedded, option="--reward" if "ocr" in names else "--eval.rewards",
                           train_prompts="ocr" in names)
+    check_reward_options_used(cfg, [*names, *golds])
+
+
+# ``--reward-paths`` entries that belong to another reward: the processor of PickScore, the head of aesthetic
+_PATH_OWNERS = {"pickscore_processor": "pickscore", "aesthetic_head": "aesthetic"}
+
+
+def check_reward_options_used(cfg, used: list[str]) -> None:
+    """A reward option given for a reward the run does not use would be ignored without a word (a typo in
+    ``--reward``, or a leftover from another command): refused by name before any work."""
+    from .rewards.registry import parse_reward_paths
+
+    shown = ", ".join(used)
+    if getattr(cfg, "reward_clip_path", None) and "clip_score" not in used:
+        raise ConfigError(
+            f"--reward-clip-path: the CLIP of the clip_score reward; expected it with clip_score in --reward "
+            f"or --eval.rewards, got it with {shown}"
+        )
+    if getattr(cfg, "reward_vlm_model", None) and "vlm_judge" not in used:
+        raise ConfigError(
+            f"--reward-vlm-model: the model of the vlm_judge reward; expected it with vlm_judge in --reward "
+            f"or --eval.rewards, got it with {shown}"
+        )
+    for name in parse_reward_paths(getattr(cfg, "reward_paths", ()) or ()):
+        if name not in used and _PATH_OWNERS.get(name) not in used:
+            raise ConfigError(
+                f"--reward-paths: expected entries for the rewards this run uses ({shown}), got {name}= for "
+                f"{_PATH_OWNERS.get(name, name)}, which it does not use"
+            )
 
 
 def check_ocr_prompts(cfg, *, embedded: bool, option: str, train_prompts: bool) -> None:
@@ -244,6 +273,17 @@ def check_ocr_prompts(cfg, *, embedded: bool, option: str, train_prompts: bool) 
                     f'{opt}: expected every prompt to hold "quoted text" for the ocr reward ({option} ocr), '
                     f"got prompt {i} of {path}: {prompt!r}"
                 ) from None
+
+
+def check_no_prompt_files(cfg) -> None:
+    """Prompt files are a ``--model`` run's: the embedded default trains and evaluates on GenEval-mini's own
+    prompts, and a file given to it would be ignored without a word."""
+    for option, path in (("--prompts", cfg.prompts), ("--eval-prompts", getattr(cfg, "eval_prompts", None))):
+        if path:
+            raise ConfigError(
+                f"{option}: a --model run's prompt file; the embedded default uses "
+                f"GenEval-mini's own prompts (--tasks picks task types), expected none, got {path!r}"
+            )
 
 
 def check_finite(cfg) -> None:
@@ -342,7 +382,9 @@ def validate_run(
                 f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
             )
     check_embedded_dir(mc.embedded_dir, embedded=embedded)
-    if not embedded:
+    if embedded:
+        check_no_prompt_files(cfg)
+    else:
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=unet_ok)
     check_resolution(cfg.model, mc.resolution, embedded=embedded)
     if not embedded:

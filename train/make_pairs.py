@@ -294,7 +294,7 @@ def check_out_dir(cfg: PairsConfig) -> Path:
 def validate(cfg: PairsConfig) -> None:
     """Every check that needs no model loaded, before any work."""
     # the loops' rule: --reward defaults to GenEval-mini on the embedded default, a --model run names one
-    from .loop import resolve_reward
+    from .loop import check_no_prompt_files, resolve_reward
 
     for name, val in leaf_values(cfg).items():
         for v in val if isinstance(val, (tuple, list)) else (val,):
@@ -340,7 +340,9 @@ def validate(cfg: PairsConfig) -> None:
                 f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
             )
     check_embedded_dir(mc.embedded_dir, embedded=embedded)
-    if not embedded:
+    if embedded:
+        check_no_prompt_files(cfg)
+    else:
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=True)
     check_resolution(cfg.model, mc.resolution, embedded=embedded)
     if not embedded:

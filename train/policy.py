@@ -124,6 +124,8 @@ def check_model_options(mc: ModelConfig) -> None:
     the policy could not be built with, naming the option."""
     if mc.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--models.dtype: expected float32, bfloat16 or float16, got {mc.dtype!r}")
+    if not mc.lora_targets:
+        raise ValueError("--models.lora-targets: expected at least one module name, got none")
     if mc.lora_init not in LORA_INITS:
         raise ValueError(
             f"--models.lora-init: expected gaussian (A ~ N(0, 1/r), B = 0, the references' init) or true "

@@ -147,6 +147,9 @@ def test_rollout_pairs_are_best_and_worst_of_the_seeds(policy, one_thread):
         (["--preset", "sd3.5-m"], "--model: expected a local diffusers directory for preset 'sd3.5-m'"),
         (["--k", "two"], "--k: expected a value of type int, got 'two'"),
         (["--models.embedded-dir", "/nonexistent"], "--models.embedded-dir: expected a directory with"),
+        (["--prompts", "p.txt"], "--prompts: a --model run's prompt file; the embedded default uses"),
+        (["--models.lora-init", "olora"], "--models.lora-init: expected gaussian"),
+        (["--reward-clip-path", "/m/clip"], "--reward-clip-path: the CLIP of the clip_score reward"),
     ],
 )
 def test_bad_input_is_refused_before_any_work(tmp_path, capsys, argv, words):

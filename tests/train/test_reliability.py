@@ -451,6 +451,14 @@ def test_a_second_signal_aborts(tmp_path, monkeypatch, capsys):
         (["--sample.guidance-scale", "-1"],
          "--sample.guidance-scale: expected a value >= 0 (1: none), got -1.0"),
         (["--models.resolution", "0"], "--models.resolution: expected an integer >= 1, got 0"),
+        (["--reward-clip-path", "/m/clip"],
+         "--reward-clip-path: the CLIP of the clip_score reward; expected it with clip_score in --reward or "
+         "--eval.rewards, got it with "),
+        (["--eval-prompts", "test.txt"], "--eval-prompts: a --model run's prompt file; the embedded default "
+         "uses GenEval-mini's own prompts (--tasks picks task types), expected none, got 'test.txt'"),
+        (["--reward-vlm-model", "m"], "--reward-vlm-model: the model of the vlm_judge reward; expected it"),
+        (["--reward-paths", "aesthetic_head=/m/head.pth"],
+         "--reward-paths: expected entries for the rewards this run uses ("),
         (["--models.attention", "bogus"],
          "--models.attention: expected 'auto', 'sdpa', 'flash', 'xformers' or a diffusers "
          "AttentionBackendName value, got 'bogus'"),
