@@ -217,7 +217,8 @@ def resolve_reward(cfg: RunConfig, *, embedded: bool) -> None:
     if "ocr" in names or "ocr" in golds:
         check_ocr_prompts(cfg, embedded=embedded, option="--reward" if "ocr" in names else "--eval.rewards",
                           train_prompts="ocr" in names)
-    check_reward_options_used(cfg, [*names, *golds])
+    if not getattr(cfg, "_resumed", False):  # a run started before this check keeps its config
+        check_reward_options_used(cfg, [*names, *golds])
 
 
 # ``--reward-paths`` entries that belong to another reward: the processor of PickScore, the head of aesthetic
@@ -382,11 +383,13 @@ def validate_run(
                 f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
             )
     check_embedded_dir(mc.embedded_dir, embedded=embedded)
-    if embedded:
+    resumed = getattr(cfg, "_resumed", False)  # started before these checks: it keeps its config
+    if embedded and not resumed:
         check_no_prompt_files(cfg)
-    else:
+    if not embedded:
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=unet_ok)
-    check_resolution(cfg.model, mc.resolution, embedded=embedded)
+    if not (embedded and resumed):
+        check_resolution(cfg.model, mc.resolution, embedded=embedded)
     if not embedded:
         if prompts_from_data and not cfg.prompts:
             if not cfg.eval_prompts:
@@ -1167,6 +1170,8 @@ def resume_config(config_cls, argv: list[str], resume: str, *, say=_say_main):
         say(f"resume: {cfg_file} was written in {recorded}; the run continues in {run_dir}")
     if applied:
         say(f"resume: applying {', '.join(applied)}")
+    # the checks of options a new run would ignore (validate_run) pass over a run that started without them
+    cfg._resumed = True
     return cfg, run_dir
 
 

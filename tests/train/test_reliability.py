@@ -591,3 +591,22 @@ def test_a_run_that_fails_to_build_leaves_its_directory_reusable(tmp_path, capsy
     left = [n for n in ("config.json", "checkpoints", "samples", "metrics.jsonl") if (run / n).exists()]
     assert not left
     assert nft.main(["--run-dir", str(run), *TINY, "--max-iters", "1"]) == 0
+
+
+def test_a_run_started_with_an_option_now_refused_as_ignored_still_resumes(tmp_path, monkeypatch, capsys):
+    """Runs started before the ignored-option checks (a --reward-clip-path without clip_score, a prompt
+    file on the embedded default) keep their config on --resume: a new run with the same options is refused,
+    the old one continues."""
+    import train.loop as loop
+
+    run = tmp_path / "r"
+    ignored = ["--reward-clip-path", "/m/clip", "--eval-prompts", "test.txt"]
+    with monkeypatch.context() as m:  # the run as the code before the checks started it
+        m.setattr(loop, "check_reward_options_used", lambda cfg, used: None)
+        m.setattr(loop, "check_no_prompt_files", lambda cfg: None)
+        assert nft.main(["--run-dir", str(run), *TINY, "--max-iters", "1", *ignored]) == 0
+    assert nft.main(["--run-dir", str(tmp_path / "new"), *TINY, "--max-iters", "1", *ignored]) == 2
+    assert "--eval-prompts: a --model run's prompt file" in capsys.readouterr().err
+    assert nft.main(["--resume", str(run), "--max-iters", "2"]) == 0
+    rows = [r for r in common.read_metrics(run) if "train/loss" in r]
+    assert [r["iteration"] for r in rows] == [1, 2]
