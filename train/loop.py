@@ -383,14 +383,13 @@ def validate_run(
                 f"--tasks: expected distinct task types among {', '.join(TASKS)}, got {','.join(cfg.tasks)}"
             )
     check_embedded_dir(mc.embedded_dir, embedded=embedded)
-    resumed = getattr(cfg, "_resumed", False)  # started before these checks: it keeps its config
-    if embedded and not resumed:
-        check_no_prompt_files(cfg)
-    if not embedded:
+    if embedded:
+        if not getattr(cfg, "_resumed", False):  # options it ignores: a run started before the checks goes on
+            check_no_prompt_files(cfg)
+            check_resolution(None, mc.resolution, embedded=True)
+    else:
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=unet_ok)
-    if not (embedded and resumed):
-        check_resolution(cfg.model, mc.resolution, embedded=embedded)
-    if not embedded:
+        check_resolution(cfg.model, mc.resolution, embedded=False)
         if prompts_from_data and not cfg.prompts:
             if not cfg.eval_prompts:
                 raise ConfigError(
@@ -1170,7 +1169,7 @@ def resume_config(config_cls, argv: list[str], resume: str, *, say=_say_main):
         say(f"resume: {cfg_file} was written in {recorded}; the run continues in {run_dir}")
     if applied:
         say(f"resume: applying {', '.join(applied)}")
-    # the checks of options a new run would ignore (validate_run) pass over a run that started without them
+    # validate_run's checks of options a new run would ignore pass over a run that started before them
     cfg._resumed = True
     return cfg, run_dir
 
