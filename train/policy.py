@@ -120,8 +120,9 @@ LORA_INITS = {"gaussian": "gaussian", "true": True}
 
 
 def check_model_options(mc: ModelConfig) -> None:
-    """Fail before any work on a ``--models.dtype``, ``--models.lora-init`` or ``--models.attention`` that
-    the policy could not be built with, naming the option."""
+    """Fail before any work on a ``--models.dtype``, ``--models.lora-init``, ``--models.attention`` or an
+    empty ``--models.lora-targets`` that the policy could not be built with, naming the option (whether the
+    targets name layers of the model is known once it is loaded: :func:`build_policy`)."""
     if mc.dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"--models.dtype: expected float32, bfloat16 or float16, got {mc.dtype!r}")
     if not mc.lora_targets:
@@ -140,7 +141,8 @@ def check_model_options(mc: ModelConfig) -> None:
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
-    """The model's ``nn.Linear`` names with any ``<blocks>.<index>.`` prefix dropped, each once, in order."""
+    """The model's ``nn.Linear`` names with any ``<blocks>.<index>.`` prefix dropped, each once: the attention
+    layers first, then the others, each in the model's order."""
     import re
 
     seen = {}
