@@ -287,6 +287,27 @@ def check_no_prompt_files(cfg) -> None:
             )
 
 
+# the rollout samplers each ``--sample`` option acts on; the others ignore it
+_SAMPLER_OPTIONS = {"noise_level": ("flow-sde", "cps"), "eta": ("ddim",), "cps_log_prob": ("cps",)}
+
+
+def check_sampler_options_used(cfg, preset_cfg) -> None:
+    """A ``--sample`` option that the chosen rollout sampler does not use (``--sample.noise-level`` with
+    NFT's dpm2 rollouts, ``--sample.eta`` with a flow SDE) would change nothing: refused by name when it
+    differs from the preset's value.  ``--sample.solver auto`` picks by the model, so it is not checked."""
+    sc, base = getattr(cfg, "sample", None), getattr(preset_cfg, "sample", None)
+    solver = getattr(sc, "solver", "auto")
+    if sc is None or base is None or solver == "auto":
+        return
+    for name, solvers in _SAMPLER_OPTIONS.items():
+        if not hasattr(sc, name) or solver in solvers or getattr(sc, name) == getattr(base, name, None):
+            continue
+        raise ConfigError(
+            f"--sample.{name.replace('_', '-')}: acts on the {' and '.join(solvers)} rollouts; with "
+            f"--sample.solver {solver} it changes nothing, expected it unset, got {getattr(sc, name)}"
+        )
+
+
 def check_finite(cfg) -> None:
     """Every float option finite: first in :func:`main`, before the method's own checks compute with them."""
     for name, val in leaf_values(cfg).items():
@@ -1223,6 +1244,8 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
             cfg, resume_dir = resume_config(config_cls, argv, cfg.resume)
         check_finite(cfg)
         validate(cfg)
+        if resume_dir is None:  # a resumed run keeps the config it started with
+            check_sampler_options_used(cfg, presets[cfg.preset]())
         validate_guards(cfg, trainer_cls)
         validate_dist(cfg.dist, algo=algo)
         check_world_divides(cfg.sample.prompts_per_iter * cfg.sample.images_per_prompt, launched_world_size())

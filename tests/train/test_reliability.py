@@ -610,3 +610,40 @@ def test_a_run_started_with_an_option_now_refused_as_ignored_still_resumes(tmp_p
     assert nft.main(["--resume", str(run), "--max-iters", "2"]) == 0
     rows = [r for r in common.read_metrics(run) if "train/loss" in r]
     assert [r["iteration"] for r in rows] == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "module, argv, needle",
+    [
+        (nft, ["--sample.noise-level", "0.9"],
+         "--sample.noise-level: acts on the flow-sde and cps rollouts; with --sample.solver dpm2 it changes "
+         "nothing, expected it unset, got 0.9"),
+        (grpo, ["--sample.solver", "flow-sde", "--sample.cps-log-prob", "gaussian"],
+         "--sample.cps-log-prob: acts on the cps rollouts; with --sample.solver flow-sde it changes nothing"),
+        (ddpo, ["--sample.solver", "flow-sde", "--sample.eta", "0.3"],
+         "--sample.eta: acts on the ddim rollouts; with --sample.solver flow-sde it changes nothing"),
+    ],
+    ids=["nft-noise-level", "grpo-cps-log-prob", "ddpo-eta"],
+)
+def test_a_sampler_option_the_sampler_ignores_is_refused(tmp_path, capsys, monkeypatch, module, argv, needle):
+    """A ``--sample`` option that the chosen rollout sampler does not read is refused by name before any
+    work; with a sampler that reads it, the same value is taken."""
+    import train.loop as loop
+
+    run = tmp_path / "r"
+    assert module.main(["--run-dir", str(run), *argv]) == 2
+    assert needle in capsys.readouterr().err
+    assert not run.exists()
+
+    class Reached(BaseException):
+        pass
+
+    def reached(*args, **kwargs):
+        raise Reached
+
+    monkeypatch.setattr(loop, "_run", reached)
+    fitting = {"--sample.noise-level": "flow-sde", "--sample.cps-log-prob": "cps", "--sample.eta": "ddim"}
+    option = next(a for a in argv if a in fitting)
+    if fitting[option] != "ddim":  # ddim needs a UNet (--model): the embedded default is a flow model
+        with pytest.raises(Reached):
+            module.main(["--run-dir", str(run), *argv, "--sample.solver", fitting[option]])
