@@ -291,11 +291,11 @@ def check_no_prompt_files(cfg) -> None:
 _SAMPLER_OPTIONS = {"noise_level": ("flow-sde", "cps"), "eta": ("ddim",), "cps_log_prob": ("cps",)}
 
 
-def check_sampler_options_used(cfg, preset_cfg) -> None:
-    """A ``--sample`` option that the chosen rollout sampler does not use (``--sample.noise-level`` with
-    NFT's dpm2 rollouts, ``--sample.eta`` with a flow SDE) would change nothing: refused by name when it
-    differs from the preset's value.  ``--sample.solver auto`` picks by the model, so it is not checked."""
-    sc, base = getattr(cfg, "sample", None), getattr(preset_cfg, "sample", None)
+def check_sampler_options_used(sc, base, *, prefix: str = "--sample.") -> None:
+    """A sampler option (``noise_level``, ``eta``, ``cps_log_prob`` of ``sc``, a loop's ``sample`` section
+    or train.make_pairs' config) that the chosen rollout sampler does not read would change nothing:
+    refused by name (``prefix`` + the option) when it differs from the preset's (``base``).  ``solver auto``
+    picks by the model, so it is not checked."""
     solver = getattr(sc, "solver", "auto")
     if sc is None or base is None or solver == "auto":
         return
@@ -303,8 +303,8 @@ def check_sampler_options_used(cfg, preset_cfg) -> None:
         if not hasattr(sc, name) or solver in solvers or getattr(sc, name) == getattr(base, name, None):
             continue
         raise ConfigError(
-            f"--sample.{name.replace('_', '-')}: acts on the {' and '.join(solvers)} rollouts; with "
-            f"--sample.solver {solver} it changes nothing, expected it unset, got {getattr(sc, name)}"
+            f"{prefix}{name.replace('_', '-')}: acts on the {' and '.join(solvers)} rollouts; with "
+            f"{prefix}solver {solver} it changes nothing, expected it unset, got {getattr(sc, name)}"
         )
 
 
@@ -1245,7 +1245,8 @@ def main(argv, *, config_cls, presets: dict, trainer_cls, validate, doc: str) ->
         check_finite(cfg)
         validate(cfg)
         if resume_dir is None:  # a resumed run keeps the config it started with
-            check_sampler_options_used(cfg, presets[cfg.preset]())
+            preset_sample = getattr(presets[cfg.preset](), "sample", None)
+            check_sampler_options_used(getattr(cfg, "sample", None), preset_sample)
         validate_guards(cfg, trainer_cls)
         validate_dist(cfg.dist, algo=algo)
         check_world_divides(cfg.sample.prompts_per_iter * cfg.sample.images_per_prompt, launched_world_size())

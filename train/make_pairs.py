@@ -454,6 +454,7 @@ def run(cfg: PairsConfig, reward, *, say=print) -> dict:
 
 
 def main(argv=None) -> int:
+    from .loop import check_sampler_options_used
     from .rewards.registry import RewardError, build_reward
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -461,6 +462,7 @@ def main(argv=None) -> int:
         cfg = parse_cli(PairsConfig, argv, prog="train.make_pairs", description=__doc__.split("\n")[0],
                         presets=PRESETS)
         validate(cfg)
+        check_sampler_options_used(cfg, PRESETS[cfg.preset](), prefix="--")
         reward = build_reward(cfg.reward, weights=cfg.reward_weights, aggregation=cfg.reward_aggregation,
                               clip_path=cfg.reward_clip_path, paths=cfg.reward_paths,
                               device=cfg.reward_device)

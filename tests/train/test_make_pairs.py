@@ -148,6 +148,8 @@ def test_rollout_pairs_are_best_and_worst_of_the_seeds(policy, one_thread):
         (["--k", "two"], "--k: expected a value of type int, got 'two'"),
         (["--models.embedded-dir", "/nonexistent"], "--models.embedded-dir: expected a directory with"),
         (["--prompts", "p.txt"], "--prompts: a --model run's prompt file; the embedded default uses"),
+        (["--solver", "dpm2", "--noise-level", "0.9"],
+         "--noise-level: acts on the flow-sde and cps rollouts; with --solver dpm2 it changes nothing"),
         (["--models.lora-init", "olora"], "--models.lora-init: expected gaussian"),
         (["--reward-clip-path", "/m/clip"], "--reward-clip-path: the CLIP of the clip_score reward"),
     ],
