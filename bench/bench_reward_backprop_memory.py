@@ -92,6 +92,20 @@ def main(argv=None) -> int:
     ap.add_argument("--checkpoint", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     check_json_path(args.json)
+    try:
+        ks = [int(v) for v in args.ks.split(",")]
+    except ValueError:
+        ks = []
+    bad = None
+    if args.steps < 1:
+        bad = f"--steps: expected an integer >= 1, got {args.steps}"
+    elif args.batch < 0:
+        bad = f"--batch: expected an integer >= 0 (0: the model's default), got {args.batch}"
+    elif not ks or any(not 1 <= k <= args.steps for k in ([args.k] if args.one else ks)):
+        bad = f"--ks: expected windows K in 1..{args.steps} (--steps), comma separated, got {args.ks}"
+    if bad:
+        print(f"error: {bad}", file=sys.stderr)
+        return 2
     if args.one:
         print(json.dumps(_one(args)), flush=True)
         return 0
@@ -101,7 +115,7 @@ def main(argv=None) -> int:
         for model in models:
             batch = args.batch or (64 if model == "embedded" else 8)
             for ckpt in (1, 0):
-                for k in [int(v) for v in args.ks.split(",")]:
+                for k in ks:
                     argv = ["--model", model, "--k", str(k), "--checkpoint", str(ckpt), "--steps",
                             str(args.steps), "--batch", str(batch), "--resolution", str(args.resolution),
                             "--device", args.device, "--threads", str(args.threads),
