@@ -342,10 +342,14 @@ def validate(cfg: PairsConfig) -> None:
     check_embedded_dir(mc.embedded_dir, embedded=embedded)
     if embedded:
         check_no_prompt_files(cfg)
+        check_resolution(None, mc.resolution, embedded=True)
+        if cfg.solver == "ddim":
+            raise ConfigError(
+                "--solver: expected dpm2, euler, flow-sde or cps (or auto) for a flow model, got 'ddim'"
+            )
     else:
         check_model_path(cfg.model, preset=cfg.preset, unet_ok=True)
-    check_resolution(cfg.model, mc.resolution, embedded=embedded)
-    if not embedded:
+        check_resolution(cfg.model, mc.resolution, embedded=False)
         read_prompt_file(cfg.prompts, "--prompts")
         if cfg.solver != "auto":
             from models.loader import resolve_model_dir
@@ -355,10 +359,6 @@ def validate(cfg: PairsConfig) -> None:
                 fits = "ddim (or auto)" if epsilon else "dpm2, euler, flow-sde or cps (or auto)"
                 kind = "an epsilon UNet" if epsilon else "a flow model"
                 raise ConfigError(f"--solver: expected {fits} for {kind}, got {cfg.solver!r}")
-    elif cfg.solver == "ddim":
-        raise ConfigError(
-            "--solver: expected dpm2, euler, flow-sde or cps (or auto) for a flow model, got 'ddim'"
-        )
     check_schedule(None if embedded else cfg.model, cfg.shift, option="--shift")
     resolve_reward(cfg, embedded=embedded)
     check_out_dir(cfg)

@@ -549,6 +549,7 @@ def build_policy(
             n, np.random.default_rng(s), split="train", tasks=tasks
         )
     else:
+        check_resolution(model_path, mc.resolution, embedded=False)  # before loading anything
         transformer = models.load_transformer(model_path, dtype=dtype, device=device)
         scheduler_config = models.load_scheduler_config(model_path)
         root = Path(model_path)
@@ -556,11 +557,6 @@ def build_policy(
         vae = models.Vae.from_pretrained(root, device=device, dtype=dtype)
         decode = lambda x0: vae.decode(x0).float().clamp(-1, 1)
         f = vae.downsample_factor
-        if mc.resolution < f or mc.resolution % f:
-            raise ValueError(
-                f"--models.resolution: expected a positive multiple of the VAE factor {f}, "
-                f"got {mc.resolution}"
-            )
         latent_shape = (vae.vae.config.latent_channels, mc.resolution // f, mc.resolution // f)
         # no training prompts with held-out ones: a run that trains on a dataset's prompts (train.dpo --data)
         train_p = read_prompt_file(prompts, "--prompts") if prompts or not eval_prompts else []
