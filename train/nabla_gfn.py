@@ -11,7 +11,9 @@ config/default_config.py (SD1.5, DDIM eta 1).  Per iteration:
      ``n_blocks = int(num_steps * timestep_fraction)`` equal blocks of the steps (the reference's
      ``low_var_subsampling``), trained last step first, then the blocks from the end;
   3. per transition ``x_t -> x'`` the forward, backward and terminal Nabla-DB terms with the residual log-flow
-     network ``phi`` (math.md §7), the regulariser ``reg_scale * mean (eps_theta(x_t) - eps_old)^2``;
+     network ``phi`` (math.md §7), the regulariser ``reg_scale * mean (eps_theta(x_t) - eps_old)^2``; with
+     ``--train.transition-weighting noise`` (the engine's own, not the reference's) the forward and backward
+     residuals times the step variance ``std^2``;
   4. AdamW over the LoRA (``--train.lr``, ``--train.weight-decay``) and ``phi`` (``--train.flow-lr``,
      ``--train.flow-wd``), each group's gradient clipped to ``--train.grad-clip`` on its own;
   5. eval EMA, evaluation, sample grid, checkpoint (``phi`` and its optimizer state included).
@@ -84,6 +86,13 @@ class NablaGFNTrainConfig(PGTrainConfig):
         metadata={"help": "g = beta w_t grad R: squared (w = alpha_bar_t) or sqrt (w = sqrt(alpha_bar_t))"},
     )
     reverse_scale: float = field(default=1.0, metadata={"help": "weight of the backward term (0: off)"})
+    transition_weighting: str = field(
+        default="score",
+        metadata={
+            "help": "score (the reference's): the squared residual of the step scores; noise (the engine's "
+            "own): each transition's residuals times its step std^2, in units of the step's noise"
+        },
+    )
     reg_scale: float = field(
         default=1e3, metadata={"help": "weight of mean (eps_theta - eps_old)^2 (0: off)"}
     )
@@ -190,6 +199,10 @@ def validate(cfg: NablaGFNConfig) -> None:
             f"--train.timestep-fraction: expected int(--sample.num-steps x fraction) >= 1 blocks dividing "
             f"--sample.num-steps ({sc.num_steps}), got {tc.timestep_fraction} ({nb} blocks)"
         )
+    if tc.transition_weighting not in ("score", "noise"):
+        raise ConfigError(
+            f"--train.transition-weighting: expected score or noise, got {tc.transition_weighting!r}"
+        )
     if tc.reward_weighting not in ("squared", "sqrt"):
         raise ConfigError(f"--train.reward-weighting: expected squared or sqrt, got {tc.reward_weighting!r}")
     for name, val in (
@@ -295,6 +308,7 @@ def nabla_db_loss(
     pred=None,
     pred_old=None,
     reg_scale: float = 0.0,
+    weight=None,
 ):
     """math.md §7 residual Nabla-DB for a batch of transitions -> ``(loss, parts)``:
 
@@ -303,10 +317,15 @@ def nabla_db_loss(
     with the target 0 at the terminal transition (trains phi only: the reverse scores carry no graph);
     ``L_term = sum_b terminal_b mean_dims phi(x', t')^2 / (sum_b terminal_b + 1e-6)``;
     ``loss = mean_{b,dims}(L_fwd + reverse_scale L_bwd + L_term) + reg_scale mean_b mean_dims (pred -
-    pred_old)^2`` (lzzcd001/nabla-gfn@6b74d4ce train_nablagfn.py)."""
+    pred_old)^2`` (lzzcd001/nabla-gfn@6b74d4ce train_nablagfn.py).  ``weight`` ``[b]`` (the engine's own
+    ``noise`` transition weighting passes ``std^2``; None is the reference's) multiplies ``L_fwd`` and
+    ``L_bwd`` per transition."""
     col = terminal.reshape(-1, *([1] * (s_theta.ndim - 1)))
     target = torch.where(col, (s_ref + g_next).detach(), s_ref + phi_next + g_next)
     fwd = (s_theta - target) ** 2
+    w = None if weight is None else weight.float().reshape(-1, *([1] * (s_theta.ndim - 1)))
+    if w is not None:
+        fwd = fwd * w
     mask = terminal.float()
     term = (phi_next.pow(2).flatten(1).mean(1) * mask).sum() / (mask.sum() + 1e-6)
     total = fwd
@@ -314,6 +333,8 @@ def nabla_db_loss(
     if reverse_scale > 0:
         rtarget = torch.where(col, torch.zeros_like(s_ref_rev), s_ref_rev - phi_cur - g_cur.detach())
         bwd_el = (s_theta_rev - rtarget) ** 2
+        if w is not None:
+            bwd_el = bwd_el * w
         total = total + reverse_scale * bwd_el
         bwd = bwd_el.mean()
     loss = (total + term).mean()
@@ -504,6 +525,7 @@ class NablaGFNTrainer(PolicyGradientTrainer):
             pred=pred,
             pred_old=pred_old,
             reg_scale=tc.reg_scale,
+            weight=std.float().reshape(-1) ** 2 if tc.transition_weighting == "noise" else None,
         )
         if first and pred_old is not None:
             parts["first_dev"] = (pred.detach().float() - pred_old.float()).abs().max()

@@ -106,7 +106,7 @@ def build_trainer(module, tmp_path, argv, device="cpu"):
         getattr(module, n)
         for n in (
             "SPOTrainer", "D3POTrainer", "GRPOTrainer", "DDPOTrainer", "NFTTrainer", "DraftTrainer",
-            "AlignPropTrainer", "ReFLTrainer",
+            "AlignPropTrainer", "ReFLTrainer", "NablaGFNTrainer",
         )  # spo has both
         if hasattr(module, n)
     )

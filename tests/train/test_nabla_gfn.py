@@ -9,7 +9,13 @@ import torch
 import train.nabla_gfn as ngfn
 from train import common
 
-from ._pg_helpers import make_tiny_flow_pipeline, make_tiny_sd_pipeline, seeded, use_embedded_default
+from ._pg_helpers import (
+    build_trainer,
+    make_tiny_flow_pipeline,
+    make_tiny_sd_pipeline,
+    seeded,
+    use_embedded_default,
+)
 
 FAST = [
     "--sample.prompts-per-iter",
@@ -86,6 +92,7 @@ def test_non_differentiable_reward_refused_before_work(tmp_path, capsys, reward)
         (["--sample.solver", "cps"], "--sample.solver"),
         (["--train.timestep-fraction", "0.1"], "--train.timestep-fraction"),
         (["--train.reward-weighting", "cubic"], "--train.reward-weighting"),
+        (["--train.transition-weighting", "std"], "--train.transition-weighting: expected score or noise"),
         (["--train.flow-channels", "48,64"], "--train.flow-channels"),
         (["--sample.num-steps", "0"], "--sample.num-steps: expected an integer >= 1, got 0"),
     ],
@@ -130,6 +137,68 @@ def test_flow_pipelines_run_with_a_clip_reward(tmp_path, family):
     assert ngfn.main(["--run-dir", str(tmp_path / "run"), *argv]) == 0
     row = next(r for r in common.read_metrics(tmp_path / "run") if "train/loss" in r)
     assert row["reg/first_abs_dev"] == 0.0 and row["train/g_norm"] > 0 and row["train/phi_norm"] > 0
+
+
+@pytest.mark.parametrize("n_end", [0, 2])
+def test_noise_weighting_scales_each_transitions_residuals_by_its_variance(n_end):
+    """``--train.transition-weighting noise`` (the engine's own): each transition's forward and backward
+    residuals are multiplied by its step variance ``std^2`` (so measured in units of the step's noise); the
+    terminal and regulariser terms are unchanged, and weight 1 is the reference's loss bit for bit."""
+    g = torch.Generator().manual_seed(n_end)
+    b, shape = 5, (3, 4, 4)
+    keys = ("s", "sr", "phin", "gn", "srev", "srrev", "phic", "gc")
+    t = {k: torch.randn(b, *shape, generator=g) for k in keys}
+    pred, old = torch.randn(b, *shape, generator=g), torch.randn(b, *shape, generator=g)
+    end = torch.arange(b) < n_end
+    var = torch.rand(b, generator=g) + 0.1
+
+    def loss(weight):
+        return ngfn.nabla_db_loss(
+            t["s"], t["sr"], t["phin"], t["gn"], end, s_theta_rev=t["srev"], s_ref_rev=t["srrev"],
+            phi_cur=t["phic"], g_cur=t["gc"], reverse_scale=0.5, pred=pred, pred_old=old, reg_scale=3.0,
+            weight=weight,
+        )  # fmt: skip
+
+    ref, ref_parts = loss(None)
+    ones, _ = loss(torch.ones(b))
+    assert torch.equal(ones, ref)
+    got, parts = loss(var)
+    col = end.reshape(-1, 1, 1, 1)
+    fwd = (t["s"] - torch.where(col, t["sr"] + t["gn"], t["sr"] + t["phin"] + t["gn"])) ** 2
+    bwd = (t["srev"] - torch.where(col, 0.0, t["srrev"] - t["phic"] - t["gc"])) ** 2
+    w = var.reshape(-1, 1, 1, 1)
+    want = (w * fwd + 0.5 * w * bwd + ref_parts["term"]).mean() + 3.0 * ref_parts["reg"]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert parts["term"] == ref_parts["term"] and parts["reg"] == ref_parts["reg"]
+
+
+def test_noise_weighting_in_the_trainer_weights_a_transition_by_its_step_variance(tmp_path):
+    """In the trainer, on the same rollout and transitions, the forward term under ``noise`` is the one under
+    ``score`` times the step's variance (the flow-sde step's ``std`` depends on the step alone), for a middle
+    step and the terminal one; the backward and regulariser terms are off."""
+    from train.policy_gradient import _schedule, _transition
+
+    argv = [*FAST, "--sample.num-steps", "4", "--train.timestep-fraction", "0.5", "--train.reverse-scale",
+            "0", "--train.reg-scale", "0", "--run-dir", str(tmp_path / "r")]  # fmt: skip
+    trainer = build_trainer(ngfn, tmp_path, argv)
+    traj = trainer.rollout_and_reward(0)
+    rows = torch.arange(traj.states.shape[0])
+    for step in (1, 3):
+        steps = torch.full((len(rows),), step)
+        fwd = {}
+        for weighting in ("score", "noise"):
+            trainer.cfg.train.transition_weighting = weighting
+            with trainer.train_phase():
+                _, parts = trainer.transition_loss(traj, rows, steps, False)
+            fwd[weighting] = parts["fwd"]
+        x, xn = traj.states[rows, steps], traj.states[rows, steps + 1]
+        p0, p1 = _schedule(traj, steps)
+        smax = torch.full((len(rows),), traj.sigma_max) if traj.sigma_max else None
+        _, _, _, std = _transition(traj.solver, x, torch.zeros_like(x), p0, p1, noise_level=traj.noise_level,
+                                   eta=traj.eta, sigma_max=smax, prev_sample=xn)  # fmt: skip
+        var = std.float().reshape(-1) ** 2
+        assert torch.allclose(var, var[0].expand_as(var))
+        torch.testing.assert_close(fwd["noise"], fwd["score"] * var[0], rtol=1e-5, atol=0)
 
 
 def test_learns_the_training_reward_vs_lr0(tmp_path):
