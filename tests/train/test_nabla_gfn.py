@@ -1,7 +1,8 @@
 """train.nabla_gfn (residual Nabla-DB, math.md §7): the CLI on the embedded default (the derived flow-sde
 port) with small budgets, resume restoring phi and continuing bit-identically, a non-differentiable reward
 refused before any work, the UNet (DDIM eta) path on a tiny random SD1.5-style pipeline, tiny SD3 and FLUX
-pipelines, and a short run against its lr-0 control on the training reward."""
+pipelines, the engine's noise weighting of the transitions (in the loss and in the trainer), and a short run
+against its lr-0 control on the training reward (its gold-score test is in test_reward_backprop.py)."""
 
 import pytest
 import torch

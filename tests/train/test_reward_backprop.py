@@ -1,8 +1,9 @@
 """train.draft / train.alignprop / train.refl (math.md §5): each CLI on the embedded default, a
 non-differentiable reward refused before any work, the sampler's gradient window (the gradient equals the
 reference's detach-before-the-window formulation, checkpointing changes nothing but the forwards count), the
-no-grad sampler equals engine.rollout, a learning test per method against an lr-0 control, and smoke runs on
-tiny diffusers SD3, FLUX and SD1.5 pipelines (VAE decode with grad)."""
+no-grad sampler equals engine.rollout, a learning test per method against an lr-0 control, the gold-score
+test on the learned reward (with train.nabla_gfn among its methods), and smoke runs on tiny diffusers SD3,
+FLUX and SD1.5 pipelines (VAE decode with grad)."""
 
 import math
 
