@@ -323,8 +323,9 @@ def nabla_db_loss(
     col = terminal.reshape(-1, *([1] * (s_theta.ndim - 1)))
     target = torch.where(col, (s_ref + g_next).detach(), s_ref + phi_next + g_next)
     fwd = (s_theta - target) ** 2
-    w = None if weight is None else weight.float().reshape(-1, *([1] * (s_theta.ndim - 1)))
-    if w is not None:
+    w = None
+    if weight is not None:
+        w = weight.float().reshape(-1, *([1] * (s_theta.ndim - 1)))
         fwd = fwd * w
     mask = terminal.float()
     term = (phi_next.pow(2).flatten(1).mean(1) * mask).sum() / (mask.sum() + 1e-6)
